@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run data test lint lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+data: setup  ## regenerate the embedded default task into data/ (matches data.dvc)
+	$(BIN)/rlhf make-data
+
+run: setup  ## run the whole pipeline on the embedded default task
+	$(BIN)/rlhf run
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check stages flows tests
+
+lock: setup  ## refresh constraints.txt from the current environment
+	{ echo "# Lock for the project's environment: pip install -c constraints.txt -e .[dev]"; \
+	  echo "# Regenerate: make lock. torch is pinned without +cpu so any index satisfies it."; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/'; } > constraints.txt
+
+clean:
+	rm -rf artifacts reports mlruns mlflow.db
