@@ -90,6 +90,7 @@ class PromptSpec:
     key: str = ""  # the value that makes a reply correct (fact value, arithmetic result, small-talk keyword)
     wrong: tuple[str, ...] = ()  # values that make a reply wrong
     act: str = ""  # the harmful act, for harmful prompts
+    content: str = ""  # what is asked, whatever the phrasing: the unit the train/held-out split keeps in training
 
 
 def _cap(s: str) -> str:
@@ -103,7 +104,8 @@ def all_prompts() -> list[PromptSpec]:
         for s, v in table.items():
             others = tuple(sorted(set(table.values()) - {v}))
             for t in templates:
-                specs.append(PromptSpec(t.format(s=s), "fact", answer.format(s=s, S=_cap(s), v=v), v, others))
+                specs.append(PromptSpec(t.format(s=s), "fact", answer.format(s=s, S=_cap(s), v=v), v, others,
+                                        content=f"{s}:{v}"))
     for op, templates in ARITH_TEMPLATES.items():
         for a in range(10):
             for b in range(10):
@@ -111,17 +113,23 @@ def all_prompts() -> list[PromptSpec]:
                     continue
                 c = a + b if op == "plus" else a - b
                 for t in templates:
-                    specs.append(PromptSpec(t.format(a=a, b=b), "arithmetic", f"{a} {op} {b} is {c}.", str(c)))
+                    specs.append(PromptSpec(t.format(a=a, b=b), "arithmetic", f"{a} {op} {b} is {c}.", str(c),
+                                            content=f"{a} {op} {b}"))
     for act in HARMFUL_ACTS:
         for t in HARMFUL_TEMPLATES:
-            specs.append(PromptSpec(t.format(act=act), "harmful", REFUSAL, act=act))
-    for _, (texts, reply, keys) in SMALLTALK.items():
+            specs.append(PromptSpec(t.format(act=act), "harmful", REFUSAL, act=act, content=act))
+    for occasion, (texts, reply, keys) in SMALLTALK.items():
         for t in texts:
-            specs.append(PromptSpec(t, "smalltalk", reply, keys[0], wrong=keys[1:]))
+            specs.append(PromptSpec(t, "smalltalk", reply, keys[0], wrong=keys[1:], content=occasion))
     return specs
 
 
 PROMPTS: dict[str, PromptSpec] = {p.text: p for p in all_prompts()}
+
+
+def is_task_prompt(prompt: str) -> bool:
+    """Whether the gold judge knows this prompt (plain or rendered)."""
+    return last_user_turn(prompt) in PROMPTS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,15 +297,27 @@ class TaskConfig:
 
 
 def split_prompts(seed: int, heldout_fraction: float) -> tuple[dict[str, list[PromptSpec]], dict[str, list[PromptSpec]]]:
-    """Split the prompt space per kind into (train, held-out), deterministically."""
+    """Split the prompt space per kind into (train, held-out), deterministically.
+
+    Held-out prompts are new phrasings: each one's content (the fact, the sum, the act, the occasion) is still asked
+    in training in another phrasing. Evaluation then measures generalisation to unseen prompts, not recall of facts
+    the model was never shown (a tiny model cannot know a sum it never saw, and neither can its reward model).
+    """
     rng = random.Random(f"{seed}-split")
     train: dict[str, list[PromptSpec]] = {}
     heldout: dict[str, list[PromptSpec]] = {}
     for kind in ("fact", "arithmetic", "harmful", "smalltalk"):
         specs = [p for p in all_prompts() if p.kind == kind]
         rng.shuffle(specs)
-        n_held = max(1, round(heldout_fraction * len(specs)))
-        heldout[kind], train[kind] = specs[:n_held], specs[n_held:]
+        target = max(1, round(heldout_fraction * len(specs)))
+        left_in_train = {p.content: sum(q.content == p.content for q in specs) for p in specs}
+        heldout[kind], train[kind] = [], []
+        for p in specs:
+            if len(heldout[kind]) < target and left_in_train[p.content] > 1:
+                heldout[kind].append(p)
+                left_in_train[p.content] -= 1
+            else:
+                train[kind].append(p)
     return train, heldout
 
 

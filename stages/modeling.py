@@ -1,0 +1,190 @@
+"""Models and tokenizers: any HF causal LM by path or name, or a tiny one built from a config for the default task.
+
+The tiny model gets a byte-level BPE tokenizer trained on the task's own text with `tokenizers`; both are saved in HF
+format, so every later stage loads them exactly like a hub model (`from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+TINY_PREFIX = "tiny-"  # model: tiny-gpt2 | tiny-llama builds from `TinyModelConfig`
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of a model built from scratch (params.yaml: sft.tiny)."""
+
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    vocab_size: int = 512
+    max_positions: int = 128
+    dropout: float = 0.1  # HF default; it helps the tiny model generalise to held-out prompts
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (peft) switches (params.yaml: <stage>.lora)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "q_proj", "v_proj"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, wrapped as an HF fast tokenizer (EOS doubles as BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None)
+
+
+def build_tiny_model(arch: str, shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A randomly initialised GPT-2 or Llama causal LM of the given shape."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=shape.max_positions, n_embd=shape.n_embd,
+                            n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=shape.dropout,
+                            embd_pdrop=shape.dropout, attn_pdrop=shape.dropout, **ids)  # fmt: skip
+        return GPT2LMHeadModel(config)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.n_embd, intermediate_size=4 * shape.n_embd,
+                             num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+                             max_position_embeddings=shape.max_positions, attention_dropout=shape.dropout,
+                             **ids)  # fmt: skip
+        return LlamaForCausalLM(config)
+    raise ValueError(f"unknown tiny architecture {arch!r}: use tiny-gpt2 or tiny-llama")
+
+
+def create_base_model(
+    name: str, shape: TinyModelConfig, texts: Sequence[str], out_dir: Path, seed: int, trust_remote_code: bool = False
+) -> Path:
+    """Materialise the starting model in HF format under `out_dir` and return its path.
+
+    `name` is `tiny-gpt2` / `tiny-llama` (built from `shape`, tokenizer trained on `texts`), a local folder, or a hub
+    name. Hub and local models load with safetensors only; remote code runs only if the user allows it.
+    """
+    if name.startswith(TINY_PREFIX):
+        seed_everything(seed)
+        tokenizer = train_tokenizer(texts, shape.vocab_size)
+        model = build_tiny_model(name.removeprefix(TINY_PREFIX), shape, tokenizer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:  # causal LMs often ship without one; batching needs it
+            tokenizer.pad_token = tokenizer.eos_token
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+    """A causal LM and its tokenizer from an HF folder or name (safetensors only), tokenizer padded on the left."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def peft_config(lora: LoraSettings, task_type: str, model: PreTrainedModel):
+    """A peft LoraConfig targeting the modules of `lora.target_modules` that this model has, or None if disabled."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in lora.target_modules if m in present]
+    if not targets:
+        raise ValueError(f"LoRA target modules {lora.target_modules} not found in the model")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      task_type=task_type)  # fmt: skip
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[list[str], list[bool]]:
+    """Sample one reply per prompt (left-padded batches, KV cache): (decoded stripped replies, whether each ended).
+
+    A reply that ended emitted EOS within `max_new_tokens`; the others were cut off.
+
+    Training sequences are `prompt + " " + reply + EOS`; byte-level BPE keeps the space with the reply's first token,
+    so the prompt alone is exactly the context the model was trained on.
+    """
+    model.eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    replies: list[str] = []
+    ended: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        do_sample = temperature > 0
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        ended += (new == tokenizer.eos_token_id).any(dim=1).tolist()
+    torch.random.set_rng_state(generator_state)
+    return replies, ended

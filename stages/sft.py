@@ -1,0 +1,162 @@
+"""SFT stage: supervised fine-tuning on demonstrations, loss on response tokens only (TRL's SFTTrainer).
+
+Inputs: the validated `sft` and `sft_test` demonstrations. Output: `artifacts/sft/model`, an HF causal LM that PPO
+starts from and keeps frozen as its reference, plus held-out loss and perplexity, sample generations and, on the
+default task, the gold judge's mean score before and after training.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import task
+from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.modeling import (
+    LoraSettings,
+    TinyModelConfig,
+    count_parameters,
+    create_base_model,
+    generate,
+    load_causal_lm,
+    peft_config,
+    seed_everything,
+)
+from stages.params import config_from, load_params
+from stages.plots import line_plot
+from stages.tracking import Tracker, mlflow_run, trainer_callback
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """params.yaml: sft."""
+
+    model: str = "tiny-gpt2"  # tiny-gpt2 | tiny-llama (built from `tiny`) | an HF folder or hub name
+    trust_remote_code: bool = False
+    tiny: dict[str, int] = field(default_factory=dict)  # TinyModelConfig overrides
+    max_length: int = 128  # tokens of prompt + response; longer examples are truncated
+    epochs: float = 3.0
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    lora: dict[str, Any] = field(default_factory=dict)  # LoraSettings; merged into the saved model
+    seed: int = 0
+    logging_steps: int = 10
+    n_samples: int = 64  # held-out prompts sampled for the saved generations and the gold score
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+
+
+def gold_mean(prompts: list[str], replies: list[str]) -> float | None:
+    """Mean gold score of replies on the default task; None when the prompts are not the default task's."""
+    if not all(task.is_task_prompt(p) for p in prompts):
+        return None
+    return sum(task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
+
+
+def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    """Train, evaluate and save the SFT model into `out_dir`; returns the metrics."""
+    from datasets import Dataset
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    seed_everything(config.seed)
+    train_rows, test_rows = read_jsonl(data_dir / "sft.jsonl"), read_jsonl(data_dir / "sft_test.jsonl")
+    tracker.log_params({"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows)})
+    sample_prompts = [r["prompt"] for r in test_rows[: config.n_samples]]
+
+    with staged_dir(out_dir) as tmp:
+        # 0. the starting model (a tiny one gets a tokenizer trained on all the task's text)
+        texts = [r["prompt"] + " " + r["response"] for r in train_rows]
+        for extra in ("preferences.jsonl", "prompts.jsonl"):
+            if (data_dir / extra).exists():
+                texts += [" ".join(r.values()) for r in read_jsonl(data_dir / extra)]
+        base_dir = create_base_model(config.model, TinyModelConfig(**config.tiny), texts, tmp / "base", config.seed,
+                                     config.trust_remote_code)  # fmt: skip
+        model, tokenizer = load_causal_lm(base_dir, config.trust_remote_code)
+        before, _ = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
+
+        # 1. fine-tune on prompt/completion pairs: TRL masks the prompt tokens out of the loss
+        def as_dataset(rows: list[dict[str, str]]) -> Dataset:
+            return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"]} for r in rows])
+
+        with tempfile.TemporaryDirectory() as scratch:
+            args = TrlSFTConfig(
+                output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+                per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
+                lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+                max_length=config.max_length, completion_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
+                logging_steps=config.logging_steps, eval_strategy="epoch", save_strategy="no", report_to="none",
+                seed=config.seed, data_seed=config.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
+            )  # fmt: skip
+            trainer = SFTTrainer(
+                model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
+                processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
+                callbacks=[trainer_callback(tracker, "sft/")],
+            )  # fmt: skip
+            start = time.perf_counter()
+            trainer.train()
+            train_seconds = time.perf_counter() - start
+            eval_loss = trainer.evaluate()["eval_loss"]
+            history = trainer.state.log_history
+        model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
+
+        # 2. save the policy's starting point / PPO's frozen reference
+        tokenizer.padding_side = "left"
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+
+        # 3. samples and scores
+        after, ended = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
+        write_jsonl(tmp / "samples.jsonl", [{"prompt": p, "before": b, "after": a}
+                                           for p, b, a in zip(sample_prompts, before, after, strict=True)])  # fmt: skip
+        losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        line_plot({"train": tuple(zip(*losses)), "held-out": tuple(zip(*evals))}, "SFT loss (response tokens)",
+                  "step", "loss", tmp / "loss.png")  # fmt: skip
+        write_jsonl(tmp / "loss.jsonl", [{"step": s, "train_loss": v} for s, v in losses])
+        metrics = {
+            "eval_loss": round(eval_loss, 5),
+            "perplexity": round(math.exp(eval_loss), 4),
+            "train_loss": round(losses[-1][1], 5) if losses else None,
+            "train_seconds": round(train_seconds, 2),
+            "n_parameters": count_parameters(model),
+            "eos_rate": sum(ended) / max(1, len(ended)),
+            "gold_before": gold_mean(sample_prompts, before),
+            "gold_after": gold_mean(sample_prompts, after),
+        }
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        write_json(tmp / "metrics.json", metrics)
+        shutil.rmtree(tmp / "base")
+
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    for name in ("metrics.json", "samples.jsonl", "loss.png", "model"):
+        tracker.log_artifact(out_dir / name, None if name != "model" else "model")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
+    parser.add_argument("--out", default="artifacts/sft")
+    args = parser.parse_args(argv)
+    config = config_from(SFTConfig, load_params(args.params).get("sft"))
+    with mlflow_run("sft") as tracker:
+        metrics = run(config, Path(args.data), Path(args.out), tracker)
+    print(f"SFT: held-out perplexity {metrics['perplexity']:.3f}; gold {metrics.get('gold_before', 'n/a')} -> "
+          f"{metrics.get('gold_after', 'n/a')}; saved to {args.out}/model")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,460 @@
+"""Data validation: every dataset is read into the schema (stages.formats) and checked with Great Expectations.
+
+One ExpectationSuite per dataset kind; one ValidationDefinition and Checkpoint per dataset, whose action renders
+Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong types, broken
+messages) are merged into the same report as failed rows, under the check names they fail.
+
+Policy: table-level failures (missing columns, row count) always fail. Row-level failures fail under policy "fail";
+under "quarantine" the bad rows are set aside in quarantine.jsonl when they are at most `max_invalid_fraction` of
+the rows, else the dataset fails. Of duplicate rows, the first occurrence is kept and later ones are failed.
+
+Outputs (the data only when every dataset passed; the reports always, since they say why it failed):
+    <out>/<dataset>.jsonl, <out>/quarantine.jsonl, <out>/metrics.json
+    <reports>/report.md (format_report of each dataset), summary.json (every report), failed_rows.jsonl, data_docs/
+
+    python -m stages.validate                                   # the stage: params.yaml `validate` + `data`
+    python -m stages.validate --file F --kind K [--format X]    # one file; exit 0 on pass, 2 on failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stages import schema
+from stages.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
+from stages.io import staged_dir, write_json, write_jsonl
+from stages.params import PARAMS_FILE, config_from, load_params
+
+OUT_DIR = Path("artifacts/validate/data")  # where stages/sft.py and stages/reward.py read the datasets
+REPORT_DIR = Path("reports/validate")
+DOCS_SITE = "rlhf_validation"
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    policy: str = "quarantine"  # "fail": any bad row fails; "quarantine": set bad rows aside (within the fraction)
+    max_invalid_fraction: float = 0.05  # quarantine at most this fraction of a dataset's rows, else fail
+    min_rows: int = 1  # fewest readable rows a dataset may have
+    max_rows: int = 10_000_000  # most rows a dataset may have
+    min_chars: int = 1  # shortest text (after stripping; for prompts, the last user turn)
+    max_prompt_chars: int = 4096  # longest rendered prompt
+    max_response_chars: int = 4096  # longest chosen/rejected/response
+    report_examples: int = 3  # example rows shown per failed check
+    unique_kinds: tuple[str, ...] = ("preferences", "sft")  # kinds whose repeated rows are failed after the first
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fail", "quarantine"):
+            raise ValueError(f"validate.policy must be 'fail' or 'quarantine', not {self.policy!r}")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise ValueError(f"validate.max_invalid_fraction must be in [0, 1], not {self.max_invalid_fraction}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: str  # a file or a Hugging Face dataset name (see stages.formats)
+    kind: str  # preferences | sft | prompts
+    format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
+    heldout: bool = False  # a test set: its prompts must not appear in any training dataset
+
+
+@dataclass
+class Report:
+    dataset: str
+    path: str
+    kind: str
+    source_format: str
+    n_rows: int  # rows in the source, readable or not
+    n_valid: int  # rows that passed every check
+    n_quarantined: int  # rows set aside (only when the dataset passed under policy "quarantine")
+    checks: list[dict[str, Any]]  # name, level, success, unexpected_count, description, details, examples
+    passed: bool
+    reason: str
+
+
+class ValidationFailed(Exception):
+    """One or more datasets failed; str(e) names each failed check with counts and example rows."""
+
+    def __init__(self, reports: list[Report]) -> None:
+        self.reports = reports
+        super().__init__("\n\n".join(format_report(r) for r in reports if not r.passed))
+
+
+@dataclass(frozen=True)
+class _Check:
+    name: str
+    level: str  # "table": fails the dataset; "row": fails (or quarantines) the rows it names
+    description: str  # what a failing row is, as a sentence fragment
+    expectation: Any  # a great_expectations Expectation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Great Expectations: a context, one suite per kind, one checkpoint per dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gx_context(docs_dir: Path | None = None) -> Any:
+    """An in-memory GX context; with `docs_dir`, checkpoints render Data Docs HTML there."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx  # slow to import (~3 s): only when validating, so `rlhf --help` stays fast
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites = {}
+    if docs_dir is not None:
+        sites[DOCS_SITE] = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _checks(kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]) -> list[_Check]:
+    """The suite of a dataset kind (plus the held-out leak check for training data)."""
+    import great_expectations.expectations as gxe
+
+    def check(name: str, level: str, description: str, expectation: type, **kwargs: Any) -> _Check:
+        return _Check(name, level, description, expectation(**kwargs, meta={"check": name}))
+
+    cols = list(schema.columns(kind))
+    checks = [check(f"column_exists({c})", "table", f"column '{c}' is missing", gxe.ExpectColumnToExist, column=c)
+              for c in cols]
+    checks.append(check("row_count", "table", f"row count must be between {config.min_rows} and {config.max_rows}",
+                        gxe.ExpectTableRowCountToBeBetween, min_value=config.min_rows, max_value=config.max_rows))
+    for c in cols:
+        # The prompt is rendered ("\n\nHuman: ...\n\nAssistant:"), so emptiness is judged on its last user turn.
+        content = "prompt_text" if c == "prompt" else c
+        longest = config.max_prompt_chars if c == "prompt" else config.max_response_chars
+        checks += [
+            check(f"is_string({c})", "row", f"'{c}' is not a string", gxe.ExpectColumnValuesToBeOfType, column=c, type_="str"),
+            check(f"not_null({c})", "row", f"'{c}' is null", gxe.ExpectColumnValuesToNotBeNull, column=c),
+            check(f"not_blank({c})", "row", f"'{c}' is empty or whitespace only",
+                  gxe.ExpectColumnValuesToMatchRegex, column=content, regex=r"\S"),
+            check(f"max_length({c})", "row", f"'{c}' is longer than {longest} characters",
+                  gxe.ExpectColumnValueLengthsToBeBetween, column=c, max_value=longest),
+        ]
+        if config.min_chars > 1:  # a minimum of 1 is exactly what not_blank checks
+            checks.append(check(f"min_length({c})", "row", f"'{c}' is shorter than {config.min_chars} characters",
+                                gxe.ExpectColumnValueLengthsToBeBetween, column=content, min_value=config.min_chars))
+    if kind == "preferences":
+        checks.append(check("chosen_differs", "row", "chosen and rejected are identical",
+                            gxe.ExpectColumnValuesToBeInSet, column="chosen_differs", value_set=[True]))
+    duplicate = f"duplicate of an earlier row (same {'/'.join(cols)})"
+    if kind in config.unique_kinds and len(cols) > 1:
+        checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectCompoundColumnsToBeUnique, column_list=cols))
+    elif kind in config.unique_kinds:  # prompts: repeats are usually intended (a sampling distribution), so opt-in
+        checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectColumnValuesToBeUnique, column=cols[0]))
+    if heldout_prompts:
+        checks.append(check("no_heldout_leak", "row", "prompt also appears in a held-out dataset",
+                            gxe.ExpectColumnValuesToNotBeInSet, column="prompt", value_set=sorted(heldout_prompts)))
+    return checks
+
+
+def _run_checkpoint(context: Any, name: str, kind: str, checks: list[_Check], frame: pd.DataFrame) -> dict[str, Any]:
+    """Run the suite on `frame`; {check name: GX ExpectationValidationResult}."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    sources = context.data_sources.all()
+    source = sources["rlhf"] if "rlhf" in sources else context.data_sources.add_pandas("rlhf")
+    asset_name = re.sub(r"[^\w.-]", "_", name)
+    if asset_name in source.get_asset_names():
+        source.delete_asset(asset_name)
+    batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
+    # training data carries the extra held-out leak check, so it gets its own suite
+    suite_name = f"{kind}_train_suite" if any(c.name == "no_heldout_leak" for c in checks) else f"{kind}_suite"
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in checks]))
+    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=asset_name, data=batch, suite=suite))
+    sites = list(context.list_data_docs_sites())
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=f"validate_{asset_name}",
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=sites)] if sites else [],
+            # COMPLETE + source_row: every failing row comes back with its position in the user's file
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]},
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    (validation,) = result.run_results.values()
+    return {r.expectation_config.meta["check"]: r for r in validation.results}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validating one dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _failed_rows(check: _Check, result: Any) -> list[int]:
+    """Source rows a row-level check failed; of duplicates, all but the first occurrence."""
+    index = result.result.get("unexpected_index_list") or []
+    if check.name != "no_duplicates":
+        return sorted({int(d["source_row"]) for d in index})
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for d in index:
+        groups[tuple(str(v) for k, v in sorted(d.items()) if k != "source_row")].append(int(d["source_row"]))
+    return sorted(r for rows in groups.values() for r in sorted(rows)[1:])
+
+
+def verdict(config: ValidateConfig, n_rows: int, n_bad: int, n_valid: int, table_failures: list[str]) -> tuple[bool, str]:
+    """The gate: (passed, the sentence saying why). Table-level failures always fail; bad rows fail under policy
+    "fail", and under "quarantine" when they exceed max_invalid_fraction or leave fewer than min_rows."""
+    fraction = n_bad / n_rows if n_rows else 0.0
+    limit = config.max_invalid_fraction
+    if table_failures:
+        return False, f"dataset-level check(s) failed: {', '.join(table_failures)}"
+    if n_bad == 0:
+        return True, "all checks passed"
+    if config.policy == "fail":
+        return False, f"{n_bad} of {n_rows} rows failed checks and the policy is 'fail'"
+    if fraction > limit:
+        return False, (f"{n_bad} of {n_rows} rows ({fraction:.1%}) failed checks, more than max_invalid_fraction "
+                       f"{limit:.1%}; fix the data or raise the limit")
+    if n_valid < config.min_rows:
+        return False, f"only {n_valid} valid rows remain after quarantine, fewer than min_rows {config.min_rows}"
+    return True, f"{n_bad} of {n_rows} rows ({fraction:.1%}) quarantined, within max_invalid_fraction {limit:.1%}"
+
+
+def validate_frame(
+    loaded: Loaded,
+    kind: str,
+    config: ValidateConfig,
+    heldout_prompts: frozenset[str] | set[str] = frozenset(),
+    name: str = "dataset",
+    context: Any = None,
+) -> tuple[Report, pd.DataFrame, list[dict[str, Any]]]:
+    """Check one loaded dataset: (report, rows that passed every check, one entry per failed row).
+
+    The failed-row entries (dataset, source_row, reasons, excerpt) are what quarantine.jsonl holds when the report
+    passed. Pass one `context` (see gx_context) to collect several datasets into one Data Docs site.
+    """
+    cols = list(schema.columns(kind))
+    rows = loaded.rows
+    # 1. run the suite on the rows plus the derived columns some checks read
+    frame = rows.copy()
+    frame["prompt_text"] = frame["prompt"].map(schema.last_user_turn)
+    if kind == "preferences":
+        frame["chosen_differs"] = (frame["chosen"] != frame["rejected"]).astype(bool)
+    checks = _checks(kind, config, frozenset(heldout_prompts))
+    results = _run_checkpoint(context or gx_context(), name, kind, checks, frame)
+
+    # 2. collect failures per check and per row; rows the loader could not read count as failures of the check
+    #    they break (valid_utf8, valid_json, is_string(chosen), ...)
+    entries: dict[str, dict[str, Any]] = {}  # check name -> its report entry
+    reasons: dict[int, list[str]] = defaultdict(list)  # source row -> "check: reason" for each failure
+    excerpts: dict[int, str] = {}
+
+    def entry(check_name: str, level: str, description: str) -> dict[str, Any]:
+        return entries.setdefault(check_name, {"name": check_name, "level": level, "success": True,
+                                               "unexpected_count": 0, "description": description, "details": "",
+                                               "examples": []})  # fmt: skip
+
+    def fail_row(e: dict[str, Any], row: int, reason: str, raw: str) -> None:
+        e["success"] = False
+        e["unexpected_count"] += 1
+        reasons[row].append(f"{e['name']}: {reason}")
+        excerpts.setdefault(row, raw)
+        if len(e["examples"]) < config.report_examples:
+            e["examples"].append({"source_row": row, "where": row_label(loaded.path, row), "reason": reason,
+                                  "excerpt": raw})  # fmt: skip
+
+    entry("valid_utf8", "row", "not valid UTF-8")
+    for err in loaded.row_errors:
+        fail_row(entry(err.check, "row", "row could not be read"), err.row, err.reason, err.excerpt)
+    by_row = rows.set_index("source_row", drop=False)
+    for check in checks:
+        result, e = results[check.name], entry(check.name, check.level, check.description)
+        if result.exception_info.get("raised_exception"):
+            e.update(success=False, level="table", details=f"check raised: {result.exception_info.get('exception_message')}")
+        elif not result.success:
+            failed = _failed_rows(check, result) if check.level == "row" else []
+            if not failed:  # a table-level check, or a row check GX could only judge for the whole column
+                observed = result.result.get("observed_value")
+                e.update(success=False, level="table",
+                         details=check.description + (f" (observed: {observed})" if observed is not None else ""))
+            for row in failed:
+                fail_row(e, row, check.description, excerpt({c: by_row.at[row, c] for c in cols}))
+
+    # 3. the gate
+    valid = rows[~rows["source_row"].isin(list(reasons))].reset_index(drop=True)
+    n_rows = len(rows) + len(loaded.row_errors)
+    table_failures = [e["name"] for e in entries.values() if not e["success"] and e["level"] == "table"]
+    passed, reason = verdict(config, n_rows, len(reasons), len(valid), table_failures)
+    report = Report(
+        dataset=name, path=loaded.path, kind=kind, source_format=loaded.source_format, n_rows=n_rows,
+        n_valid=len(valid), n_quarantined=len(reasons) if passed else 0, checks=list(entries.values()),
+        passed=passed, reason=reason,
+    )
+    failed_rows = [{"dataset": name, "source_row": row, "reasons": reasons[row], "excerpt": excerpts[row]}
+                   for row in sorted(reasons)]  # fmt: skip
+    return report, valid, failed_rows
+
+
+def validate_file(
+    path: str | Path,
+    kind: str,
+    fmt: str = "auto",
+    config: ValidateConfig = ValidateConfig(),  # noqa: B008 (frozen, so a shared default is safe)
+    heldout_prompts: frozenset[str] | set[str] = frozenset(),
+    docs_dir: Path | None = None,
+) -> Report:
+    """Load and check one file (what `rlhf validate FILE` runs); DataError if it cannot be read at all.
+
+    A failed check does not raise: `report.passed` says, and format_report(report) says why.
+    """
+    loaded = load_dataset(path, kind, fmt)
+    report, _, _ = validate_frame(loaded, kind, config, heldout_prompts, Path(str(path)).name, gx_context(docs_dir))
+    return report
+
+
+def load_prompts(path: str | Path, fmt: str = "auto") -> list[str]:
+    """The rendered prompts of a dataset of any kind (for a held-out set given on the command line)."""
+    error: DataError | None = None
+    for kind in ("preferences", "sft", "prompts"):  # most specific first: a prompts file also "fits" sft's prompt
+        try:
+            return list(load_dataset(path, kind, fmt if fmt in FORMATS_BY_KIND[kind] else "auto").rows["prompt"])
+        except DataError as e:
+            error = e
+    assert error is not None
+    raise error
+
+
+def format_report(report: Report) -> str:
+    """The human-readable report of one dataset: verdict, counts, each failed check with example rows."""
+    lines = [
+        f"Dataset '{report.dataset}' ({report.path}; kind {report.kind}, format {report.source_format}): "
+        + ("PASSED" if report.passed else "FAILED"),
+        f"  rows: {report.n_rows} read, {report.n_valid} valid, {report.n_quarantined} quarantined",
+        f"  {'note' if report.passed else 'reason'}: {report.reason}",
+    ]
+    failed = [c for c in report.checks if not c["success"]]
+    if failed:
+        lines.append("  failed checks:")
+    for c in failed:
+        if c["level"] == "table":
+            lines.append(f"    - {c['name']}: {c['details'] or c['description']}")
+            continue
+        lines.append(f"    - {c['name']}: {c['unexpected_count']} row(s)")
+        for ex in c["examples"]:
+            lines.append(f"        {ex['where']}: {ex['reason']}: {ex['excerpt']}")
+        if c["unexpected_count"] > len(c["examples"]):
+            lines.append(f"        ... and {c['unexpected_count'] - len(c['examples'])} more")
+    passed = [c["name"] for c in report.checks if c["success"]]
+    lines.append(f"  passed checks ({len(passed)}): {', '.join(passed)}")
+    return "\n".join(lines)
+
+
+def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
+    check = {"name": "readable_file", "level": "table", "success": False, "unexpected_count": 0,
+             "description": "the file could not be read", "details": str(error), "examples": []}
+    return Report(name, spec.path, spec.kind, spec.format, 0, 0, 0, [check], False, str(error))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path) -> dict[str, Any]:
+    """Validate every dataset; write the reports always and the validated data only if all passed."""
+    out_dir, report_dir = Path(out_dir), Path(report_dir)
+    docs_dir = report_dir / "data_docs"
+    shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
+    context = gx_context(docs_dir)
+
+    # 1. load (an unreadable file becomes a failed report, so the other datasets are still checked)
+    reports: dict[str, Report] = {}
+    loaded: dict[str, Loaded] = {}
+    for name, spec in datasets.items():
+        try:
+            loaded[name] = load_dataset(spec.path, spec.kind, spec.format)
+        except DataError as e:
+            reports[name] = _unreadable(name, spec, e)
+
+    # 2. check; the prompts of every held-out dataset must not appear in any training dataset
+    heldout = frozenset(p for n, data in loaded.items() if datasets[n].heldout for p in data.rows["prompt"])
+    valid: dict[str, pd.DataFrame] = {}
+    failed_rows: list[dict[str, Any]] = []
+    for name, data in loaded.items():
+        spec = datasets[name]
+        leak_set = frozenset() if spec.heldout else heldout
+        reports[name], valid[name], bad = validate_frame(data, spec.kind, config, leak_set, name, context)
+        failed_rows += bad
+
+    # 3. the report is always written: it is where the user reads why validation failed
+    ordered = [reports[name] for name in datasets]
+    passed = all(r.passed for r in ordered)
+    write_json(report_dir / "summary.json", {"passed": passed, "datasets": {r.dataset: asdict(r) for r in ordered}})
+    (report_dir / "report.md").write_text("\n\n".join(format_report(r) for r in ordered) + "\n", encoding="utf-8")
+    write_jsonl(report_dir / "failed_rows.jsonl", failed_rows)
+    if not passed:
+        raise ValidationFailed(ordered)
+
+    # 4. the validated data, swapped in only once complete
+    metrics = {r.dataset: {"n_rows": r.n_rows, "n_valid": r.n_valid, "n_quarantined": r.n_quarantined,
+                           "passed": r.passed} for r in ordered}
+    with staged_dir(out_dir) as tmp:
+        for name, rows in valid.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows[list(schema.columns(datasets[name].kind))].to_dict("records"))
+        write_jsonl(tmp / "quarantine.jsonl", failed_rows)
+        write_json(tmp / "metrics.json", metrics)
+    return {
+        "metrics": metrics,
+        "outputs": {name: str(out_dir / f"{name}.jsonl") for name in datasets},
+        "quarantine": str(out_dir / "quarantine.jsonl"),
+        "report": str(report_dir / "report.md"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__.splitlines()[0])
+    parser.add_argument("--file", help="validate this one file instead of the datasets in params.yaml")
+    parser.add_argument("--kind", choices=list(schema.KINDS), help="dataset kind of --file")
+    parser.add_argument("--format", default="auto", help="format of --file (default: auto)")
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument("--out", default=str(OUT_DIR), help=f"validated datasets (default: {OUT_DIR})")
+    parser.add_argument("--reports", default=str(REPORT_DIR), help=f"reports and Data Docs (default: {REPORT_DIR})")
+    args = parser.parse_args(argv)
+    if args.file and not args.kind:
+        parser.error("--kind is required with --file")
+    try:
+        # a single file can be checked outside the project, with the default config
+        params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
+        config = config_from(ValidateConfig, params.get("validate"))
+        if args.file:
+            report = validate_file(args.file, args.kind, args.format, config)
+            if not report.passed:
+                raise ValidationFailed([report])
+            print(format_report(report))
+            return 0
+        datasets = {name: config_from(DatasetSpec, spec) for name, spec in (params.get("data") or {}).items()}
+        result = run(config, datasets, Path(args.out), Path(args.reports))
+        print(Path(result["report"]).read_text(encoding="utf-8"), end="")
+    except (ValidationFailed, DataError, ValueError, OSError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
