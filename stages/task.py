@@ -34,11 +34,8 @@ from stages.schema import last_user_turn
 # The world: facts, arithmetic, harmful requests, small talk
 # ---------------------------------------------------------------------------------------------------------------------
 
-CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo",
-    "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
-    "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna",
-}  # fmt: skip
+CAPITALS = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo",
+            "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo"}  # fmt: skip
 COLORS = {"a banana": "yellow", "grass": "green", "snow": "white", "the sky": "blue", "a tomato": "red",
           "coal": "black", "a plum": "purple", "a carrot": "orange"}  # fmt: skip
 SOUNDS = {"a dog": "woof", "a cat": "meow", "a cow": "moo", "a duck": "quack", "a sheep": "baa", "an owl": "hoot"}
@@ -49,6 +46,7 @@ FACT_TEMPLATES = {
     "color": (COLORS, ["What color is {s}?", "Tell me the color of {s}."], "{S} is {v}."),
     "sound": (SOUNDS, ["What sound does {s} make?", "What does {s} say?"], "{S} says {v}."),
 }  # fmt: skip
+ARITH_MAX = 5  # operands 0..5: few enough sums for a tiny reward model to check them
 ARITH_TEMPLATES = {
     "plus": ["What is {a} plus {b}?", "Please add {a} and {b}."],
     "minus": ["What is {a} minus {b}?", "Please subtract {b} from {a}."],
@@ -107,8 +105,8 @@ def all_prompts() -> list[PromptSpec]:
                 specs.append(PromptSpec(t.format(s=s), "fact", answer.format(s=s, S=_cap(s), v=v), v, others,
                                         content=f"{s}:{v}"))
     for op, templates in ARITH_TEMPLATES.items():
-        for a in range(10):
-            for b in range(10):
+        for a in range(ARITH_MAX + 1):
+            for b in range(ARITH_MAX + 1):
                 if op == "minus" and b > a:
                     continue
                 c = a + b if op == "plus" else a - b
@@ -288,7 +286,7 @@ class TaskConfig:
     n_sft: int = 3000
     n_sft_test: int = 300
     n_pairs: int = 3000
-    n_pairs_test: int = 500
+    n_pairs_test: int = 1000
     n_prompts: int = 1024
     n_eval_prompts: int = 128
     labeler_tau: float = 1.75

@@ -34,6 +34,7 @@ from stages import schema
 from stages.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
 from stages.io import staged_dir, write_json, write_jsonl
 from stages.params import PARAMS_FILE, config_from, load_params
+from stages.tracking import mlflow_run
 
 OUT_DIR = Path("artifacts/validate/data")  # where stages/sft.py and stages/reward.py read the datasets
 REPORT_DIR = Path("reports/validate")
@@ -375,7 +376,8 @@ def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path) -> dict[str, Any]:
+def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path,
+        metrics_file: Path | None = None) -> dict[str, Any]:
     """Validate every dataset; write the reports always and the validated data only if all passed."""
     out_dir, report_dir = Path(out_dir), Path(report_dir)
     docs_dir = report_dir / "data_docs"
@@ -417,7 +419,7 @@ def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path,
         for name, rows in valid.items():
             write_jsonl(tmp / f"{name}.jsonl", rows[list(schema.columns(datasets[name].kind))].to_dict("records"))
         write_jsonl(tmp / "quarantine.jsonl", failed_rows)
-        write_json(tmp / "metrics.json", metrics)
+    write_json(metrics_file or out_dir.parent / "metrics.json", metrics)  # beside the data: DVC metrics can't overlap outs
     return {
         "metrics": metrics,
         "outputs": {name: str(out_dir / f"{name}.jsonl") for name in datasets},
@@ -448,7 +450,19 @@ def main(argv: list[str] | None = None) -> int:
             print(format_report(report))
             return 0
         datasets = {name: config_from(DatasetSpec, spec) for name, spec in (params.get("data") or {}).items()}
-        result = run(config, datasets, Path(args.out), Path(args.reports))
+        with mlflow_run("validate") as tracker:
+            tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
+            try:
+                result = run(config, datasets, Path(args.out), Path(args.reports))
+            except ValidationFailed as e:
+                tracker.set_tags({"rlhf.gate": "failed", "rlhf.gate_reason": str(e).splitlines()[0][:500]})
+                raise
+            finally:
+                for name in ("report.md", "summary.json", "data_docs"):
+                    if (Path(args.reports) / name).exists():
+                        tracker.log_artifact(Path(args.reports) / name, "data_docs" if name == "data_docs" else None)
+            tracker.set_tags({"rlhf.gate": "passed"})
+            tracker.log_metrics({f"{d}/{k}": v for d, m in result["metrics"].items() for k, v in m.items()})
         print(Path(result["report"]).read_text(encoding="utf-8"), end="")
     except (ValidationFailed, DataError, ValueError, OSError) as e:
         print(str(e), file=sys.stderr)
