@@ -141,6 +141,13 @@ def peft_config(lora: LoraSettings, task_type: str, model: PreTrainedModel):
                       task_type=task_type)  # fmt: skip
 
 
+def context_limit(model: PreTrainedModel, wanted: int) -> int:
+    """`wanted` tokens, capped at the model's maximum sequence length (position embeddings)."""
+    config = model.config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or wanted
+    return min(wanted, limit)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

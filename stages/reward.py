@@ -23,7 +23,7 @@ import torch
 
 from stages import task
 from stages.io import read_jsonl, write_json, write_jsonl
-from stages.modeling import LoraSettings, generate, load_causal_lm, peft_config, seed_everything
+from stages.modeling import LoraSettings, context_limit, generate, load_causal_lm, peft_config, seed_everything
 from stages.params import config_from, load_params
 from stages.plots import bar_plot, line_plot
 from stages.tracking import Tracker, mlflow_run, trainer_callback
@@ -144,6 +144,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")  # the RM's
     model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = context_limit(model, config.max_length)
 
     # 1. Bradley-Terry training (TRL appends EOS and reads the score at the last token)
     def as_dataset(rows: list[dict[str, str]]) -> Dataset:
@@ -156,7 +157,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
         args = TrlRewardConfig(
             output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
-            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_length=config.max_length,
+            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_length=max_length,
             center_rewards_coefficient=config.center_rewards_coefficient or None,
             gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
             eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
@@ -175,8 +176,8 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
 
     # 2. held-out agreement with the labels, calibration, and (default task) agreement with the gold judge
     prompts = [r["prompt"] for r in test_rows]
-    r_c = score(model, tokenizer, prompts, [r["chosen"] for r in test_rows], config.max_length)
-    r_r = score(model, tokenizer, prompts, [r["rejected"] for r in test_rows], config.max_length)
+    r_c = score(model, tokenizer, prompts, [r["chosen"] for r in test_rows], max_length)
+    r_r = score(model, tokenizer, prompts, [r["rejected"] for r in test_rows], max_length)
     gaps = [c - r for c, r in zip(r_c, r_r, strict=True)]
     correct = [g > 0 for g in gaps]
     accuracy = sum(correct) / len(correct)
@@ -197,7 +198,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     # 3. normalisation statistics for PPO: RM scores of SFT replies to PPO prompts (the policy's starting distribution)
     ppo_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][: config.n_norm_samples]
     replies, _ = generate(policy, gen_tokenizer, ppo_prompts, config.max_new_tokens, seed=config.seed)
-    ref_scores = torch.tensor(score(model, tokenizer, ppo_prompts, replies, config.max_length))
+    ref_scores = torch.tensor(score(model, tokenizer, ppo_prompts, replies, max_length))
     norm = {"mean": ref_scores.mean().item(), "std": ref_scores.std().clamp_min(1e-6).item(), "n": len(ref_scores)}
 
     # 4. save: model, stats, plots, metrics with the gate's verdict

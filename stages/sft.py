@@ -20,6 +20,7 @@ from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.modeling import (
     LoraSettings,
     TinyModelConfig,
+    context_limit,
     count_parameters,
     create_base_model,
     generate,
@@ -92,7 +93,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
                 output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
                 per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
                 lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-                max_length=config.max_length, completion_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
+                max_length=context_limit(model, config.max_length), completion_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
                 logging_steps=config.logging_steps, eval_strategy="epoch", save_strategy="no", report_to="none",
                 seed=config.seed, data_seed=config.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
             )  # fmt: skip
