@@ -26,7 +26,8 @@ data: setup  ## regenerate the embedded default task into data/ (matches data.dv
 run: setup  ## run the whole pipeline on the embedded default task
 	$(BIN)/rlhf run
 
-test: setup  ## run the test suite
+test: setup  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
+	$(BIN)/ruff check stages flows tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
@@ -38,4 +39,4 @@ lock: setup  ## refresh constraints.txt from the current environment
 	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/'; } > constraints.txt
 
 clean:
-	rm -rf artifacts reports mlruns mlflow.db
+	rm -rf artifacts reports checkpoints mlruns mlartifacts mlflow.db

@@ -17,8 +17,8 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -408,9 +408,9 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
 
 def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir: Path, config: PPOConfig) -> dict:
     """RM and (on the default task) gold scores of SFT and PPO replies to held-out prompts, same sampling."""
-    from stages import task
     from transformers import AutoTokenizer
 
+    from stages import task
     from stages.modeling import context_limit
     from stages.reward import score
 

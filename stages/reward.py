@@ -23,7 +23,14 @@ import torch
 
 from stages import task
 from stages.io import read_jsonl, write_json, write_jsonl
-from stages.modeling import LoraSettings, context_limit, generate, load_causal_lm, peft_config, seed_everything
+from stages.modeling import (
+    LoraSettings,
+    context_limit,
+    generate,
+    load_causal_lm,
+    peft_config,
+    seed_everything,
+)
 from stages.params import config_from, load_params
 from stages.plots import bar_plot, line_plot
 from stages.tracking import Tracker, mlflow_run, trainer_callback
@@ -213,8 +220,8 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     train_acc = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h and "loss" in h]
     eval_acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
-    line_plot({"train loss": tuple(zip(*losses))}, "RM Bradley-Terry loss", "step", "loss", out_dir / "loss.png")
-    line_plot({"train": tuple(zip(*train_acc)), "held-out": tuple(zip(*eval_acc))}, "RM pairwise accuracy", "step",
+    line_plot({"train loss": tuple(zip(*losses, strict=False))}, "RM Bradley-Terry loss", "step", "loss", out_dir / "loss.png")
+    line_plot({"train": tuple(zip(*train_acc, strict=False)), "held-out": tuple(zip(*eval_acc, strict=False))}, "RM pairwise accuracy", "step",
               "accuracy", out_dir / "accuracy.png")  # fmt: skip
     metrics = {"accuracy": round(accuracy, 4), "labeler_ceiling": ceiling, "rank_agreement_gold": rank_agreement,
                "gold_pair_accuracy": gold_accuracy, "train_seconds": round(train_seconds, 2),

@@ -120,7 +120,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
                                            for p, b, a in zip(sample_prompts, before, after, strict=True)])  # fmt: skip
         losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-        line_plot({"train": tuple(zip(*losses)), "held-out": tuple(zip(*evals))}, "SFT loss (response tokens)",
+        line_plot({"train": tuple(zip(*losses, strict=False)), "held-out": tuple(zip(*evals, strict=False))}, "SFT loss (response tokens)",
                   "step", "loss", tmp / "loss.png")  # fmt: skip
         write_jsonl(tmp / "loss.jsonl", [{"step": s, "train_loss": v} for s, v in losses])
         metrics = {

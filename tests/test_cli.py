@@ -1,0 +1,43 @@
+"""`rlhf validate` on real-world formats, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RLHF = str(Path(sys.executable).parent / "rlhf")
+
+
+def _rlhf(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([RLHF, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_validate_hh_transcripts(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    rows = []
+    for i in range(40):
+        prefix = f"\n\nHuman: Hi {i}\n\nAssistant: Hello.\n\nHuman: What is {i} plus 1?\n\nAssistant:"
+        rows.append({"chosen": f"{prefix} {i} plus 1 is {i + 1}.", "rejected": f"{prefix} No idea."})
+    rows.append({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _rlhf("validate", str(path), "--kind", "preferences", "--format", "hh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # 1 bad row in 41 is within the 5% quarantine budget
+    assert "format hh" in proc.stdout and "40 valid, 1 quarantined" in proc.stdout
+    assert "do not share a prompt prefix" in proc.stdout and "line 41" in proc.stdout
+
+
+def test_validate_messages_and_a_failing_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}"},
+                                                     {"role": "assistant", "content": str(i)}]}) + "\n"
+                            for i in range(10)))  # fmt: skip
+    proc = _rlhf("validate", str(path), "--kind", "sft")
+    assert proc.returncode == 0 and "format messages" in proc.stdout and "PASSED" in proc.stdout
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    proc = _rlhf("validate", str(bad), "--kind", "preferences", "--policy", "fail")
+    assert proc.returncode == 2 and "chosen_differs" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
