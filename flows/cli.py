@@ -13,9 +13,19 @@ EXIT_GATE = 2  # a gate (validation, reward-model agreement, KL guard) stopped t
 QUICK_HELP = """\
 examples:
   rlhf run                                   run the whole pipeline on the embedded default task
+  rlhf run --no-prefect                      the same through plain `dvc repro`
+  rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
   rlhf make-data                             regenerate the default task into data/ (matches data.dvc)
+"""
+
+
+RUN_HELP = """\
+Run the pipeline: the Prefect flow `rlhf-pipeline` (flows/pipeline.py) runs each dvc.yaml stage as a task with
+`dvc repro --single-item`, so DVC skips unchanged stages and dvc.lock records what ran. One parent MLflow run holds
+a child run per stage. Without PREFECT_API_URL, Prefect starts a temporary local server (about 10 s); with it, the
+run shows in that server's UI. A gate (validation, reward-model agreement, KL guard) stops the run with exit code 2.
 """
 
 
@@ -45,7 +55,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_GATE
 
 
-def _venv_env() -> dict[str, str]:
+def venv_env() -> dict[str, str]:
     """The environment for child commands: this interpreter's bin/ first, so `python` in dvc.yaml is ours."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -61,12 +71,79 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rc = _cmd_make_data(argparse.Namespace(params=args.params, out=args.data))
         if rc:
             return rc
-    cmd = [sys.executable, "-m", "dvc", "repro", *args.stages]
-    print("$ dvc repro", *args.stages, flush=True)
-    rc = subprocess.call(cmd, env=_venv_env())
-    if rc:
-        print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were", file=sys.stderr)
+    if args.no_prefect:
+        cmd = [sys.executable, "-m", "dvc", "repro", *args.stages]
+        print("$ dvc repro", *args.stages, flush=True)
+        rc = subprocess.call(cmd, env=venv_env())
+        if rc:
+            print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_GATE
+        _print_where_to_look(Path.cwd(), None)
+        return 0
+
+    from flows.pipeline import STOPPED, rlhf_pipeline
+
+    state = rlhf_pipeline(project_dir=".", stages=args.stages or None, params=args.params, return_state=True)
+    summary = state.result(raise_on_failure=False) if state.is_completed() else None
+    if state.is_completed() and isinstance(summary, dict):
+        print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
+              f"{', '.join(summary['skipped']) or 'nothing'}")  # fmt: skip
+        _print_where_to_look(Path.cwd(), summary["parent_run_id"])
+        return 0
+    print(f"the pipeline stopped: {state.message}; earlier artifacts are left as they were", file=sys.stderr)
+    _print_where_to_look(Path.cwd(), None)
+    return EXIT_GATE if state.name == STOPPED else 1
+
+
+def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
+    """Where the results are: the MLflow UI, the champion, the reports."""
+    import json
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    run = f", parent run {parent_run_id}" if parent_run_id else ""
+    print(f"MLflow:   mlflow ui --backend-store-uri {uri}   (experiment \"rlhf\"{run})")
+    promote = project / "artifacts/promote/metrics.json"
+    if promote.exists():
+        p = json.loads(promote.read_text())
+        name = p.get("registered_model", "rlhf-policy")
+        verdict = (f"version {p.get('version')} promoted" if p.get("promoted")
+                   else f"version {p.get('version')} not promoted ({'; '.join(p.get('reasons') or [])})")  # fmt: skip
+        print(f"champion: {name} version {p.get('champion')} (models:/{name}@champion); this run: {verdict}")
+    reports = [r for r in ("reports/validate/report.md", "artifacts/evaluate/report.md", "artifacts/evaluate/report.html")
+               if (project / r).exists()]  # fmt: skip
+    if reports:
+        print(f"reports:  {', '.join(reports)}")
+
+
+SERVE_HELP = """\
+Serve the pipeline flow as the Prefect deployment 'rlhf-pipeline/rlhf-nightly' with a cron schedule. This process
+runs every scheduled or triggered run of it, in the current directory (the project), until you stop it (Ctrl-C).
+
+It needs a Prefect server, not the ephemeral one `rlhf run` starts:
+  prefect server start                                         # UI and API on http://127.0.0.1:4200
+  prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api  # or export PREFECT_API_URL=...
+  rlhf serve --cron "0 3 * * *"                                 # every day at 03:00 UTC
+Trigger a run now, from any shell:
+  prefect deployment run 'rlhf-pipeline/rlhf-nightly'
+For work pools and workers (process or Docker) use prefect.yaml: prefect deploy --all
+"""
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import rlhf_pipeline
+
+    if not PREFECT_API_URL.value():
+        print("error: rlhf serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+              "(see rlhf serve --help)", file=sys.stderr)  # fmt: skip
         return EXIT_GATE
+    # The module path (not a file path) lets the served flow run from any project directory.
+    rlhf_pipeline.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(Path.cwd()),
+                                                                    "params": args.params},
+                        entrypoint_type=EntrypointType.MODULE_PATH)  # fmt: skip
     return 0
 
 
@@ -80,10 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the pipeline (through DVC: unchanged stages are skipped)")
+    p = sub.add_parser("run", help="run the pipeline: a Prefect flow over dvc.yaml's stages (unchanged ones are skipped)",
+                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("stages", nargs="*", help="only these stages (and what they need); default: all")
     p.add_argument("--data", default="data", help="the raw data folder tracked by data.dvc")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="plain `dvc repro`: no Prefect flow, no parent MLflow run, no Prefect artifacts")  # fmt: skip
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("serve", help="serve the pipeline flow on a cron schedule (needs a Prefect server)",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--cron", default="0 3 * * *", help='when to run, a cron string in UTC (default: "0 3 * * *")')
+    p.add_argument("--name", default="rlhf-nightly", help="the deployment name (default: rlhf-nightly)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
     p.add_argument("file", help="a .jsonl, .jsonl.gz, .parquet or .csv file, or a Hugging Face datasets name")

@@ -74,6 +74,7 @@ class PPOConfig:
     resume: str = "auto"  # auto: continue from the last checkpoint of the same run; never: start over
     sample_every: int = 10
     n_eval: int = 128  # held-out prompts for the final SFT-vs-PPO comparison
+    n_monitor: int = 32  # held-out prompts scored by the RM (and gold judge) at every checkpoint: over-optimisation
     threads: int = 0  # torch threads per process (0: torch's default)
     kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA policy; its frozen base is the reference
@@ -139,7 +140,7 @@ def fingerprint(config: PPOConfig, inputs: list[Path]) -> str:
     """Identity of a run: a checkpoint resumes only the run that wrote it (same results-relevant params and inputs)."""
     relevant = {k: v for k, v in asdict(config).items()
                 if k not in ("resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-                             "sample_every", "kl_guard")}  # fmt: skip
+                             "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for path in inputs:
         for f in sorted(path.rglob("*") if path.is_dir() else [path]):
@@ -220,6 +221,9 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     ckpt_dir = Path(config.checkpoint_dir)
     history: list[dict[str, float]] = []
     samples: list[dict[str, Any]] = []
+    monitor: list[dict[str, Any]] = []
+    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_monitor]
+    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
     start_step, violations, last_good = 0, 0, None
     resume_from = latest_checkpoint(ckpt_dir, run_id) if config.resume == "auto" else None
     if resume_from is not None:
@@ -229,18 +233,26 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        start_step, history, samples = state["step"], state["history"], state["samples"]
+        start_step, history, samples, monitor = state["step"], state["history"], state["samples"], state["monitor"]
         violations, last_good = state["violations"], resume_from
         accelerator.print(f"resuming PPO from {resume_from} (step {start_step})")
 
     def checkpoint(step: int) -> Path:
         path = ckpt_dir / run_id / f"step_{step:06d}"
+        if accelerator.is_main_process and config.n_monitor:
+            point = monitor_point(accelerator.unwrap_model(model).policy, tokenizer, rm, rm_tok, norm, monitor_prompts,
+                                  config, step)  # fmt: skip
+            monitor.append(point)
+            if tracker is not None:
+                tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None},
+                                    step=step)  # fmt: skip
         rngs = [rng_state()] if world == 1 else accelerator.gather_for_metrics([rng_state()], use_gather_object=True)
         if accelerator.is_main_process:
             save_checkpoint(path, {"model": accelerator.unwrap_model(model).state_dict(),
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "kl_ctl": kl_ctl.state_dict(), "rng": rngs, "step": step, "history": history,
-                                   "samples": samples, "violations": violations, "config": asdict(config)})  # fmt: skip
+                                   "samples": samples, "monitor": monitor, "violations": violations,
+                                   "config": asdict(config)})  # fmt: skip
             for old in sorted((ckpt_dir / run_id).glob("step_*"))[: -config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -269,7 +281,7 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
             unwrapped.policy.eval()
             out = unwrapped.policy.generate(
                 input_ids=queries, attention_mask=qmask, max_new_tokens=config.response_length, do_sample=True,
-                temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p,
+                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,  # top_k 0: no top-k (None would mean 50)
                 pad_token_id=pad_id, eos_token_id=eos_id)  # fmt: skip
         responses = out[:, queries.shape[1] :]
         mask, has_eos = first_eos_mask(responses, eos_id)
@@ -396,14 +408,30 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     if accelerator.is_main_process:
         reference = ref_policy or AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
         result |= compare_on_heldout(final, reference, tokenizer, rm, sft_dir, norm, data_dir, config)
-        write_outputs(out_dir, final, tokenizer, history, samples, result)
+        if tracker is not None:
+            result["mlflow_run_id"] = tracker.run_id
+        write_outputs(out_dir, final, tokenizer, history, samples, result, monitor)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float)})
             tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason})
-            for name in ("metrics.json", "kl.csv", "samples.jsonl", "curves.png", "model"):
+            for name in ("metrics.json", "kl.csv", "monitor.csv", "samples.jsonl", "curves.png", "model"):
                 tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
     accelerator.wait_for_everyone()
     return result
+
+
+def monitor_point(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig, step: int) -> dict:
+    """RM score and gold score of the policy on held-out prompts: evaluation only, never a training signal."""
+    from stages import task
+    from stages.modeling import context_limit
+    from stages.reward import score
+
+    replies, _ = generate(policy, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
+    rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
+    gold = None
+    if all(task.is_task_prompt(p) for p in prompts):
+        gold = sum(task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
+    return {"step": step, "rm_score": (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"], "gold": gold}
 
 
 def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir: Path, config: PPOConfig) -> dict:
@@ -427,7 +455,7 @@ def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir
     return out
 
 
-def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result) -> None:
+def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, monitor) -> None:
     """Model, metrics.json, the per-step KL table for `dvc plots`, samples and curves, swapped in atomically."""
     with staged_dir(out_dir) as tmp:
         policy.save_pretrained(tmp / "model", safe_serialization=True)
@@ -438,6 +466,10 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result) ->
             writer.writeheader()
             writer.writerows(history)
         write_jsonl(tmp / "samples.jsonl", samples)
+        with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs gold over checkpoints, for evaluation
+            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "gold"])
+            writer.writeheader()
+            writer.writerows(monitor)
         steps = [h["step"] for h in history]
         line_plot({"objective/scores": (steps, [h["objective/scores"] for h in history]),
                    "objective/kl": (steps, [h["objective/kl"] for h in history]),

@@ -8,12 +8,13 @@ import sys
 import pytest
 import yaml
 
-from stages import ppo, reward, sft, task, validate
+from stages import evaluate, ppo, promote, reward, sft, task, validate
 from stages.params import config_from, load_params
 from tests.conftest import ROOT
 
 CONFIGS = {"task": task.TaskConfig, "validate": validate.ValidateConfig, "sft": sft.SFTConfig,
-           "reward": reward.RewardConfig, "ppo": ppo.PPOConfig}  # fmt: skip
+           "reward": reward.RewardConfig, "ppo": ppo.PPOConfig, "evaluate": evaluate.EvaluateConfig,
+           "promote": promote.PromoteConfig}  # fmt: skip
 NESTED = {("reward", "gate"): reward.GateConfig, ("ppo", "kl_guard"): ppo.KLGuardConfig}
 
 
@@ -48,7 +49,7 @@ def test_dvc_stages_read_existing_params_and_run_their_module():
 
 def test_every_stage_with_a_config_is_in_the_dag():
     stages = set(_dvc_stages())
-    assert {"validate", "sft", "reward", "ppo"} <= stages
+    assert {"validate", "sft", "reward", "ppo", "evaluate", "promote"} <= stages
     # every section but the data generator's (data.dvc pins its output) belongs to a stage of the DAG
     assert set(CONFIGS) - {"task"} <= stages
 

@@ -1,0 +1,255 @@
+"""Promotion stage: register the PPO policy in the MLflow Model Registry; move `champion` only when numbers say so.
+
+Criteria (params.yaml: promote): win-rate over SFT, win-rate over the current champion (same prompts, same sampling),
+KL to the reference, alignment tax, and no over-optimisation flag. Pass: alias `champion` moves to the new version
+and `previous-champion` to the one it replaces. Fail: the version gets alias `challenger` and its reasons as a tag;
+the champion does not move. Alias moves happen under a lock and re-check the champion they compared against, so two
+pipelines finishing at once leave exactly one consistent champion; promoting the same weights twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from stages.evaluate import EvaluateConfig, task_applies, win_rate
+from stages.io import read_jsonl, write_json
+from stages.params import config_from, load_params
+from stages.tracking import Tracker, mlflow_run
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """params.yaml: promote."""
+
+    registered_model: str = "rlhf-policy"
+    min_win_rate_vs_sft: float = 0.55
+    min_win_rate_vs_champion: float = 0.5
+    max_kl: float = 10.0  # ppo/kl_k1_seq: nats per response
+    max_alignment_tax: float = 0.5  # rise of held-out SFT perplexity
+    block_on_overoptimisation: bool = True
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reasons: list[str]
+
+
+class PolicyModel(mlflow.pyfunc.PythonModel):
+    """The policy as an MLflow pyfunc: `predict(["prompt", ...])` (or a DataFrame with a `prompt` column) -> replies."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001
+        from stages.modeling import load_causal_lm
+
+        self.model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+        from stages.modeling import generate
+        from stages.schema import render_prompt
+
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        p = params or {}
+        replies, _ = generate(self.model, self.tokenizer, [render_prompt(x) for x in prompts],
+                              int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0)))  # fmt: skip
+        return replies
+
+
+def promotion_criteria(metrics: dict[str, Any], vs_champion: float | None, config: PromoteConfig) -> Decision:
+    """The promotion gate: every failed criterion is a reason."""
+    reasons = []
+    if metrics["win_rate_vs_sft"] < config.min_win_rate_vs_sft:
+        reasons.append(f"win-rate vs SFT {metrics['win_rate_vs_sft']:.3f} < {config.min_win_rate_vs_sft}")
+    if vs_champion is not None and vs_champion < config.min_win_rate_vs_champion:
+        reasons.append(f"win-rate vs champion {vs_champion:.3f} < {config.min_win_rate_vs_champion}")
+    if metrics["ppo/kl_k1_seq"] > config.max_kl:
+        reasons.append(f"KL to the reference {metrics['ppo/kl_k1_seq']:.3f} > max_kl {config.max_kl}")
+    if metrics["alignment_tax"] > config.max_alignment_tax:
+        reasons.append(f"alignment tax {metrics['alignment_tax']:.4f} > {config.max_alignment_tax}")
+    if config.block_on_overoptimisation and metrics["overoptimisation"]:
+        reasons.append(metrics["overoptimisation_reason"])
+    return Decision(not reasons, reasons)
+
+
+def model_hash(hf_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+@contextmanager
+def registry_lock() -> Iterator[None]:
+    """An exclusive lock for read-check-move of aliases (beside a SQLite store; else in the working directory)."""
+    uri = mlflow.get_tracking_uri()
+    base = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else Path(".rlhf-registry")
+    with open(base.with_name(base.name + ".promote.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def current_version(client: mlflow.MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, digest: str, tags: dict[str, str]):
+    """The version holding these exact weights, registering them (as a pyfunc logged in this run) if new."""
+    with suppress(mlflow.exceptions.MlflowException):  # it exists already
+        client.create_registered_model(name, description="RLHF policies; alias `champion` is the one to serve.")
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.tags.get("rlhf.model_hash") == digest:
+            return v
+    import stages
+
+    info = mlflow.pyfunc.log_model(
+        name="policy", python_model=PolicyModel(), artifacts={"hf_model": str(hf_dir)},
+        code_paths=[str(Path(stages.__file__).parent)],
+        pip_requirements=["torch==2.13.0", "transformers==5.23.0", f"mlflow=={mlflow.__version__}"],
+    )  # fmt: skip
+    version = mlflow.register_model(info.model_uri, name, tags={"rlhf.model_hash": digest, **tags})
+    return client.get_model_version(name, version.version)
+
+
+def champion_win_rate(champion, samples: list[dict], eval_config: EvaluateConfig, rm_dir: Path, sft_dir: Path) -> float:
+    """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from stages import task
+    from stages.evaluate import evaluate_policy
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}").unwrap_python_model()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = [s["prompt"] for s in samples]
+
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir / "model", use_safetensors=True).eval()
+    norm = json.loads((rm_dir / "norm.json").read_text())
+    ref = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).eval()
+    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
+    res = evaluate_policy("champion", model, tokenizer, rm, rm_tok, norm, ref, prompts, eval_config)
+    if task_applies(prompts):
+        return win_rate([task.gold_score(s["prompt"], s["ppo"]) for s in samples], res["gold_scores"])
+    return win_rate([s["ppo_rm"] for s in samples], res["rm_scores"])
+
+
+def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before) -> dict[str, Any]:
+    """Apply the decision; idempotent (the champion already being this version changes nothing)."""
+    if not decision.passed:
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        client.set_model_version_tag(name, version.version, "rlhf.promotion", "rejected")
+        client.set_model_version_tag(name, version.version, "rlhf.promotion_reasons", "; ".join(decision.reasons))
+        return {"promoted": False}
+    if champion_before is not None and champion_before.version == version.version:
+        return {"promoted": True, "unchanged": True}
+    if champion_before is not None:
+        client.set_registered_model_alias(name, PREVIOUS, champion_before.version)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    challenger = current_version(client, name, CHALLENGER)
+    if challenger is not None and challenger.version == version.version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, version.version, "rlhf.promotion", "champion")
+    client.set_model_version_tag(name, version.version, "rlhf.promotion_reasons", "all criteria passed")
+    return {"promoted": True, "unchanged": False}
+
+
+def run(config: PromoteConfig, eval_config: EvaluateConfig, eval_dir: Path, ppo_dir: Path, rm_dir: Path,
+        sft_dir: Path, out_path: Path, tracker: Tracker, force: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Register the candidate, judge it against SFT and the champion, and move the aliases."""
+    client = mlflow.MlflowClient()
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    samples = read_jsonl(eval_dir / "samples.jsonl")
+    ppo_metrics = json.loads((ppo_dir / "metrics.json").read_text()) if (ppo_dir / "metrics.json").exists() else {}
+    digest = model_hash(ppo_dir / "model")
+    tags = {"rlhf.win_rate_vs_sft": f"{metrics['win_rate_vs_sft']:.4f}", "rlhf.kl": f"{metrics['ppo/kl_k1_seq']:.4f}",
+            "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")), "rlhf.source_run_id": tracker.run_id}  # fmt: skip
+    tracker.log_params({"promote": asdict(config)})
+    version = find_or_register(client, config.registered_model, ppo_dir / "model", digest, tags)
+
+    while True:  # compare against the champion as it is when the aliases move
+        champion = current_version(client, config.registered_model, CHAMPION)
+        vs_champion = None
+        if champion is not None and champion.version != version.version:
+            vs_champion = champion_win_rate(champion, samples, eval_config, rm_dir, sft_dir)
+        decision = Decision(True, []) if force else promotion_criteria(metrics, vs_champion, config)
+        with registry_lock():
+            now = current_version(client, config.registered_model, CHAMPION)
+            if (now and now.version) != (champion and champion.version):
+                continue  # another pipeline promoted meanwhile: judge against the new champion
+            moved = move_aliases(client, config.registered_model, version, decision, champion)
+            break
+
+    result = {"version": int(version.version), "registered_model": config.registered_model, "model_hash": digest,
+              "promoted": moved["promoted"], "reasons": decision.reasons, "forced": force,
+              "win_rate_vs_sft": metrics["win_rate_vs_sft"], "win_rate_vs_champion": vs_champion,
+              "champion_before": int(champion.version) if champion else None,
+              "champion": int(current_version(client, config.registered_model, CHAMPION).version)
+              if current_version(client, config.registered_model, CHAMPION) else None}  # fmt: skip
+    write_json(out_path, result)
+    tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    tracker.set_tags({"rlhf.promoted": str(result["promoted"]), "rlhf.version": str(version.version),
+                      "rlhf.reasons": "; ".join(decision.reasons) or "all criteria passed"})  # fmt: skip
+    tracker.log_artifact(out_path)
+    return result
+
+
+def promote_run(run_id: str, force: bool, config: PromoteConfig) -> dict[str, Any]:
+    """`rlhf promote --run-id`: promote the version registered from that run (criteria re-checked unless --force)."""
+    client = mlflow.MlflowClient()
+    versions = [v for v in client.search_model_versions(f"name='{config.registered_model}'")
+                if v.run_id == run_id or v.tags.get("rlhf.source_run_id") == run_id]  # fmt: skip
+    if not versions:
+        raise ValueError(f"no version of {config.registered_model!r} was registered from run {run_id}")
+    version = versions[0]
+    reasons = [] if force else [r for r in version.tags.get("rlhf.promotion_reasons", "").split("; ")
+                                if r and r != "all criteria passed"]  # fmt: skip
+    decision = Decision(not reasons, reasons)
+    with registry_lock():
+        champion = current_version(client, config.registered_model, CHAMPION)
+        moved = move_aliases(client, config.registered_model, version, decision, champion)
+    return {"version": int(version.version), **moved, "reasons": reasons}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.promote", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--evaluation", default="artifacts/evaluate")
+    parser.add_argument("--ppo", default="artifacts/ppo")
+    parser.add_argument("--reward", default="artifacts/reward")
+    parser.add_argument("--sft", default="artifacts/sft/model")
+    parser.add_argument("--out", default="artifacts/promote/metrics.json")
+    parser.add_argument("--force", action="store_true", help="promote whatever the criteria say")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    config = config_from(PromoteConfig, params.get("promote"))
+    eval_config = config_from(EvaluateConfig, params.get("evaluate"))
+    with mlflow_run("promote") as tracker:
+        r = run(config, eval_config, Path(args.evaluation), Path(args.ppo), Path(args.reward), Path(args.sft),
+                Path(args.out), tracker, args.force)  # fmt: skip
+    if r["promoted"]:
+        print(f"promoted: {config.registered_model} version {r['version']} is the champion "
+              f"(models:/{config.registered_model}@champion)")  # fmt: skip
+    else:
+        print(f"not promoted: version {r['version']} is the challenger; champion stays "
+              f"{r['champion']}: {'; '.join(r['reasons'])}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Evaluation and promotion against a real MLflow SQLite registry, on a tiny project run through `rlhf run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from stages import evaluate
+from tests.helpers import BIN, env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+PASSING = {"reward": {"gate": {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}},
+           "ppo": {"num_steps": 3, "batch_size": 16, "ppo_epochs": 2, "response_length": 16, "n_eval": 16,
+                   "n_monitor": 8, "checkpoint_every": 1, "learning_rate": 1e-4},
+           "evaluate": {"n_prompts": 24, "max_new_tokens": 16},
+           "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9,
+                       "max_alignment_tax": 1e9, "block_on_overoptimisation": False}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    dest = make_project(tmp_path_factory.mktemp("proj"), PASSING)
+    run([str(BIN / "rlhf"), "run"], dest)
+    return dest
+
+
+def _client(project: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def _alias(client: mlflow.MlflowClient, alias: str) -> int | None:
+    try:
+        return int(client.get_model_version_by_alias("rlhf-policy", alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _candidate(project: Path, dest: Path, seed: int) -> Path:
+    """A copy of the PPO output with slightly different weights: a distinct candidate for the registry."""
+    shutil.copytree(project / "artifacts/ppo", dest)
+    weights = load_file(dest / "model/model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    name = next(k for k in weights if k.endswith("ln_f.weight"))
+    weights[name] = weights[name] + 1e-3 * torch.randn(weights[name].shape, generator=g)
+    save_file(weights, dest / "model/model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def _promote(project: Path, ppo_dir: Path, out: Path, params: dict | None = None) -> subprocess.Popen:
+    params_file = project / "params.yaml"
+    if params:
+        merged = yaml.safe_load(params_file.read_text())
+        merged["promote"] = {**merged["promote"], **params}
+        params_file = out.parent / f"{out.stem}-params.yaml"
+        params_file.write_text(yaml.safe_dump(merged))
+    cmd = [sys.executable, "-m", "stages.promote", "--params", str(params_file), "--ppo", str(ppo_dir), "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_report_and_metrics(project):
+    out = project / "artifacts/evaluate"
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("win_rate_vs_sft", "ppo/gold", "sft/gold", "ppo/kl_k1_seq", "ppo/kl_k3_token", "ppo/distinct_2",
+                "ppo/eos_rate", "alignment_tax", "overoptimisation"):  # fmt: skip
+        assert key in m, key
+    assert m["judge"] == "gold" and 0 <= m["win_rate_vs_sft"] <= 1
+    report = (out / "report.md").read_text()
+    assert "win-rate of PPO over SFT" in report and "| prompt | SFT | PPO |" in report
+    assert (out / "report.html").read_text().count("<tr>") > 5
+    assert (out / "gold_vs_proxy.png").exists() and (out / "reward_vs_kl.png").exists()
+
+
+def test_pipeline_promotes_and_the_champion_generates_text(project):
+    result = json.loads((project / "artifacts/promote/metrics.json").read_text())
+    assert result["promoted"] is True and result["champion"] == result["version"]
+    client = _client(project)
+    assert _alias(client, "champion") == result["version"]
+    version = client.get_model_version("rlhf-policy", str(result["version"]))
+    assert version.run_id  # the registered version links back to the run that logged it
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
+    replies = model.predict(["What is 2 plus 3?", "Thank you!"])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_failed_criterion_leaves_the_champion_and_records_reasons(project, tmp_path):
+    client = _client(project)
+    champion = _alias(client, "champion")
+    candidate = _candidate(project, tmp_path / "ppo_b", seed=1)
+    proc = _promote(project, candidate, tmp_path / "promote_b.json", {"min_win_rate_vs_sft": 1.01})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    result = json.loads((tmp_path / "promote_b.json").read_text())
+    assert result["promoted"] is False and "win-rate vs SFT" in result["reasons"][0]
+    assert _alias(client, "champion") == champion  # untouched
+    challenger = client.get_model_version_by_alias("rlhf-policy", "challenger")
+    assert int(challenger.version) == result["version"] != champion
+    assert "win-rate vs SFT" in challenger.tags["rlhf.promotion_reasons"]
+    assert "not promoted" in out
+
+
+def test_promoting_the_same_weights_twice_changes_nothing(project, tmp_path):
+    client = _client(project)
+    before = (_alias(client, "champion"), _alias(client, "previous-champion"))
+    n_versions = len(client.search_model_versions("name='rlhf-policy'"))
+    proc = _promote(project, project / "artifacts/ppo", tmp_path / "again.json")
+    proc.communicate(timeout=600)
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == before
+    assert len(client.search_model_versions("name='rlhf-policy'")) == n_versions
+
+
+def test_two_concurrent_promotions_leave_one_consistent_champion(project, tmp_path):
+    client = _client(project)
+    a, b = _candidate(project, tmp_path / "ppo_c", seed=2), _candidate(project, tmp_path / "ppo_d", seed=3)
+    procs = [_promote(project, a, tmp_path / "c.json"), _promote(project, b, tmp_path / "d.json")]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+    va, vb = (json.loads((tmp_path / f"{n}.json").read_text())["version"] for n in ("c", "d"))
+    champion, previous = _alias(client, "champion"), _alias(client, "previous-champion")
+    # both passed: they were serialised, so the later one is champion and the earlier one previous-champion
+    assert {champion, previous} == {va, vb}
+    later = json.loads((tmp_path / ("c.json" if champion == va else "d.json")).read_text())
+    assert later["champion_before"] == previous
+
+
+def test_overoptimisation_flag_on_synthetic_monitor():
+    rising_proxy_falling_gold = [{"step": 0, "rm_score": 0.0, "gold": 0.5}, {"step": 5, "rm_score": 0.5, "gold": 0.8},
+                                 {"step": 10, "rm_score": 1.5, "gold": 0.1}]  # fmt: skip
+    flagged, reason = evaluate.overoptimisation(rising_proxy_falling_gold, 0.1, 0.1)
+    assert flagged and "over-optimisation" in reason and "step 5" in reason
+    both_rising = [{"step": 0, "rm_score": 0.0, "gold": 0.1}, {"step": 5, "rm_score": 1.0, "gold": 0.9}]
+    assert evaluate.overoptimisation(both_rising, 0.1, 0.1)[0] is False
+
+
+def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_path):
+    """A proxy RM with a known exploitable bias (longer is better) and no KL penalty: the proxy climbs, gold falls."""
+    overrides = {**PASSING,
+                 "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 1e-3,
+                         "num_steps": 8, "checkpoint_every": 2, "n_monitor": 16, "response_length": 32},
+                 "promote": {**PASSING["promote"], "block_on_overoptimisation": True}}  # fmt: skip
+    project = make_project(tmp_path / "proj", overrides)
+    for name in ("preferences.jsonl", "preferences_test.jsonl"):  # the biased labeler: the longer reply wins
+        path = project / "data" / name
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [{**r, "chosen": max(r["chosen"], r["rejected"], key=len), "rejected": min(r["chosen"], r["rejected"], key=len)}
+                for r in rows if len(r["chosen"]) != len(r["rejected"])]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run([sys.executable, "-m", "dvc", "add", "-q", "data"], project)
+    run([str(BIN / "rlhf"), "run"], project)
+
+    monitor = (project / "artifacts/ppo/monitor.csv").read_text()
+    metrics = json.loads((project / "artifacts/evaluate/metrics.json").read_text())
+    assert metrics["overoptimisation"] is True, (metrics["overoptimisation_reason"], monitor)
+    result = json.loads((project / "artifacts/promote/metrics.json").read_text())
+    assert result["promoted"] is False and any("over-optimisation" in r for r in result["reasons"])

@@ -1,0 +1,324 @@
+"""The Prefect flow over dvc.yaml: under a real Prefect test server, and served on a real `prefect server start`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import mlflow
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import State
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import PARENT_STAGE_TAG, STOPPED, plan, rlhf_pipeline
+from tests.helpers import BIN, ROOT, deep_merge, env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+PASSING: dict[str, Any] = {
+    "reward": {"gate": {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}},
+    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "n_eval": 8, "checkpoint_every": 1},
+    # used only when params.yaml has these sections (the evaluate and promote stages)
+    "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
+    "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
+                "block_on_overoptimisation": False},
+}  # fmt: skip
+
+
+def _overrides(base: dict[str, Any]) -> dict[str, Any]:
+    """`base` restricted to the params.yaml sections (and ppo keys) this checkout has."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    out = {k: v for k, v in base.items() if k in params}
+    if "n_monitor" in params.get("ppo", {}):
+        out = deep_merge(out, {"ppo": {"n_monitor": 4}})
+    return out
+
+
+def _stages(project: Path) -> list[str]:
+    return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+
+
+def _client(project: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def _runs(project: Path, query: str) -> list[Any]:
+    client = _client(project)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], query)
+
+
+def _artifact_keys(flow_run_id: Any) -> set[str]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key for a in found if a.key}
+
+
+def _run_flow(project: Path, **kwargs: Any) -> State:
+    """The flow, in-process, as `rlhf run` calls it (each project keeps its own mlflow.db)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MLFLOW_TRACKING_URI", "RLHF_PARENT_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(key, raising=False)
+        return rlhf_pipeline(project_dir=str(project), return_state=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("flow_proj"), _overrides(PASSING))
+
+
+@pytest.fixture(scope="module")
+def first(harness, project) -> State:
+    """The first flow run on the tiny project: every stage runs."""
+    return _run_flow(project)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan is dvc.yaml
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_is_dvc_yaml():
+    """Fails when a stage is added to dvc.yaml but the flow would not run it."""
+    assert plan(ROOT) == _stages(ROOT)
+    upstream_of_reward = plan(ROOT, ["reward"])
+    assert upstream_of_reward[-1] == "reward" and {"validate", "sft"} <= set(upstream_of_reward)
+    assert "ppo" not in upstream_of_reward
+
+
+def test_plan_has_no_hard_coded_stages(tmp_path):
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    spec["stages"]["card"] = {"cmd": "python -c 'print(1)'", "deps": ["artifacts/ppo/model"], "outs": ["card.md"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert plan(tmp_path) == [*_stages(ROOT), "card"]
+    assert plan(tmp_path, ["card"])[-2:] == ["ppo", "card"]
+
+    # file order must be topological: a stage listed before what it depends on is an error, not a silent skip
+    spec["stages"] = {"card": spec["stages"]["card"], **{k: v for k, v in spec["stages"].items() if k != "card"}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError, match="before 'ppo'"):
+        plan(tmp_path)
+
+
+def test_prefect_yaml_deploys_the_flow():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"rlhf-process", "rlhf-docker"}
+    assert {d["entrypoint"] for d in deployments.values()} == {"flows/pipeline.py:rlhf_pipeline"}
+    path, name = deployments["rlhf-process"]["entrypoint"].split(":")
+    assert (ROOT / path).exists() and getattr(__import__("flows.pipeline", fromlist=[name]), name) is rlhf_pipeline
+    assert deployments["rlhf-process"]["schedules"][0]["cron"] == "0 3 * * *"
+    assert deployments["rlhf-docker"]["work_pool"]["job_variables"]["image"] == "rlhf-stage:cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The flow under a Prefect test server
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_flow_runs_every_stage_under_one_parent_run(first, project):
+    assert first.is_completed(), first.message
+    summary = first.result()
+    stages = _stages(project)
+    assert summary["plan"] == stages and summary["ran"] == stages and summary["skipped"] == []
+
+    parent = _client(project).get_run(summary["parent_run_id"])
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and tags["rlhf.stage"] == PARENT_STAGE_TAG
+    assert tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
+    assert tags["rlhf.data_md5"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert tags["rlhf.outcome"] == "completed"
+    assert all(re.fullmatch(r"[0-9a-f]{32}", tags[f"dvc.stage.{s}"]) for s in stages)
+
+    children = _runs(project, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["rlhf.stage"] for r in children) == sorted(stages)
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in dvc.values() for o in s.get("outs", [])]
+    assert outs and all((project / o).exists() for o in outs), [o for o in outs if not (project / o).exists()]
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout) == {}
+
+    expected = {"validation-summary", "reward-gate", "ppo-kl"} | ({"evaluation-report"} if "evaluate" in stages else set())
+    assert expected <= set(summary["artifacts"]) and expected <= _artifact_keys(first.state_details.flow_run_id)
+
+    if "promote" in stages:
+        assert summary["promotion"]["promoted"] is True
+        champion = _client(project).get_model_version_by_alias("rlhf-policy", "champion")
+        assert int(champion.version) == summary["promotion"]["version"]
+
+
+def test_second_run_skips_every_stage(first, project):
+    second = _run_flow(project)
+    assert second.is_completed(), second.message
+    summary = second.result()
+    assert summary["ran"] == [] and summary["skipped"] == _stages(project)
+    assert summary["parent_run_id"] != first.result()["parent_run_id"]
+    assert _runs(project, f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'") == []  # nothing re-ran
+    assert "validation-summary" in _artifact_keys(second.state_details.flow_run_id)
+
+
+def test_gate_and_crash_in_any_stage_end_the_flow(harness, tmp_path):
+    """A stage the flow has never heard of: exit 2 is a gate (its metrics say why), another code is a crash."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/x.txt").write_text("x")
+    (tmp_path / "gate.py").write_text(
+        "import json, sys\n"
+        "json.dump({'gate': {'passed': False, 'reason': 'toy gate failed: 1 < 2'}}, open('toy.json', 'w'))\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    stages = {"first": {"cmd": "python -c \"open('one.txt', 'w').write('1')\"", "deps": ["data"], "outs": ["one.txt"]},
+              "toy": {"cmd": "python gate.py 2", "deps": ["one.txt", "gate.py"],
+                      "metrics": [{"toy.json": {"cache": False}}]},
+              "after": {"cmd": "python -c \"open('two.txt', 'w').write('2')\"", "deps": ["toy.json"],
+                        "outs": ["two.txt"]}}  # fmt: skip
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], tmp_path)
+
+    state = _run_flow(tmp_path)
+    assert state.is_failed() and state.name == STOPPED
+    assert state.message == "stopped at toy: toy gate failed: 1 < 2"
+    assert (tmp_path / "one.txt").exists() and not (tmp_path / "two.txt").exists()
+    parent = _runs(tmp_path, f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'")[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["rlhf.stopped_at"] == "toy"
+
+    stages["toy"]["cmd"] = "python gate.py 1"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    state = _run_flow(tmp_path)
+    assert state.is_failed() and state.name != STOPPED and state.message.startswith("toy crashed (exit 1)")
+
+
+def test_reward_gate_stops_the_flow(harness, tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("gate_proj"), {"reward": {"gate": {"min_agreement": 0.99}}})
+    state = _run_flow(project)
+    assert state.is_failed() and state.name == STOPPED
+    assert state.message.startswith("stopped at reward: reward-model gate failed") and "min_agreement" in state.message
+    assert not (project / "artifacts/ppo").exists()
+    keys = _artifact_keys(state.state_details.flow_run_id)
+    assert "reward-gate" in keys and "ppo-kl" not in keys
+    parent = _runs(project, f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'")[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["rlhf.stopped_at"] == "reward"
+    assert "gate failed" in parent.data.tags["rlhf.reason"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `rlhf serve` on a real Prefect server
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, check: Any, timeout: float, procs: list[subprocess.Popen], logs: list[Path]) -> Any:
+    deadline, dead = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and not dead:
+        if (value := check()) is not None:
+            return value
+        dead = [p for p in procs if p.poll() is not None]
+        time.sleep(1)
+    tails = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+    raise AssertionError(f"timed out waiting for {what} (exited: {[p.args for p in dead]})\n{tails}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started (and its children: it leads its own session)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    server_env = {**env(), "PREFECT_HOME": str(tmp_path / "prefect_home"),
+                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    client_env = {**server_env, "PREFECT_API_URL": url}
+    logs = [tmp_path / "server.log", tmp_path / "serve.log"]
+    procs: list[subprocess.Popen] = []
+    try:
+        with logs[0].open("w") as log:
+            procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                           str(port), "--no-ui"], env=server_env, stdout=log, stderr=log,
+                                          start_new_session=True))  # fmt: skip
+
+        def healthy() -> bool | None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    return True if r.status == 200 else None
+            except OSError:
+                return None
+
+        _wait("the Prefect server", healthy, 120, procs, logs)
+        with logs[1].open("w") as log:
+            procs.append(subprocess.Popen([str(BIN / "rlhf"), "serve", "--cron", "0 3 * * *"], cwd=project,
+                                          env=client_env, stdout=log, stderr=log, start_new_session=True))  # fmt: skip
+
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+
+            def deployment() -> Any:
+                try:
+                    return client.read_deployment_by_name("rlhf-pipeline/rlhf-nightly")
+                except Exception:  # not registered yet
+                    return None
+
+            dep = _wait("the deployment rlhf-pipeline/rlhf-nightly", deployment, 120, procs, logs)
+            assert dep.parameters["project_dir"] == str(project)
+            assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+
+            triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-nightly"],
+                                       env=client_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+            flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", triggered.stdout).group(1)
+
+            def finished() -> Any:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+                return state if state and state.is_final() else None
+
+            state = _wait("the triggered flow run", finished, 600, procs, logs)
+            assert state.is_completed(), f"{state.name}: {state.message}"
+
+        parents = _runs(project, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert len(parents) == 1 and parents[0].data.tags["rlhf.outcome"] == "completed"
+        assert parents[0].info.status == "FINISHED"
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_rlhf_serve_without_a_server_says_how_to_start_one(tmp_path):
+    e = {k: v for k, v in env().items() if k != "PREFECT_API_URL"}
+    e["PREFECT_HOME"] = str(tmp_path)
+    proc = subprocess.run([str(BIN / "rlhf"), "serve"], cwd=tmp_path, env=e, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "prefect server start" in proc.stderr
+    help_text = subprocess.run([str(BIN / "rlhf"), "serve", "--help"], capture_output=True, text=True).stdout
+    assert "prefect server start" in help_text and "prefect deployment run 'rlhf-pipeline/rlhf-nightly'" in help_text
+

@@ -1,0 +1,155 @@
+"""The PPO stage on a tiny project: exact resume after SIGKILL, the KL guard, the NaN guard, two processes.
+
+The upstream stages run once through `rlhf run reward` (real DVC); PPO is then run directly as
+`python -m stages.ppo` with a tiny `ppo` section, each test with its own checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stages import ppo
+from tests.helpers import BIN, env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+# threads 1: on a loaded 2-core machine torch's spinning worker threads made a run ~6x slower
+TINY_PPO: dict[str, Any] = {"num_steps": 4, "batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 2,
+                            "response_length": 12, "checkpoint_every": 1, "sample_every": 2, "n_eval": 8,
+                            "threads": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny project with validate, sft and reward run by `rlhf run reward` (dvc repro of reward and its upstream)."""
+    dest = make_project(tmp_path_factory.mktemp("ppo_proj"), {"reward": {"gate": {"max_gap_to_ceiling": 1.0,
+                                                                                 "min_agreement": 0.0,
+                                                                                 "min_rank_agreement": -1.0}}})  # fmt: skip
+    run([str(BIN / "rlhf"), "run", "reward"], dest)
+    return dest
+
+
+def _params(project: Path, where: Path, **ppo_overrides: Any) -> Path:
+    """A params file: the project's, with a tiny `ppo` section and its own checkpoint directory under `where`."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    own = {"checkpoint_dir": str(where / "checkpoints")}
+    params["ppo"] = {**params["ppo"], **TINY_PPO, **own, **ppo_overrides}
+    path = where / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _ppo_args(params: Path, out: Path) -> list[str]:
+    return ["-m", "stages.ppo", "--params", str(params), "--data", "artifacts/validate/data",
+            "--sft", "artifacts/sft/model", "--reward", "artifacts/reward/model", "--out", str(out), "--no-tracking"]  # fmt: skip
+
+
+def _kl_rows(out: Path) -> list[dict[str, str]]:
+    """kl.csv without the wall-clock columns."""
+    with open(out / "kl.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "tokens/per_second"))}
+                for row in csv.DictReader(f)]  # fmt: skip
+
+
+def test_resume_after_sigkill_is_exact(project, tmp_path):
+    params = dict(num_steps=8)  # steps take ~0.1 s: leave room to kill after step 2 and before the end
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    run([sys.executable, *_ppo_args(_params(project, a, **params), a / "out")], project)
+
+    args = [sys.executable, *_ppo_args(_params(project, b, **params), b / "out")]
+    with open(b / "killed.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=project, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        # keep_checkpoints prunes step_000002 once step_000004 is written: any checkpoint from step 2 on will do
+        while not [p for p in (b / "checkpoints").glob("*/step_*/state.pt") if int(p.parent.name[5:]) >= 2]:
+            assert proc.poll() is None, (b / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of step 2 within 300 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (b / "out" / "metrics.json").exists()  # killed before the end
+
+    resumed = run(args, project)
+    assert "resuming PPO from" in resumed.stdout + resumed.stderr
+
+    for out in (a / "out", b / "out"):
+        assert json.loads((out / "metrics.json").read_text())["outcome"] == "completed"
+    # Exact, not close: RNG, optimiser, scheduler, KL controller and data position are all restored, and the same
+    # CPU kernels with the same thread count are deterministic.
+    wa, wb = load_file(a / "out/model/model.safetensors"), load_file(b / "out/model/model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+    rows_a, rows_b = _kl_rows(a / "out"), _kl_rows(b / "out")
+    assert len(rows_a) == params["num_steps"] and rows_a == rows_b
+
+
+def test_kl_guard_stops_and_rolls_back(project, tmp_path):
+    # SFT = reference at step 1 (KL exactly 0, within budget); a large learning rate makes step 2's KL positive.
+    guard = {"max_kl": 1e-6, "patience": 1}
+    config = _params(project, tmp_path, num_steps=6, learning_rate=1e-3, kl_guard=guard)
+    proc = run([sys.executable, *_ppo_args(config, tmp_path / "out")], project, check=False)
+    assert proc.returncode == ppo.EXIT_GATE, proc.stderr[-3000:]
+    assert "stopped by the KL guard" in proc.stderr and "objective/kl" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["outcome"] == "stopped_by_kl_guard" and "objective/kl" in metrics["reason"]
+    assert re.fullmatch(r"step_\d{6}", metrics["rolled_back_to"])
+    assert int(metrics["rolled_back_to"][5:]) < metrics["steps_done"] <= 6  # the last within-budget step
+    # The saved policy is the rolled-back checkpoint's, not the over-budget last step's.
+    (state_path,) = (tmp_path / "checkpoints").glob(f"*/{metrics['rolled_back_to']}/state.pt")
+    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=False)["model"].items()
+              if k.startswith("policy.")}  # fmt: skip
+    # GPT-2 ties lm_head to wte: save_pretrained may leave lm_head.weight out
+    saved = load_file(tmp_path / "out/model/model.safetensors")
+    assert saved and set(saved) <= set(policy)
+    assert all(torch.equal(saved[k], policy[k]) for k in saved)
+
+
+def test_nonfinite_loss_exits_cleanly(project, tmp_path):
+    # One Adam step of size ~1e6 per weight: the next minibatch's logits (hence the loss) are inf/nan.
+    config = _params(project, tmp_path, learning_rate=1e6)
+    proc = run([sys.executable, *_ppo_args(config, tmp_path / "out")], project, check=False)
+    assert proc.returncode == ppo.EXIT_NONFINITE, proc.stderr[-3000:]
+    assert "PPO stopped" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "checkpoints").glob("*/step_000000/state.pt"))  # the SFT policy, intact
+    assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_under_accelerate(project, tmp_path):
+    config = _params(project, tmp_path, num_steps=2)
+    # `--cpu` makes accelerate use its single-process launcher whatever --num_processes says; --multi_gpu selects
+    # the torchrun launcher, and the stage's Accelerator(cpu=True) then runs DDP over gloo on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]  # fmt: skip
+    run([*launch, *_ppo_args(config, tmp_path / "out")], project)
+
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["outcome"] == "completed" and metrics["steps_done"] == 2
+    assert (tmp_path / "out/model/model.safetensors").exists()
+    (state_path,) = (tmp_path / "checkpoints").glob("*/step_000002/state.pt")
+    # one RNG state per process: two processes really ran
+    assert len(torch.load(state_path, weights_only=False)["rng"]) == 2
