@@ -24,7 +24,7 @@ data: setup  ## regenerate the embedded default task into data/ (matches data.dv
 	$(BIN)/rlhf make-data
 
 run: setup  ## run the whole pipeline on the embedded default task
-	$(BIN)/rlhf run
+	$(BIN)/rlhf run --prefect
 
 test: setup  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
 	$(BIN)/ruff check stages flows tests

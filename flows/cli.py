@@ -13,7 +13,7 @@ EXIT_GATE = 2  # a gate (validation, reward-model agreement, KL guard) stopped t
 QUICK_HELP = """\
 examples:
   rlhf run                                   run the whole pipeline on the embedded default task
-  rlhf run --no-prefect                      the same through plain `dvc repro`
+  rlhf run --prefect                         the same as a Prefect flow, with one parent MLflow run
   rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
@@ -22,10 +22,13 @@ examples:
 
 
 RUN_HELP = """\
-Run the pipeline: the Prefect flow `rlhf-pipeline` (flows/pipeline.py) runs each dvc.yaml stage as a task with
-`dvc repro --single-item`, so DVC skips unchanged stages and dvc.lock records what ran. One parent MLflow run holds
-a child run per stage. Without PREFECT_API_URL, Prefect starts a temporary local server (about 10 s); with it, the
-run shows in that server's UI. A gate (validation, reward-model agreement, KL guard) stops the run with exit code 2.
+Run the pipeline: `dvc repro` runs dvc.yaml's stages, skipping unchanged ones; dvc.lock records what ran.
+A gate (validation, reward-model agreement, KL guard) stops it with exit code 2; earlier artifacts stay as they were.
+
+--prefect runs the same stages as the Prefect flow `rlhf-pipeline` (flows/pipeline.py): one task per stage
+(`dvc repro --single-item`), one parent MLflow run holding every stage's run, and Prefect artifacts (validation
+summary, reward gate, PPO KL curve, evaluation report). Without PREFECT_API_URL, Prefect starts a temporary local
+server, which adds about 15-20 s; with it, the run shows in that server's UI.
 """
 
 
@@ -71,22 +74,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rc = _cmd_make_data(argparse.Namespace(params=args.params, out=args.data))
         if rc:
             return rc
-    if args.no_prefect:
-        cmd = [sys.executable, "-m", "dvc", "repro", *args.stages]
-        print("$ dvc repro", *args.stages, flush=True)
-        rc = subprocess.call(cmd, env=venv_env())
-        if rc:
-            print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_GATE
-        _print_where_to_look(Path.cwd(), None)
-        return 0
+    if args.prefect:
+        return _run_flow(args)
+    cmd = [sys.executable, "-m", "dvc", "repro", *args.stages]
+    print("$ dvc repro", *args.stages, flush=True)
+    rc = subprocess.call(cmd, env=venv_env())
+    if rc:
+        print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were", file=sys.stderr)
+        return EXIT_GATE
+    _print_where_to_look(Path.cwd(), None)
+    return 0
 
+
+def _run_flow(args: argparse.Namespace) -> int:
+    """`rlhf run --prefect`: the Prefect flow in this process (Prefect starts a temporary server if none is set)."""
     from flows.pipeline import STOPPED, rlhf_pipeline
 
     state = rlhf_pipeline(project_dir=".", stages=args.stages or None, params=args.params, return_state=True)
     summary = state.result(raise_on_failure=False) if state.is_completed() else None
-    if state.is_completed() and isinstance(summary, dict):
+    if isinstance(summary, dict):
         print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
               f"{', '.join(summary['skipped']) or 'nothing'}")  # fmt: skip
         _print_where_to_look(Path.cwd(), summary["parent_run_id"])
@@ -109,7 +115,7 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
         name = p.get("registered_model", "rlhf-policy")
         verdict = (f"version {p.get('version')} promoted" if p.get("promoted")
                    else f"version {p.get('version')} not promoted ({'; '.join(p.get('reasons') or [])})")  # fmt: skip
-        print(f"champion: {name} version {p.get('champion')} (models:/{name}@champion); this run: {verdict}")
+        print(f"champion: {name} version {p.get('champion')} (models:/{name}@champion); last promotion: {verdict}")
     reports = [r for r in ("reports/validate/report.md", "artifacts/evaluate/report.md", "artifacts/evaluate/report.html")
                if (project / r).exists()]  # fmt: skip
     if reports:
@@ -120,7 +126,7 @@ SERVE_HELP = """\
 Serve the pipeline flow as the Prefect deployment 'rlhf-pipeline/rlhf-nightly' with a cron schedule. This process
 runs every scheduled or triggered run of it, in the current directory (the project), until you stop it (Ctrl-C).
 
-It needs a Prefect server, not the ephemeral one `rlhf run` starts:
+It needs a Prefect server, not the temporary one `rlhf run --prefect` starts:
   prefect server start                                         # UI and API on http://127.0.0.1:4200
   prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api  # or export PREFECT_API_URL=...
   rlhf serve --cron "0 3 * * *"                                 # every day at 03:00 UTC
@@ -157,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the pipeline: a Prefect flow over dvc.yaml's stages (unchanged ones are skipped)",
+    p = sub.add_parser("run", help="run the pipeline (through DVC: unchanged stages are skipped)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("stages", nargs="*", help="only these stages (and what they need); default: all")
     p.add_argument("--data", default="data", help="the raw data folder tracked by data.dvc")
-    p.add_argument("--no-prefect", action="store_true",
-                   help="plain `dvc repro`: no Prefect flow, no parent MLflow run, no Prefect artifacts")  # fmt: skip
+    p.add_argument("--prefect", action="store_true",
+                   help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("serve", help="serve the pipeline flow on a cron schedule (needs a Prefect server)",

@@ -5,7 +5,7 @@ DVC decides what to skip. The flow adds what DVC lacks: one parent MLflow run pe
 under it through `RLHF_PARENT_RUN_ID`; stages/tracking.py), a failed flow whose message is the gate's reason, and
 Prefect artifacts (validation summary, reward gate, PPO KL curve, evaluation report).
 
-    rlhf run                        # this flow, in-process (an ephemeral Prefect server when PREFECT_API_URL is unset)
+    rlhf run --prefect              # this flow, in-process (a temporary Prefect server when PREFECT_API_URL is unset)
     rlhf serve --cron "0 3 * * *"   # this flow as the deployment rlhf-pipeline/rlhf-nightly
 """
 
@@ -224,6 +224,16 @@ def stage_hash(project: Path, stage: str) -> str | None:
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
+def lineage_tags(project: Path, stages: list[str]) -> dict[str, str]:
+    """What the parent run was made from: the git commit, the raw data's hash, the planned stages."""
+    tags = {"rlhf.stage": PARENT_STAGE_TAG, "rlhf.stages": ",".join(stages)}
+    if commit := git_commit(project):
+        tags |= {"rlhf.git_commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")}
+    if md5 := data_hash(project):
+        tags["rlhf.data_md5"] = md5
+    return tags
+
+
 def _tag_parent(tracking_uri: str, run_id: str, tags: dict[str, str], status: str | None = None) -> None:
     import mlflow
 
@@ -334,13 +344,9 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None,
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
-    lineage = {"rlhf.stage": PARENT_STAGE_TAG, "prefect.flow_run_id": str(flow_run.id),
-               "prefect.flow_run_name": str(flow_run.name), "rlhf.stages": ",".join(names)}  # fmt: skip
-    if commit := git_commit(project):
-        lineage |= {"rlhf.git_commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")}
-    if md5 := data_hash(project):
-        lineage["rlhf.data_md5"] = md5
-    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, lineage)
+    tags = lineage_tags(project, names) | {"prefect.flow_run_id": str(flow_run.id),
+                                           "prefect.flow_run_name": str(flow_run.name)}  # fmt: skip
+    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags)
     logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, tracking_uri, experiment)
 
     summary: dict[str, Any] = {"project_dir": str(project), "parent_run_id": parent_run_id,
@@ -355,7 +361,6 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None,
             if publish and (not state.is_failed() or stopped) and (key := publish(project)):
                 summary["artifacts"].append(key)
             if state.is_failed():
-                summary["stopped_at"], summary["reason"] = stage, state.message
                 _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "stopped" if stopped else "crashed",
                                                           "rlhf.stopped_at": stage, "rlhf.reason": state.message or ""})
                 return Failed(name=STOPPED if stopped else "Failed", message=state.message)

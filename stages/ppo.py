@@ -7,8 +7,9 @@ resume (RNG, optimiser, scheduler, KL controller and data position are checkpoin
     rewards_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t))   (+ RM score on the last token)
     loss      = clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy
 
-Runs in one process by default and unchanged under `accelerate launch --num_processes N` (rollouts are split
-across processes, gradients averaged by DDP).
+Runs in one process by default and unchanged on several: `accelerate launch --multi_gpu --num_processes 2
+--num_machines 1 --mixed_precision no --dynamo_backend no -m stages.ppo` on CPUs (accelerate's `--cpu` flag alone
+silently starts one process); rollouts are split across processes and gradients averaged by DDP over gloo.
 """
 
 from __future__ import annotations
@@ -217,7 +218,9 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     steps_per_epoch = max(1, len(prompts) // config.batch_size)
 
     # checkpoints of this run (and only this run) live under <checkpoint_dir>/<fingerprint>/step_N
-    run_id = fingerprint(config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", data_dir / "prompts.jsonl"])
+    code = [Path(__file__), Path(pm.__file__)]  # a code change must not resume a checkpoint of the old code
+    run_id = fingerprint(config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", data_dir / "prompts.jsonl",
+                                  *code])  # fmt: skip
     ckpt_dir = Path(config.checkpoint_dir)
     history: list[dict[str, float]] = []
     samples: list[dict[str, Any]] = []
@@ -233,7 +236,7 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        start_step, history, samples, monitor = state["step"], state["history"], state["samples"], state["monitor"]
+        start_step, history, samples, monitor = state["step"], state["history"], state["samples"], state.get("monitor", [])
         violations, last_good = state["violations"], resume_from
         accelerator.print(f"resuming PPO from {resume_from} (step {start_step})")
 
@@ -403,8 +406,13 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
         accelerator.unwrap_model(model).load_state_dict(state["model"])
     final = accelerator.unwrap_model(model).policy
     final = final.merge_and_unload() if lora.enabled else final
+    kept = int(last_good.parent.name.removeprefix("step_"))  # the step whose policy is saved (after a rollback)
+    if outcome == "stopped_by_kl_guard":
+        final_metrics = history[kept - 1] if kept else {}  # kept == 0: the SFT policy itself
+    else:
+        final_metrics = history[-1] if history else {}
     result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "rolled_back_to": last_good.parent.name,
-              "final": {k: v for k, v in history[-1].items() if not k.startswith("time/")} if history else {}}  # fmt: skip
+              "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")}}  # fmt: skip
     if accelerator.is_main_process:
         reference = ref_policy or AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
         result |= compare_on_heldout(final, reference, tokenizer, rm, sft_dir, norm, data_dir, config)

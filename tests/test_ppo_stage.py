@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages import ppo
-from tests.helpers import BIN, env, make_project, run
+from tests.helpers import BIN, ROOT, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -140,11 +140,10 @@ def _free_port() -> int:
 
 def test_two_processes_under_accelerate(project, tmp_path):
     config = _params(project, tmp_path, num_steps=2)
-    # `--cpu` makes accelerate use its single-process launcher whatever --num_processes says; --multi_gpu selects
-    # the torchrun launcher, and the stage's Accelerator(cpu=True) then runs DDP over gloo on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]  # fmt: skip
+    # The shipped CPU config: accelerate's `--cpu` flag alone would use its single-process launcher whatever
+    # --num_processes says; this config selects torchrun, and the stage's Accelerator(cpu=True) runs DDP over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "docker/accelerate/multi_cpu.yaml"), "--main_process_port", str(_free_port())]  # fmt: skip
     run([*launch, *_ppo_args(config, tmp_path / "out")], project)
 
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
@@ -153,3 +152,17 @@ def test_two_processes_under_accelerate(project, tmp_path):
     (state_path,) = (tmp_path / "checkpoints").glob("*/step_000002/state.pt")
     # one RNG state per process: two processes really ran
     assert len(torch.load(state_path, weights_only=False)["rng"]) == 2
+
+
+def test_lora_policy_uses_its_frozen_base_as_reference(project, tmp_path):
+    config = _params(project, tmp_path, num_steps=2, lora={"enabled": True, "r": 4, "alpha": 8})
+    run([sys.executable, *_ppo_args(config, tmp_path / "out")], project)
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["outcome"] == "completed"
+    # step 1 starts at the reference (LoRA's B is zero-initialised): KL exactly 0 from the adapter-disabled base
+    first = _kl_rows(tmp_path / "out")[0]
+    assert float(first["objective/kl"]) == 0.0
+    saved = load_file(tmp_path / "out/model/model.safetensors")
+    assert not any("lora" in k for k in saved)  # merged into a plain model that loads like the SFT one
+    sft = load_file(project / "artifacts/sft/model/model.safetensors")
+    assert saved.keys() <= sft.keys() and any(not torch.equal(saved[k], sft[k]) for k in saved)
