@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,12 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
     """Tokenizer, policy (= reference), reward model (= value init), prompts: the files both workers load."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+    )
 
     vocab = {f"t{i}": i for i in range(VOCAB)} | {EOS: VOCAB}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
@@ -88,14 +94,18 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
     policy.generation_config.eos_token_id = policy.generation_config.pad_token_id = VOCAB
     # The RM (and the critic initialised from it) gets an embedding row for EOS: our stage's held-out comparison after
     # the timed steps scores `prompt reply EOS`. An embedding lookup costs no FLOPs; the policy cannot sample EOS.
-    rm = GPT2ForSequenceClassification(GPT2Config(**config.to_dict() | {"num_labels": 1, "vocab_size": VOCAB + 1}))
+    rm = GPT2ForSequenceClassification(
+        GPT2Config(**config.to_dict() | {"num_labels": 1, "vocab_size": VOCAB + 1})
+    )
     policy.save_pretrained(root / "sft", safe_serialization=True)
     tokenizer.save_pretrained(root / "sft")
     rm.save_pretrained(root / "reward" / "model", safe_serialization=True)
     tokenizer.save_pretrained(root / "reward" / "model")
     (root / "reward" / "norm.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g).tolist()
+    ids = torch.randint(
+        0, VOCAB, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g
+    ).tolist()
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "prompt_ids.json").write_text(json.dumps(ids))
     lines = [json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) for row in ids]
@@ -164,7 +174,7 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
     tracker = TimingTracker(profile_dir)
     run(config, root / "data", root / "sft", root / "reward" / "model", root / "out_ours", tracker)
     stamps = [t for t, _ in tracker.steps]
-    per_batch = [b - a for a, b in zip(stamps, stamps[1:])]
+    per_batch = [b - a for a, b in pairwise(stamps)]
     measured = [m for _, m in tracker.steps[1:]]
     split = {k: [m[f"time/{k}"] for m in measured] for k in ("generation", "scoring", "update", "step")}
     tokens = [m["tokens/response_len_mean"] * shape.batch_size for m in measured]
@@ -175,7 +185,12 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
     """TRL 1.9.0's PPOTrainer on the same files: no stop token, no EOS penalty, no sample generations, fp32."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     class StepTimes(TrainerCallback):
@@ -207,8 +222,11 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
                          callbacks=[timer])  # fmt: skip
     torch.set_num_threads(2)  # again: nothing in the trainer's setup may have changed it
     trainer.train()
-    per_batch = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
-    return {"per_batch": per_batch, "response_tokens": [shape.batch_size * shape.response_length] * len(per_batch)}
+    per_batch = [b - a for a, b in pairwise(timer.stamps)]
+    return {
+        "per_batch": per_batch,
+        "response_tokens": [shape.batch_size * shape.response_length] * len(per_batch),
+    }
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -244,14 +262,21 @@ def flops(shape: Shape, impl: str) -> dict[str, float]:
     token only) then one token at a time, each 2 (N + d V) + 4 L d c with c the context length so far.
     """
     L, d, V = shape.n_layer, shape.n_embd, VOCAB
-    B, P, T, S = shape.batch_size, shape.prompt_length, shape.response_length, shape.prompt_length + shape.response_length
+    B, P, T, S = (
+        shape.batch_size,
+        shape.prompt_length,
+        shape.response_length,
+        shape.prompt_length + shape.response_length,
+    )
     N, head = 12 * L * d * d, d * V
 
     def fwd(with_head: bool) -> float:
         return B * (2 * (N + (head if with_head else 0)) * S + 4 * L * d * S * S)
 
     prefill = 2 * N * P + 2 * head + 4 * L * d * P * P
-    decode = sum(2 * (N + head) + 4 * L * d * c for c in range(P + 1, P + T))  # tokens 2..T each need one step
+    decode = sum(
+        2 * (N + head) + 4 * L * d * c for c in range(P + 1, P + T)
+    )  # tokens 2..T each need one step
     gen = B * (prefill + decode)
     # ours: policy (+ critic) forward for old logprobs and values, then reference and reward; TRL takes the old
     # logprobs from the generation's scores and skips the policy forward.
@@ -263,7 +288,9 @@ def flops(shape: Shape, impl: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, profile: Path | None = None) -> dict:
+def run_worker(
+    python: str, impl: str, shape: str, root: Path, batches: int, profile: Path | None = None
+) -> dict:
     env = os.environ | {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
                         "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                         "PYTHONPATH": str(ROOT)}  # fmt: skip
@@ -286,7 +313,12 @@ def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, pro
 def summarise(shape: Shape, impl: str, runs: list[dict]) -> dict[str, Any]:
     ok = [r for r in runs if "error" not in r]
     if not ok:
-        return {"shape": shape.name, "impl": impl, "error": runs[0].get("error"), "stderr_tail": runs[0].get("stderr_tail")}
+        return {
+            "shape": shape.name,
+            "impl": impl,
+            "error": runs[0].get("error"),
+            "stderr_tail": runs[0].get("stderr_tail"),
+        }
     per_batch = [x for r in ok for x in r["per_batch"]]
     s = statistics.median(per_batch)
     tokens = statistics.median([x for r in ok for x in r["response_tokens"]])
@@ -317,7 +349,10 @@ def driver(args: argparse.Namespace) -> None:
     trl_python = str(Path(args.trl_python).absolute()) if args.trl_python else None
     rows, profile_files = [], {}
     work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
-    print(f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; work dir {work}", flush=True)
+    print(
+        f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; work dir {work}",
+        flush=True,
+    )
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         root = work / name
@@ -367,7 +402,9 @@ def print_table(rows: list[dict], ratios: dict[str, float]) -> None:
         if "error" in r:
             print(f"{r['shape']:5} {r['impl']:4} ERROR {r['error']}: {r['stderr_tail'][-300:]}")
             continue
-        split = (f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else "")
+        split = (
+            f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else ""
+        )
         ratio = f"{ratios[r['shape']]:.2f}x" if r["impl"] == "ours" and r["shape"] in ratios else ""
         print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {r['tokens_per_s']:7.0f} {ratio:>8} {split:>26} "
               f"{r['pct_of_peak']:5.1f}%")  # fmt: skip
@@ -383,10 +420,16 @@ def main() -> None:
     w.add_argument("--batches", type=int, default=4)
     w.add_argument("--profile", default=None)
     parser.add_argument("--shapes", default="A,B")
-    parser.add_argument("--batches", type=int, default=4, help="measured PPO batches per run (after 1 warm-up)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per implementation and shape")
+    parser.add_argument(
+        "--batches", type=int, default=4, help="measured PPO batches per run (after 1 warm-up)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating runs per implementation and shape"
+    )
     parser.add_argument("--ours-python", default=None, help="default: this interpreter")
-    parser.add_argument("--trl-python", default=None, help="python of the TRL 1.9.0 venv; omit to run ours only")
+    parser.add_argument(
+        "--trl-python", default=None, help="python of the TRL 1.9.0 venv; omit to run ours only"
+    )
     parser.add_argument("--profile", action="store_true", help="also profile one batch of ours on shape A")
     parser.add_argument("--merge", action="store_true", help="keep other shapes' rows already in --out")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"))
