@@ -136,6 +136,31 @@ For work pools and workers (process or Docker) use prefect.yaml: prefect deploy 
 """
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    """Promote the version registered from an MLflow run (criteria re-checked from its tags unless --force)."""
+    from stages import promote
+    from stages.params import config_from, load_params
+    from stages.tracking import mlflow_run
+
+    config = config_from(promote.PromoteConfig, load_params(args.params).get("promote"))
+    with mlflow_run("promote-cli", tags={"rlhf.promote_run_id": args.run_id, "rlhf.forced": str(args.force)}):
+        result = promote.promote_run(args.run_id, args.force, config)
+    if not result["promoted"]:
+        print(f"not promoted: version {result['version']} fails: {'; '.join(result['reasons'])} (use --force)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_GATE
+    print(f"{config.registered_model} version {result['version']} is the champion"
+          f"{' (unchanged)' if result.get('unchanged') else ''}")  # fmt: skip
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a registered model against the SFT baseline on the held-out prompts."""
+    from stages import evaluate
+
+    return evaluate.main(["--params", args.params, "--model-uri", args.model_uri, "--out", args.out])
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL
     from prefect.types.entrypoint import EntrypointType
@@ -176,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default="0 3 * * *", help='when to run, a cron string in UTC (default: "0 3 * * *")')
     p.add_argument("--name", default="rlhf-nightly", help="the deployment name (default: rlhf-nightly)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("promote", help="promote the policy registered from an MLflow run (e.g. chosen in the UI)")
+    p.add_argument("--run-id", required=True, help="the MLflow run that registered the version (the promote stage's)")
+    p.add_argument("--force", action="store_true", help="promote even if the promotion criteria failed")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("eval", help="evaluate a registered model against SFT on the held-out prompts")
+    p.add_argument("--model-uri", required=True, help="e.g. models:/rlhf-policy@champion or models:/rlhf-policy/3")
+    p.add_argument("--out", default="reports/eval", help="where the report goes (default: reports/eval)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
     p.add_argument("file", help="a .jsonl, .jsonl.gz, .parquet or .csv file, or a Hugging Face datasets name")

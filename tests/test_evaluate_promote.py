@@ -168,3 +168,25 @@ def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_pa
     assert metrics["overoptimisation"] is True, (metrics["overoptimisation_reason"], monitor)
     result = json.loads((project / "artifacts/promote/metrics.json").read_text())
     assert result["promoted"] is False and any("over-optimisation" in r for r in result["reasons"])
+
+
+def test_cli_promote_by_run_id_and_eval_by_model_uri(project, tmp_path):
+    """For people who decided in the MLflow UI: `rlhf promote --run-id [--force]`, then `rlhf eval --model-uri`."""
+    client = _client(project)
+    candidate = _candidate(project, tmp_path / "ppo_e", seed=4)
+    proc = _promote(project, candidate, tmp_path / "e.json", {"min_win_rate_vs_sft": 1.01})
+    proc.communicate(timeout=600)
+    rejected = json.loads((tmp_path / "e.json").read_text())["version"]
+    source_run = client.get_model_version("rlhf-policy", str(rejected)).tags["rlhf.source_run_id"]
+    champion = _alias(client, "champion")
+
+    refused = run([str(BIN / "rlhf"), "promote", "--run-id", source_run], project, check=False)
+    assert refused.returncode == 2 and "win-rate vs SFT" in refused.stderr
+    assert _alias(client, "champion") == champion
+
+    run([str(BIN / "rlhf"), "promote", "--run-id", source_run, "--force"], project)
+    assert _alias(client, "champion") == rejected and _alias(client, "previous-champion") == champion
+
+    run([str(BIN / "rlhf"), "eval", "--model-uri", "models:/rlhf-policy@champion", "--out", str(tmp_path / "ev")],
+        project)  # fmt: skip
+    assert "win-rate of PPO over SFT" in (tmp_path / "ev/report.md").read_text()
