@@ -46,7 +46,7 @@ class PPOConfig:
     """params.yaml: ppo. Defaults follow the N implementation details, scaled to the tiny default task."""
 
     seed: int = 0
-    num_steps: int = 40  # PPO batches: rollout, score, update
+    num_steps: int = 20  # PPO batches: rollout, score, update
     batch_size: int = 64  # rollouts per step, over all processes
     num_mini_batches: int = 2
     ppo_epochs: int = 4
@@ -56,7 +56,7 @@ class PPOConfig:
     top_k: int = 0
     top_p: float = 1.0
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     adaptive_kl: bool = False
     kl_target: float = 6.0  # adaptive controller (Ziegler et al. 2019)
     kl_horizon: float = 10000.0
