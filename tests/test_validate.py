@@ -286,7 +286,7 @@ def test_stage_writes_data_quarantine_reports_and_data_docs(tmp_path: Path) -> N
     (quarantined,) = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert quarantined["dataset"] == "preferences" and quarantined["source_row"] == BAD_AT
     assert quarantined["reasons"] == ["no_heldout_leak: prompt also appears in a held-out dataset"]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out.parent / "metrics.json").read_text())  # beside the data dir (DVC metrics cannot overlap outs)
     assert metrics["preferences"] == {"n_rows": 31, "n_valid": 30, "n_quarantined": 1, "passed": True}
     assert result["metrics"] == metrics
 
