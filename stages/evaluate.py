@@ -103,7 +103,7 @@ def evaluate_policy(name: str, model, tokenizer, rm, rm_tok, norm, ref, prompts,
     logprobs, mask = sequence_logprobs(model, tokenizer, prompts, replies, config.temperature)
     ref_logprobs, _ = sequence_logprobs(ref, tokenizer, prompts, replies, config.temperature)
     k1, k3 = pm.kl_k1(logprobs, ref_logprobs) * mask, pm.kl_k3(logprobs, ref_logprobs) * mask
-    gold = [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)] if task_applies(prompts) else None
+    gold = [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)] if task.judge_applies(prompts) else None
     out = {
         "replies": replies, "rm_scores": rm_scores, "gold_scores": gold,
         f"{name}/rm_score": sum(rm_scores) / len(rm_scores),
@@ -116,10 +116,6 @@ def evaluate_policy(name: str, model, tokenizer, rm, rm_tok, norm, ref, prompts,
     if gold is not None:
         out[f"{name}/gold"] = sum(gold) / len(gold)
     return out
-
-
-def task_applies(prompts: list[str]) -> bool:
-    return all(task.is_task_prompt(p) for p in prompts)
 
 
 def run(config: EvaluateConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, ppo_dir: Path, out_dir: Path,

@@ -436,9 +436,7 @@ def monitor_point(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], confi
 
     replies, _ = generate(policy, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
     rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
-    gold = None
-    if all(task.is_task_prompt(p) for p in prompts):
-        gold = sum(task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
+    gold = task.gold_mean(prompts, replies)
     return {"step": step, "rm_score": (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"], "gold": gold}
 
 
@@ -458,8 +456,8 @@ def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir
         rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
         out[f"heldout/rm_score_{name}"] = (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"]
         out[f"heldout/eos_rate_{name}"] = sum(ended) / len(ended)
-        if all(task.is_task_prompt(p) for p in prompts):
-            out[f"heldout/gold_{name}"] = sum(task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
+        if (gold := task.gold_mean(prompts, replies)) is not None:
+            out[f"heldout/gold_{name}"] = gold
     return out
 
 

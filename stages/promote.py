@@ -20,7 +20,7 @@ from typing import Any
 
 import mlflow
 
-from stages.evaluate import EvaluateConfig, task_applies, win_rate
+from stages.evaluate import EvaluateConfig, win_rate
 from stages.io import read_jsonl, write_json
 from stages.params import config_from, load_params
 from stages.tracking import Tracker, mlflow_run
@@ -142,7 +142,7 @@ def champion_win_rate(champion, samples: list[dict], eval_config: EvaluateConfig
     ref = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).eval()
     rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
     res = evaluate_policy("champion", model, tokenizer, rm, rm_tok, norm, ref, prompts, eval_config)
-    if task_applies(prompts):
+    if task.judge_applies(prompts):
         return win_rate([task.gold_score(s["prompt"], s["ppo"]) for s in samples], res["gold_scores"])
     return win_rate([s["ppo_rm"] for s in samples], res["rm_scores"])
 
@@ -197,8 +197,7 @@ def run(config: PromoteConfig, eval_config: EvaluateConfig, eval_dir: Path, ppo_
               "promoted": moved["promoted"], "reasons": decision.reasons, "forced": force,
               "win_rate_vs_sft": metrics["win_rate_vs_sft"], "win_rate_vs_champion": vs_champion,
               "champion_before": int(champion.version) if champion else None,
-              "champion": int(current_version(client, config.registered_model, CHAMPION).version)
-              if current_version(client, config.registered_model, CHAMPION) else None}  # fmt: skip
+              "champion": int(version.version) if moved["promoted"] else (int(champion.version) if champion else None)}  # fmt: skip
     write_json(out_path, result)
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)})
     tracker.set_tags({"rlhf.promoted": str(result["promoted"]), "rlhf.version": str(version.version),

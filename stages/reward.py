@@ -190,7 +190,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     accuracy = sum(correct) / len(correct)
     bins = calibration(gaps, correct, config.calibration_bins)
     rank_agreement = gold_accuracy = None
-    if all(task.is_task_prompt(p) for p in prompts):
+    if task.judge_applies(prompts):
         g_c = [task.gold_score(r["prompt"], r["chosen"]) for r in test_rows]
         g_r = [task.gold_score(r["prompt"], r["rejected"]) for r in test_rows]
         rank_agreement = spearman(r_c + r_r, g_c + g_r)

@@ -55,13 +55,6 @@ class SFTConfig:
     temperature: float = 1.0
 
 
-def gold_mean(prompts: list[str], replies: list[str]) -> float | None:
-    """Mean gold score of replies on the default task; None when the prompts are not the default task's."""
-    if not all(task.is_task_prompt(p) for p in prompts):
-        return None
-    return sum(task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
-
-
 def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
     """Train, evaluate and save the SFT model into `out_dir`; returns the metrics."""
     from datasets import Dataset
@@ -130,8 +123,8 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
             "train_seconds": round(train_seconds, 2),
             "n_parameters": count_parameters(model),
             "eos_rate": sum(ended) / max(1, len(ended)),
-            "gold_before": gold_mean(sample_prompts, before),
-            "gold_after": gold_mean(sample_prompts, after),
+            "gold_before": task.gold_mean(sample_prompts, before),
+            "gold_after": task.gold_mean(sample_prompts, after),
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}
         write_json(tmp / "metrics.json", metrics)

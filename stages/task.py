@@ -130,6 +130,11 @@ def is_task_prompt(prompt: str) -> bool:
     return last_user_turn(prompt) in PROMPTS
 
 
+def judge_applies(prompts: list[str]) -> bool:
+    """Whether every prompt is the default task's, so the gold judge can score the replies."""
+    return all(is_task_prompt(p) for p in prompts)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The gold judge (evaluation only)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,6 +206,13 @@ def gold_score(prompt: str, response: str) -> float:
     if _is_degenerate(words, sentences):
         score -= 1.0
     return round(score, 4)
+
+
+def gold_mean(prompts: list[str], replies: list[str]) -> float | None:
+    """Mean gold score of replies; None when the prompts are not the default task's (user data has no gold judge)."""
+    if not judge_applies(prompts):
+        return None
+    return sum(gold_score(p, r) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
