@@ -14,6 +14,7 @@ QUICK_HELP = """\
 examples:
   rlhf run                                   run the whole pipeline on the embedded default task
   rlhf run --prefect                         the same as a Prefect flow, with one parent MLflow run
+  rlhf run --prefect --runner docker         each stage in its own container (make images builds rlhf-stage:cpu)
   rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
@@ -29,6 +30,10 @@ A gate (validation, reward-model agreement, KL guard) stops it with exit code 2;
 (`dvc repro --single-item`), one parent MLflow run holding every stage's run, and Prefect artifacts (validation
 summary, reward gate, PPO KL curve, evaluation report). Without PREFECT_API_URL, Prefect starts a temporary local
 server, which adds about 15-20 s; with it, the run shows in that server's UI.
+
+--runner docker runs each stage in its own container of the stage image (docker/Dockerfile, `make images`) with the
+project mounted at its own path and the container running as the project's owner; the outputs, dvc.lock and the
+MLflow runs are the same as with the default local runner. --gpus all passes the GPUs to the CUDA image.
 """
 
 
@@ -68,7 +73,22 @@ def venv_env() -> dict[str, str]:
     return env
 
 
+def _runner(args: argparse.Namespace):  # -> flows.containers.Runner, checked: the engine answers, the image exists
+    from flows.containers import Runner
+
+    runner = Runner(args.runner, args.image, args.gpus)
+    runner.check()
+    return runner
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.containers import RunnerError
+
+    try:
+        runner = _runner(args)
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not Path(args.data).exists():
         print(f"no {args.data}/ found: generating the embedded default task (it matches data.dvc)")
         rc = _cmd_make_data(argparse.Namespace(params=args.params, out=args.data))
@@ -76,9 +96,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return rc
     if args.prefect:
         return _run_flow(args)
-    cmd = [sys.executable, "-m", "dvc", "repro", *args.stages]
-    print("$ dvc repro", *args.stages, flush=True)
-    rc = subprocess.call(cmd, env=venv_env())
+    if runner.kind == "local":
+        print("$ dvc repro", *args.stages, flush=True)
+        rc = subprocess.call([sys.executable, "-m", "dvc", "repro", *args.stages], env=venv_env())
+    else:  # one container per stage, in dvc.yaml's order; DVC inside decides what to skip
+        from flows.pipeline import plan
+
+        rc = 0
+        for stage in plan(Path.cwd(), args.stages or None):
+            cmd = runner.command(Path.cwd(), ["dvc", "repro", "--single-item", stage], venv_env())
+            print(f"$ {' '.join(cmd)}", flush=True)
+            if rc := subprocess.call(cmd, env=venv_env()):
+                break
     if rc:
         print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were", file=sys.stderr)
         return EXIT_GATE
@@ -90,7 +119,8 @@ def _run_flow(args: argparse.Namespace) -> int:
     """`rlhf run --prefect`: the Prefect flow in this process (Prefect starts a temporary server if none is set)."""
     from flows.pipeline import STOPPED, rlhf_pipeline
 
-    state = rlhf_pipeline(project_dir=".", stages=args.stages or None, params=args.params, return_state=True)
+    state = rlhf_pipeline(project_dir=".", stages=args.stages or None, params=args.params, runner=args.runner,
+                          image=args.image, gpus=args.gpus, return_state=True)  # fmt: skip
     summary = state.result(raise_on_failure=False) if state.is_completed() else None
     if isinstance(summary, dict):
         print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
@@ -172,10 +202,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               "(see rlhf serve --help)", file=sys.stderr)  # fmt: skip
         return EXIT_GATE
     # The module path (not a file path) lets the served flow run from any project directory.
-    rlhf_pipeline.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(Path.cwd()),
-                                                                    "params": args.params},
+    parameters = {"project_dir": str(Path.cwd()), "params": args.params, "runner": args.runner, "image": args.image,
+                  "gpus": args.gpus}  # fmt: skip
+    rlhf_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters,
                         entrypoint_type=EntrypointType.MODULE_PATH)  # fmt: skip
     return 0
+
+
+def _runner_options(p: argparse.ArgumentParser) -> None:
+    from flows.containers import DEFAULT_IMAGE, RUNNERS
+
+    p.add_argument("--runner", choices=RUNNERS, default="local",
+                   help="local: stages run in this environment (default); docker: each stage in its own container of "
+                        "--image, the project mounted at its own path (build the image with `make images`)")  # fmt: skip
+    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"the stage image for --runner docker (default: {DEFAULT_IMAGE})")
+    p.add_argument("--gpus", metavar="GPUS", help="with --runner docker: `docker run --gpus` (e.g. all) for the CUDA image")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data", help="the raw data folder tracked by data.dvc")
     p.add_argument("--prefect", action="store_true",
                    help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`")  # fmt: skip
+    _runner_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("serve", help="serve the pipeline flow on a cron schedule (needs a Prefect server)",
                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--cron", default="0 3 * * *", help='when to run, a cron string in UTC (default: "0 3 * * *")')
     p.add_argument("--name", default="rlhf-nightly", help="the deployment name (default: rlhf-nightly)")
+    _runner_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("promote", help="promote the policy registered from an MLflow run (e.g. chosen in the UI)")

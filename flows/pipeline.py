@@ -18,7 +18,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,10 +32,12 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
 from flows.cli import EXIT_GATE, venv_env
+from flows.containers import DEFAULT_IMAGE, Runner
 from stages.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
 FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
+LOCAL = Runner()  # stages run in this environment unless the flow is asked for containers
 STOPPED, BUSY = "Stopped", "DvcBusy"  # names of the Failed states a stage task returns for a gate / a held DVC lock
 MAX_ARTIFACT_CHARS = 20_000
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame; a stage's output arrives one \r-frame per line
@@ -132,15 +133,22 @@ def _retry_only_when_busy(_task: Any, _task_run: TaskRun, state: State) -> bool:
 
 @task(retries=3, retry_delay_seconds=15, retry_condition_fn=_retry_only_when_busy, cache_policy=NO_CACHE,
       task_run_name="{stage}")  # fmt: skip
-def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str) -> StageResult | State:
-    """Run one dvc.yaml stage with `dvc repro --single-item`; DVC skips it when nothing it depends on changed."""
+def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str,
+              runner: Runner = LOCAL) -> StageResult | State:  # fmt: skip
+    """Run one dvc.yaml stage with `dvc repro --single-item`, here or in the stage image; DVC skips it when nothing it
+    depends on changed."""
     logger = get_run_logger()
     env = {**venv_env(), "RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri,
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if experiment := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        env["MLFLOW_EXPERIMENT_NAME"] = experiment
+    cmd = runner.command(Path(project_dir), ["dvc", "repro", "--single-item", stage], env)
+    if runner.kind != "local":
+        logger.info("in %s: %s", runner.image, " ".join(cmd))
     start = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=project_dir, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:  # fmt: skip
+    with subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:  # fmt: skip
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -331,21 +339,28 @@ def promotion(project: Path) -> dict[str, Any] | None:
 
 
 @flow(name=FLOW_NAME)
-def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None,
-                  params: str = "params.yaml") -> dict[str, Any] | State:  # fmt: skip
-    """Run dvc.yaml's stages in order, each as a task; stop with a Failed state naming the stage when a gate fails."""
+def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, params: str = "params.yaml",
+                  runner: str = "local", image: str = DEFAULT_IMAGE, gpus: str | None = None) -> dict[str, Any] | State:
+    """Run dvc.yaml's stages in order, each as a task; stop with a Failed state naming the stage when a gate fails.
+
+    `runner="docker"` runs each stage in its own container of `image` (`make images`), with `gpus` passed to
+    `docker run --gpus` (e.g. "all" for the CUDA image); the default runs them in this environment."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     names = plan(project, stages)
+    where = Runner(runner, image, gpus)
+    where.check()
     ensure_data(str(project), params)
 
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
     tags = lineage_tags(project, names) | {"prefect.flow_run_id": str(flow_run.id),
-                                           "prefect.flow_run_name": str(flow_run.name)}  # fmt: skip
+                                           "prefect.flow_run_name": str(flow_run.name), "rlhf.runner": runner}  # fmt: skip
+    if runner == "docker":
+        tags["rlhf.image"] = image
     parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags)
     logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, tracking_uri, experiment)
 
@@ -355,7 +370,7 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None,
     status = "FAILED"
     try:
         for stage in names:
-            state = run_stage(stage, str(project), parent_run_id, tracking_uri, return_state=True)
+            state = run_stage(stage, str(project), parent_run_id, tracking_uri, where, return_state=True)
             stopped = state.is_failed() and state.name == STOPPED
             publish = PUBLISHERS.get(stage)  # a gate's report says why it stopped: publish it then too
             if publish and (not state.is_failed() or stopped) and (key := publish(project)):
