@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run data test lint lock clean
+.PHONY: setup run data test lint lock clean images
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ run: setup  ## run the whole pipeline on the embedded default task
 test: setup  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
 	$(BIN)/ruff check stages flows tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The stage image (docker/Dockerfile): VARIANT=cpu|cuda, BASE_IMAGE (default python:3.11-slim), IMAGE (default
+# rlhf-stage:$(VARIANT)), EXTRA_CA=/path/ca.pem (trust a TLS-intercepting proxy), TORCH_WHEELS=/dir (a local torch wheel).
+images:  ## build the stage image; `rlhf run --runner docker` then runs each stage in it
+	VARIANT='$(VARIANT)' BASE_IMAGE='$(BASE_IMAGE)' IMAGE='$(IMAGE)' EXTRA_CA='$(EXTRA_CA)' TORCH_WHEELS='$(TORCH_WHEELS)' \
+	  docker/build.sh
 
 lint: setup
 	$(BIN)/ruff check stages flows tests

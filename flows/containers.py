@@ -73,4 +73,4 @@ def docker_run(project: Path, image: str, args: list[str], env: dict[str, str], 
     for key in PASSED_ENV:
         if key in env:
             cmd += ["-e", f"{key}={env[key]}"]
-    return [*cmd, image, *args]
+    return [*cmd, "-e", f"RLHF_IMAGE={image}", image, *args]  # the stage's MLflow run is tagged rlhf.image

@@ -21,7 +21,7 @@ from stages import ppo_math as pm
 from stages import task
 from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.modeling import context_limit, generate
-from stages.params import config_from, load_params
+from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run
 
@@ -268,4 +268,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -10,12 +12,25 @@ import yaml
 
 PARAMS_FILE = Path("params.yaml")
 C = TypeVar("C")
+EXIT_BAD_PARAMS = 2  # like a gate: the input (params.yaml) is wrong, nothing ran
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or has a key or value the stage does not know."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params.yaml as a dict."""
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise ParamsError(f"no params file {path}") from e
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, not {type(params).__name__}")
+    return params
 
 
 def config_from(cls: type[C], section: dict[str, Any] | None, **overrides: Any) -> C:
@@ -24,10 +39,19 @@ def config_from(cls: type[C], section: dict[str, Any] | None, **overrides: Any) 
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise ParamsError(f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return cls(**values)
 
 
 def load_config(cls: type[C], stage: str, path: str | Path = PARAMS_FILE, **overrides: Any) -> C:
     """The config of one stage, read from its section of params.yaml."""
     return config_from(cls, load_params(path).get(stage), **overrides)
+
+
+def stage_main(main: Callable[[], int]) -> int:
+    """Run a stage's main(); bad params end it with one line naming the problem (exit 2), not a traceback."""
+    try:
+        return main()
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_PARAMS

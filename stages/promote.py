@@ -22,7 +22,7 @@ import mlflow
 
 from stages.evaluate import EvaluateConfig, win_rate
 from stages.io import read_jsonl, write_json
-from stages.params import config_from, load_params
+from stages.params import config_from, load_params, stage_main
 from stages.tracking import Tracker, mlflow_run
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
@@ -251,4 +251,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.io import write_json, write_jsonl
-from stages.params import load_config
+from stages.params import load_config, stage_main
 from stages.schema import last_user_turn
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,4 +421,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,8 +88,11 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
+    where = {"rlhf.host": socket.gethostname()}
+    if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/containers.py)
+        where["rlhf.image"] = image
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
-                          tags={"rlhf.stage": stage, **(tags or {})}) as run:  # fmt: skip
+                          tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
         yield MlflowTracker(run.info.run_id)
 
 

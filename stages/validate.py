@@ -33,7 +33,7 @@ import pandas as pd
 from stages import schema
 from stages.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
 from stages.io import staged_dir, write_json, write_jsonl
-from stages.params import PARAMS_FILE, config_from, load_params
+from stages.params import PARAMS_FILE, config_from, load_params, stage_main
 from stages.tracking import mlflow_run
 
 OUT_DIR = Path("artifacts/validate/data")  # where stages/sft.py and stages/reward.py read the datasets
@@ -471,4 +471,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(stage_main(main))

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
 
@@ -41,3 +44,26 @@ def test_validate_messages_and_a_failing_file(tmp_path):
     proc = _rlhf("validate", str(bad), "--kind", "preferences", "--policy", "fail")
     assert proc.returncode == 2 and "chosen_differs" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+STAGE_SECTIONS = {"task": "task", "validate": "validate", "sft": "sft", "reward": "reward", "ppo": "ppo",
+                  "evaluate": "evaluate", "promote": "promote"}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
+def test_a_stage_with_a_bad_param_says_which_without_a_traceback(stage, tmp_path, root):
+    """`python -m stages.<stage>` (what dvc.yaml and the container run) on a params.yaml with a typo: one clear line."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[STAGE_SECTIONS[stage]]["lerning_rate"] = 0.1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", str(tmp_path / "params.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown parameter(s) lerning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran
+
+
+def test_a_stage_without_params_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.sft", "--params", str(tmp_path / "nope.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "no params file" in proc.stderr and "Traceback" not in proc.stderr

@@ -127,12 +127,17 @@ def test_plan_has_no_hard_coded_stages(tmp_path):
 def test_prefect_yaml_deploys_the_flow():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"rlhf-process", "rlhf-docker"}
+    assert set(deployments) == {"rlhf-process", "rlhf-docker", "rlhf-docker-gpu"}
     assert {d["entrypoint"] for d in deployments.values()} == {"flows/pipeline.py:rlhf_pipeline"}
     path, name = deployments["rlhf-process"]["entrypoint"].split(":")
     assert (ROOT / path).exists() and getattr(__import__("flows.pipeline", fromlist=[name]), name) is rlhf_pipeline
     assert deployments["rlhf-process"]["schedules"][0]["cron"] == "0 3 * * *"
-    assert deployments["rlhf-docker"]["work_pool"]["job_variables"]["image"] == "rlhf-stage:cpu"
+    cpu, gpu = (deployments[n]["work_pool"]["job_variables"] for n in ("rlhf-docker", "rlhf-docker-gpu"))
+    assert cpu["image"] == "rlhf-stage:cpu" and gpu["image"] == "rlhf-stage:cuda"  # `make images [VARIANT=cuda]`
+    assert cpu["volumes"] == gpu["volumes"] == ["{{ $PWD }}:/workspace"]
+    assert deployments["rlhf-docker"]["parameters"]["project_dir"] == "/workspace"
+    assert gpu["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert "device_requests" not in cpu.get("container_create_kwargs", {})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
