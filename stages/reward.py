@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stages import task
-from stages.io import read_jsonl, write_json, write_jsonl
+from stages.io import read_jsonl, write_json
 from stages.modeling import (
     LoraSettings,
     context_limit,
@@ -213,7 +213,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
     write_json(out_dir / "norm.json", norm)
-    write_jsonl(out_dir / "calibration.jsonl", bins)
+    write_json(out_dir / "calibration.json", bins)  # DVC plots read JSON, not JSON lines
     bar_plot([f"{b['gap_low']:.2f}-{b['gap_high']:.2f}" for b in bins], [b["accuracy"] for b in bins],
              "RM calibration: held-out accuracy by |reward gap|", "accuracy", out_dir / "calibration.png",
              reference=ceiling, counts=[b["n"] for b in bins])  # fmt: skip

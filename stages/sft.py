@@ -115,7 +115,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         line_plot({"train": tuple(zip(*losses, strict=False)), "held-out": tuple(zip(*evals, strict=False))}, "SFT loss (response tokens)",
                   "step", "loss", tmp / "loss.png")  # fmt: skip
-        write_jsonl(tmp / "loss.jsonl", [{"step": s, "train_loss": v} for s, v in losses])
+        write_json(tmp / "loss.json", [{"step": s, "train_loss": v} for s, v in losses])  # DVC plots read JSON, not JSON lines
         metrics = {
             "eval_loss": round(eval_loss, 5),
             "perplexity": round(math.exp(eval_loss), 4),
