@@ -11,7 +11,9 @@ response is exactly `response_length` tokens long.
 
 Our side runs the real stage (`stages.ppo.run`) unchanged, with a stand-in tracker that timestamps each step's
 metrics; TRL's side times `on_step_end`. Per-batch time is the wall time between consecutive steps (everything the
-loop does), so both sides are measured the same way. FLOPs are counted analytically (see `flops`).
+loop does), so both sides are measured the same way; the process CPU time per batch and the load average before and
+after each worker are recorded beside it (on a shared machine a 2-thread run slows down far more than its CPU time
+grows: every parallel region waits for the thread that was descheduled). FLOPs are counted analytically (see `flops`).
 """
 
 from __future__ import annotations
@@ -116,13 +118,18 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
 # ---------------------------------------------------------------------------------------------------------- workers
 
 
+def loadavg() -> list[float]:
+    """1, 5 and 15-minute load averages (Linux), recorded with every measurement."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
 class TimingTracker:
     """A `stages.tracking.Tracker` stand-in: timestamps each PPO step's metrics; optionally profiles one step."""
 
     run_id = "benchmark"
 
     def __init__(self, profile_dir: Path | None = None) -> None:
-        self.steps: list[tuple[float, dict[str, float]]] = []
+        self.steps: list[tuple[float, float, dict[str, float]]] = []
         self.profile_dir = profile_dir
         self.cprofile: Any = None
         self.torch_prof: Any = None
@@ -130,7 +137,7 @@ class TimingTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if "time/step" not in metrics:
             return
-        self.steps.append((time.perf_counter(), dict(metrics)))
+        self.steps.append((time.perf_counter(), time.process_time(), dict(metrics)))
         if self.profile_dir is not None:
             self._profile_hook(len(self.steps))
 
@@ -173,12 +180,12 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
                        kl_guard={"max_kl": 1e9, "max_approxkl": 1e9, "patience": 10**6})  # fmt: skip
     tracker = TimingTracker(profile_dir)
     run(config, root / "data", root / "sft", root / "reward" / "model", root / "out_ours", tracker)
-    stamps = [t for t, _ in tracker.steps]
-    per_batch = [b - a for a, b in pairwise(stamps)]
-    measured = [m for _, m in tracker.steps[1:]]
+    per_batch = [b - a for (a, _, _), (b, _, _) in pairwise(tracker.steps)]
+    cpu = [b - a for (_, a, _), (_, b, _) in pairwise(tracker.steps)]
+    measured = [m for _, _, m in tracker.steps[1:]]
     split = {k: [m[f"time/{k}"] for m in measured] for k in ("generation", "scoring", "update", "step")}
     tokens = [m["tokens/response_len_mean"] * shape.batch_size for m in measured]
-    return {"per_batch": per_batch, "split": split, "response_tokens": tokens}
+    return {"per_batch": per_batch, "cpu_per_batch": cpu, "split": split, "response_tokens": tokens}
 
 
 def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
@@ -195,10 +202,10 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
-            self.stamps: list[float] = []
+            self.stamps: list[tuple[float, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-            self.stamps.append(time.perf_counter())
+            self.stamps.append((time.perf_counter(), time.process_time()))
 
     tokenizer = AutoTokenizer.from_pretrained(root / "sft", padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(root / "sft")
@@ -222,9 +229,10 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
                          callbacks=[timer])  # fmt: skip
     torch.set_num_threads(2)  # again: nothing in the trainer's setup may have changed it
     trainer.train()
-    per_batch = [b - a for a, b in pairwise(timer.stamps)]
+    per_batch = [b - a for (a, _), (b, _) in pairwise(timer.stamps)]
     return {
         "per_batch": per_batch,
+        "cpu_per_batch": [b - a for (_, a), (_, b) in pairwise(timer.stamps)],
         "response_tokens": [shape.batch_size * shape.response_length] * len(per_batch),
     }
 
@@ -234,6 +242,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(2)
     shape = SHAPES[args.shape]
+    load_before = loadavg()
     peak = matmul_peak()
     t0 = time.perf_counter()
     if args.impl == "ours":
@@ -241,7 +250,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         out = run_trl(shape, Path(args.root), args.batches)
     out |= {"peak_gflops": peak, "peak_gflops_after": matmul_peak(), "wall_s": time.perf_counter() - t0,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_before": load_before,
+            "loadavg_after": loadavg()}  # fmt: skip
     if args.impl == "trl":
         import transformers
         import trl
@@ -253,7 +263,7 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------ FLOPs
 
 
-def flops(shape: Shape, impl: str) -> dict[str, float]:
+def flops(shape: Shape) -> dict[str, float]:
     """Analytic FLOPs of one PPO batch (PaLM appendix B convention; embedding lookups and norms are free).
 
     N = 12 L d^2 matmul weights of the GPT-2 blocks; the LM head adds d V (the tied embedding used as a matrix).
@@ -278,9 +288,8 @@ def flops(shape: Shape, impl: str) -> dict[str, float]:
         2 * (N + head) + 4 * L * d * c for c in range(P + 1, P + T)
     )  # tokens 2..T each need one step
     gen = B * (prefill + decode)
-    # ours: policy (+ critic) forward for old logprobs and values, then reference and reward; TRL takes the old
-    # logprobs from the generation's scores and skips the policy forward.
-    score = fwd(False) * 2 + fwd(True) * (2 if impl == "ours" else 1)
+    # critic, reference and reward forwards; both sides take the old log-probs from the generation's logits.
+    score = fwd(False) * 2 + fwd(True)
     update = shape.ppo_epochs * 3 * (fwd(True) + fwd(False))  # every sample once per epoch, policy + critic
     return {"generation": gen, "scoring": score, "update": update, "total": gen + score + update}
 
@@ -305,8 +314,9 @@ def run_worker(
         print(f"  {impl:4s} {shape}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
         return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-4000:]}
     out = json.loads(lines[-1].removeprefix("RESULT "))
-    print(f"  {impl:4s} {shape}: {statistics.median(out['per_batch']):.2f} s/batch (process {time.perf_counter() - t:.0f} s)",
-          flush=True)  # fmt: skip
+    print(f"  {impl:4s} {shape}: {statistics.median(out['per_batch']):.2f} s/batch, "
+          f"{statistics.median(out['cpu_per_batch']):.2f} CPU s/batch (process {time.perf_counter() - t:.0f} s; "
+          f"load {out['loadavg_before'][0]:.2f} -> {out['loadavg_after'][0]:.2f})", flush=True)  # fmt: skip
     return out
 
 
@@ -323,13 +333,16 @@ def summarise(shape: Shape, impl: str, runs: list[dict]) -> dict[str, Any]:
     s = statistics.median(per_batch)
     tokens = statistics.median([x for r in ok for x in r["response_tokens"]])
     peak = statistics.median([p for r in ok for p in (r["peak_gflops"], r["peak_gflops_after"])])
-    f = flops(shape, impl)
+    f = flops(shape)
     row: dict[str, Any] = {"shape": shape.name, "impl": impl, "s_per_batch": s, "tokens_per_s": tokens / s,
                            "response_tokens_per_batch": tokens, "gflop_per_batch": f["total"] / 1e9,
                            "gflops_achieved": f["total"] / s / 1e9, "peak_gflops": peak,
                            "pct_of_peak": 100 * f["total"] / s / 1e9 / peak, "n_runs": len(ok),
                            "n_batches": len(per_batch), "per_batch_s": per_batch,
-                           "peaks_gflops": [(r["peak_gflops"], r["peak_gflops_after"]) for r in ok]}  # fmt: skip
+                           "cpu_s_per_batch": statistics.median([x for r in ok for x in r["cpu_per_batch"]]),
+                           "cpu_per_batch_s": [x for r in ok for x in r["cpu_per_batch"]],
+                           "peaks_gflops": [(r["peak_gflops"], r["peak_gflops_after"]) for r in ok],
+                           "loadavg_before_after": [(r["loadavg_before"], r["loadavg_after"]) for r in ok]}  # fmt: skip
     if impl == "ours":
         for k in ("generation", "scoring", "update"):
             t = statistics.median([x for r in ok for x in r["split"][k]])
@@ -349,10 +362,9 @@ def driver(args: argparse.Namespace) -> None:
     trl_python = str(Path(args.trl_python).absolute()) if args.trl_python else None
     rows, profile_files = [], {}
     work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
-    print(
-        f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; work dir {work}",
-        flush=True,
-    )
+    load_start = loadavg()
+    print(f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; load {load_start}; work dir {work}",
+          flush=True)  # fmt: skip
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         root = work / name
@@ -378,7 +390,8 @@ def driver(args: argparse.Namespace) -> None:
     result = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": f"{os.cpu_count()} cpus (shared)",
               "threads": 2, "dtype": "float32", "shapes": {k: asdict(v) for k, v in SHAPES.items()},
               "rows": rows,
-              "ratio_ours_over_trl_tokens_per_s": ratios, "profile": profile_files}  # fmt: skip
+              "ratio_ours_over_trl_tokens_per_s": ratios, "profile": profile_files,
+              "loadavg_start_end": [load_start, loadavg()]}  # fmt: skip
     if args.merge and Path(args.out).exists():  # keep rows of shapes not run this time
         old = json.loads(Path(args.out).read_text())
         done = set(args.shapes.split(","))
@@ -396,7 +409,8 @@ def driver(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict], ratios: dict[str, float]) -> None:
-    head = f"{'shape':5} {'impl':4} {'s/batch':>8} {'tok/s':>7} {'ours/TRL':>8} {'gen/score/update s (ours)':>26} {'%peak':>6}"
+    head = (f"{'shape':5} {'impl':4} {'s/batch':>8} {'CPU s':>6} {'tok/s':>7} {'ours/TRL':>8} "
+            f"{'gen/score/update s (ours)':>26} {'%peak':>6}")  # fmt: skip
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
@@ -406,8 +420,8 @@ def print_table(rows: list[dict], ratios: dict[str, float]) -> None:
             f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else ""
         )
         ratio = f"{ratios[r['shape']]:.2f}x" if r["impl"] == "ours" and r["shape"] in ratios else ""
-        print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {r['tokens_per_s']:7.0f} {ratio:>8} {split:>26} "
-              f"{r['pct_of_peak']:5.1f}%")  # fmt: skip
+        print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {r['cpu_s_per_batch']:6.2f} {r['tokens_per_s']:7.0f} "
+              f"{ratio:>8} {split:>26} {r['pct_of_peak']:5.1f}%")  # fmt: skip
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from stages import ppo_math as pm
 from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import LoraSettings, generate, peft_config
+from stages.modeling import LoraSettings, fuse_gelu, generate, peft_config
 from stages.params import config_from, load_params
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run
@@ -105,9 +105,13 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, self.values(input_ids, attention_mask, position_ids)
+
+    def values(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
+        """The critic alone: V(s_t) per token. (B, L) -> (B, L)."""
         hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids).last_hidden_state  # fmt: skip
-        return logits, self.critic_head(hidden).squeeze(-1)
+        return self.critic_head(hidden).squeeze(-1)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -204,8 +208,11 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     for m in (policy, value_model, rm, ref_policy):
         if m is not None:
             disable_dropout(m)
+            fuse_gelu(m)
     model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5)
+    # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5,
+                                  fused=True)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / config.num_steps)  # linear anneal
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
@@ -285,8 +292,10 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
             out = unwrapped.policy.generate(
                 input_ids=queries, attention_mask=qmask, max_new_tokens=config.response_length, do_sample=True,
                 temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,  # top_k 0: no top-k (None would mean 50)
-                pad_token_id=pad_id, eos_token_id=eos_id)  # fmt: skip
-        responses = out[:, queries.shape[1] :]
+                pad_token_id=pad_id, eos_token_id=eos_id, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+        responses = out.sequences[:, queries.shape[1] :]
+        # the raw logits each token was sampled from (before temperature/top-k/top-p), as TRL reuses them (B, T, V)
+        gen_logits = torch.stack(out.logits, 1)
         mask, has_eos = first_eos_mask(responses, eos_id)
         responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_id))
         seq = torch.cat([queries, responses], 1)
@@ -295,11 +304,12 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
         Lq = queries.shape[1]
         t1 = time.perf_counter()
 
-        # 2. score: policy and reference log-probs, values, and the RM's score of the whole sequence
+        # 2. score: policy and reference log-probs, values, and the RM's score of the whole sequence. The policy's
+        #    log-probs come from the generation's logits (same tokens, positions and temperature as a forward over
+        #    `seq`; equal up to float rounding, ~1e-6), as in TRL: no second policy forward.
         with torch.no_grad():
-            logits, values = model(seq, attn, pos)
-            logprobs = pm.logprobs_from_logits(logits[:, Lq - 1 : -1], responses, config.temperature) * mask
-            values = values[:, Lq - 1 : -1] * mask
+            logprobs = pm.logprobs_from_logits(gen_logits, responses, config.temperature) * mask
+            values = unwrapped.values(seq, attn, pos)[:, Lq - 1 : -1] * mask
             if ref_policy is None:
                 with unwrapped.policy.disable_adapter():
                     ref_logits = unwrapped.policy(input_ids=seq, attention_mask=attn, position_ids=pos).logits
@@ -338,7 +348,8 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
                 pg = pm.clipped_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb], config.cliprange)
                 vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], values[mb], returns[mb], mask[mb],
                                                          config.cliprange_value)  # fmt: skip
-                entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), mask[mb])
+                with torch.set_grad_enabled(config.ent_coef != 0):  # a diagnostic only when it has no weight (as TRL)
+                    entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), mask[mb])
                 loss = pg.loss + config.vf_coef * vf_loss - config.ent_coef * entropy
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"the PPO loss became {loss.item()} at step {step}")

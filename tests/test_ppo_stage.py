@@ -100,8 +100,9 @@ def test_resume_after_sigkill_is_exact(project, tmp_path):
 
 
 def test_kl_guard_stops_and_rolls_back(project, tmp_path):
-    # SFT = reference at step 1 (KL exactly 0, within budget); a large learning rate makes step 2's KL positive.
-    guard = {"max_kl": 1e-6, "patience": 1}
+    # SFT = reference at step 1 (KL ~0, within budget: the log-probs come from the generation's KV-cache logits and
+    # the reference's from a full forward, equal up to float rounding); a large learning rate makes step 2's KL large.
+    guard = {"max_kl": 1e-3, "patience": 1}
     config = _params(project, tmp_path, num_steps=6, learning_rate=1e-3, kl_guard=guard)
     proc = run([sys.executable, *_ppo_args(config, tmp_path / "out")], project, check=False)
     assert proc.returncode == ppo.EXIT_GATE, proc.stderr[-3000:]
@@ -159,9 +160,10 @@ def test_lora_policy_uses_its_frozen_base_as_reference(project, tmp_path):
     run([sys.executable, *_ppo_args(config, tmp_path / "out")], project)
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert metrics["outcome"] == "completed"
-    # step 1 starts at the reference (LoRA's B is zero-initialised): KL exactly 0 from the adapter-disabled base
+    # step 1 starts at the reference (LoRA's B is zero-initialised): KL 0 from the adapter-disabled base, up to the
+    # float rounding between the generation's KV-cache logits (the policy's log-probs) and a full forward (~1e-6)
     first = _kl_rows(tmp_path / "out")[0]
-    assert float(first["objective/kl"]) == 0.0
+    assert abs(float(first["objective/kl"])) < 1e-4
     saved = load_file(tmp_path / "out/model/model.safetensors")
     assert not any("lora" in k for k in saved)  # merged into a plain model that loads like the SFT one
     sft = load_file(project / "artifacts/sft/model/model.safetensors")
