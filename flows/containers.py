@@ -45,19 +45,25 @@ class Runner:
             return
         if not shutil.which("docker"):
             raise RunnerError("--runner docker needs the docker CLI and a running engine (see README, Containers)")
+        engine = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        if engine.returncode:
+            raise RunnerError(f"no Docker engine answers ({_last_line(engine.stderr)}); start one (e.g. dockerd)")
         probe = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", self.image], capture_output=True,
                                text=True, timeout=60)  # fmt: skip
         if probe.returncode:
-            detail = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "no answer"
-            if "daemon" in detail or "connect" in detail:
-                raise RunnerError(f"no Docker engine answers ({detail}); start one (e.g. dockerd) and retry")
-            raise RunnerError(f"no image {self.image!r} in the local engine: build it with `make images` ({detail})")
+            raise RunnerError(f"no image {self.image!r} in the local engine: build it with `make images` "
+                              f"({_last_line(probe.stderr)})")  # fmt: skip
 
     def command(self, project: Path, args: list[str], env: dict[str, str]) -> list[str]:
         """The command that runs `args` (a dvc or stage command line) in the project, in this runner."""
         if self.kind == "local":
             return [sys.executable, "-m", *args] if args[0] == "dvc" else args
         return docker_run(project, self.image, args, env, self.gpus)
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else "no answer"
 
 
 def docker_run(project: Path, image: str, args: list[str], env: dict[str, str], gpus: str | None = None) -> list[str]:

@@ -252,6 +252,13 @@ def _tag_parent(tracking_uri: str, run_id: str, tags: dict[str, str], status: st
         client.set_terminated(run_id, status)
 
 
+def _log_seconds(tracking_uri: str, run_id: str, result: StageResult) -> None:
+    """The stage's wall time in the flow (`dvc repro --single-item`, start-up included) as `seconds.<stage>`."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, f"seconds.{result.stage}", result.seconds)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prefect artifacts: what a reader of the flow run wants to see without opening files
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,6 +391,7 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, param
             summary[result.status].append(stage)
             if digest := stage_hash(project, stage):
                 _tag_parent(tracking_uri, parent_run_id, {f"dvc.stage.{stage}": digest})
+            _log_seconds(tracking_uri, parent_run_id, result)
         summary["promotion"] = promotion(project) if "promote" in names else None
         _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed",
                                                   "rlhf.ran": ",".join(summary["ran"]) or "-"})  # fmt: skip

@@ -33,7 +33,7 @@ from torch import nn
 from stages import ppo_math as pm
 from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.modeling import LoraSettings, fuse_gelu, generate, peft_config
-from stages.params import config_from, load_params
+from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run
 
@@ -527,4 +527,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

@@ -31,7 +31,7 @@ from stages.modeling import (
     peft_config,
     seed_everything,
 )
-from stages.params import config_from, load_params
+from stages.params import config_from, load_params, stage_main
 from stages.plots import bar_plot, line_plot
 from stages.tracking import Tracker, mlflow_run, trainer_callback
 
@@ -257,4 +257,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

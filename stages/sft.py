@@ -28,7 +28,7 @@ from stages.modeling import (
     peft_config,
     seed_everything,
 )
-from stages.params import config_from, load_params
+from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run, trainer_callback
 
@@ -153,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(main))

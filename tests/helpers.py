@@ -40,7 +40,9 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, data: bool
     shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), deep_merge(TINY, overrides or {}))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".gitignore").write_text("/data\n/artifacts\n/reports\nmlflow.db\n/mlartifacts\n")
+    # as in the repository's .gitignore: what the stages write beside the DVC-tracked outputs stays out of git commits
+    (dest / ".gitignore").write_text("/data\n/artifacts\n/reports\nmlflow.db\n/mlartifacts\n/mlruns/\n/checkpoints/\n"
+                                     "*.promote.lock\n")
     run(["git", "init", "-q"], dest)
     if data:
         run([str(BIN / "rlhf"), "make-data"], dest)

@@ -144,11 +144,7 @@ def repro(project: Path, *args: str) -> Repro:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    dest = make_project(tmp_path_factory.mktemp("dvc_proj"), OVERRIDES)
-    # as in the repository's .gitignore: what the stages write beside the DVC-tracked outputs stays out of git commits
-    with (dest / ".gitignore").open("a") as f:
-        f.write("/checkpoints/\n/mlruns/\n*.promote.lock\n")
-    return dest
+    return make_project(tmp_path_factory.mktemp("dvc_proj"), OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +347,7 @@ def test_plots_show_renders_every_top_level_plot_with_the_data(fresh, project):
     titles = {next(iter(d)) for d in definitions}
     assert {"PPO KL to the reference (nats per response)", "PPO reward",
             "RM calibration (held-out accuracy by reward gap)"} <= titles  # fmt: skip
+    assert set(rendered["data"]) == titles  # only the configured plots, no unconfigured default plot of a data file
     for definition in definitions:
         (title, conf), = definition.items()
         assert title in rendered["data"], title

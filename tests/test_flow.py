@@ -158,6 +158,8 @@ def test_flow_runs_every_stage_under_one_parent_run(first, project):
     assert tags["rlhf.data_md5"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
     assert tags["rlhf.outcome"] == "completed"
     assert all(re.fullmatch(r"[0-9a-f]{32}", tags[f"dvc.stage.{s}"]) for s in stages)
+    # each stage's wall time in the flow, for comparing runs in the MLflow UI (and benchmarks/pipeline.py)
+    assert all(parent.data.metrics[f"seconds.{s}"] == summary["stages"][s]["seconds"] > 0 for s in stages)
 
     children = _runs(project, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["rlhf.stage"] for r in children) == sorted(stages)
