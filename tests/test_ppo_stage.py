@@ -168,3 +168,38 @@ def test_lora_policy_uses_its_frozen_base_as_reference(project, tmp_path):
     assert not any("lora" in k for k in saved)  # merged into a plain model that loads like the SFT one
     sft = load_file(project / "artifacts/sft/model/model.safetensors")
     assert saved.keys() <= sft.keys() and any(not torch.equal(saved[k], sft[k]) for k in saved)
+
+
+def test_speedups_keep_the_math():
+    """The fused GELU is gelu_new's function, and the generation's logits are a full forward's (left padding too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from stages import ppo_math as pm
+    from stages.modeling import fuse_gelu
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=63, eos_token_id=63, pad_token_id=62)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    queries = torch.randint(0, 62, (4, 10))
+    with torch.no_grad():
+        before = model(queries).logits
+        fuse_gelu(model)
+        after = model(queries).logits
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert any(isinstance(m, GELUTanh) for m in model.modules())
+    assert torch.allclose(before, after, atol=1e-5)
+
+    qmask = torch.ones_like(queries)
+    qmask[0, :4], qmask[2, :7] = 0, 0  # left padding
+    queries = queries.masked_fill(qmask == 0, 62)
+    with torch.no_grad():
+        out = model.generate(input_ids=queries, attention_mask=qmask, max_new_tokens=8, do_sample=True, temperature=0.7,
+                             top_k=5, pad_token_id=62, eos_token_id=63, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+        responses = out.sequences[:, 10:]
+        seq, attn = out.sequences, torch.cat([qmask, torch.ones_like(responses)], 1)
+        forward = model(input_ids=seq, attention_mask=attn, position_ids=ppo.position_ids(attn)).logits[:, 9:-1]
+    # raw logits (before temperature and top-k), so the log-probs are of the full softmax, as the update computes them
+    from_generation = pm.logprobs_from_logits(torch.stack(out.logits, 1), responses, 0.7)
+    assert torch.allclose(from_generation, pm.logprobs_from_logits(forward, responses, 0.7), atol=1e-5)
