@@ -420,7 +420,8 @@ def print_table(rows: list[dict], ratios: dict[str, float]) -> None:
             f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else ""
         )
         ratio = f"{ratios[r['shape']]:.2f}x" if r["impl"] == "ours" and r["shape"] in ratios else ""
-        print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {r['cpu_s_per_batch']:6.2f} {r['tokens_per_s']:7.0f} "
+        cpu = f"{r['cpu_s_per_batch']:6.2f}" if "cpu_s_per_batch" in r else f"{'-':>6}"  # rows merged from older runs
+        print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {cpu} {r['tokens_per_s']:7.0f} "
               f"{ratio:>8} {split:>26} {r['pct_of_peak']:5.1f}%")  # fmt: skip
 
 
