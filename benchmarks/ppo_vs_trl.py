@@ -142,7 +142,7 @@ class TimingTracker:
             self._profile_hook(len(self.steps))
 
     def _profile_hook(self, done: int) -> None:
-        """cProfile around batch 2 (after warm-up), torch.profiler around batch 3."""
+        """cProfile around batch 2 (after warm-up), torch.profiler (with input shapes) around batch 3."""
         import cProfile
         import pstats
 
@@ -155,12 +155,15 @@ class TimingTracker:
             self.cprofile.disable()
             with open(self.profile_dir / "cprofile.txt", "w") as f:
                 pstats.Stats(self.cprofile, stream=f).sort_stats("cumulative").print_stats(40)
-            self.torch_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.torch_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
             self.torch_prof.start()
         elif done == 3:
             self.torch_prof.stop()
             table = self.torch_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
             (self.profile_dir / "torch_ops.txt").write_text(table)
+            by_shape = self.torch_prof.key_averages(group_by_input_shape=True)  # GFLOP/s per matmul shape
+            (self.profile_dir / "torch_ops_by_shape.txt").write_text(
+                by_shape.table(sort_by="self_cpu_time_total", row_limit=40, max_shapes_column_width=80))
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> None: ...
