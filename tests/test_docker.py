@@ -15,14 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import mlflow
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.containers import Runner
 from tests.helpers import BIN, ROOT, env, make_project, run
-from tests.test_flow import PASSING, _overrides
+from tests.test_flow import PASSING, _overrides, flow_run_id_of, prefect_deploy, prefect_server
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -227,3 +230,43 @@ def test_whole_flow_with_the_docker_runner(image, tmp_path):
 
     again = run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", image], project, timeout=600)
     assert again.stdout.count("didn't change, skipping") == len(stages)  # DVC in the container skips them all
+
+
+def test_docker_work_pool_deployment_runs_the_flow_in_the_image(image, tmp_path):
+    """prefect.yaml's rlhf-docker deployment on a real server, served by a real Docker worker: the flow run itself
+    runs in the stage image, with the checkout mounted at /workspace."""
+    checkout = make_project(tmp_path / "checkout", _overrides(PASSING))
+    shutil.copytree(ROOT / "flows", checkout / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [deployment] = [d for d in spec["deployments"] if d["name"] == "rlhf-docker"]
+    # this test's image, and the host's network so the container reaches the server on loopback
+    deployment["work_pool"]["job_variables"].update(image=image, network_mode="host")
+    (checkout / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    subprocess.run(["chown", "-R", f"{UID}:{UID}", str(checkout)], check=True)  # the image's user owns the checkout
+
+    with prefect_server(tmp_path) as server:
+        prefect_deploy(server, checkout, "rlhf-docker", "docker")
+        server.start([str(BIN / "prefect"), "worker", "start", "--pool", "rlhf-docker", "--type", "docker"], checkout,
+                     tmp_path / "worker.log")  # fmt: skip
+        triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-docker"],
+                                   env=server.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        flow_run_id = flow_run_id_of(triggered)
+        with temporary_settings({PREFECT_API_URL: server.url}), get_client(sync_client=True) as client:
+
+            def finished() -> Any:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+                return state if state and state.is_final() else None
+
+            state = server.wait("the flow run in the Docker work pool", finished, 900)
+            assert state.is_completed(), f"{state.name}: {state.message}"
+
+    [parent] = _runs(checkout, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert parent.data.tags["rlhf.outcome"] == "completed" and parent.info.status == "FINISHED"
+    children = _runs(checkout, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = list(yaml.safe_load((checkout / "dvc.yaml").read_text())["stages"])
+    assert sorted(r.data.tags["rlhf.stage"] for r in children) == sorted(stages)
+    # the stages ran inside the flow run's container (network_mode host shares the hostname): their MLflow artifacts
+    # sit under /workspace, the mount, and their outputs belong to the image's user
+    assert all("/workspace/mlruns/" in r.info.artifact_uri for r in [parent, *children]), parent.info.artifact_uri
+    assert (checkout / "artifacts/promote/metrics.json").stat().st_uid == UID
+    assert list(yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]) == stages

@@ -13,6 +13,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -313,32 +315,72 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=20)
 
 
-def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
+@dataclass
+class Server:
+    """A real `prefect server start` on loopback (SQLite), and the processes started against it."""
+
+    url: str
+    env: dict[str, str]  # PREFECT_API_URL and PREFECT_HOME set
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self, cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        self.logs.append(log)
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=f, stderr=f, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, what: str, check: Any, timeout: float) -> Any:
+        return _wait(what, check, timeout, self.procs, self.logs)
+
+
+@contextmanager
+def prefect_server(tmp_path: Path) -> Iterator[Server]:
     port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
     server_env = {**env(), "PREFECT_HOME": str(tmp_path / "prefect_home"),
                   "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    client_env = {**server_env, "PREFECT_API_URL": url}
-    logs = [tmp_path / "server.log", tmp_path / "serve.log"]
-    procs: list[subprocess.Popen] = []
+    server = Server(f"http://127.0.0.1:{port}/api", {**server_env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
     try:
-        with logs[0].open("w") as log:
-            procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                           str(port), "--no-ui"], env=server_env, stdout=log, stderr=log,
-                                          start_new_session=True))  # fmt: skip
+        server.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                     tmp_path, tmp_path / "server.log", server_env)  # fmt: skip
 
         def healthy() -> bool | None:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2) as r:
                     return True if r.status == 200 else None
             except OSError:
                 return None
 
-        _wait("the Prefect server", healthy, 120, procs, logs)
-        with logs[1].open("w") as log:
-            procs.append(subprocess.Popen([str(BIN / "rlhf"), "serve", "--cron", "0 3 * * *"], cwd=project,
-                                          env=client_env, stdout=log, stderr=log, start_new_session=True))  # fmt: skip
+        server.wait("the Prefect server", healthy, 120)
+        yield server
+    finally:
+        for proc in reversed(server.procs):
+            _stop(proc)
+
+
+def prefect_deploy(server: Server, checkout: Path, name: str, pool_type: str) -> None:
+    """`prefect work-pool create` + `prefect deploy --name NAME` from a checkout holding prefect.yaml (pool = NAME)."""
+    for cmd in (["work-pool", "create", name, "--type", pool_type], ["deploy", "--name", name, "--no-prompt"]):
+        done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=checkout, env={**server.env, "PWD": str(checkout)},
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        # prefect 3.8.8 with fastapi 0.154: after registering, `prefect deploy` looks for online workers with
+        # `"limit": null`, which the server rejects (422): a known wart of this pair, not of prefect.yaml
+        known = "/workers/filter" in done.stderr and "422" in done.stderr and "successfully created" in done.stdout
+        assert done.returncode == 0 or known, done.stdout + done.stderr
+
+
+def flow_run_id_of(triggered: subprocess.CompletedProcess[str]) -> str:
+    """The flow run `prefect deployment run` created."""
+    assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", triggered.stdout).group(1)
+
+
+def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
+    with prefect_server(tmp_path) as server:
+        url, client_env, procs, logs = server.url, server.env, server.procs, server.logs
+        server.start([str(BIN / "rlhf"), "serve", "--cron", "0 3 * * *"], project, tmp_path / "serve.log")
 
         with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
 
@@ -354,8 +396,7 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
 
             triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-nightly"],
                                        env=client_env, capture_output=True, text=True, timeout=120)  # fmt: skip
-            assert triggered.returncode == 0, triggered.stdout + triggered.stderr
-            flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", triggered.stdout).group(1)
+            flow_run_id = flow_run_id_of(triggered)
 
             def finished() -> Any:
                 state = client.read_flow_run(UUID(flow_run_id)).state
@@ -372,22 +413,12 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             deploy_dir = tmp_path / "checkout"
             shutil.copytree(ROOT / "flows", deploy_dir / "flows", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy(ROOT / "prefect.yaml", deploy_dir)
-            for cmd in (["work-pool", "create", "rlhf-process", "--type", "process"],
-                        ["deploy", "--name", "rlhf-process", "--no-prompt"]):  # fmt: skip
-                done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=deploy_dir, env={**client_env, "PWD": str(deploy_dir)},
-                                      capture_output=True, text=True, timeout=180)  # fmt: skip
-                # prefect 3.8.8 with fastapi 0.154: after registering, `prefect deploy` looks for online workers with
-                # `"limit": null`, which the server rejects (422): a known wart of this pair, not of prefect.yaml
-                known = "/workers/filter" in done.stderr and "422" in done.stderr and "successfully created" in done.stdout
-                assert done.returncode == 0 or known, done.stdout + done.stderr
+            prefect_deploy(server, deploy_dir, "rlhf-process", "process")
             dep = client.read_deployment_by_name("rlhf-pipeline/rlhf-process")
             assert dep.work_pool_name == "rlhf-process" and dep.entrypoint == "flows/pipeline.py:rlhf_pipeline"
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
             # `{{ $PWD }}` is resolved by `prefect deploy`: runs start in the checkout it was run from
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(deploy_dir)}}]
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
 
 
 def test_rlhf_serve_without_a_server_says_how_to_start_one(tmp_path):
