@@ -258,7 +258,10 @@ def test_docker_work_pool_deployment_runs_the_flow_in_the_image(image, tmp_path)
                 return state if state and state.is_final() else None
 
             state = server.wait("the flow run in the Docker work pool", finished, 900)
-            assert state.is_completed(), f"{state.name}: {state.message}"
+    # the worker keeps a flow run's container after it exits (prefect-docker's auto_remove is off by default)
+    docker("container", "rm", "-f", *docker("ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={flow_run_id}")
+           .stdout.split())  # fmt: skip
+    assert state.is_completed(), f"{state.name}: {state.message}"
 
     [parent] = _runs(checkout, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert parent.data.tags["rlhf.outcome"] == "completed" and parent.info.status == "FINISHED"
