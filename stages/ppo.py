@@ -439,36 +439,38 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     return result
 
 
-def monitor_point(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig, step: int) -> dict:
-    """RM score and gold score of the policy on held-out prompts: evaluation only, never a training signal."""
+def heldout_scores(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig) -> dict:
+    """Sample replies to held-out prompts (the PPO sampling, seeded) and score them: the mean RM score, normalised by
+    the RM's norm.json statistics, the gold judge's mean (None off the default task) and the EOS rate."""
     from stages import task
     from stages.modeling import context_limit
     from stages.reward import score
 
-    replies, _ = generate(policy, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
+    replies, ended = generate(policy, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
     rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
-    gold = task.gold_mean(prompts, replies)
-    return {"step": step, "rm_score": (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"], "gold": gold}
+    return {"rm_score": (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"],
+            "gold": task.gold_mean(prompts, replies), "eos_rate": sum(ended) / len(ended)}  # fmt: skip
+
+
+def monitor_point(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig, step: int) -> dict:
+    """RM score and gold score of the policy on held-out prompts: evaluation only, never a training signal."""
+    scores = heldout_scores(policy, tokenizer, rm, rm_tok, norm, prompts, config)
+    return {"step": step, "rm_score": scores["rm_score"], "gold": scores["gold"]}
 
 
 def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir: Path, config: PPOConfig) -> dict:
     """RM and (on the default task) gold scores of SFT and PPO replies to held-out prompts, same sampling."""
     from transformers import AutoTokenizer
 
-    from stages import task
-    from stages.modeling import context_limit
-    from stages.reward import score
-
     prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_eval]
     out: dict[str, float] = {}
     rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
     for name, model in (("sft", ref), ("ppo", policy)):
-        replies, ended = generate(model, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
-        rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
-        out[f"heldout/rm_score_{name}"] = (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"]
-        out[f"heldout/eos_rate_{name}"] = sum(ended) / len(ended)
-        if (gold := task.gold_mean(prompts, replies)) is not None:
-            out[f"heldout/gold_{name}"] = gold
+        scores = heldout_scores(model, tokenizer, rm, rm_tok, norm, prompts, config)
+        out[f"heldout/rm_score_{name}"] = scores["rm_score"]
+        out[f"heldout/eos_rate_{name}"] = scores["eos_rate"]
+        if scores["gold"] is not None:
+            out[f"heldout/gold_{name}"] = scores["gold"]
     return out
 
 
