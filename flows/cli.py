@@ -102,11 +102,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:  # one container per stage, in dvc.yaml's order; DVC inside decides what to skip
         from flows.pipeline import plan
 
-        rc = 0
+        rc, env = 0, venv_env()
         for stage in plan(Path.cwd(), args.stages or None):
-            cmd = runner.command(Path.cwd(), ["dvc", "repro", "--single-item", stage], venv_env())
+            cmd = runner.command(Path.cwd(), ["dvc", "repro", "--single-item", stage], env)
             print(f"$ {' '.join(cmd)}", flush=True)
-            if rc := subprocess.call(cmd, env=venv_env()):
+            if rc := subprocess.call(cmd, env=env):
                 break
     if rc:
         print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were", file=sys.stderr)

@@ -140,8 +140,6 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: st
     logger = get_run_logger()
     env = {**venv_env(), "RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri,
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    if experiment := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        env["MLFLOW_EXPERIMENT_NAME"] = experiment
     cmd = runner.command(Path(project_dir), ["dvc", "repro", "--single-item", stage], env)
     if runner.kind != "local":
         logger.info("in %s: %s", runner.image, " ".join(cmd))
