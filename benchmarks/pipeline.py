@@ -1,16 +1,19 @@
 """Time the whole default pipeline the way `make run` runs it, and the share spent outside stage compute.
 
     .venv/bin/python benchmarks/pipeline.py            # a fresh clone of HEAD in a temp dir: every stage runs
-    .venv/bin/python benchmarks/pipeline.py --project . --no-fresh   # this checkout as it is (unchanged stages skip)
+    .venv/bin/python benchmarks/pipeline.py --runner process   # each stage a process of its own (the old default)
+    .venv/bin/python benchmarks/pipeline.py --project .         # this checkout as it is (unchanged stages skip)
 
 What it measures (all wall-clock, on whatever else the machine is doing: check the load average it records):
 - `wall`: `rlhf run --prefect` end to end (what `make run` runs once the venv exists), temporary Prefect server included;
-- per stage, `stage`: the flow's `dvc repro --single-item` subprocess (the parent MLflow run's `seconds.<stage>`), and
-  `compute`: the stage's own MLflow run, from its start to its end (its training and evaluation work);
-- `overhead` = wall - sum(compute), split into Prefect (wall - sum(stage): server start, flow and task bookkeeping,
-  artifacts) and stage start-up (sum(stage) - sum(compute): interpreter, imports, DVC hashing and locking, MLflow);
+- per stage, `stage`: the flow task's `dvc repro --single-item` (in the flow's process with the default runner, a
+  subprocess with `--runner process`; the parent MLflow run's `seconds.<stage>`), and `compute`: the stage's own MLflow
+  run, from its start to its end (its training and evaluation work);
+- `overhead` = wall - sum(compute), split into Prefect (wall - sum(stage): server start, the CLI's own imports, flow
+  and task bookkeeping, artifacts) and stage start-up (sum(stage) - sum(compute): interpreter start and imports where a
+  stage has a process of its own, imports done on first use in process, DVC hashing and locking, MLflow set-up);
 - a second `rlhf run --prefect` (every stage skipped) and a no-op `dvc repro` (median of 3).
-Writes benchmarks/pipeline_results.json. The fresh clone uses this interpreter's environment, so run it from a clean
+Writes benchmarks/pipeline_results.json (pipeline_results_process.json for `--runner process`). The fresh clone uses this interpreter's environment, so run it from a clean
 checkout: the code imported is this checkout's, the code DVC hashes is the clone's.
 """
 
@@ -71,8 +74,11 @@ def stage_times(project: Path) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="run here instead of a fresh clone of HEAD")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/pipeline_results.json")
+    parser.add_argument("--runner", choices=["local", "process"], default="local",
+                        help="local: stages in the flow's process (the default); process: one process per stage")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="default: benchmarks/pipeline_results[_process].json")
     args = parser.parse_args(argv)
+    out = args.out or ROOT / f"benchmarks/pipeline_results{'_process' if args.runner == 'process' else ''}.json"
 
     tmp = None
     if args.project is None:
@@ -83,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         project = args.project.resolve()
     try:
         load_before = os.getloadavg()
-        wall, first = _timed([str(BIN / "rlhf"), "run", "--prefect"], project)
+        rlhf = [str(BIN / "rlhf"), "run", "--prefect", "--runner", args.runner]
+        wall, first = _timed(rlhf, project)
         stages = stage_times(project)
         compute = sum(s["compute"] for s in stages.values())
         in_stages = sum(s["stage"] for s in stages.values())
-        noop_flow, second = _timed([str(BIN / "rlhf"), "run", "--prefect"], project)
+        noop_flow, second = _timed(rlhf, project)
         noop_dvc = statistics.median(_timed([str(BIN / "dvc"), "repro"], project)[0] for _ in range(3))
         result = {
             "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "project": "fresh clone of HEAD" if tmp else str(project),
+            "runner": args.runner,
             "wall_s": round(wall, 1),
             "stage_compute_s": round(compute, 1),
             "stage_processes_s": round(in_stages, 1),
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'stage':<10} {'stage s':>8} {'compute s':>10}")
     for name, s in result["stages"].items():
         print(f"{name:<10} {s['stage']:>8} {s['compute']:>10}")

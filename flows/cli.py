@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +22,15 @@ examples:
 
 
 RUN_HELP = """\
-Run the pipeline: `dvc repro` runs dvc.yaml's stages, skipping unchanged ones; dvc.lock records what ran.
+Run the pipeline: dvc.yaml's stages in order, each as `dvc repro --single-item` (DVC skips unchanged ones and records
+what ran in dvc.lock). With the default --runner local, each stage's `python -m stages.X` runs in this process, which
+saves the ~6 s of interpreter start-up and imports a process per stage costs; --runner process gives each stage a
+process of its own (what `dvc repro` does).
 A gate (validation, reward-model agreement, KL guard) stops it with exit code 2; earlier artifacts stay as they were.
 
---prefect runs the same stages as the Prefect flow `rlhf-pipeline` (flows/pipeline.py): one task per stage
-(`dvc repro --single-item`), one parent MLflow run holding every stage's run, and Prefect artifacts (validation
-summary, reward gate, PPO KL curve, evaluation report). Without PREFECT_API_URL, Prefect starts a temporary local
+--prefect runs the same stages as the Prefect flow `rlhf-pipeline` (flows/pipeline.py): one task per stage (run
+by the same runners), one parent MLflow run holding every stage's run, and Prefect artifacts (validation summary,
+reward gate, PPO KL curve, evaluation report). Without PREFECT_API_URL, Prefect starts a temporary local
 server, which adds about 15-20 s; with it, the run shows in that server's UI.
 
 --runner docker runs each stage in its own container of the stage image (docker/Dockerfile, `make images`) with the
@@ -96,22 +98,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return rc
     if args.prefect:
         return _run_flow(args)
-    if runner.kind == "local":
-        print("$ dvc repro", *args.stages, flush=True)
-        rc = subprocess.call([sys.executable, "-m", "dvc", "repro", *args.stages], env=venv_env())
-    else:  # one container per stage, in dvc.yaml's order; DVC inside decides what to skip
-        from flows.pipeline import plan
+    return _run_stages(runner, args.stages)
 
-        rc, env = 0, venv_env()
-        for stage in plan(Path.cwd(), args.stages or None):
-            cmd = runner.command(Path.cwd(), ["dvc", "repro", "--single-item", stage], env)
+
+def _run_stages(runner, stages: list[str]) -> int:  # noqa: ANN001 (a flows.containers.Runner)
+    """dvc.yaml's stages in order, each as `dvc repro --single-item`: in this process (local), in a process or a
+    container of its own; DVC decides what to skip and records what ran in dvc.lock."""
+    from flows import repro
+    from flows.pipeline import gate_reason, plan
+
+    project, env = Path.cwd(), venv_env()
+    for stage in plan(project, stages or None):
+        if runner.kind == "local":
+            outcome = repro.in_process(project, stage, env, print)
+        else:
+            cmd = runner.command(project, ["dvc", "repro", "--single-item", stage], env)
             print(f"$ {' '.join(cmd)}", flush=True)
-            if rc := subprocess.call(cmd, env=env):
-                break
-    if rc:
-        print(f"the pipeline stopped (dvc repro exited {rc}); earlier artifacts are left as they were", file=sys.stderr)
-        return EXIT_GATE
-    _print_where_to_look(Path.cwd(), None)
+            outcome = repro.in_subprocess(cmd, project, env, print)
+        if outcome.status in ("failed", "busy"):
+            why = gate_reason(project, stage, outcome.tail) if outcome.code == EXIT_GATE else (outcome.tail or ["no output"])[-1]
+            print(f"the pipeline stopped at {stage} (exit {outcome.code}): {why}; earlier artifacts are left as they "
+                  "were", file=sys.stderr)  # fmt: skip
+            return EXIT_GATE
+    _print_where_to_look(project, None)
     return 0
 
 
@@ -213,8 +222,9 @@ def _runner_options(p: argparse.ArgumentParser) -> None:
     from flows.containers import DEFAULT_IMAGE, RUNNERS
 
     p.add_argument("--runner", choices=RUNNERS, default="local",
-                   help="local: stages run in this environment (default); docker: each stage in its own container of "
-                        "--image, the project mounted at its own path (build the image with `make images`)")  # fmt: skip
+                   help="local: stages run in this process (default); process: each stage in a process of its own; "
+                        "docker: each stage in its own container of --image, the project mounted at its own path "
+                        "(build the image with `make images`)")  # fmt: skip
     p.add_argument("--image", default=DEFAULT_IMAGE, help=f"the stage image for --runner docker (default: {DEFAULT_IMAGE})")
     p.add_argument("--gpus", metavar="GPUS", help="with --runner docker: `docker run --gpus` (e.g. all) for the CUDA image")
 

@@ -1,4 +1,5 @@
-"""Where a stage runs: in this environment (`local`, the default) or in the stage image (`docker`, docker/Dockerfile).
+"""Where a stage runs: in this environment (`local`, the default: in the flow's own process, flows/repro.py; `process`:
+a process of its own) or in the stage image (`docker`, docker/Dockerfile).
 
 Either way the stage is `dvc repro --single-item <stage>` in the project directory, so DVC decides what to skip and
 dvc.lock records what ran. With `docker` the project is mounted at its own path inside the container, so every
@@ -17,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-RUNNERS = ("local", "docker")
+RUNNERS = ("local", "process", "docker")
 DEFAULT_IMAGE = "rlhf-stage:cpu"
 # What a stage reads from its environment: MLflow lineage and tracking, output buffering, thread counts.
 PASSED_ENV = ("RLHF_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_USERNAME",
@@ -31,7 +32,7 @@ class RunnerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Runner:
-    kind: str = "local"  # local | docker
+    kind: str = "local"  # local | process | docker
     image: str = DEFAULT_IMAGE
     gpus: str | None = None  # docker --gpus (e.g. "all") for the CUDA image
 
@@ -57,7 +58,7 @@ class Runner:
 
     def command(self, project: Path, args: list[str], env: dict[str, str]) -> list[str]:
         """The command that runs `args` (a dvc or stage command line) in the project, in this runner."""
-        if self.kind == "local":
+        if self.kind != "docker":
             return [sys.executable, "-m", *args] if args[0] == "dvc" else args
         return docker_run(project, self.image, args, env, self.gpus)
 

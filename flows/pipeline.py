@@ -1,4 +1,6 @@
-"""The pipeline as a Prefect flow that follows dvc.yaml: one task per DVC stage, each run by `dvc repro --single-item`.
+"""The pipeline as a Prefect flow that follows dvc.yaml: one task per DVC stage, each run as `dvc repro --single-item`
+(by default in the flow's own process, flows/repro.py; `runner="process"` or `"docker"` gives each stage a process or a
+container of its own).
 
 There is no second list of stages: `plan()` reads the `stages` of dvc.yaml in file order (which is topological) and
 DVC decides what to skip. The flow adds what DVC lacks: one parent MLflow run per pipeline run (each stage's run nests
@@ -11,7 +13,6 @@ Prefect artifacts (validation summary, reward gate, PPO KL curve, evaluation rep
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
+from flows import repro
 from flows.cli import EXIT_GATE, venv_env
 from flows.containers import DEFAULT_IMAGE, Runner
 from stages.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
@@ -40,12 +42,11 @@ PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run
 LOCAL = Runner()  # stages run in this environment unless the flow is asked for containers
 STOPPED, BUSY = "Stopped", "DvcBusy"  # names of the Failed states a stage task returns for a gate / a held DVC lock
 MAX_ARTIFACT_CHARS = 20_000
-PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame; a stage's output arrives one \r-frame per line
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """What one stage did: `ran` or `skipped` (DVC found nothing changed)."""
+    """What one stage did: `ran`, `skipped` (DVC found nothing changed) or `restored` (from DVC's run cache)."""
 
     stage: str
     status: str
@@ -135,45 +136,39 @@ def _retry_only_when_busy(_task: Any, _task_run: TaskRun, state: State) -> bool:
       task_run_name="{stage}")  # fmt: skip
 def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str,
               runner: Runner = LOCAL) -> StageResult | State:  # fmt: skip
-    """Run one dvc.yaml stage with `dvc repro --single-item`, here or in the stage image; DVC skips it when nothing it
-    depends on changed."""
+    """Run one dvc.yaml stage as `dvc repro --single-item` would: DVC skips it when nothing it depends on changed.
+
+    The local runner runs it in this process (flows/repro.py: no interpreter and imports to pay per stage); `process`
+    runs `dvc repro --single-item` as a new process, `docker` in the stage image."""
     logger = get_run_logger()
     env = {**venv_env(), "RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri,
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    cmd = runner.command(Path(project_dir), ["dvc", "repro", "--single-item", stage], env)
-    if runner.kind != "local":
-        logger.info("in %s: %s", runner.image, " ".join(cmd))
+    echo = logger.info
     start = time.monotonic()
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:  # fmt: skip
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line and not (PROGRESS.search(line) and "100%|" not in line):  # a progress bar: its last frame only
-                logger.info(line)
-                tail.append(line)
+    if runner.kind == "local":
+        outcome = repro.in_process(Path(project_dir), stage, env, echo)
+    else:
+        cmd = runner.command(Path(project_dir), ["dvc", "repro", "--single-item", stage], env)
+        if runner.kind == "docker":
+            logger.info("in %s: %s", runner.image, " ".join(cmd))
+        outcome = repro.in_subprocess(cmd, Path(project_dir), env, echo)
     seconds = round(time.monotonic() - start, 1)
-    output = "\n".join(tail)
-    if proc.returncode == 0:
-        skipped = f"Stage '{stage}' didn't change, skipping" in output
-        return StageResult(stage, "skipped" if skipped else "ran", seconds)
-    if "Unable to acquire lock" in output:
+    if outcome.status == "busy":
         return Failed(name=BUSY, message=f"{stage}: another DVC process holds the lock")
-    exited = re.findall(r"failed to run: .*, exited with (-?\d+)", output)
-    if exited and int(exited[-1]) == EXIT_GATE:
-        return Failed(name=STOPPED, message=f"stopped at {stage}: {gate_reason(Path(project_dir), stage, tail)}")
-    return Failed(message=f"{stage} crashed (exit {exited[-1] if exited else proc.returncode}): "
-                          + " | ".join(_error_lines(tail)))  # fmt: skip
+    if outcome.status != "failed":
+        return StageResult(stage, outcome.status, seconds)
+    if outcome.code == EXIT_GATE:
+        return Failed(name=STOPPED, message=f"stopped at {stage}: {gate_reason(Path(project_dir), stage, outcome.tail)}")
+    return Failed(message=f"{stage} crashed (exit {outcome.code}): " + " | ".join(_error_lines(outcome.tail)))
 
 
-def _error_lines(tail: collections.deque[str] | list[str], n: int = 3) -> list[str]:
+def _error_lines(tail: list[str], n: int = 3) -> list[str]:
     """The last lines a stage printed before DVC's own ERROR line."""
     lines = [ln for ln in tail if not ln.startswith("ERROR: failed to reproduce")]
     return [ln.strip() for ln in lines[-n:]] or ["no output"]
 
 
-def gate_reason(project: Path, stage: str, tail: collections.deque[str] | list[str] = ()) -> str:
+def gate_reason(project: Path, stage: str, tail: list[str] | tuple[str, ...] = ()) -> str:
     """The gate's sentence from the stage's metrics (`gate.reason` or `reason`), else its last output line."""
     spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]
     for path in _paths(spec.get("metrics")):
@@ -186,7 +181,7 @@ def gate_reason(project: Path, stage: str, tail: collections.deque[str] | list[s
             return str(gate["reason"])
         if metrics.get("reason") and metrics.get("outcome") not in (None, "completed"):
             return f"{metrics['outcome']}: {metrics['reason']}" if metrics.get("outcome") else str(metrics["reason"])
-    return _error_lines(tail, 1)[0]
+    return _error_lines(list(tail), 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,7 +365,7 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, param
     logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, tracking_uri, experiment)
 
     summary: dict[str, Any] = {"project_dir": str(project), "parent_run_id": parent_run_id,
-                               "tracking_uri": tracking_uri, "plan": names, "ran": [], "skipped": [],
+                               "tracking_uri": tracking_uri, "plan": names, "ran": [], "skipped": [], "restored": [],
                                "stages": {}, "artifacts": []}  # fmt: skip
     status = "FAILED"
     try:

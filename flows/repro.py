@@ -1,0 +1,280 @@
+"""`dvc repro --single-item <stage>`, in this process (`in_process`) or as its own command (`in_subprocess`).
+
+A stage run as a process of its own pays ~6 s before its first step: the interpreter, the imports of torch,
+transformers and mlflow (~4.5 s), DVC's start-up and the MLflow store (benchmarks/pipeline.py measured 42 s of the
+default pipeline's 55 s of orchestration there). `in_process` asks DVC's Python API to do exactly what `dvc repro
+--single-item` does (lock the repository, decide whether the stage changed, restore it from the run cache, remove its
+outputs, run it, hash and cache the outputs, write dvc.lock) and changes only how the stage's command runs:
+
+- `python -m <module> [args]` runs in this interpreter with `runpy`, as `python -m` would: in the stage's directory,
+  with DVC's environment for it, the directory first on `sys.path`. Afterwards the working directory, environment,
+  `sys.argv`, `sys.path`, torch's thread count and accelerate's process-wide state are put back, so the next stage
+  starts as it would in a fresh process. If the module's package is already loaded from elsewhere with different
+  source (a flow served from one checkout running another), the command runs in a new process instead.
+- anything else runs in a shell, as DVC runs it.
+
+Either way what the command prints goes to `echo` line by line (the Prefect flow logs it).
+
+    outcome = in_process(Path("."), "sft", {"RLHF_PARENT_RUN_ID": run_id}, print)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import hashlib
+import io
+import logging
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+# `python -m pkg.module args`: nothing a shell would interpret (pipes, redirections, variables, globs, chains)
+PYTHON_MODULE = re.compile(r"python3?(?:\.\d+)?\s+-m\s+[A-Za-z_][\w.]*(?:\s+[\w./:=,@%+-]+)*")
+TAIL = 40  # lines of output kept for the error message
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame: a progress bar arrives one \r-frame per line
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Outcome:
+    """What happened to one stage: `ran`, `restored` (from DVC's run cache), `skipped` (unchanged), `failed`
+    (the command exited `code`, or DVC itself failed), or `busy` (another DVC process holds the repository lock)."""
+
+    status: str
+    code: int = 0
+    tail: list[str] = field(default_factory=list)
+
+
+class Lines:
+    """An `echo` that drops blank lines and a progress bar's frames but its last, and keeps the last `TAIL` lines."""
+
+    def __init__(self, echo: Echo) -> None:
+        self.echo, self.tail = echo, collections.deque[str](maxlen=TAIL)
+
+    def __call__(self, line: str) -> None:
+        if (line := line.rstrip()) and not (PROGRESS.search(line) and "100%|" not in line):
+            self.echo(line)
+            self.tail.append(line)
+
+    def outcome(self, status: str, code: int = 0) -> Outcome:
+        return Outcome(status, code, list(self.tail))
+
+
+class LineWriter(io.TextIOBase):
+    """A text stream that hands each line (ended by `\\n`, or by a progress bar's `\\r`) to `echo`."""
+
+    def __init__(self, echo: Echo) -> None:
+        self.echo, self.pending, self.busy = echo, "", False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.busy:  # `echo` itself printed: to the real stream, not round in a loop
+            return sys.__stderr__.write(text) if sys.__stderr__ else len(text)
+        *lines, self.pending = re.split(r"[\r\n]", self.pending + text)
+        self.busy = True
+        try:
+            for line in lines:
+                self.echo(line)
+        finally:
+            self.busy = False
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not self.busy:
+            line, self.pending = self.pending, ""
+            self.write(line + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def python_module(cmd: str) -> list[str] | None:
+    """`[module, *args]` when `cmd` is exactly `python -m module args...`; None for anything a shell must run."""
+    return shlex.split(cmd)[2:] if PYTHON_MODULE.fullmatch(cmd.strip()) else None
+
+
+def _sources(package: ModuleType | Path) -> dict[str, str]:
+    """md5 of every .py file of a package (or of a single-file module), by relative path."""
+    path = package if isinstance(package, Path) else Path(package.__file__ or "")
+    root = path.parent if path.name == "__init__.py" else path
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+    return {str(f.relative_to(root.parent)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def runs_same_code(module: str, cwd: str) -> bool:
+    """True when importing `module` here runs the code `python -m module` would run in `cwd`: the project's copy of its
+    package (which DVC hashes as a dependency) is the one this process has loaded, or holds the same source."""
+    top = module.split(".")[0]
+    local = next((p for p in (Path(cwd) / top, Path(cwd) / f"{top}.py") if p.exists()), None)
+    loaded = sys.modules.get(top)
+    if local is None or loaded is None or not getattr(loaded, "__file__", None):
+        return True  # from the environment either way, or imported from `cwd` on first use
+    return _sources(loaded) == _sources(local)
+
+
+def _reset_process_state() -> None:
+    """Undo what a stage leaves process-wide that a process of its own would have taken with it."""
+    if "accelerate.state" in sys.modules:  # Accelerator() refuses a second, different configuration otherwise
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        while mlflow.active_run():  # a stage that crashed outside its `with mlflow.start_run()`
+            mlflow.end_run("FAILED")
+    gc.collect()  # the stage's models go now, not at some later collection
+
+
+def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
+    """`python -m module args` in this interpreter; its exit code (1 for an uncaught exception, whose traceback goes to
+    `echo` as it would go to stderr)."""
+    import torch  # every stage but validation imports it; imported here to put back a thread count a stage changes
+
+    saved = dict(os.environ), sys.argv[:], sys.path[:], os.getcwd(), torch.get_num_threads()
+    stderr, out = sys.stderr, LineWriter(echo)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv, sys.path = [module, *args], [cwd, *sys.path]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), warnings.catch_warnings():
+            # A stage module an earlier stage imported (ppo imports stages.reward) runs afresh as __main__ all the
+            # same; runpy's warning about it is for code that expects one module object.
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as e:  # `raise SystemExit(main())`, argparse, sys.exit("message")
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # a crash: the traceback is the stage's output, as in a process of its own
+                traceback.print_exc()
+                code = 1
+            out.flush()
+        return code
+    finally:
+        out.echo = lambda line: print(line, file=stderr)  # a handler the stage made may still hold `out`
+        environ, sys.argv, sys.path, cwd_before, threads = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd_before)
+        torch.set_num_threads(threads)
+        _reset_process_state()
+
+
+def run_command(cmd: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
+    """A command in a new process, stdout and stderr handed to `echo` line by line; its exit code."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            echo(line)
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _ForwardDvcLog(logging.Handler):
+    def __init__(self, echo: Echo) -> None:
+        super().__init__(logging.INFO)
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.echo(record.getMessage())
+
+
+@contextlib.contextmanager
+def _dvc_logs_to(echo: Echo) -> Iterator[None]:
+    """DVC's messages ("didn't change, skipping", "Updating lock file", errors) go to `echo` only, not also to the
+    handlers `import dvc` gives its logger or to the root logger's."""
+    log = logging.getLogger("dvc")
+    saved = log.handlers[:], log.level, log.propagate
+    log.handlers, log.level, log.propagate = [_ForwardDvcLog(echo)], logging.INFO, False
+    try:
+        yield
+    finally:
+        log.handlers, log.level, log.propagate = saved
+
+
+def in_process(project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:
+    """`dvc repro --single-item stage` in `project` through DVC's API, its `python -m` command run in this process;
+    `env` is the environment of the stage's command (DVC adds DVC_ROOT and DVC_STAGE)."""
+    from dvc.exceptions import DvcException
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+    from dvc.stage import run as dvc_run
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    lines, ran, codes = Lines(echo), [], []
+    dvc_cmd_run = dvc_run.cmd_run
+
+    def cmd_run(dvc_stage, dry: bool = False, run_env: dict[str, str] | None = None) -> None:  # noqa: ANN001
+        """Stands in for dvc.stage.run.cmd_run (which DVC calls, repository unlocked, to run a stage's commands)."""
+        if dry:
+            return dvc_cmd_run(dvc_stage, dry=dry, run_env=run_env)
+        ran.append(dvc_stage.addressing)
+        for cmd in dvc_stage.cmd if isinstance(dvc_stage.cmd, list) else dvc_stage.cmd.splitlines():
+            kwargs = dvc_run.prepare_kwargs(dvc_stage, run_env=env | (run_env or {}))  # cwd; env + DVC_ROOT, DVC_STAGE
+            module = python_module(cmd)
+            if module and runs_same_code(module[0], kwargs["cwd"]):
+                lines(f"> {cmd}   (in this process)")
+                code = run_module(module[0], module[1:], kwargs["cwd"], kwargs["env"], lines)
+            else:
+                lines(f"> {cmd}" + ("   (new process: this process has other code loaded for it)" if module else ""))
+                code = run_command(dvc_run._make_cmd(dvc_run.get_executable(), cmd), kwargs["cwd"], kwargs["env"],
+                                   lines)  # fmt: skip
+            if code:
+                codes.append(code)
+                raise StageCmdFailedError(cmd, code)
+
+    dvc_run.cmd_run = cmd_run
+    try:
+        # DVC resolves targets and paths from the working directory, as its command line does
+        with _dvc_logs_to(lines), contextlib.chdir(project), Repo(str(project)) as repo:
+            reproduced = repo.reproduce(stage, single_item=True)
+    except LockError as e:
+        lines(f"ERROR: {e}")
+        return lines.outcome("busy", 1)
+    except DvcException as e:
+        if not codes:  # DVC itself failed (no such stage, a missing dependency, an output not written): say what
+            lines(f"ERROR: {e}: {e.__cause__}" if e.__cause__ else f"ERROR: {e}")
+        return lines.outcome("failed", codes[-1] if codes else 1)
+    finally:
+        dvc_run.cmd_run = dvc_cmd_run
+    return lines.outcome(("ran" if ran else "restored") if reproduced else "skipped")
+
+
+def in_subprocess(cmd: list[str], project: Path, env: dict[str, str], echo: Echo = print) -> Outcome:
+    """A `dvc repro --single-item <stage>` command line (here, or `docker run ... dvc repro ...`) as a new process;
+    what DVC printed tells skipped, restored and busy apart."""
+    lines = Lines(echo)
+    code = run_command(cmd, str(project), env, lines)
+    output = "\n".join(lines.tail)
+    if code == 0:
+        skipped, restored = "didn't change, skipping" in output, "is cached - skipping run" in output
+        return lines.outcome("skipped" if skipped else "restored" if restored else "ran")
+    if "Unable to acquire lock" in output:
+        return lines.outcome("busy", code)
+    exited = re.findall(r"failed to run: .*, exited with (-?\d+)", output)
+    return lines.outcome("failed", int(exited[-1]) if exited else code)
