@@ -71,6 +71,14 @@ def stage_times(project: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def output_hashes(project: Path) -> dict[str, dict[str, str]]:
+    """dvc.lock's md5 of every stage output, to compare runs (and runners) output by output."""
+    import yaml
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {stage: {o["path"]: o["md5"] for o in entry.get("outs", [])} for stage, entry in lock.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="run here instead of a fresh clone of HEAD")
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rlhf = [str(BIN / "rlhf"), "run", "--prefect", "--runner", args.runner]
         wall, first = _timed(rlhf, project)
         stages = stage_times(project)
+        hashes = output_hashes(project)
         compute = sum(s["compute"] for s in stages.values())
         in_stages = sum(s["stage"] for s in stages.values())
         noop_flow, second = _timed(rlhf, project)
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "noop_dvc_repro_s": round(noop_dvc, 2),
             "ran": first.stdout.strip().splitlines()[-4:],
             "second_run": [ln for ln in second.stdout.splitlines() if ln.startswith("ran:")],
+            "output_md5": hashes,
         }
     finally:
         if tmp:
