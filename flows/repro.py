@@ -32,6 +32,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ PYTHON_MODULE = re.compile(r"python3?(?:\.\d+)?\s+-m\s+[A-Za-z_][\w.]*(?:\s+[\w.
 TAIL = 40  # lines of output kept for the error message
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame: a progress bar arrives one \r-frame per line
 Echo = Callable[[str], None]
+_ONE_AT_A_TIME = threading.Lock()
 
 
 @dataclass
@@ -142,6 +144,13 @@ def _reset_process_state() -> None:
     gc.collect()  # the stage's models go now, not at some later collection
 
 
+def _set_environ(env: dict[str, str]) -> None:
+    """Make os.environ equal `env` without emptying it on the way (other threads may read it)."""
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
+
+
 def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
     """`python -m module args` in this interpreter; its exit code (1 for an uncaught exception, whose traceback goes to
     `echo` as it would go to stderr)."""
@@ -150,10 +159,9 @@ def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo
     saved = dict(os.environ), sys.argv[:], sys.path[:], os.getcwd(), torch.get_num_threads()
     stderr, out = sys.stderr, LineWriter(echo)
     try:
-        os.environ.clear()
-        os.environ.update(env)
+        _set_environ(env)
         os.chdir(cwd)
-        sys.argv, sys.path = [module, *args], [cwd, *sys.path]
+        sys.argv[:], sys.path[:] = [module, *args], [cwd, *sys.path]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), warnings.catch_warnings():
             # A stage module an earlier stage imported (ppo imports stages.reward) runs afresh as __main__ all the
             # same; runpy's warning about it is for code that expects one module object.
@@ -172,9 +180,8 @@ def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo
         return code
     finally:
         out.echo = lambda line: print(line, file=stderr)  # a handler the stage made may still hold `out`
-        environ, sys.argv, sys.path, cwd_before, threads = saved
-        os.environ.clear()
-        os.environ.update(environ)
+        environ, sys.argv[:], sys.path[:], cwd_before, threads = saved
+        _set_environ(environ)
         os.chdir(cwd_before)
         torch.set_num_threads(threads)
         _reset_process_state()
@@ -219,7 +226,13 @@ def _dvc_logs_to(echo: Echo) -> Iterator[None]:
 
 def in_process(project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:
     """`dvc repro --single-item stage` in `project` through DVC's API, its `python -m` command run in this process;
-    `env` is the environment of the stage's command (DVC adds DVC_ROOT and DVC_STAGE)."""
+    `env` is the environment of the stage's command (DVC adds DVC_ROOT and DVC_STAGE). One stage at a time per process:
+    a stage owns the working directory and the environment while it runs."""
+    with _ONE_AT_A_TIME:
+        return _in_process(project, stage, env, echo)
+
+
+def _in_process(project: Path, stage: str, env: dict[str, str], echo: Echo) -> Outcome:
     from dvc.exceptions import DvcException
     from dvc.lock import LockError
     from dvc.repo import Repo
