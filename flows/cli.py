@@ -107,14 +107,18 @@ def _run_stages(runner, stages: list[str]) -> int:  # noqa: ANN001 (a flows.cont
     from flows import repro
     from flows.pipeline import gate_reason, plan
 
-    project, env = Path.cwd(), venv_env()
+    project, env, stdout = Path.cwd(), venv_env(), sys.stdout
+
+    def echo(line: str) -> None:  # a stage's output to this command's stdout (in process, sys.stdout is the stage's)
+        print(line, file=stdout, flush=True)
+
     for stage in plan(project, stages or None):
         if runner.kind == "local":
-            outcome = repro.in_process(project, stage, env, print)
+            outcome = repro.in_process(project, stage, env, echo)
         else:
             cmd = runner.command(project, ["dvc", "repro", "--single-item", stage], env)
             print(f"$ {' '.join(cmd)}", flush=True)
-            outcome = repro.in_subprocess(cmd, project, env, print)
+            outcome = repro.in_subprocess(cmd, project, env, echo)
         if outcome.status in ("failed", "busy"):
             why = gate_reason(project, stage, outcome.tail) if outcome.code == EXIT_GATE else (outcome.tail or ["no output"])[-1]
             print(f"the pipeline stopped at {stage} (exit {outcome.code}): {why}; earlier artifacts are left as they "
@@ -132,8 +136,9 @@ def _run_flow(args: argparse.Namespace) -> int:
                           image=args.image, gpus=args.gpus, return_state=True)  # fmt: skip
     summary = state.result(raise_on_failure=False) if state.is_completed() else None
     if isinstance(summary, dict):
+        restored = f"; restored from DVC's run cache: {', '.join(summary['restored'])}" if summary.get("restored") else ""
         print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
-              f"{', '.join(summary['skipped']) or 'nothing'}")  # fmt: skip
+              f"{', '.join(summary['skipped']) or 'nothing'}{restored}")  # fmt: skip
         _print_where_to_look(Path.cwd(), summary["parent_run_id"])
         return 0
     print(f"the pipeline stopped: {state.message}; earlier artifacts are left as they were", file=sys.stderr)

@@ -389,7 +389,8 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, param
         _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed",
                                                   "rlhf.ran": ",".join(summary["ran"]) or "-"})  # fmt: skip
         status = "FINISHED"
-        logger.info("ran %s; skipped %s", summary["ran"] or "nothing", summary["skipped"] or "nothing")
+        logger.info("ran %s; skipped %s; restored from the run cache %s", summary["ran"] or "nothing",
+                    summary["skipped"] or "nothing", summary["restored"] or "nothing")  # fmt: skip
         return summary
     finally:
         _tag_parent(tracking_uri, parent_run_id, {}, status=status)

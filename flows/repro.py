@@ -8,9 +8,11 @@ outputs, run it, hash and cache the outputs, write dvc.lock) and changes only ho
 
 - `python -m <module> [args]` runs in this interpreter with `runpy`, as `python -m` would: in the stage's directory,
   with DVC's environment for it, the directory first on `sys.path`. Afterwards the working directory, environment,
-  `sys.argv`, `sys.path`, torch's thread count and accelerate's process-wide state are put back, so the next stage
-  starts as it would in a fresh process. If the module's package is already loaded from elsewhere with different
-  source (a flow served from one checkout running another), the command runs in a new process instead.
+  `sys.argv`, `sys.path`, torch's thread count, accelerate's process-wide state and MLflow's active runs are put back,
+  so the next stage starts as it would in a fresh process. When the module's package is in the stage's directory (as
+  `stages/` is), its modules are imported afresh from there for the stage and the caller's are put back afterwards:
+  the code that runs is the code DVC hashes, even if it changed since this process started or belongs to another
+  checkout than the flow's.
 - anything else runs in a shell, as DVC runs it.
 
 Either way what the command prints goes to `echo` line by line (the Prefect flow logs it).
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import gc
-import hashlib
 import io
 import logging
 import os
@@ -38,7 +40,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 # `python -m pkg.module args`: nothing a shell would interpret (pipes, redirections, variables, globs, chains)
 PYTHON_MODULE = re.compile(r"python3?(?:\.\d+)?\s+-m\s+[A-Za-z_][\w.]*(?:\s+[\w./:=,@%+-]+)*")
@@ -46,6 +47,9 @@ TAIL = 40  # lines of output kept for the error message
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame: a progress bar arrives one \r-frame per line
 Echo = Callable[[str], None]
 _ONE_AT_A_TIME = threading.Lock()
+# A stage module an earlier stage imported (ppo imports stages.reward) runs afresh as __main__ all the same; runpy's
+# warning about it is for code that expects one module object.
+warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning, "runpy")
 
 
 @dataclass
@@ -76,11 +80,16 @@ class Lines:
 class LineWriter(io.TextIOBase):
     """A text stream that hands each line (ended by `\\n`, or by a progress bar's `\\r`) to `echo`."""
 
+    encoding, errors = "utf-8", "replace"
+
     def __init__(self, echo: Echo) -> None:
         self.echo, self.pending, self.busy = echo, "", False
 
     def writable(self) -> bool:
         return True
+
+    def isatty(self) -> bool:
+        return False
 
     def write(self, text: str) -> int:
         if self.busy:  # `echo` itself printed: to the real stream, not round in a loop
@@ -110,38 +119,55 @@ def python_module(cmd: str) -> list[str] | None:
     return shlex.split(cmd)[2:] if PYTHON_MODULE.fullmatch(cmd.strip()) else None
 
 
-def _sources(package: ModuleType | Path) -> dict[str, str]:
-    """md5 of every .py file of a package (or of a single-file module), by relative path."""
-    path = package if isinstance(package, Path) else Path(package.__file__ or "")
-    root = path.parent if path.name == "__init__.py" else path
-    files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
-    return {str(f.relative_to(root.parent)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
-
-
-def runs_same_code(module: str, cwd: str) -> bool:
-    """True when importing `module` here runs the code `python -m module` would run in `cwd`: the project's copy of its
-    package (which DVC hashes as a dependency) is the one this process has loaded, or holds the same source."""
+def _local_package(module: str, cwd: str) -> str | None:
+    """The top-level package of `module` when `python -m module` in `cwd` would import it from `cwd`."""
     top = module.split(".")[0]
-    local = next((p for p in (Path(cwd) / top, Path(cwd) / f"{top}.py") if p.exists()), None)
-    loaded = sys.modules.get(top)
-    if local is None or loaded is None or not getattr(loaded, "__file__", None):
-        return True  # from the environment either way, or imported from `cwd` on first use
-    return _sources(loaded) == _sources(local)
+    return top if (Path(cwd) / top).is_dir() or (Path(cwd) / f"{top}.py").is_file() else None
 
 
-def _reset_process_state() -> None:
+@contextlib.contextmanager
+def _fresh_modules(top: str | None) -> Iterator[None]:
+    """The stage imports `top` and its submodules afresh (from the stage's directory, first on sys.path); the caller's
+    modules of that package are put back afterwards."""
+    if top is None:
+        yield
+        return
+    mine = lambda name: name == top or name.startswith(top + ".")  # noqa: E731
+    saved = {name: mod for name, mod in sys.modules.items() if mine(name)}
+    for name in saved:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if mine(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _active_run_id() -> str | None:
+    """The caller's active MLflow run, which a stage's runs nest in and must not end."""
+    if "mlflow" not in sys.modules:
+        return None
+    import mlflow
+
+    return run.info.run_id if (run := mlflow.active_run()) else None
+
+
+def _reset_process_state(active_run: str | None) -> None:
     """Undo what a stage leaves process-wide that a process of its own would have taken with it."""
     if "accelerate.state" in sys.modules:  # Accelerator() refuses a second, different configuration otherwise
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    if "mlflow" in sys.modules:
+    if "mlflow" in sys.modules:  # a run the stage left open (it crashed outside its `with mlflow.start_run()`)
         import mlflow
 
-        while mlflow.active_run():  # a stage that crashed outside its `with mlflow.start_run()`
+        while (run := mlflow.active_run()) is not None and run.info.run_id != active_run:
             mlflow.end_run("FAILED")
     gc.collect()  # the stage's models go now, not at some later collection
+    with contextlib.suppress(OSError, AttributeError):  # and glibc hands the freed memory back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _set_environ(env: dict[str, str]) -> None:
@@ -151,21 +177,32 @@ def _set_environ(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.__stderr__)
+
+
+# One stream for every stage: a logging handler or progress bar a stage creates keeps it (transformers binds its
+# handler to the sys.stderr of its first import), so it must lead to whichever stage runs now, and to stderr between.
+_STREAM = LineWriter(_to_stderr)
+
+
 def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
     """`python -m module args` in this interpreter; its exit code (1 for an uncaught exception, whose traceback goes to
     `echo` as it would go to stderr)."""
-    import torch  # every stage but validation imports it; imported here to put back a thread count a stage changes
-
-    saved = dict(os.environ), sys.argv[:], sys.path[:], os.getcwd(), torch.get_num_threads()
-    stderr, out = sys.stderr, LineWriter(echo)
+    try:
+        import torch  # every stage but validation imports it: imported here to put back a thread count a stage sets
+    except ImportError:
+        torch = None
+    saved = dict(os.environ), sys.argv[:], sys.path[:], os.getcwd(), torch.get_num_threads() if torch else 0
+    active_run = _active_run_id()
+    _STREAM.flush()
+    _STREAM.echo = echo
     try:
         _set_environ(env)
         os.chdir(cwd)
         sys.argv[:], sys.path[:] = [module, *args], [cwd, *sys.path]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), warnings.catch_warnings():
-            # A stage module an earlier stage imported (ppo imports stages.reward) runs afresh as __main__ all the
-            # same; runpy's warning about it is for code that expects one module object.
-            warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+        with contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM), \
+                _fresh_modules(_local_package(module, cwd)):  # fmt: skip
             try:
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
                 code = 0
@@ -176,15 +213,19 @@ def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo
             except Exception:  # a crash: the traceback is the stage's output, as in a process of its own
                 traceback.print_exc()
                 code = 1
-            out.flush()
+            _STREAM.flush()
         return code
     finally:
-        out.echo = lambda line: print(line, file=stderr)  # a handler the stage made may still hold `out`
+        _STREAM.echo = _to_stderr
         environ, sys.argv[:], sys.path[:], cwd_before, threads = saved
         _set_environ(environ)
         os.chdir(cwd_before)
-        torch.set_num_threads(threads)
-        _reset_process_state()
+        if torch:
+            torch.set_num_threads(threads)
+        try:
+            _reset_process_state(active_run)
+        except Exception as e:  # noqa: BLE001 (the stage's own outcome stands; say what could not be undone)
+            _to_stderr(f"warning: after {module}: could not reset process state: {e!r}")
 
 
 def run_command(cmd: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
@@ -229,7 +270,7 @@ def in_process(project: Path, stage: str, env: dict[str, str], echo: Echo = prin
     `env` is the environment of the stage's command (DVC adds DVC_ROOT and DVC_STAGE). One stage at a time per process:
     a stage owns the working directory and the environment while it runs."""
     with _ONE_AT_A_TIME:
-        return _in_process(project, stage, env, echo)
+        return _in_process(project.resolve(), stage, env, echo)
 
 
 def _in_process(project: Path, stage: str, env: dict[str, str], echo: Echo) -> Outcome:
@@ -249,12 +290,11 @@ def _in_process(project: Path, stage: str, env: dict[str, str], echo: Echo) -> O
         ran.append(dvc_stage.addressing)
         for cmd in dvc_stage.cmd if isinstance(dvc_stage.cmd, list) else dvc_stage.cmd.splitlines():
             kwargs = dvc_run.prepare_kwargs(dvc_stage, run_env=env | (run_env or {}))  # cwd; env + DVC_ROOT, DVC_STAGE
-            module = python_module(cmd)
-            if module and runs_same_code(module[0], kwargs["cwd"]):
+            if module := python_module(cmd):
                 lines(f"> {cmd}   (in this process)")
                 code = run_module(module[0], module[1:], kwargs["cwd"], kwargs["env"], lines)
             else:
-                lines(f"> {cmd}" + ("   (new process: this process has other code loaded for it)" if module else ""))
+                lines(f"> {cmd}")
                 code = run_command(dvc_run._make_cmd(dvc_run.get_executable(), cmd), kwargs["cwd"], kwargs["env"],
                                    lines)  # fmt: skip
             if code:
@@ -273,6 +313,9 @@ def _in_process(project: Path, stage: str, env: dict[str, str], echo: Echo) -> O
         if not codes:  # DVC itself failed (no such stage, a missing dependency, an output not written): say what
             lines(f"ERROR: {e}: {e.__cause__}" if e.__cause__ else f"ERROR: {e}")
         return lines.outcome("failed", codes[-1] if codes else 1)
+    except Exception as e:  # noqa: BLE001 (opening the repository: permissions, a broken index): say what
+        lines(f"ERROR: {type(e).__name__}: {e}")
+        return lines.outcome("failed", 1)
     finally:
         dvc_run.cmd_run = dvc_cmd_run
     return lines.outcome(("ran" if ran else "restored") if reproduced else "skipped")
@@ -287,7 +330,7 @@ def in_subprocess(cmd: list[str], project: Path, env: dict[str, str], echo: Echo
     if code == 0:
         skipped, restored = "didn't change, skipping" in output, "is cached - skipping run" in output
         return lines.outcome("skipped" if skipped else "restored" if restored else "ran")
-    if "Unable to acquire lock" in output:
+    if "Unable to acquire lock" in output and "Running stage" not in output:  # nothing ran: safe to retry
         return lines.outcome("busy", code)
     exited = re.findall(r"failed to run: .*, exited with (-?\d+)", output)
     return lines.outcome("failed", int(exited[-1]) if exited else code)

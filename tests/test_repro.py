@@ -31,6 +31,11 @@ where = {"pid": os.getpid(), "cwd": os.getcwd(), "stage": os.environ.get("DVC_ST
 Path("where.json").write_text(json.dumps(where))  # not an output: where and how it ran
 Path("out").mkdir(exist_ok=True)
 Path("out/seen.json").write_text(json.dumps({"argv": sys.argv[1:], "input": Path("in.txt").read_text()}))
+import logging
+lib = logging.getLogger("probe_lib")  # a library's logger: its handler keeps the sys.stderr of its first import
+if not lib.handlers:
+    lib.addHandler(logging.StreamHandler())
+lib.warning("probe lib says %s", Path("in.txt").read_text())
 import torch
 torch.set_num_threads(1)
 os.environ["PROBE_LEAK"] = "1"
@@ -105,8 +110,10 @@ def test_unchanged_stage_is_skipped_and_a_reverted_change_is_restored_from_the_r
     assert "Stage 'probe' didn't change, skipping" in lines and "probe running" not in lines
 
     (project / "in.txt").write_text("two")
-    assert repro.in_process(project, "probe", {}, print).status == "ran"
+    lines.clear()
+    assert repro.in_process(project, "probe", {}, lines.append).status == "ran"
     assert json.loads((project / "out/seen.json").read_text())["input"] == "two"
+    assert "probe lib says two" in lines  # the handler made in an earlier run logs to this run's output
 
     (project / "in.txt").write_text("one")  # back: DVC's run cache has this one, as `dvc repro` would find
     lines.clear()
@@ -163,26 +170,41 @@ def test_a_held_lock_is_busy(tmp_path):
     assert not (project / "where.json").exists()
 
 
-def test_other_code_loaded_for_the_module_runs_it_in_a_new_process(tmp_path):
-    """A flow served from one checkout running another: the project's own `stages` package is what DVC hashes, so when
-    it differs from the `stages` this process has loaded, the command runs where `python -m` would find it."""
-    import stages  # loaded from this checkout
+HELLO = """\
+import json, os, pathlib
+import stages
+from stages.hello_value import VALUE
+pathlib.Path("out").mkdir(exist_ok=True)
+pathlib.Path("out/hello.json").write_text(json.dumps({"value": VALUE}))
+pathlib.Path("where.json").write_text(json.dumps({"pid": os.getpid(), "package": stages.__file__}))
+"""
 
-    same = tmp_path / "same"
-    shutil.copytree(ROOT / "stages", same / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    assert repro.runs_same_code("stages.sft", str(same)) and repro.runs_same_code("probe", str(same))
-    assert repro.runs_same_code("json", str(same))  # not in the project: from the environment either way
 
-    project = _project(tmp_path / "other", cmd="python -m stages.hello")
+def test_the_projects_own_code_runs_fresh_and_the_callers_modules_are_put_back(tmp_path, state):
+    """`python -m stages.X` imports the project's stages/ (what DVC hashes), as `python -m` in its directory would,
+    also when this process has another checkout's `stages` loaded or the project's code changed since it was loaded."""
+    import stages  # this checkout's, loaded by the test process
+
+    project = _project(tmp_path / "own", cmd="python -m stages.hello")
     shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "stages/hello.py").write_text(
-        "import os, pathlib\npathlib.Path('out').mkdir()\npathlib.Path('out/pid.txt').write_text(str(os.getpid()))\n"
-    )
-    assert not repro.runs_same_code("stages.hello", str(project)) and stages.__file__.startswith(str(ROOT))
+    (project / "stages/hello.py").write_text(HELLO)
+    (project / "stages/hello_value.py").write_text('VALUE = "one"\n')
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["probe"]["deps"] = ["stages"]
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec))
+
     lines: list[str] = []
     assert repro.in_process(project, "probe", {}, lines.append).status == "ran", lines
-    assert int((project / "out/pid.txt").read_text()) != os.getpid()
-    assert any("new process" in ln for ln in lines)
+    where = json.loads((project / "where.json").read_text())
+    assert where == {"pid": os.getpid(), "package": str(project / "stages/__init__.py")}
+    assert json.loads((project / "out/hello.json").read_text()) == {"value": "one"}
+    assert sys.modules["stages"] is stages and "stages.hello_value" not in sys.modules
+
+    (project / "stages/hello_value.py").write_text('VALUE = "two"\n')  # edited between two runs of this process
+    assert repro.in_process(project, "probe", {}, print).status == "ran"
+    assert json.loads((project / "out/hello.json").read_text()) == {"value": "two"}  # not the module loaded before
+    assert _dvc_status(project) == {}
+    _unchanged(state)
 
 
 def test_python_module_pattern():
