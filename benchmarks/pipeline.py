@@ -13,8 +13,9 @@ What it measures (all wall-clock, on whatever else the machine is doing: check t
   and task bookkeeping, artifacts) and stage start-up (sum(stage) - sum(compute): interpreter start and imports where a
   stage has a process of its own, imports done on first use in process, DVC hashing and locking, MLflow set-up);
 - a second `rlhf run --prefect` (every stage skipped) and a no-op `dvc repro` (median of 3).
-Writes benchmarks/pipeline_results.json (pipeline_results_process.json for `--runner process`). The fresh clone uses this interpreter's environment, so run it from a clean
-checkout: the code imported is this checkout's, the code DVC hashes is the clone's.
+Writes benchmarks/pipeline_results.json (pipeline_results_process.json for `--runner process`). The fresh clone uses
+this interpreter's environment, so run it from a clean checkout: the code imported is this checkout's, the code DVC
+hashes is the clone's.
 """
 
 from __future__ import annotations

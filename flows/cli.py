@@ -105,7 +105,7 @@ def _run_stages(runner, stages: list[str]) -> int:  # noqa: ANN001 (a flows.cont
     """dvc.yaml's stages in order, each as `dvc repro --single-item`: in this process (local), in a process or a
     container of its own; DVC decides what to skip and records what ran in dvc.lock."""
     from flows import repro
-    from flows.pipeline import gate_reason, plan
+    from flows.pipeline import plan, stop_message
 
     project, env, stdout = Path.cwd(), venv_env(), sys.stdout
 
@@ -113,15 +113,9 @@ def _run_stages(runner, stages: list[str]) -> int:  # noqa: ANN001 (a flows.cont
         print(line, file=stdout, flush=True)
 
     for stage in plan(project, stages or None):
-        if runner.kind == "local":
-            outcome = repro.in_process(project, stage, env, echo)
-        else:
-            cmd = runner.command(project, ["dvc", "repro", "--single-item", stage], env)
-            print(f"$ {' '.join(cmd)}", flush=True)
-            outcome = repro.in_subprocess(cmd, project, env, echo)
+        outcome = repro.reproduce(runner, project, stage, env, echo)
         if outcome.status in ("failed", "busy"):
-            why = gate_reason(project, stage, outcome.tail) if outcome.code == EXIT_GATE else (outcome.tail or ["no output"])[-1]
-            print(f"the pipeline stopped at {stage} (exit {outcome.code}): {why}; earlier artifacts are left as they "
+            print(f"the pipeline stopped: {stop_message(project, stage, outcome)}; earlier artifacts are left as they "
                   "were", file=sys.stderr)  # fmt: skip
             return EXIT_GATE
     _print_where_to_look(project, None)

@@ -140,26 +140,24 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: st
 
     The local runner runs it in this process (flows/repro.py: no interpreter and imports to pay per stage); `process`
     runs `dvc repro --single-item` as a new process, `docker` in the stage image."""
-    logger = get_run_logger()
     env = {**venv_env(), "RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri,
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    echo = logger.info
     start = time.monotonic()
-    if runner.kind == "local":
-        outcome = repro.in_process(Path(project_dir), stage, env, echo)
-    else:
-        cmd = runner.command(Path(project_dir), ["dvc", "repro", "--single-item", stage], env)
-        if runner.kind == "docker":
-            logger.info("in %s: %s", runner.image, " ".join(cmd))
-        outcome = repro.in_subprocess(cmd, Path(project_dir), env, echo)
+    outcome = repro.reproduce(runner, Path(project_dir), stage, env, get_run_logger().info)
     seconds = round(time.monotonic() - start, 1)
-    if outcome.status == "busy":
-        return Failed(name=BUSY, message=f"{stage}: another DVC process holds the lock")
-    if outcome.status != "failed":
+    if outcome.status not in ("busy", "failed"):
         return StageResult(stage, outcome.status, seconds)
+    name = BUSY if outcome.status == "busy" else STOPPED if outcome.code == EXIT_GATE else "Failed"
+    return Failed(name=name, message=stop_message(Path(project_dir), stage, outcome))
+
+
+def stop_message(project: Path, stage: str, outcome: repro.Outcome) -> str:
+    """Why a stage ended the pipeline, in one line: a held DVC lock, a gate (the reason in its metrics) or a crash."""
+    if outcome.status == "busy":
+        return f"{stage}: another DVC process holds the lock"
     if outcome.code == EXIT_GATE:
-        return Failed(name=STOPPED, message=f"stopped at {stage}: {gate_reason(Path(project_dir), stage, outcome.tail)}")
-    return Failed(message=f"{stage} crashed (exit {outcome.code}): " + " | ".join(_error_lines(outcome.tail)))
+        return f"stopped at {stage}: {gate_reason(project, stage, outcome.tail)}"
+    return f"{stage} crashed (exit {outcome.code}): " + " | ".join(_error_lines(outcome.tail))
 
 
 def _error_lines(tail: list[str], n: int = 3) -> list[str]:

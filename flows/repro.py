@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.containers import Runner
+
 # `python -m pkg.module args`: nothing a shell would interpret (pipes, redirections, variables, globs, chains)
 PYTHON_MODULE = re.compile(r"python3?(?:\.\d+)?\s+-m\s+[A-Za-z_][\w.]*(?:\s+[\w./:=,@%+-]+)*")
 TAIL = 40  # lines of output kept for the error message
@@ -263,6 +265,16 @@ def _dvc_logs_to(echo: Echo) -> Iterator[None]:
         yield
     finally:
         log.handlers, log.level, log.propagate = saved
+
+
+def reproduce(runner: Runner, project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:
+    """`dvc repro --single-item stage` where `runner` says: in this process (`local`), or as the runner's command line
+    (`process`: a new process, `docker`: a container), which is echoed first."""
+    if runner.kind == "local":
+        return in_process(project, stage, env, echo)
+    cmd = runner.command(project, ["dvc", "repro", "--single-item", stage], env)
+    echo(f"$ {' '.join(cmd)}")
+    return in_subprocess(cmd, project, env, echo)
 
 
 def in_process(project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:

@@ -123,22 +123,16 @@ def test_unchanged_stage_is_skipped_and_a_reverted_change_is_restored_from_the_r
     _unchanged(state)
 
 
-def test_a_gate_exit_fails_the_stage_with_its_code_and_records_nothing(tmp_path, state):
-    project = _project(tmp_path / "g", "gate")
+@pytest.mark.parametrize("mode, code, printed", [
+    ("gate", 2, ["probe running"]),  # a gate: exit 2 after its report
+    ("crash", 1, ["Traceback (most recent call last):", "RuntimeError: probe crashed on purpose"]),  # with its traceback
+])  # fmt: skip
+def test_a_failing_stage_fails_with_its_code_and_output_and_records_nothing(tmp_path, state, mode, code, printed):
+    project = _project(tmp_path / mode, mode)
     outcome = repro.in_process(project, "probe", {}, print)
-    assert (outcome.status, outcome.code) == ("failed", 2)
-    assert "probe running" in outcome.tail
+    assert (outcome.status, outcome.code) == ("failed", code)
+    assert all(line in outcome.tail for line in printed), outcome.tail
     assert _lock(project) == {} and "probe" in _dvc_status(project)
-    _unchanged(state)
-
-
-def test_a_crash_fails_with_its_traceback_and_leaves_the_process_clean(tmp_path, state):
-    project = _project(tmp_path / "c", "crash")
-    outcome = repro.in_process(project, "probe", {}, print)
-    assert (outcome.status, outcome.code) == ("failed", 1)
-    assert "Traceback (most recent call last):" in outcome.tail
-    assert "RuntimeError: probe crashed on purpose" in outcome.tail
-    assert _lock(project) == {}
     _unchanged(state)
 
 
