@@ -20,7 +20,7 @@ import torch
 from stages import ppo_math as pm
 from stages import task
 from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import context_limit, generate
+from stages.modeling import autocast, context_limit, generate, resolve_precision
 from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run
@@ -252,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
                         "instead of the PPO stage's output")  # fmt: skip
     args = parser.parse_args(argv)
-    config = config_from(EvaluateConfig, load_params(args.params).get("evaluate"))
+    params = load_params(args.params)
+    config = config_from(EvaluateConfig, params.get("evaluate"))
+    precision = resolve_precision(params.get("precision", "auto"))
     import tempfile
 
-    with mlflow_run("evaluate") as tracker, tempfile.TemporaryDirectory() as scratch:
+    with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision), \
+            tempfile.TemporaryDirectory() as scratch:  # fmt: skip
         ppo_dir = Path(args.ppo)
         if args.model_uri:
             ppo_dir = materialise_model_uri(args.model_uri, Path(scratch))

@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stages.params import ParamsError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 TINY_PREFIX = "tiny-"  # model: tiny-gpt2 | tiny-llama builds from `TinyModelConfig`
@@ -51,6 +53,75 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "q_proj", "v_proj"])
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class PrecisionError(ParamsError):
+    """The precision asked for cannot run well (or at all) on this device."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (figures are only comparable with it beside them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). Without either, bf16 autocast on the
+    CPU is emulated: measured 12x slower than fp32 on an AMD EPYC (shared/ENVIRONMENT.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(setting: str, device: str = "cpu", native_bf16: bool | None = None) -> str:
+    """The precision a stage trains and evaluates in: params.yaml `precision` resolved for `device`.
+
+    auto: fp32 on every CPU (results do not depend on which CPU ran them), bf16 on a GPU that supports it, else fp32.
+    bf16 on a CPU only where it is native (else it is refused: it would run ~12x slower); fp16 only on a GPU.
+    """
+    if setting not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, not {setting!r}")
+    if device == "cpu":
+        if setting in ("auto", "fp32"):
+            return "fp32"
+        if setting == "fp16":
+            raise PrecisionError("precision fp16 needs a GPU; on a CPU use fp32 (or auto)")
+        if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+            raise PrecisionError(f"precision bf16 asked for, but this CPU ({cpu_model()}) has no native bf16 "
+                                 "(avx512_bf16/amx_bf16): bf16 would run ~12x slower than fp32; use fp32 or auto")
+        return "bf16"
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return setting
+
+
+def trainer_precision(precision: str) -> dict[str, bool]:
+    """The transformers/TRL TrainingArguments switches for a resolved precision. TRL's SFTConfig and RewardConfig
+    default to bf16=True, so fp32 must be said explicitly."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def autocast(precision: str, device: str = "cpu"):
+    """A context that runs forwards in the resolved precision (our own PPO and evaluation code); fp32: no autocast."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def seed_everything(seed: int) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from stages import ppo_math as pm
 from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import LoraSettings, fuse_gelu, generate, peft_config
+from stages.modeling import LoraSettings, autocast, fuse_gelu, generate, peft_config, resolve_precision
 from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
 from stages.tracking import Tracker, mlflow_run
@@ -507,14 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="artifacts/ppo")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
-    config = config_from(PPOConfig, load_params(args.params).get("ppo"))
+    params = load_params(args.params)
+    config = config_from(PPOConfig, params.get("ppo"))
+    precision = resolve_precision(params.get("precision", "auto"))
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     try:
         if is_main and not args.no_tracking:
-            with mlflow_run("ppo") as tracker:
+            with mlflow_run("ppo", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
                 result = run(config, Path(args.data), Path(args.sft), Path(args.reward), Path(args.out), tracker)
         else:
-            result = run(config, Path(args.data), Path(args.sft), Path(args.reward), Path(args.out), None)
+            with autocast(precision):
+                result = run(config, Path(args.data), Path(args.sft), Path(args.reward), Path(args.out), None)
     except NonFiniteError as e:
         print(f"PPO stopped: {e}. The last good checkpoint is intact under {config.checkpoint_dir}.", file=sys.stderr)
         return EXIT_NONFINITE

@@ -29,7 +29,9 @@ from stages.modeling import (
     generate,
     load_causal_lm,
     peft_config,
+    resolve_precision,
     seed_everything,
+    trainer_precision,
 )
 from stages.params import config_from, load_params, stage_main
 from stages.plots import bar_plot, line_plot
@@ -136,7 +138,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
-        labeler_file: Path | None = None) -> tuple[dict[str, Any], GateResult]:  # fmt: skip
+        labeler_file: Path | None = None, precision: str = "fp32") -> tuple[dict[str, Any], GateResult]:  # fmt: skip
     """Train the RM, measure it, apply the gate. Writes everything to `out_dir` (also when the gate fails)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -146,7 +148,8 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
     seed_everything(config.seed)
     gate = GateConfig(**config.gate)
     train_rows, test_rows = read_jsonl(data_dir / "preferences.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
-    tracker.log_params({"reward": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows)})
+    tracker.log_params({"reward": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
+                        "precision": precision})
     policy, gen_tokenizer = load_causal_lm(sft_dir)  # left-padded, for sampling
     tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")  # the RM's
     model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
@@ -168,7 +171,7 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
             center_rewards_coefficient=config.center_rewards_coefficient or None,
             gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
             eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
+            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
         )  # fmt: skip
         trainer = RewardTrainer(
             model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
@@ -225,12 +228,13 @@ def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, trac
               "accuracy", out_dir / "accuracy.png")  # fmt: skip
     metrics = {"accuracy": round(accuracy, 4), "labeler_ceiling": ceiling, "rank_agreement_gold": rank_agreement,
                "gold_pair_accuracy": gold_accuracy, "train_seconds": round(train_seconds, 2),
-               "reward_mean": norm["mean"], "reward_std": norm["std"],
+               "reward_mean": norm["mean"], "reward_std": norm["std"], "precision": precision,
                "gate": {"passed": result.passed, "reason": result.reason}}  # fmt: skip
     write_json(out_dir / "metrics.json", metrics)
 
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-    tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason})
+    tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason,
+                      "rlhf.precision": precision})
     for name in ("metrics.json", "norm.json", "calibration.png", "loss.png", "accuracy.png", "model"):
         tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
     return metrics, result
@@ -246,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeler", default="data/labeler.json", help="the simulated labeler's statistics, if any")
     parser.add_argument("--out", default="artifacts/reward")
     args = parser.parse_args(argv)
-    config = config_from(RewardConfig, load_params(args.params).get("reward"))
+    params = load_params(args.params)
+    config = config_from(RewardConfig, params.get("reward"))
+    precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("reward") as tracker:
-        metrics, result = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, Path(args.labeler))
+        metrics, result = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, Path(args.labeler),
+                              precision)
     if not result.passed:
         print(result.reason, file=sys.stderr)
         return EXIT_GATE

@@ -26,7 +26,9 @@ from stages.modeling import (
     generate,
     load_causal_lm,
     peft_config,
+    resolve_precision,
     seed_everything,
+    trainer_precision,
 )
 from stages.params import config_from, load_params, stage_main
 from stages.plots import line_plot
@@ -55,15 +57,16 @@ class SFTConfig:
     temperature: float = 1.0
 
 
-def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
-    """Train, evaluate and save the SFT model into `out_dir`; returns the metrics."""
+def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32") -> dict[str, Any]:
+    """Train, evaluate and save the SFT model into `out_dir` in `precision` (resolved); returns the metrics."""
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
     seed_everything(config.seed)
     train_rows, test_rows = read_jsonl(data_dir / "sft.jsonl"), read_jsonl(data_dir / "sft_test.jsonl")
-    tracker.log_params({"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows)})
+    tracker.log_params({"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
+                        "precision": precision})
     sample_prompts = [r["prompt"] for r in test_rows[: config.n_samples]]
 
     with staged_dir(out_dir) as tmp:
@@ -89,6 +92,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
                 max_length=context_limit(model, config.max_length), completion_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
                 logging_steps=config.logging_steps, eval_strategy="epoch", save_strategy="no", report_to="none",
                 seed=config.seed, data_seed=config.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
+                **trainer_precision(precision),
             )  # fmt: skip
             trainer = SFTTrainer(
                 model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
@@ -122,6 +126,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
             "train_loss": round(losses[-1][1], 5) if losses else None,
             "train_seconds": round(train_seconds, 2),
             "n_parameters": count_parameters(model),
+            "precision": precision,
             "eos_rate": sum(ended) / max(1, len(ended)),
             "gold_before": task.gold_mean(sample_prompts, before),
             "gold_after": task.gold_mean(sample_prompts, after),
@@ -131,6 +136,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker) -> d
         shutil.rmtree(tmp / "base")
 
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    tracker.set_tags({"rlhf.precision": precision})
     for name in ("metrics.json", "samples.jsonl", "loss.png", "model"):
         tracker.log_artifact(out_dir / name, None if name != "model" else "model")
     return metrics
@@ -144,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
     parser.add_argument("--out", default="artifacts/sft")
     args = parser.parse_args(argv)
-    config = config_from(SFTConfig, load_params(args.params).get("sft"))
+    params = load_params(args.params)
+    config = config_from(SFTConfig, params.get("sft"))
+    precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("sft") as tracker:
-        metrics = run(config, Path(args.data), Path(args.out), tracker)
+        metrics = run(config, Path(args.data), Path(args.out), tracker, precision)
     print(f"SFT: held-out perplexity {metrics['perplexity']:.3f}; gold {metrics.get('gold_before', 'n/a')} -> "
           f"{metrics.get('gold_after', 'n/a')}; saved to {args.out}/model")  # fmt: skip
     return 0

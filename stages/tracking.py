@@ -29,6 +29,25 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
+class NullTracker:
+    """A `Tracker` that records nothing: for tests, for the non-main processes of a multi-process run, and for
+    code that runs outside a tracked stage."""
+
+    run_id = ""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+
 class MlflowTracker:
     """A `Tracker` writing to the active MLflow run."""
 

@@ -1,0 +1,93 @@
+"""Precision per device (params.yaml `precision`): fp32 on every CPU unless bf16 is asked for where it is native."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import modeling, sft
+from stages.io import write_jsonl
+from stages.modeling import PrecisionError, cpu_has_native_bf16, resolve_precision, trainer_precision
+from stages.params import ParamsError
+from stages.tracking import NullTracker
+
+AMD_FLAGS = "flags : fpu sse sse2 avx avx2 fma bmi2 sha_ni"  # an AMD EPYC without AVX-512: no native bf16
+INTEL_FLAGS = "flags : fpu sse avx2 avx512f avx512bw avx512_bf16 amx_tile"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert not cpu_has_native_bf16(AMD_FLAGS)
+    assert cpu_has_native_bf16(INTEL_FLAGS)
+    assert cpu_has_native_bf16("flags : amx_bf16 amx_tile")
+    assert not cpu_has_native_bf16("flags : avx512f avx512bw")  # AVX-512 alone does not compute bf16
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_and_fp32_are_fp32_on_every_cpu(native):
+    assert resolve_precision("auto", "cpu", native_bf16=native) == "fp32"
+    assert resolve_precision("fp32", "cpu", native_bf16=native) == "fp32"
+
+
+def test_bf16_on_a_cpu_only_where_native():
+    assert resolve_precision("bf16", "cpu", native_bf16=True) == "bf16"
+    with pytest.raises(PrecisionError, match="no native bf16.*12x slower"):
+        resolve_precision("bf16", "cpu", native_bf16=False)
+    with pytest.raises(PrecisionError, match="needs a GPU"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ParamsError, match="precision must be one of"):  # a params error: one line, exit as bad params
+        resolve_precision("half", "cpu")
+
+
+def test_trl_configs_get_the_precision_explicitly():
+    """TRL's SFTConfig and RewardConfig default to bf16=True: fp32 must turn it off."""
+    from trl import RewardConfig, SFTConfig
+
+    for cls in (SFTConfig, RewardConfig):
+        assert cls(output_dir="/tmp/unused", use_cpu=True).bf16 is True  # the trap this guards against
+        args = cls(output_dir="/tmp/unused", use_cpu=True, **trainer_precision("fp32"))
+        assert args.bf16 is False and args.fp16 is False
+
+
+@contextlib.contextmanager
+def _record_autocast(seen: list[bool]):
+    """Every module forward in the block records whether CPU autocast was on."""
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def _tiny_sft(tmp_path: Path, precision: str) -> list[bool]:
+    data = tmp_path / "data"
+    rows = [{"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:", "response": f"{a} plus {b} is {a + b}."}
+            for a in range(6) for b in range(6)]  # fmt: skip
+    write_jsonl(data / "sft.jsonl", rows[:30])
+    write_jsonl(data / "sft_test.jsonl", rows[30:])
+    config = sft.SFTConfig(tiny={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "max_positions": 64},
+                           epochs=1, batch_size=8, n_samples=2, max_new_tokens=4, logging_steps=1)  # fmt: skip
+    seen: list[bool] = []
+    with _record_autocast(seen):
+        sft.run(config, data, tmp_path / "out", NullTracker(), precision)
+    return seen
+
+
+@pytest.mark.slow
+def test_no_stage_trains_under_bf16_autocast_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+    """On a CPU without native bf16 (an AMD EPYC's flags), `precision: auto` trains SFT with no autocast at all."""
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda cpuinfo=None: cpu_has_native_bf16(AMD_FLAGS))
+    precision = resolve_precision("auto")
+    assert precision == "fp32"
+    seen = _tiny_sft(tmp_path, precision)
+    assert seen and not any(seen)
+
+
+@pytest.mark.slow
+def test_the_autocast_probe_sees_bf16_when_it_is_asked_for(tmp_path):
+    """The probe above can fail: with bf16 the same training runs its forwards under autocast."""
+    seen = _tiny_sft(tmp_path, "bf16")
+    assert any(seen)
