@@ -33,14 +33,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from stages.lib.environment import QUIET as QUIET_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-         "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}  # fmt: skip
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **QUIET_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("MLFLOW_TRACKING_URI", "RLHF_PARENT_RUN_ID", "PREFECT_API_URL"):
         env.pop(key, None)
     return env

@@ -124,7 +124,7 @@ def loadavg() -> list[float]:
 
 
 class TimingTracker:
-    """A `stages.tracking.Tracker` stand-in: timestamps each PPO step's metrics; optionally profiles one step."""
+    """A `stages.lib.tracking.Tracker` stand-in: timestamps each PPO step's metrics; optionally profiles one step."""
 
     run_id = "benchmark"
 

@@ -12,7 +12,8 @@ The workspace (the project: params.yaml, data/, artifacts/, dvc.yaml) is the wor
 says otherwise. Pass the MLflow tracking URI in, e.g.
   docker run --rm -v "$PWD:/workspace" --user "$(id -u):$(id -g)" \
       -e MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db rlhf-stage:cpu validate
-Stages: validate, sft, reward, ppo, evaluate, promote (dvc.yaml). Exit code 2: a gate stopped the stage.
+Stages: validate, sft, reward, reward_gate, ppo, evaluate, promote (dvc.yaml). Exit codes: 0 ok, 1 crash, 3 a gate
+stopped the stage, 4 training diverged, 64 usage, 65 bad data or params (stages/lib/outcome.py).
 TXT
 }
 
@@ -29,4 +30,4 @@ case "$stage" in
            "$stage" 2>/dev/null; then exec python -m "stages.$stage" "$@"; fi ;;
 esac
 echo "error: '$stage' is not a stage or a tool of this image (see: docker run IMAGE --help)" >&2
-exit 2
+exit 64

@@ -1,13 +1,15 @@
-"""`rlhf`: the command line of the RLHF pipeline. A thin wrapper: every command calls a stage's or a flow's function."""
+"""`rlhf`: the command line of the RLHF pipeline. A thin wrapper: every command calls a stage's or a flow's function,
+and every outcome ends with the one exit-code vocabulary of stages/lib/outcome.py."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-EXIT_GATE = 2  # a gate (validation, reward-model agreement, KL guard) stopped the pipeline: not a crash
+from stages.lib.outcome import ArgumentParser, ExitCode, StageStop
 
 QUICK_HELP = """\
 examples:
@@ -18,17 +20,20 @@ examples:
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
   rlhf make-data                             regenerate the default task into data/ (matches data.dvc)
-"""
 
+exit codes: 0 ok, 1 crash, 3 a gate stopped it, 4 training diverged, 64 usage, 65 bad data or params,
+            69 a service is unavailable, 75 another run holds the project's lock, 130 interrupted
+"""
 
 RUN_HELP = """\
 Run the pipeline: dvc.yaml's stages in order, each as `dvc repro --single-item` (DVC skips unchanged ones and records
-what ran in dvc.lock). With the default --runner local, each stage's `python -m stages.X` runs in this process, which
-saves the ~6 s of interpreter start-up and imports a process per stage costs; --runner process gives each stage a
-process of its own (what `dvc repro` does).
-A gate (validation, reward-model agreement, KL guard) stops it with exit code 2; earlier artifacts stay as they were.
+what ran in dvc.lock). Hyperparameters come from params.yaml, the one file DVC tracks them in: for a variant, edit it
+or use `dvc exp run -S section.key=value`. With the default --runner local, each stage's `python -m stages.X` runs in
+this process, which saves the ~6 s of interpreter start-up and imports a process per stage costs; --runner process
+gives each stage a process of its own (what `dvc repro` does). A stage that stops (a gate, bad data, a diverged
+loss) ends the run with its exit code and one line saying why; earlier artifacts stay as they were.
 
---prefect runs the same stages as the Prefect flow `rlhf-pipeline` (flows/pipeline.py): one task per stage (run
+--prefect runs the same loop as the Prefect flow `rlhf-pipeline` (flows/pipeline.py): one task per stage (run
 by the same runners), one parent MLflow run holding every stage's run, and Prefect artifacts (validation summary,
 reward gate, PPO KL curve, evaluation report). Without PREFECT_API_URL, Prefect starts a temporary local
 server, which adds about 15-20 s; with it, the run shows in that server's UI.
@@ -38,112 +43,111 @@ project mounted at its own path and the container running as the project's owner
 MLflow runs are the same as with the default local runner. --gpus all passes the GPUs to the CUDA image.
 """
 
+SERVE_HELP = """\
+Serve the pipeline flow as the Prefect deployment 'rlhf-pipeline/rlhf-nightly' with a cron schedule. This process
+runs every scheduled or triggered run of it, in the current directory (the project), until you stop it (Ctrl-C).
+
+It needs a Prefect server, not the temporary one `rlhf run --prefect` starts:
+  prefect server start                                         # UI and API on http://127.0.0.1:4200
+  prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api  # or export PREFECT_API_URL=...
+  rlhf serve --cron "0 3 * * *"                                 # every day at 03:00 UTC
+Trigger a run now, from any shell:
+  prefect deployment run 'rlhf-pipeline/rlhf-nightly'
+For work pools and workers (process or Docker) use prefect.yaml: prefect deploy --all
+"""
+# A busy 2-core machine took longer than Prefect's default 20 s to start its temporary server (shared/ENVIRONMENT.md)
+EPHEMERAL_STARTUP_SECONDS = "180"
+
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
-    from stages import task
+    from stages.lib import task
 
     return task.main(["--params", args.params, "--out", args.out])
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from stages import validate
-    from stages.formats import DataError
-    from stages.params import config_from, load_params
+    from stages.lib.params import config_from, load_params
 
     section = load_params(args.params).get("validate", {}) if Path(args.params).exists() else {}
     overrides = {"policy": args.policy} if args.policy else {}
     config = config_from(validate.ValidateConfig, section, **overrides)
     heldout: set[str] = set()
-    try:
-        for path in args.heldout or []:
-            heldout |= set(validate.load_prompts(path))
-        report = validate.validate_file(args.file, args.kind, args.format, config, heldout)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_GATE
+    for path in args.heldout or []:
+        heldout |= set(validate.load_prompts(path))
+    report = validate.validate_file(args.file, args.kind, args.format, config, heldout)
     print(validate.format_report(report))
-    return 0 if report.passed else EXIT_GATE
+    return ExitCode.OK if report.passed else ExitCode.BAD_INPUT
 
 
-def venv_env() -> dict[str, str]:
-    """The environment for child commands: this interpreter's bin/ first, so `python` in dvc.yaml is ours."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for key, value in {"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
-                       "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():  # fmt: skip
-        env.setdefault(key, value)
-    return env
-
-
-def _runner(args: argparse.Namespace):  # -> flows.containers.Runner, checked: the engine answers, the image exists
-    from flows.containers import Runner
+def _runner(args: argparse.Namespace):  # -> flows.runners.Runner, checked: the engine answers, the image exists
+    from flows.runners import Runner, RunnerError
 
     runner = Runner(args.runner, args.image, args.gpus)
-    runner.check()
+    try:
+        runner.check()
+    except RunnerError as e:
+        raise _Unavailable(str(e)) from None
     return runner
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.containers import RunnerError
+class _Unavailable(StageStop):
+    code = ExitCode.UNAVAILABLE
 
-    try:
-        runner = _runner(args)
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not Path(args.data).exists():
-        print(f"no {args.data}/ found: generating the embedded default task (it matches data.dvc)")
-        rc = _cmd_make_data(argparse.Namespace(params=args.params, out=args.data))
-        if rc:
-            return rc
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.orchestrate import ensure_data, local_execute, plan, run_pipeline, stage_env
+
+    project = Path.cwd()
+    names = plan(project, args.stages or None)  # an unknown stage is refused before anything is generated
+    runner = _runner(args)
     if args.prefect:
         return _run_flow(args)
-    return _run_stages(runner, args.stages)
-
-
-def _run_stages(runner, stages: list[str]) -> int:  # noqa: ANN001 (a flows.containers.Runner)
-    """dvc.yaml's stages in order, each as `dvc repro --single-item`: in this process (local), in a process or a
-    container of its own; DVC decides what to skip and records what ran in dvc.lock."""
-    from flows import repro
-    from flows.pipeline import plan, stop_message
-
-    project, env, stdout = Path.cwd(), venv_env(), sys.stdout
+    ensure_data(project)
+    stdout = sys.stdout
 
     def echo(line: str) -> None:  # a stage's output to this command's stdout (in process, sys.stdout is the stage's)
         print(line, file=stdout, flush=True)
 
-    for stage in plan(project, stages or None):
-        outcome = repro.reproduce(runner, project, stage, env, echo)
-        if outcome.status in ("failed", "busy"):
-            print(f"the pipeline stopped: {stop_message(project, stage, outcome)}; earlier artifacts are left as they "
-                  "were", file=sys.stderr)  # fmt: skip
-            return EXIT_GATE
+    pipeline = run_pipeline(project, names, local_execute(runner, project, stage_env(), echo))
+    if (stop := pipeline.stopped) is not None:
+        print(f"the pipeline stopped: {stop.message}; earlier artifacts are left as they were", file=sys.stderr)
+        return pipeline.exit_code
+    print(pipeline.summary())
     _print_where_to_look(project, None)
-    return 0
+    return ExitCode.OK
 
 
 def _run_flow(args: argparse.Namespace) -> int:
     """`rlhf run --prefect`: the Prefect flow in this process (Prefect starts a temporary server if none is set)."""
-    from flows.pipeline import STOPPED, rlhf_pipeline
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+    from flows.pipeline import rlhf_pipeline
 
-    state = rlhf_pipeline(project_dir=".", stages=args.stages or None, params=args.params, runner=args.runner,
-                          image=args.image, gpus=args.gpus, return_state=True)  # fmt: skip
-    summary = state.result(raise_on_failure=False) if state.is_completed() else None
-    if isinstance(summary, dict):
-        restored = f"; restored from DVC's run cache: {', '.join(summary['restored'])}" if summary.get("restored") else ""
-        print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
-              f"{', '.join(summary['skipped']) or 'nothing'}{restored}")  # fmt: skip
+    try:
+        state = rlhf_pipeline(project_dir=".", stages=args.stages or None, runner=args.runner, image=args.image,
+                              gpus=args.gpus, return_state=True)  # fmt: skip
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        raise _Unavailable(f"Prefect's temporary server did not start: {e} (set PREFECT_API_URL to a running "
+                           "`prefect server start`, or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)") from None
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):  # the flow itself crashed before it could say how the pipeline went
+        print(f"the pipeline flow crashed: {state.message}", file=sys.stderr)
+        return ExitCode.CRASH
+    if summary["exit_code"]:
+        print(f"the pipeline stopped: {state.message}; earlier artifacts are left as they were", file=sys.stderr)
         _print_where_to_look(Path.cwd(), summary["parent_run_id"])
-        return 0
-    print(f"the pipeline stopped: {state.message}; earlier artifacts are left as they were", file=sys.stderr)
-    _print_where_to_look(Path.cwd(), None)
-    return EXIT_GATE if state.name == STOPPED else 1
+        return summary["exit_code"]
+    restored = f"; restored from DVC's run cache: {', '.join(summary['restored'])}" if summary["restored"] else ""
+    print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
+          f"{', '.join(summary['skipped']) or 'nothing'}{restored}")  # fmt: skip
+    _print_where_to_look(Path.cwd(), summary["parent_run_id"])
+    return ExitCode.OK
 
 
 def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
     """Where the results are: the MLflow UI, the champion, the reports."""
-    import json
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     run = f", parent run {parent_run_id}" if parent_run_id else ""
     print(f"MLflow:   mlflow ui --backend-store-uri {uri}   (experiment \"rlhf\"{run})")
@@ -160,25 +164,11 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
         print(f"reports:  {', '.join(reports)}")
 
 
-SERVE_HELP = """\
-Serve the pipeline flow as the Prefect deployment 'rlhf-pipeline/rlhf-nightly' with a cron schedule. This process
-runs every scheduled or triggered run of it, in the current directory (the project), until you stop it (Ctrl-C).
-
-It needs a Prefect server, not the temporary one `rlhf run --prefect` starts:
-  prefect server start                                         # UI and API on http://127.0.0.1:4200
-  prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api  # or export PREFECT_API_URL=...
-  rlhf serve --cron "0 3 * * *"                                 # every day at 03:00 UTC
-Trigger a run now, from any shell:
-  prefect deployment run 'rlhf-pipeline/rlhf-nightly'
-For work pools and workers (process or Docker) use prefect.yaml: prefect deploy --all
-"""
-
-
 def _cmd_promote(args: argparse.Namespace) -> int:
     """Promote the version registered from an MLflow run (criteria re-checked from its tags unless --force)."""
     from stages import promote
-    from stages.params import config_from, load_params
-    from stages.tracking import mlflow_run
+    from stages.lib.params import config_from, load_params
+    from stages.lib.tracking import mlflow_run
 
     config = config_from(promote.PromoteConfig, load_params(args.params).get("promote"))
     with mlflow_run("promote-cli", tags={"rlhf.promote_run_id": args.run_id, "rlhf.forced": str(args.force)}):
@@ -186,10 +176,10 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     if not result["promoted"]:
         print(f"not promoted: version {result['version']} fails: {'; '.join(result['reasons'])} (use --force)",
               file=sys.stderr)  # fmt: skip
-        return EXIT_GATE
+        return ExitCode.GATE
     print(f"{config.registered_model} version {result['version']} is the champion"
           f"{' (unchanged)' if result.get('unchanged') else ''}")  # fmt: skip
-    return 0
+    return ExitCode.OK
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -206,19 +196,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.pipeline import rlhf_pipeline
 
     if not PREFECT_API_URL.value():
-        print("error: rlhf serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
-              "(see rlhf serve --help)", file=sys.stderr)  # fmt: skip
-        return EXIT_GATE
+        raise _Unavailable("rlhf serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+                           "(see rlhf serve --help)")  # fmt: skip
     # The module path (not a file path) lets the served flow run from any project directory.
-    parameters = {"project_dir": str(Path.cwd()), "params": args.params, "runner": args.runner, "image": args.image,
-                  "gpus": args.gpus}  # fmt: skip
+    parameters = {"project_dir": str(Path.cwd()), "runner": args.runner, "image": args.image, "gpus": args.gpus}
     rlhf_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters,
                         entrypoint_type=EntrypointType.MODULE_PATH)  # fmt: skip
-    return 0
+    return ExitCode.OK
 
 
 def _runner_options(p: argparse.ArgumentParser) -> None:
-    from flows.containers import DEFAULT_IMAGE, RUNNERS
+    from flows.runners import DEFAULT_IMAGE, RUNNERS
 
     p.add_argument("--runner", choices=RUNNERS, default="local",
                    help="local: stages run in this process (default); process: each stage in a process of its own; "
@@ -228,20 +216,19 @@ def _runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", metavar="GPUS", help="with --runner docker: `docker run --gpus` (e.g. all) for the CUDA image")
 
 
+def _params_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--params", default="params.yaml", help=f"the params file {what} (default: params.yaml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlhf",
-        description="A reproducible RLHF pipeline: data validation, SFT, reward model, PPO, evaluation, promotion.",
-        epilog=QUICK_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = ArgumentParser(prog="rlhf", epilog=QUICK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="A reproducible RLHF pipeline: data validation, SFT, reward model, PPO, "
+                                        "evaluation, promotion.")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     p = sub.add_parser("run", help="run the pipeline (through DVC: unchanged stages are skipped)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("stages", nargs="*", help="only these stages (and what they need); default: all")
-    p.add_argument("--data", default="data", help="the raw data folder tracked by data.dvc")
     p.add_argument("--prefect", action="store_true",
                    help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`")  # fmt: skip
     _runner_options(p)
@@ -257,11 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="promote the policy registered from an MLflow run (e.g. chosen in the UI)")
     p.add_argument("--run-id", required=True, help="the MLflow run that registered the version (the promote stage's)")
     p.add_argument("--force", action="store_true", help="promote even if the promotion criteria failed")
+    _params_option(p, "whose promote section names the registered model")
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("eval", help="evaluate a registered model against SFT on the held-out prompts")
     p.add_argument("--model-uri", required=True, help="e.g. models:/rlhf-policy@champion or models:/rlhf-policy/3")
     p.add_argument("--out", default="reports/eval", help="where the report goes (default: reports/eval)")
+    _params_option(p, "whose evaluate section sets the sampling")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
@@ -272,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["fail", "quarantine"], help="override params.yaml validate.policy")
     p.add_argument("--heldout", action="append", metavar="FILE",
                    help="a held-out file whose prompts must not appear in FILE (repeatable)")  # fmt: skip
+    _params_option(p, "whose validate section sets the checks")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("make-data", help="generate the embedded default task (deterministic; matches data.dvc)")
     p.add_argument("--out", default="data", help="output folder (default: data)")
+    _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)
     return parser
 
@@ -283,13 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as e:  # bad params or paths: say what, not where in our code
+        return ExitCode.INTERRUPTED
+    except StageStop as e:  # bad params or data, a missing service, a refused request: one line, its own code
+        print(f"error: {e.reason}", file=sys.stderr)
+        return e.code
+    except ValueError as e:  # a plan the dvc.yaml cannot give (no such stage): the request is wrong
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_GATE
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
-"""The pipeline as a Prefect flow that follows dvc.yaml: one task per DVC stage, each run as `dvc repro --single-item`
-(by default in the flow's own process, flows/repro.py; `runner="process"` or `"docker"` gives each stage a process or a
-container of its own).
-
-There is no second list of stages: `plan()` reads the `stages` of dvc.yaml in file order (which is topological) and
-DVC decides what to skip. The flow adds what DVC lacks: one parent MLflow run per pipeline run (each stage's run nests
-under it through `RLHF_PARENT_RUN_ID`; stages/tracking.py), a failed flow whose message is the gate's reason, and
-Prefect artifacts (validation summary, reward gate, PPO KL curve, evaluation report).
+"""The pipeline as a Prefect flow: the one orchestration loop (flows/orchestrate.py) with each dvc.yaml stage as a task,
+plus what DVC lacks: one parent MLflow run per pipeline run (each stage's run nests under it through
+`RLHF_PARENT_RUN_ID`; stages/lib/tracking.py), a Failed flow whose name and message are the stopping stage's outcome,
+and Prefect artifacts (validation summary, reward gate, PPO KL curve, evaluation report).
 
     rlhf run --prefect              # this flow, in-process (a temporary Prefect server when PREFECT_API_URL is unset)
     rlhf serve --cron "0 3 * * *"   # this flow as the deployment rlhf-pipeline/rlhf-nightly
@@ -19,9 +15,7 @@ import math
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,87 +26,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from flows import repro
-from flows.cli import EXIT_GATE, venv_env
-from flows.containers import DEFAULT_IMAGE, Runner
-from stages.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from flows.orchestrate import ensure_data, plan, run_pipeline, stage_env
+from flows.runners import DEFAULT_IMAGE, Runner, StageResult
+from stages.lib.outcome import ExitCode, Outcome
+from stages.lib.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
 FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
-LOCAL = Runner()  # stages run in this environment unless the flow is asked for containers
-STOPPED, BUSY = "Stopped", "DvcBusy"  # names of the Failed states a stage task returns for a gate / a held DVC lock
 MAX_ARTIFACT_CHARS = 20_000
+# The name of the Failed state a stage task (and the flow) ends in, by exit code: the UI says what stopped it.
+STATE_NAMES = {ExitCode.GATE: "Gate", ExitCode.BAD_INPUT: "BadInput", ExitCode.NONFINITE: "NonFinite",
+               ExitCode.BUSY: "DvcBusy", ExitCode.USAGE: "Usage", ExitCode.UNAVAILABLE: "Unavailable"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class StageResult:
-    """What one stage did: `ran`, `skipped` (DVC found nothing changed) or `restored` (from DVC's run cache)."""
-
-    stage: str
-    status: str
-    seconds: float
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The plan: dvc.yaml's stages, nothing else
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _paths(entries: list[Any] | None) -> list[str]:
-    """Paths of a dvc.yaml deps/outs/metrics/plots list (entries are `path` or `{path: options}`)."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-
-
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
-def plan(project_dir: str | Path = ".", targets: list[str] | None = None) -> list[str]:
-    """The stages of dvc.yaml in file order; with `targets`, only those and the stages they depend on."""
-    stages: dict[str, dict[str, Any]] = yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text())["stages"]
-    for name, spec in stages.items():
-        if "foreach" in spec or "matrix" in spec:
-            raise ValueError(f"dvc.yaml stage {name!r} uses foreach/matrix, which the flow does not expand")
-    outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
-    upstream = {n: {m for m in stages if m != n and any(_overlaps(d, o) for d in _paths(s.get("deps"))
-                                                         for o in outs[m])}
-                for n, s in stages.items()}  # fmt: skip
-    names = list(stages)
-    for n in names:  # file order must be topological: `dvc repro --single-item` runs exactly one stage
-        if later := [m for m in upstream[n] if names.index(m) > names.index(n)]:
-            raise ValueError(f"dvc.yaml lists stage {n!r} before {later[0]!r}, which it depends on")
-    if not targets:
-        return names
-    unknown = set(targets) - set(names)
-    if unknown:
-        raise ValueError(f"no such stage in dvc.yaml: {', '.join(sorted(unknown))} (stages: {', '.join(names)})")
-    wanted, todo = set(), list(targets)
-    while todo:
-        if (n := todo.pop()) not in wanted:
-            wanted.add(n)
-            todo.extend(upstream[n])
-    return [n for n in names if n in wanted]
+def state_name(code: int) -> str:
+    return STATE_NAMES.get(code, "StageCrashed")  # type: ignore[call-overload]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@task(cache_policy=NO_CACHE)
-def ensure_data(project_dir: str, params: str = "params.yaml", data: str = "data") -> bool:
-    """Generate the embedded default task into data/ when it is missing (it matches data.dvc); True if generated."""
-    project = Path(project_dir)
-    if (project / data).exists():
-        return False
-    from stages import task as default_task
-
-    get_run_logger().info("no %s/ found: generating the embedded default task (it matches data.dvc)", data)
-    rc = default_task.main(["--params", str(project / params), "--out", str(project / data)])
-    if rc:
-        raise RuntimeError(f"generating {data}/ failed (exit {rc})")
-    return True
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -128,58 +61,36 @@ def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | Non
 
 
 def _retry_only_when_busy(_task: Any, _task_run: TaskRun, state: State) -> bool:
-    """Retry a stage only when another DVC process held the lock; never a gate (exit 2) or a crash."""
-    return state.name == BUSY
+    """Retry a stage only when another DVC process held the lock (nothing ran); never a gate or a crash."""
+    return state.name == STATE_NAMES[ExitCode.BUSY]
 
 
 @task(retries=3, retry_delay_seconds=15, retry_condition_fn=_retry_only_when_busy, cache_policy=NO_CACHE,
       task_run_name="{stage}")  # fmt: skip
 def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str,
-              runner: Runner = LOCAL) -> StageResult | State:  # fmt: skip
-    """Run one dvc.yaml stage as `dvc repro --single-item` would: DVC skips it when nothing it depends on changed.
-
-    The local runner runs it in this process (flows/repro.py: no interpreter and imports to pay per stage); `process`
-    runs `dvc repro --single-item` as a new process, `docker` in the stage image."""
-    env = {**venv_env(), "RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    start = time.monotonic()
-    outcome = repro.reproduce(runner, Path(project_dir), stage, env, get_run_logger().info)
-    seconds = round(time.monotonic() - start, 1)
-    if outcome.status not in ("busy", "failed"):
-        return StageResult(stage, outcome.status, seconds)
-    name = BUSY if outcome.status == "busy" else STOPPED if outcome.code == EXIT_GATE else "Failed"
-    return Failed(name=name, message=stop_message(Path(project_dir), stage, outcome))
+              runner: Runner) -> StageResult | State:  # fmt: skip
+    """One dvc.yaml stage, `dvc repro --single-item` where `runner` says: DVC skips it when nothing it depends on
+    changed. A stage that stops ends the task Failed, named by its outcome, its StageResult as the state's data."""
+    env = stage_env({"RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri})
+    result = runner.reproduce(Path(project_dir), stage, env, get_run_logger().info)
+    if not result.stopped:
+        return result
+    return Failed(name=state_name(ExitCode.BUSY if result.status == "busy" else result.code), message=result.message,
+                  data=result)  # fmt: skip
 
 
-def stop_message(project: Path, stage: str, outcome: repro.Outcome) -> str:
-    """Why a stage ended the pipeline, in one line: a held DVC lock, a gate (the reason in its metrics) or a crash."""
-    if outcome.status == "busy":
-        return f"{stage}: another DVC process holds the lock"
-    if outcome.code == EXIT_GATE:
-        return f"stopped at {stage}: {gate_reason(project, stage, outcome.tail)}"
-    return f"{stage} crashed (exit {outcome.code}): " + " | ".join(_error_lines(outcome.tail))
+def task_execute(project: Path, parent_run_id: str, tracking_uri: str, runner: Runner) -> Callable[[str], StageResult]:
+    """`execute` for the shared loop: each stage as the `run_stage` task, its result read back from the task's state."""
 
+    def execute(stage: str) -> StageResult:
+        state = run_stage(stage, str(project), parent_run_id, tracking_uri, runner, return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, StageResult):
+            return result
+        # the task itself crashed (not the stage): say so in the stage's terms
+        return StageResult(stage, "failed", ExitCode.CRASH, f"the task failed: {state.message or result}")
 
-def _error_lines(tail: list[str], n: int = 3) -> list[str]:
-    """The last lines a stage printed before DVC's own ERROR line."""
-    lines = [ln for ln in tail if not ln.startswith("ERROR: failed to reproduce")]
-    return [ln.strip() for ln in lines[-n:]] or ["no output"]
-
-
-def gate_reason(project: Path, stage: str, tail: list[str] | tuple[str, ...] = ()) -> str:
-    """The gate's sentence from the stage's metrics (`gate.reason` or `reason`), else its last output line."""
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]
-    for path in _paths(spec.get("metrics")):
-        try:
-            metrics = json.loads((project / path).read_text())
-        except (OSError, ValueError):
-            continue
-        gate = metrics.get("gate")
-        if isinstance(gate, dict) and gate.get("reason") and not gate.get("passed", False):
-            return str(gate["reason"])
-        if metrics.get("reason") and metrics.get("outcome") not in (None, "completed"):
-            return f"{metrics['outcome']}: {metrics['reason']}" if metrics.get("outcome") else str(metrics["reason"])
-    return _error_lines(list(tail), 1)[0]
+    return execute
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,14 +190,13 @@ def publish_validation(project: Path) -> str | None:
 
 
 def publish_reward_gate(project: Path) -> str | None:
-    metrics = _read_json(project / "artifacts/reward/metrics.json")
-    if not metrics:
+    verdict = _read_json(project / "artifacts/reward_gate/metrics.json")
+    if not verdict:
         return None
-    gate = metrics.get("gate", {})
-    rows = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
-    rows.insert(0, {"metric": "gate", "value": gate.get("reason", "")})
-    create_table_artifact(rows, key="reward-gate", description=gate.get("reason", "reward-model gate"))
+    rows = [{"metric": "gate", "value": verdict.get("reason", "")}]
+    rows += [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in verdict.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+    create_table_artifact(rows, key="reward-gate", description=verdict.get("reason", "reward-model gate"))
     return "reward-gate"
 
 
@@ -322,7 +232,8 @@ def publish_evaluation(project: Path) -> str | None:
 
 # Optional per-stage reports; a stage without one runs all the same (the plan comes from dvc.yaml alone).
 PUBLISHERS: dict[str, Callable[[Path], str | None]] = {
-    "validate": publish_validation, "reward": publish_reward_gate, "ppo": publish_ppo, "evaluate": publish_evaluation,
+    "validate": publish_validation, "reward_gate": publish_reward_gate, "ppo": publish_ppo,
+    "evaluate": publish_evaluation,
 }  # fmt: skip
 
 
@@ -337,12 +248,12 @@ def promotion(project: Path) -> dict[str, Any] | None:
 
 
 @flow(name=FLOW_NAME)
-def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, params: str = "params.yaml",
-                  runner: str = "local", image: str = DEFAULT_IMAGE, gpus: str | None = None) -> dict[str, Any] | State:
-    """Run dvc.yaml's stages in order, each as a task; stop with a Failed state naming the stage when a gate fails.
+def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runner: str = "local",
+                  image: str = DEFAULT_IMAGE, gpus: str | None = None) -> dict[str, Any] | State:  # fmt: skip
+    """Run dvc.yaml's stages in order, each as a task; stop with a Failed state named by the stopping stage's outcome.
 
     `runner="docker"` runs each stage in its own container of `image` (`make images`), with `gpus` passed to
-    `docker run --gpus` (e.g. "all" for the CUDA image); the default runs them in this environment."""
+    `docker run --gpus` (e.g. "all" for the CUDA image); the default runs them in this process."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
@@ -350,7 +261,7 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, param
     names = plan(project, stages)
     where = Runner(runner, image, gpus)
     where.check()
-    ensure_data(str(project), params)
+    ensure_data(project, logger.info)
 
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
@@ -362,33 +273,36 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, param
     parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags)
     logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, tracking_uri, experiment)
 
-    summary: dict[str, Any] = {"project_dir": str(project), "parent_run_id": parent_run_id,
-                               "tracking_uri": tracking_uri, "plan": names, "ran": [], "skipped": [], "restored": [],
-                               "stages": {}, "artifacts": []}  # fmt: skip
+    artifacts: list[str] = []
+
+    def after(result: StageResult) -> None:
+        """The flow's hooks: the stage's Prefect artifact (a gate's report says why it stopped: published then
+        too), its dvc.lock hash and wall time on the parent run."""
+        publish = PUBLISHERS.get(result.stage)
+        if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
+            artifacts.append(key)
+        if not result.stopped:
+            if digest := stage_hash(project, result.stage):
+                _tag_parent(tracking_uri, parent_run_id, {f"dvc.stage.{result.stage}": digest})
+            _log_seconds(tracking_uri, parent_run_id, result)
+
     status = "FAILED"
     try:
-        for stage in names:
-            state = run_stage(stage, str(project), parent_run_id, tracking_uri, where, return_state=True)
-            stopped = state.is_failed() and state.name == STOPPED
-            publish = PUBLISHERS.get(stage)  # a gate's report says why it stopped: publish it then too
-            if publish and (not state.is_failed() or stopped) and (key := publish(project)):
-                summary["artifacts"].append(key)
-            if state.is_failed():
-                _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "stopped" if stopped else "crashed",
-                                                          "rlhf.stopped_at": stage, "rlhf.reason": state.message or ""})
-                return Failed(name=STOPPED if stopped else "Failed", message=state.message)
-            result: StageResult = state.result()
-            summary["stages"][stage] = asdict(result)
-            summary[result.status].append(stage)
-            if digest := stage_hash(project, stage):
-                _tag_parent(tracking_uri, parent_run_id, {f"dvc.stage.{stage}": digest})
-            _log_seconds(tracking_uri, parent_run_id, result)
+        pipeline = run_pipeline(project, names, task_execute(project, parent_run_id, tracking_uri, where), after)
+        summary = {"project_dir": str(project), "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
+                   "plan": names, "ran": pipeline.names("ran"), "skipped": pipeline.names("skipped"),
+                   "restored": pipeline.names("restored"), "artifacts": artifacts, "exit_code": pipeline.exit_code,
+                   "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results}}  # fmt: skip
+        if (stop := pipeline.stopped) is not None:
+            outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
+            _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage,
+                                                      "rlhf.reason": stop.reason})  # fmt: skip
+            return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
-        _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed",
-                                                  "rlhf.ran": ",".join(summary["ran"]) or "-"})  # fmt: skip
+        _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
         status = "FINISHED"
-        logger.info("ran %s; skipped %s; restored from the run cache %s", summary["ran"] or "nothing",
-                    summary["skipped"] or "nothing", summary["restored"] or "nothing")  # fmt: skip
+        logger.info(pipeline.summary())
         return summary
     finally:
         _tag_parent(tracking_uri, parent_run_id, {}, status=status)
+

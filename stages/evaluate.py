@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import csv
 import html
-import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from stages import ppo_math as pm
-from stages import task
-from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import autocast, context_limit, generate, resolve_precision
-from stages.params import config_from, load_params, stage_main
-from stages.plots import line_plot
-from stages.tracking import Tracker, mlflow_run
+from stages.lib.heldout import Sampling, evaluate_policy, perplexity, win_rate
+from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
+from stages.lib.outcome import ArgumentParser, BadInput, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.plots import line_plot
+from stages.lib.rewards import RewardModel
+from stages.lib.tracking import Tracker, mlflow_run
 
 
 @dataclass(frozen=True)
@@ -41,44 +38,6 @@ class EvaluateConfig:
     overopt_gold_drop: float = 0.1  # ... while the gold score fell by more than this, from its best checkpoint
 
 
-def win_rate(a: list[float], b: list[float]) -> float:
-    """Per-prompt pairwise win-rate of a over b; ties count half."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct-n: unique n-grams over all n-grams of the replies (Li et al. 2016)."""
-    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
-    return len(set(grams)) / max(1, len(grams))
-
-
-@torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: list[str], replies: list[str], temperature: float) -> tuple:
-    """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T))."""
-    model.eval()
-    enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    enc_r = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in replies]
-    limit = context_limit(model, 10**9)
-    rows = [(p + r)[:limit] for p, r in zip(enc_p, enc_r, strict=True)]
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), tokenizer.pad_token_id)
-    attn = torch.zeros(len(rows), L, dtype=torch.long)
-    target_mask = torch.zeros(len(rows), L)
-    for i, (row, p) in enumerate(zip(rows, enc_p, strict=True)):
-        ids[i, : len(row)], attn[i, : len(row)] = torch.tensor(row), 1
-        target_mask[i, len(p) : len(row)] = 1
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    logprobs = pm.logprobs_from_logits(logits, ids[:, 1:], temperature)
-    return logprobs, target_mask[:, 1:]
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, rows: list[dict[str, str]]) -> float:
-    """exp(mean NLL of response tokens) on held-out demonstrations: the alignment tax is its rise after PPO."""
-    logprobs, mask = sequence_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], 1.0)
-    return math.exp(-pm.masked_mean(logprobs, mask).item())
-
-
 def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, gold_drop: float) -> tuple[bool, str]:
     """Flag the proxy rising while gold falls, measured from the checkpoint where gold was best to the last."""
     rows = [m for m in monitor if m.get("gold") is not None]
@@ -93,48 +52,31 @@ def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, gold_drop:
                      f"and the gold score {d_gold:+.3f}")  # fmt: skip
 
 
-def evaluate_policy(name: str, model, tokenizer, rm, rm_tok, norm, ref, prompts, config: EvaluateConfig) -> dict:
-    """Sample one reply per prompt and measure it: RM score, gold, KL to the reference, length, diversity, EOS."""
-    from stages.reward import score
+@dataclass(frozen=True)
+class Inputs:
+    """What the evaluation reads (dvc.yaml passes each path in the stage's command)."""
 
-    replies, ended = generate(model, tokenizer, prompts, config.max_new_tokens, config.temperature, config.top_k,
-                              config.top_p, seed=config.seed)  # fmt: skip
-    rm_scores = [(s - norm["mean"]) / norm["std"] for s in score(rm, rm_tok, prompts, replies, context_limit(rm, 512))]
-    logprobs, mask = sequence_logprobs(model, tokenizer, prompts, replies, config.temperature)
-    ref_logprobs, _ = sequence_logprobs(ref, tokenizer, prompts, replies, config.temperature)
-    k1, k3 = pm.kl_k1(logprobs, ref_logprobs) * mask, pm.kl_k3(logprobs, ref_logprobs) * mask
-    gold = [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)] if task.judge_applies(prompts) else None
-    out = {
-        "replies": replies, "rm_scores": rm_scores, "gold_scores": gold,
-        f"{name}/rm_score": sum(rm_scores) / len(rm_scores),
-        f"{name}/kl_k1_seq": k1.sum(1).mean().item(), f"{name}/kl_k3_seq": k3.sum(1).mean().item(),
-        f"{name}/kl_k1_token": pm.masked_mean(k1, mask).item(), f"{name}/kl_k3_token": pm.masked_mean(k3, mask).item(),
-        f"{name}/response_words": sum(len(r.split()) for r in replies) / len(replies),
-        f"{name}/distinct_1": distinct_n(replies, 1), f"{name}/distinct_2": distinct_n(replies, 2),
-        f"{name}/eos_rate": sum(ended) / len(ended),
-    }  # fmt: skip
-    if gold is not None:
-        out[f"{name}/gold"] = sum(gold) / len(gold)
-    return out
+    data: Path  # the validated datasets: eval_prompts.jsonl, sft_test.jsonl
+    sft: Path  # the SFT model: the baseline and the KL reference
+    policy: Path  # the policy evaluated (the PPO stage's, or a registered model materialised)
+    rm: Path  # the reward model ...
+    norm: Path  # ... and its normalisation
+    kl: Path | None = None  # PPO's per-step table (reward vs KL plot)
+    monitor: Path | None = None  # PPO's held-out RM and gold score per checkpoint (over-optimisation)
 
 
-def run(config: EvaluateConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, ppo_dir: Path, out_dir: Path,
-        tracker: Tracker) -> dict[str, Any]:  # fmt: skip
-    """Compare PPO with SFT; write metrics.json, report.md/.html, samples and plots into `out_dir`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
+def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    """Compare the policy with SFT; write metrics.json, report.md/.html, samples and plots into `out_dir`."""
+    data_dir = inputs.data
     tracker.log_params({"evaluate": asdict(config)})
     prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_prompts]
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir / "model", use_safetensors=True).eval()
-    norm = json.loads((rm_dir / "norm.json").read_text())
-    sft = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).eval()
-    policy = AutoModelForCausalLM.from_pretrained(ppo_dir / "model", use_safetensors=True).eval()
+    sft, tokenizer = load_causal_lm(inputs.sft)
+    policy, _ = load_causal_lm(inputs.policy)
+    rm = RewardModel.load(inputs.rm, inputs.norm)
 
     # 1. both policies on the same prompts, same sampling settings, same seed
-    res = {n: evaluate_policy(n, m, tokenizer, rm, rm_tok, norm, sft, prompts, config) for n, m in
-           (("sft", sft), ("ppo", policy))}  # fmt: skip
+    sampling = Sampling.of(asdict(config))
+    res = {n: evaluate_policy(n, m, tokenizer, rm, sft, prompts, sampling) for n, m in (("sft", sft), ("ppo", policy))}
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
     judge = "gold" if res["ppo"]["gold_scores"] is not None else "rm"
     metrics["judge"] = judge
@@ -147,9 +89,8 @@ def run(config: EvaluateConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, ppo
     metrics["alignment_tax"] = metrics["ppo/perplexity"] - metrics["sft/perplexity"]
 
     # 3. over-optimisation over the PPO checkpoints (written by the PPO stage)
-    monitor_file = ppo_dir / "monitor.csv"
     monitor = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-               for row in csv.DictReader(monitor_file.open())] if monitor_file.exists() else []  # fmt: skip
+               for row in csv.DictReader(inputs.monitor.open())] if inputs.monitor else []  # fmt: skip
     metrics["overoptimisation"], metrics["overoptimisation_reason"] = overoptimisation(
         monitor, config.overopt_rm_rise, config.overopt_gold_drop)
 
@@ -160,7 +101,7 @@ def run(config: EvaluateConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, ppo
                    for i, (p, s, q, a, b) in enumerate(zip(prompts, res["sft"]["replies"], res["ppo"]["replies"],
                                                            res["sft"]["rm_scores"], res["ppo"]["rm_scores"], strict=True))]  # fmt: skip
         write_jsonl(tmp / "samples.jsonl", samples)
-        plots = write_plots(tmp, ppo_dir, monitor)
+        plots = write_plots(tmp, inputs.kl, monitor)
         write_report(tmp, metrics, samples[: config.n_report_samples], plots)
         write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | bool)})
@@ -170,11 +111,10 @@ def run(config: EvaluateConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, ppo
     return metrics
 
 
-def write_plots(out: Path, ppo_dir: Path, monitor: list[dict]) -> list[str]:
+def write_plots(out: Path, kl_file: Path | None, monitor: list[dict]) -> list[str]:
     """Reward vs KL over PPO steps, and gold vs proxy over the checkpoints."""
     names = []
-    kl_file = ppo_dir / "kl.csv"
-    if kl_file.exists():
+    if kl_file is not None:
         rows = list(csv.DictReader(kl_file.open()))
         if rows:
             line_plot({"RM score (normalised)": ([float(r["objective/kl"]) for r in rows],
@@ -233,37 +173,43 @@ def materialise_model_uri(uri: str, scratch: Path) -> Path:
     """A registered policy (pyfunc logged by the promote stage) saved as an HF folder under `scratch/model`."""
     import mlflow
 
-    loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    try:
+        loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except mlflow.exceptions.MlflowException as e:
+        raise BadInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
     loaded.model.save_pretrained(scratch / "model", safe_serialization=True)
     loaded.tokenizer.save_pretrained(scratch / "model")
     return scratch
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    import tempfile
 
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data")
     parser.add_argument("--sft", default="artifacts/sft/model")
-    parser.add_argument("--reward", default="artifacts/reward", help="the reward stage's folder (model, norm.json)")
-    parser.add_argument("--ppo", default="artifacts/ppo")
+    parser.add_argument("--rm", default="artifacts/reward/model")
+    parser.add_argument("--norm", default="artifacts/reward/norm.json")
+    parser.add_argument("--policy", default="artifacts/ppo/model", help="the policy to evaluate")
+    parser.add_argument("--kl", help="PPO's per-step table (artifacts/ppo/kl.csv), for the reward-vs-KL plot")
+    parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
     parser.add_argument("--model-uri", help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
-                        "instead of the PPO stage's output")  # fmt: skip
+                        "instead of --policy")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
     precision = resolve_precision(params.get("precision", "auto"))
-    import tempfile
-
+    optional = {k: Path(v) if v else None for k, v in (("kl", args.kl), ("monitor", args.monitor))}
     with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision), \
             tempfile.TemporaryDirectory() as scratch:  # fmt: skip
-        ppo_dir = Path(args.ppo)
+        policy = Path(args.policy)
         if args.model_uri:
-            ppo_dir = materialise_model_uri(args.model_uri, Path(scratch))
+            policy = materialise_model_uri(args.model_uri, Path(scratch)) / "model"
             tracker.set_tags({"rlhf.model_uri": args.model_uri})
-        m = run(config, Path(args.data), Path(args.sft), Path(args.reward), ppo_dir, Path(args.out), tracker)
+        inputs = Inputs(Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional)
+        m = run(config, inputs, Path(args.out), tracker)
     gold = f"; gold SFT {m['sft/gold']:.3f} -> PPO {m['ppo/gold']:.3f}" if "ppo/gold" in m else ""
     print(f"evaluation: {m['judge']} win-rate vs SFT {m['win_rate_vs_sft']:.3f}{gold}; KL {m['ppo/kl_k1_seq']:.3f}; "
           f"report {args.out}/report.md")  # fmt: skip
@@ -271,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("evaluate", main))

@@ -7,6 +7,9 @@ resume (RNG, optimiser, scheduler, KL controller and data position are checkpoin
     rewards_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t))   (+ RM score on the last token)
     loss      = clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy
 
+One PPO step, as the loop in `train` numbers it: 1. generate, 2. score, 3. KL-penalise, 4. GAE, 5. PPO epochs,
+6. metrics, 7. KL guard. Shapes: B rollouts in this process, T response tokens, Lq query tokens, L = Lq + T.
+
 Runs in one process by default and unchanged on several: `accelerate launch --multi_gpu --num_processes 2
 --num_machines 1 --mixed_precision no --dynamo_backend no -m stages.ppo` on CPUs (accelerate's `--cpu` flag alone
 silently starts one process); rollouts are split across processes and gradients averaged by DDP over gloo.
@@ -15,12 +18,8 @@ silently starts one process); rollouts are split across processes and gradients 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import random
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,15 +29,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages import ppo_math as pm
-from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import LoraSettings, autocast, fuse_gelu, generate, peft_config, resolve_precision
-from stages.params import config_from, load_params, stage_main
-from stages.plots import line_plot
-from stages.tracking import Tracker, mlflow_run
-
-EXIT_GATE = 2  # the KL guard stopped the run (rolled back): an outcome, not a crash
-EXIT_NONFINITE = 3
+from stages.lib import modeling, rewards
+from stages.lib import rl_math as pm
+from stages.lib.checkpoints import Checkpointer, fingerprint, rng_state, set_rng_state
+from stages.lib.heldout import Sampling, monitor_scores
+from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.modeling import (
+    LoraSettings,
+    autocast,
+    fuse_gelu,
+    peft_config,
+    position_ids,
+    resolve_precision,
+)
+from stages.lib.outcome import ArgumentParser, GateFailed, NonFinite, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.plots import line_plot
+from stages.lib.rewards import RewardModel
+from stages.lib.tracking import NullTracker, Tracker, mlflow_run
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,6 @@ class PPOConfig:
     checkpoint_dir: str = "checkpoints/ppo"
     resume: str = "auto"  # auto: continue from the last checkpoint of the same run; never: start over
     sample_every: int = 10
-    n_eval: int = 128  # held-out prompts for the final SFT-vs-PPO comparison
     n_monitor: int = 32  # held-out prompts scored by the RM (and gold judge) at every checkpoint: over-optimisation
     threads: int = 0  # torch threads per process (0: torch's default)
     kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
@@ -90,8 +97,9 @@ class KLGuardConfig:
     patience: int = 2
 
 
-class NonFiniteError(RuntimeError):
-    pass
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class PolicyAndValue(nn.Module):
@@ -114,9 +122,54 @@ class PolicyAndValue(nn.Module):
         return self.critic_head(hidden).squeeze(-1)
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generation used them."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratios and KL assume deterministic forwards (Huang et al. 2022, "disable dropout")."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def load_models(config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path) -> tuple[
+        PolicyAndValue, nn.Module | None, RewardModel, Any]:  # fmt: skip
+    """(trainable policy + critic, the frozen reference or None when LoRA's base serves, the frozen RM, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy, tokenizer = modeling.load_causal_lm(sft_dir)
+    lora = LoraSettings(**config.lora)
+    if lora.enabled:  # the frozen base doubles as the reference: no second full copy
+        from peft import get_peft_model
+
+        policy, ref_policy = get_peft_model(policy, peft_config(lora, "CAUSAL_LM", policy)), None
+    else:
+        ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).requires_grad_(False).eval()
+    value_src = rm_dir if config.value_init == "reward" else sft_dir
+    value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
+    rm = RewardModel.load(rm_dir, norm_file)
+    for m in (policy, value_model, rm.model, ref_policy):
+        if m is not None:
+            disable_dropout(m)
+            fuse_gelu(m)
+    return PolicyAndValue(policy, value_model), ref_policy, rm, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One PPO step, phase by phase
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Sampled responses and everything the update needs about them (B rollouts, T response tokens)."""
+
+    prompts: list[str]
+    responses: torch.Tensor  # (B, T), padded after the first EOS
+    mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,)
+    seq: torch.Tensor  # (B, L) query + response
+    attn: torch.Tensor  # (B, L)
+    pos: torch.Tensor  # (B, L) positions that skip the left padding
+    query_len: int  # Lq
+    gen_logits: torch.Tensor  # (B, T, V) the raw logits each token was sampled from
 
 
 def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,89 +180,186 @@ def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def reward_scores(rm: nn.Module, seq: torch.Tensor, attn: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The RM's scalar at each sequence's last real token. seq, attn (B, L); last (B,) indices -> (B,)."""
-    backbone = getattr(rm, rm.base_model_prefix)
-    hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
-    return rm.score(hidden[torch.arange(len(seq)), last]).squeeze(-1)
+def generate_rollouts(policy: nn.Module, tokenizer: Any, prompts: list[str], config: PPOConfig) -> Rollout:
+    """1. Sample responses with a KV cache from left-padded prompts, keeping the logits they were sampled from."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    queries, qmask = enc["input_ids"], enc["attention_mask"]
+    policy.eval()
+    out = policy.generate(
+        input_ids=queries, attention_mask=qmask, max_new_tokens=config.response_length, do_sample=True,
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,  # top_k 0: no top-k (None means 50)
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
+        output_logits=True)  # fmt: skip
+    responses = out.sequences[:, queries.shape[1] :]
+    mask, has_eos = first_eos_mask(responses, tokenizer.eos_token_id)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+    attn = torch.cat([qmask, mask.long()], 1)
+    # the raw logits (before temperature/top-k/top-p), which TRL reuses too: (B, T, V)
+    return Rollout(prompts, responses, mask, has_eos, torch.cat([queries, responses], 1), attn, position_ids(attn),
+                   queries.shape[1], torch.stack(out.logits, 1))  # fmt: skip
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratios and KL assume deterministic forwards (N details #...: dropout off everywhere)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+@dataclass
+class Scored:
+    logprobs: torch.Tensor  # (B, T) the policy's, under the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) the reference's
+    values: torch.Tensor  # (B, T) the critic's V(s_t)
+    raw_scores: torch.Tensor  # (B,) the RM's score of the whole sequence
+    scores: torch.Tensor  # (B,) normalised by norm.json, minus the missing-EOS penalty
 
 
-def fingerprint(config: PPOConfig, inputs: list[Path]) -> str:
-    """Identity of a run: a checkpoint resumes only the run that wrote it (same results-relevant params and inputs)."""
-    relevant = {k: v for k, v in asdict(config).items()
-                if k not in ("resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-                             "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
-    h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
-    for path in inputs:
-        for f in sorted(path.rglob("*") if path.is_dir() else [path]):
-            if f.is_file():
-                h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
+@torch.no_grad()
+def score_rollouts(model: PolicyAndValue, ref_policy: nn.Module | None, rm: RewardModel, ro: Rollout,
+                   config: PPOConfig) -> Scored:  # fmt: skip
+    """2. Policy and reference log-probs, values, and the RM's score. The policy's log-probs come from the
+    generation's logits (same tokens, positions and temperature as a forward over `seq`; equal up to float rounding,
+    ~1e-6), as in TRL: no second policy forward."""
+    Lq = ro.query_len
+    logprobs = pm.logprobs_from_logits(ro.gen_logits, ro.responses, config.temperature) * ro.mask
+    values = model.values(ro.seq, ro.attn, ro.pos)[:, Lq - 1 : -1] * ro.mask
+    if ref_policy is None:
+        with model.policy.disable_adapter():
+            ref_logits = model.policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=ro.pos).logits
+    else:
+        ref_logits = ref_policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=ro.pos).logits
+    ref_logprobs = pm.logprobs_from_logits(ref_logits[:, Lq - 1 : -1], ro.responses, config.temperature) * ro.mask
+    raw_scores = rm.score_tokens(ro.seq, ro.attn, Lq + ro.mask.sum(1).long() - 1)
+    scores = rm.normalise(raw_scores)
+    scores = torch.where(ro.has_eos, scores, scores - config.missing_eos_penalty)
+    return Scored(logprobs, ref_logprobs, values, raw_scores, scores)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a kill mid-write leaves the previous checkpoint as the latest."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".state.pt.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path / "state.pt")
+def kl_penalised_rewards(sc: Scored, mask: torch.Tensor, kl_coef: float, config: PPOConfig, step: int) -> tuple:
+    """3. r_t = -kl_coef * k1_t on every response token, plus the score on the last one. Returns
+    (rewards (B, T), non-score rewards (B, T), k1 (B, T))."""
+    kl = pm.kl_k1(sc.logprobs, sc.ref_logprobs) * mask
+    rewards, non_score = pm.per_token_rewards(sc.scores, kl, kl_coef, mask)
+    if config.whiten_rewards:
+        rewards = pm.masked_whiten(rewards, mask, shift_mean=False)
+    if not (torch.isfinite(rewards).all() and torch.isfinite(sc.values).all()):
+        raise NonFinite(f"non-finite rewards or values at PPO step {step}")
+    return rewards, non_score, kl
 
 
-def latest_checkpoint(ckpt_dir: Path, run_id: str) -> Path | None:
-    steps = sorted(ckpt_dir.glob(f"{run_id}/step_*/state.pt"))
-    return steps[-1] if steps else None
+def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, sc: Scored,
+               advantages: torch.Tensor, returns: torch.Tensor, config: PPOConfig, generator: torch.Generator,
+               step: int) -> dict[str, list[float]]:  # fmt: skip
+    """5. `ppo_epochs` passes over random minibatches: clipped surrogate + vf_coef * clipped value loss - ent_coef *
+    entropy. Returns the per-minibatch statistics."""
+    Lq, mb_size = ro.query_len, max(1, len(ro.prompts) // config.num_mini_batches)
+    model.train()
+    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ent", "ratio")}
+    for _ in range(config.ppo_epochs):
+        perm = torch.randperm(len(ro.prompts), generator=generator)
+        for i in range(0, len(perm), mb_size):
+            mb = perm[i : i + mb_size]
+            new_logits, new_values = model(ro.seq[mb], ro.attn[mb], ro.pos[mb])
+            new_logits = new_logits[:, Lq - 1 : -1]
+            new_logprobs = pm.logprobs_from_logits(new_logits, ro.responses[mb], config.temperature)
+            pg = pm.clipped_policy_loss(new_logprobs, sc.logprobs[mb], advantages[mb], ro.mask[mb], config.cliprange)
+            vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], sc.values[mb], returns[mb],
+                                                     ro.mask[mb], config.cliprange_value)  # fmt: skip
+            with torch.set_grad_enabled(config.ent_coef != 0):  # a diagnostic only when it has no weight (as TRL)
+                entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), ro.mask[mb])
+            loss = pg.loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+            if not torch.isfinite(loss):
+                raise NonFinite(f"the PPO loss became {loss.item()} at step {step}")
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            for k, v in zip(stats, (pg.loss, vf_loss, pg.clipfrac, vf_clip, pg.approxkl, entropy, pg.ratio), strict=True):
+                stats[k].append(v.item())
+    return stats
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def step_metrics(accelerator: Any, ro: Rollout, sc: Scored, kl: torch.Tensor, non_score: torch.Tensor,
+                 returns: torch.Tensor, stats: dict[str, list[float]]) -> dict[str, float]:  # fmt: skip
+    """6. TRL's metric names, averaged over processes."""
+    mask, var_y = ro.mask, pm.masked_var(returns, ro.mask)
+    mean = {k: torch.tensor(np.mean(v)) for k, v in stats.items()}
+    local = {
+        "objective/kl": kl.sum(1).mean(), "objective/kl_k3": (pm.kl_k3(sc.logprobs, sc.ref_logprobs) * mask).sum(1).mean(),
+        "objective/entropy": (-sc.logprobs).sum(1).mean(), "objective/scores": sc.scores.mean(),
+        "objective/non_score_reward": non_score.sum(1).mean(),
+        "objective/rlhf_reward": (sc.scores + non_score.sum(1)).mean(), "objective/raw_scores": sc.raw_scores.mean(),
+        "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clip"], "policy/entropy_avg": mean["ent"],
+        "val/clipfrac_avg": mean["vclip"], "val/ratio": mean["ratio"],
+        "val/var_explained": 1 - pm.masked_var(returns - sc.values, mask) / var_y.clamp_min(1e-8),
+        "loss/policy_avg": mean["pg"], "loss/value_avg": mean["vf"],
+        "tokens/response_len_mean": mask.sum(1).mean(), "val/num_eos_tokens": ro.has_eos.float().sum(),
+    }  # fmt: skip
+    reduced = accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
+    metrics = {k: round(v, 6) for k, v in zip(local, reduced.tolist(), strict=True)}
+    metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count, not a mean
+    return metrics
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+class KLGuard:
+    """7. `patience` consecutive steps over the KL budget stop the run (it is rolled back to the last checkpoint
+    within the budget)."""
+
+    def __init__(self, config: KLGuardConfig, violations: int = 0) -> None:
+        self.config, self.violations = config, violations
+
+    def over(self, metrics: dict[str, float]) -> list[str]:
+        """What this step's metrics break; it counts towards `patience` (an empty list resets the count)."""
+        c, over = self.config, []
+        if metrics["objective/kl"] > c.max_kl:
+            over.append(f"objective/kl {metrics['objective/kl']:.3f} > max_kl {c.max_kl}")
+        if metrics["policy/approxkl_avg"] > c.max_approxkl:
+            over.append(f"policy/approxkl_avg {metrics['policy/approxkl_avg']:.4f} > max_approxkl {c.max_approxkl}")
+        self.violations = self.violations + 1 if over else 0
+        return over
+
+    @property
+    def tripped(self) -> bool:
+        return self.violations >= self.config.patience
 
 
-def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir: Path, tracker: Tracker | None) -> dict:
-    """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content."""
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the weights and optimiser: progress, history and the guard's count."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    monitor: list[dict[str, Any]] = field(default_factory=list)
+    last_good: int = 0  # the newest checkpointed step within the KL budget: where a rollback goes
+
+
+def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, world: int) -> list[str]:
+    """This process's prompts for `step`: a seeded shuffle per epoch, so the data position is a pure function of the
+    step (exact resume needs nothing else)."""
+    steps_per_epoch = max(1, len(prompts) // config.batch_size)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed + epoch))
+    local_bs = config.batch_size // world
+    start = k * config.batch_size + rank * local_bs
+    return [prompts[i] for i in order[start : start + local_bs]]
+
+
+def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, out_dir: Path,
+        tracker: Tracker | None = None) -> dict:  # fmt: skip
+    """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content.
+    Raises `GateFailed` after writing the rolled-back policy when the KL guard stopped the run."""
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if config.threads:
         torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    guard = KLGuardConfig(**config.kl_guard)
+    tracker = tracker if tracker is not None and accelerator.is_main_process else NullTracker()
     random.seed(config.seed)
     np.random.seed(config.seed)
-    torch.manual_seed(config.seed + rank)  # each process samples its own rollouts
+    torch.manual_seed(config.seed + accelerator.process_index)  # each process samples its own rollouts
 
-    # 0. models: trainable policy and critic; frozen reference and reward model
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
-    lora = LoraSettings(**config.lora)
-    if lora.enabled:  # the frozen base doubles as the reference: no second full copy
-        from peft import get_peft_model
-
-        policy, ref_policy = get_peft_model(policy, peft_config(lora, "CAUSAL_LM", policy)), None
-    else:
-        ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).requires_grad_(False).eval()
-    value_src = rm_dir if config.value_init == "reward" else sft_dir
-    value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, use_safetensors=True).requires_grad_(False).eval()
-    norm = json.loads((rm_dir.parent / "norm.json").read_text())
-    for m in (policy, value_model, rm, ref_policy):
-        if m is not None:
-            disable_dropout(m)
-            fuse_gelu(m)
-    model = PolicyAndValue(policy, value_model)
+    # 0. models, optimiser, schedule, KL controller, checkpoints
+    model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file)
     # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5,
                                   fused=True)  # fmt: skip
@@ -217,261 +367,139 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, out_dir:
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else pm.FixedKLController(config.kl_coef))  # fmt: skip
+    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards))]  # new code: no resume of old
+    inputs = [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
+    # results-relevant settings only: a changed checkpoint cadence, guard or monitor size resumes the same run
+    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_dir", "checkpoint_every",
+                "keep_checkpoints", "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
+    ckpt = Checkpointer(Path(config.checkpoint_dir), fingerprint(settings, inputs + code), config.keep_checkpoints)
+    tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
+    state = TrainState()
+    guard = KLGuard(KLGuardConfig(**config.kl_guard))
+
+    def save_checkpoint(step: int) -> None:
+        rngs = [rng_state()] if accelerator.num_processes == 1 else accelerator.gather_for_metrics(
+            [rng_state()], use_gather_object=True)  # fmt: skip
+        if accelerator.is_main_process:
+            ckpt.save(step, {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rngs,
+                             "state": asdict(state), "violations": guard.violations, "config": asdict(config)})  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    found = ckpt.latest() if config.resume == "auto" else None
+    if found is not None:
+        saved = Checkpointer.load(found[1])
+        accelerator.unwrap_model(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        kl_ctl.load_state_dict(saved["kl_ctl"])
+        set_rng_state(saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)])
+        state, guard.violations = TrainState(**saved["state"]), saved["violations"]
+        accelerator.print(f"resuming PPO from {found[1]} (step {state.step})")
+
+    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_monitor]
+    monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
+
+    def checkpoint(step: int) -> None:
+        """Score the policy on held-out prompts (the over-optimisation monitor), then save a checkpoint."""
+        if accelerator.is_main_process and config.n_monitor:
+            point = {"step": step, **monitor_scores(accelerator.unwrap_model(model).policy, tokenizer, rm,
+                                                    monitor_prompts, monitor_sampling)}  # fmt: skip
+            point.pop("eos_rate")
+            state.monitor.append(point)
+            tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}, step)
+        state.step, state.last_good = step, step
+        save_checkpoint(step)
+
+    if found is None:
+        checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
 
     prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    local_bs = config.batch_size // world
-    mb_size = max(1, local_bs // config.num_mini_batches)
-    steps_per_epoch = max(1, len(prompts) // config.batch_size)
+    outcome, reason = train(config, accelerator, model, optimizer, scheduler, kl_ctl, ref_policy, rm, tokenizer,
+                            prompts, state, guard, checkpoint, tracker)  # fmt: skip
+    return finish(config, accelerator, model, ckpt, state, outcome, reason, tokenizer, out_dir, tracker)
 
-    # checkpoints of this run (and only this run) live under <checkpoint_dir>/<fingerprint>/step_N
-    code = [Path(__file__), Path(pm.__file__)]  # a code change must not resume a checkpoint of the old code
-    run_id = fingerprint(config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", data_dir / "prompts.jsonl",
-                                  *code])  # fmt: skip
-    ckpt_dir = Path(config.checkpoint_dir)
-    history: list[dict[str, float]] = []
-    samples: list[dict[str, Any]] = []
-    monitor: list[dict[str, Any]] = []
-    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_monitor]
-    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
-    start_step, violations, last_good = 0, 0, None
-    resume_from = latest_checkpoint(ckpt_dir, run_id) if config.resume == "auto" else None
-    if resume_from is not None:
-        state = torch.load(resume_from, weights_only=False)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        start_step, history, samples, monitor = state["step"], state["history"], state["samples"], state.get("monitor", [])
-        violations, last_good = state["violations"], resume_from
-        accelerator.print(f"resuming PPO from {resume_from} (step {start_step})")
 
-    def checkpoint(step: int) -> Path:
-        path = ckpt_dir / run_id / f"step_{step:06d}"
-        if accelerator.is_main_process and config.n_monitor:
-            point = monitor_point(accelerator.unwrap_model(model).policy, tokenizer, rm, rm_tok, norm, monitor_prompts,
-                                  config, step)  # fmt: skip
-            monitor.append(point)
-            if tracker is not None:
-                tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None},
-                                    step=step)  # fmt: skip
-        rngs = [rng_state()] if world == 1 else accelerator.gather_for_metrics([rng_state()], use_gather_object=True)
-        if accelerator.is_main_process:
-            save_checkpoint(path, {"model": accelerator.unwrap_model(model).state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "kl_ctl": kl_ctl.state_dict(), "rng": rngs, "step": step, "history": history,
-                                   "samples": samples, "monitor": monitor, "violations": violations,
-                                   "config": asdict(config)})  # fmt: skip
-            for old in sorted((ckpt_dir / run_id).glob("step_*"))[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return path / "state.pt"
-
-    if start_step == 0:
-        last_good = checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
-
-    outcome, reason = "completed", f"completed {config.num_steps} PPO steps"
+def train(config: PPOConfig, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, kl_ctl: Any,
+          ref_policy: nn.Module | None, rm: RewardModel, tokenizer: Any, prompts: list[str], state: TrainState,
+          guard: KLGuard, checkpoint: Any, tracker: Tracker) -> tuple[str, str]:  # fmt: skip
+    """The PPO loop from `state.step` to `num_steps`; returns (outcome, reason)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_step, config.num_steps), desc="PPO", disable=not accelerator.is_main_process,
-               initial=start_step, total=config.num_steps)  # fmt: skip
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(range(state.step, config.num_steps), desc="PPO", disable=not accelerator.is_main_process,
+               initial=state.step, total=config.num_steps)  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()
-        epoch, k = divmod(step, steps_per_epoch)  # the data position is a pure function of the step
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed + epoch))
-        start = k * config.batch_size + rank * local_bs
-        batch_prompts = [prompts[i] for i in order[start : start + local_bs]]
         unwrapped = accelerator.unwrap_model(model)
-
-        # 1. generate: sample responses with a KV cache from left-padded prompts                     (B, T)
-        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
-        queries, qmask = enc["input_ids"], enc["attention_mask"]
-        with torch.no_grad():
-            unwrapped.policy.eval()
-            out = unwrapped.policy.generate(
-                input_ids=queries, attention_mask=qmask, max_new_tokens=config.response_length, do_sample=True,
-                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,  # top_k 0: no top-k (None would mean 50)
-                pad_token_id=pad_id, eos_token_id=eos_id, return_dict_in_generate=True, output_logits=True)  # fmt: skip
-        responses = out.sequences[:, queries.shape[1] :]
-        # the raw logits each token was sampled from (before temperature/top-k/top-p), as TRL reuses them (B, T, V)
-        gen_logits = torch.stack(out.logits, 1)
-        mask, has_eos = first_eos_mask(responses, eos_id)
-        responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_id))
-        seq = torch.cat([queries, responses], 1)
-        attn = torch.cat([qmask, mask.long()], 1)
-        pos = position_ids(attn)
-        Lq = queries.shape[1]
+        # 1. generate                                                                             (B, T)
+        ro = generate_rollouts(unwrapped.policy, tokenizer, batch_prompts(prompts, step, config, rank, world), config)
         t1 = time.perf_counter()
-
-        # 2. score: policy and reference log-probs, values, and the RM's score of the whole sequence. The policy's
-        #    log-probs come from the generation's logits (same tokens, positions and temperature as a forward over
-        #    `seq`; equal up to float rounding, ~1e-6), as in TRL: no second policy forward.
-        with torch.no_grad():
-            logprobs = pm.logprobs_from_logits(gen_logits, responses, config.temperature) * mask
-            values = unwrapped.values(seq, attn, pos)[:, Lq - 1 : -1] * mask
-            if ref_policy is None:
-                with unwrapped.policy.disable_adapter():
-                    ref_logits = unwrapped.policy(input_ids=seq, attention_mask=attn, position_ids=pos).logits
-            else:
-                ref_logits = ref_policy(input_ids=seq, attention_mask=attn, position_ids=pos).logits
-            ref_logprobs = pm.logprobs_from_logits(ref_logits[:, Lq - 1 : -1], responses, config.temperature) * mask
-            last = Lq + mask.sum(1).long() - 1
-            raw_scores = reward_scores(rm, seq, attn, last)
-            scores = (raw_scores - norm["mean"]) / norm["std"]
-            scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
+        # 2. score: log-probs, reference log-probs, values (B, T); RM scores (B,)
+        sc = score_rollouts(unwrapped, ref_policy, rm, ro, config)
         t2 = time.perf_counter()
-
-        # 3. KL-penalise: r_t = -kl_coef * k1_t, plus the score on the last token
-        kl = pm.kl_k1(logprobs, ref_logprobs) * mask
-        rewards, non_score = pm.per_token_rewards(scores, kl, kl_ctl.value, mask)
-        if config.whiten_rewards:
-            rewards = pm.masked_whiten(rewards, mask, shift_mean=False)
-        if not (torch.isfinite(rewards).all() and torch.isfinite(values).all()):
-            raise NonFiniteError(f"non-finite rewards or values at PPO step {step}")
-
-        # 4. GAE: advantages and returns, advantages whitened over the batch
-        advantages, returns = pm.gae(rewards, values, mask, config.gamma, config.lam)
-        advantages = pm.masked_whiten(advantages, mask)
-
+        # 3. KL-penalise: r_t = -kl_coef * k1_t, plus the score on the last token                (B, T)
+        rewards, non_score, kl = kl_penalised_rewards(sc, ro.mask, kl_ctl.value, config, step)
+        # 4. GAE: advantages and returns, advantages whitened over the batch                      (B, T)
+        advantages, returns = pm.gae(rewards, sc.values, ro.mask, config.gamma, config.lam)
+        advantages = pm.masked_whiten(advantages, ro.mask)
         # 5. PPO epochs over minibatches
-        model.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ent", "ratio")}
-        mb_gen = torch.Generator().manual_seed(config.seed * 100_003 + step * world + rank)
-        for _ in range(config.ppo_epochs):
-            perm = torch.randperm(len(batch_prompts), generator=mb_gen)
-            for i in range(0, len(perm), mb_size):
-                mb = perm[i : i + mb_size]
-                new_logits, new_values = model(seq[mb], attn[mb], pos[mb])
-                new_logits = new_logits[:, Lq - 1 : -1]
-                new_logprobs = pm.logprobs_from_logits(new_logits, responses[mb], config.temperature)
-                pg = pm.clipped_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb], config.cliprange)
-                vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], values[mb], returns[mb], mask[mb],
-                                                         config.cliprange_value)  # fmt: skip
-                with torch.set_grad_enabled(config.ent_coef != 0):  # a diagnostic only when it has no weight (as TRL)
-                    entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), mask[mb])
-                loss = pg.loss + config.vf_coef * vf_loss - config.ent_coef * entropy
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"the PPO loss became {loss.item()} at step {step}")
-                optimizer.zero_grad()
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                for k, v in zip(stats, (pg.loss, vf_loss, pg.clipfrac, vf_clip, pg.approxkl, entropy, pg.ratio),
-                                strict=True):  # fmt: skip
-                    stats[k].append(v.item())
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + step * world + rank)
+        stats = ppo_epochs(model, optimizer, accelerator, ro, sc, advantages, returns, config, generator, step)
         scheduler.step()
         t3 = time.perf_counter()
-
-        # 6. monitor: TRL's metric names, reduced over processes
-        seq_kl = kl.sum(1)
-        var_y = pm.masked_var(returns, mask)
-        local = {
-            "objective/kl": seq_kl.mean(), "objective/kl_k3": (pm.kl_k3(logprobs, ref_logprobs) * mask).sum(1).mean(),
-            "objective/entropy": (-logprobs).sum(1).mean(), "objective/scores": scores.mean(),
-            "objective/non_score_reward": non_score.sum(1).mean(), "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
-            "objective/raw_scores": raw_scores.mean(), "policy/approxkl_avg": torch.tensor(np.mean(stats["approxkl"])),
-            "policy/clipfrac_avg": torch.tensor(np.mean(stats["clip"])), "policy/entropy_avg": torch.tensor(np.mean(stats["ent"])),
-            "val/clipfrac_avg": torch.tensor(np.mean(stats["vclip"])), "val/ratio": torch.tensor(np.mean(stats["ratio"])),
-            "val/var_explained": 1 - pm.masked_var(returns - values, mask) / var_y.clamp_min(1e-8),
-            "loss/policy_avg": torch.tensor(np.mean(stats["pg"])), "loss/value_avg": torch.tensor(np.mean(stats["vf"])),
-            "tokens/response_len_mean": mask.sum(1).mean(), "val/num_eos_tokens": has_eos.float().sum(),
-        }  # fmt: skip
-        reduced = accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
-        metrics = {k: round(v, 6) for k, v in zip(local, reduced.tolist(), strict=True)}
-        metrics["val/num_eos_tokens"] *= world  # a count, not a mean
-        n_tokens = mask.sum().item() * world
+        # 6. metrics
+        metrics = step_metrics(accelerator, ro, sc, kl, non_score, returns, stats)
+        n_tokens = ro.mask.sum().item() * world
         metrics |= {"objective/kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0], "step": step + 1,
                     "episodes": (step + 1) * config.batch_size, "time/generation": t1 - t0, "time/scoring": t2 - t1,
                     "time/update": t3 - t2, "time/step": t3 - t0, "tokens/per_second": n_tokens / (t3 - t0),
                     "tokens/per_second_generation": n_tokens / (t1 - t0)}  # fmt: skip
         kl_ctl.update(metrics["objective/kl"], config.batch_size)
-        history.append(metrics)
+        state.history.append(metrics)
         if (step + 1) % config.sample_every == 0 or step == 0:
-            texts = tokenizer.batch_decode(responses[:4], skip_special_tokens=True)
-            samples += [{"step": step + 1, "prompt": p, "response": r.strip(), "score": s}
-                        for p, r, s in zip(batch_prompts[:4], texts, scores[:4].tolist(), strict=True)]  # fmt: skip
-        if tracker is not None and accelerator.is_main_process:
-            tracker.log_metrics(metrics, step=step + 1)
+            texts = tokenizer.batch_decode(ro.responses[:4], skip_special_tokens=True)
+            state.samples += [{"step": step + 1, "prompt": p, "response": r.strip(), "score": s}
+                              for p, r, s in zip(ro.prompts[:4], texts, sc.scores[:4].tolist(), strict=True)]  # fmt: skip
+        tracker.log_metrics(metrics, step=step + 1)
         bar.set_postfix(kl=f"{metrics['objective/kl']:.2f}", score=f"{metrics['objective/scores']:.2f}")
-
         # 7. KL guard: over budget `patience` times in a row -> stop and roll back
-        over = []
-        if metrics["objective/kl"] > guard.max_kl:
-            over.append(f"objective/kl {metrics['objective/kl']:.3f} > max_kl {guard.max_kl}")
-        if metrics["policy/approxkl_avg"] > guard.max_approxkl:
-            over.append(f"policy/approxkl_avg {metrics['policy/approxkl_avg']:.4f} > max_approxkl {guard.max_approxkl}")
-        violations = violations + 1 if over else 0
-        if violations >= guard.patience:
-            outcome = "stopped_by_kl_guard"
-            reason = (f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for {violations} step(s); "
-                      f"rolled back to {last_good.parent.name}")  # fmt: skip
-            break
+        over = guard.over(metrics)
+        if guard.tripped:
+            bar.close()
+            return "stopped_by_kl_guard", (f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for "
+                                           f"{guard.violations} step(s); rolled back to step {state.last_good}")  # fmt: skip
         if not over and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps):
-            last_good = checkpoint(step + 1)
+            checkpoint(step + 1)
     bar.close()
+    return "completed", f"completed {config.num_steps} PPO steps"
 
-    # 8. the final policy: the last step, or the last checkpoint within budget
+
+def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpointer, state: TrainState, outcome: str,
+           reason: str, tokenizer: Any, out_dir: Path, tracker: Tracker) -> dict:  # fmt: skip
+    """8. The final policy (the last step, or the last checkpoint within budget after the KL guard), saved with
+    metrics.json, the KL table, samples and curves."""
     if outcome == "stopped_by_kl_guard":
-        state = torch.load(last_good, weights_only=False)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        accelerator.unwrap_model(model).load_state_dict(Checkpointer.load(ckpt.path(state.last_good))["model"])
     final = accelerator.unwrap_model(model).policy
-    final = final.merge_and_unload() if lora.enabled else final
-    kept = int(last_good.parent.name.removeprefix("step_"))  # the step whose policy is saved (after a rollback)
-    if outcome == "stopped_by_kl_guard":
-        final_metrics = history[kept - 1] if kept else {}  # kept == 0: the SFT policy itself
+    final = final.merge_and_unload() if LoraSettings(**config.lora).enabled else final
+    history = state.history
+    if outcome == "stopped_by_kl_guard":  # the kept step's numbers (step 0: the SFT policy itself)
+        final_metrics = history[state.last_good - 1] if state.last_good else {}
     else:
         final_metrics = history[-1] if history else {}
-    result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "rolled_back_to": last_good.parent.name,
-              "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")}}  # fmt: skip
+    result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "kept_step": state.last_good,
+              "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
+              "monitor": state.monitor[-1] if state.monitor else None}  # fmt: skip
     if accelerator.is_main_process:
-        reference = ref_policy or AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
-        result |= compare_on_heldout(final, reference, tokenizer, rm, sft_dir, norm, data_dir, config)
-        if tracker is not None:
-            result["mlflow_run_id"] = tracker.run_id
-        write_outputs(out_dir, final, tokenizer, history, samples, result, monitor)
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float)})
-            tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason})
-            for name in ("metrics.json", "kl.csv", "monitor.csv", "samples.jsonl", "curves.png", "model"):
-                tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
+        result["mlflow_run_id"] = tracker.run_id or None
+        write_outputs(out_dir, final, tokenizer, history, state.samples, result, state.monitor)
+        tracker.log_metrics({"steps_done": len(history), "kept_step": state.last_good})
+        tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason})
+        for name in ("metrics.json", "kl.csv", "monitor.csv", "samples.jsonl", "curves.png", "model"):
+            tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
     accelerator.wait_for_everyone()
     return result
-
-
-def heldout_scores(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig) -> dict:
-    """Sample replies to held-out prompts (the PPO sampling, seeded) and score them: the mean RM score, normalised by
-    the RM's norm.json statistics, the gold judge's mean (None off the default task) and the EOS rate."""
-    from stages import task
-    from stages.modeling import context_limit
-    from stages.reward import score
-
-    replies, ended = generate(policy, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed)
-    rm_scores = score(rm, rm_tok, prompts, replies, context_limit(rm, 512))
-    return {"rm_score": (sum(rm_scores) / len(rm_scores) - norm["mean"]) / norm["std"],
-            "gold": task.gold_mean(prompts, replies), "eos_rate": sum(ended) / len(ended)}  # fmt: skip
-
-
-def monitor_point(policy, tokenizer, rm, rm_tok, norm, prompts: list[str], config: PPOConfig, step: int) -> dict:
-    """RM score and gold score of the policy on held-out prompts: evaluation only, never a training signal."""
-    scores = heldout_scores(policy, tokenizer, rm, rm_tok, norm, prompts, config)
-    return {"step": step, "rm_score": scores["rm_score"], "gold": scores["gold"]}
-
-
-def compare_on_heldout(policy, ref, tokenizer, rm, sft_dir: Path, norm, data_dir: Path, config: PPOConfig) -> dict:
-    """RM and (on the default task) gold scores of SFT and PPO replies to held-out prompts, same sampling."""
-    from transformers import AutoTokenizer
-
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_eval]
-    out: dict[str, float] = {}
-    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
-    for name, model in (("sft", ref), ("ppo", policy)):
-        scores = heldout_scores(model, tokenizer, rm, rm_tok, norm, prompts, config)
-        out[f"heldout/rm_score_{name}"] = scores["rm_score"]
-        out[f"heldout/eos_rate_{name}"] = scores["eos_rate"]
-        if scores["gold"] is not None:
-            out[f"heldout/gold_{name}"] = scores["gold"]
-    return out
 
 
 def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, monitor) -> None:
@@ -497,39 +525,40 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.ppo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m stages.ppo", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data")
     parser.add_argument("--sft", default="artifacts/sft/model")
-    parser.add_argument("--reward", default="artifacts/reward/model")
+    parser.add_argument("--rm", default="artifacts/reward/model", help="the reward model")
+    parser.add_argument("--norm", default="artifacts/reward/norm.json", help="the reward model's normalisation")
+    parser.add_argument("--gate", default="artifacts/reward_gate/passed.json",
+                        help="the reward-model gate's pass (PPO does not climb a reward model that failed it)")  # fmt: skip
     parser.add_argument("--out", default="artifacts/ppo")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(PPOConfig, params.get("ppo"))
     precision = resolve_precision(params.get("precision", "auto"))
+    if args.gate and not Path(args.gate).exists():
+        raise GateFailed(f"the reward model has not passed its gate ({args.gate} is missing): run the reward_gate stage")
+    paths = (config, Path(args.data), Path(args.sft), Path(args.rm), Path(args.norm), Path(args.out))
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     try:
         if is_main and not args.no_tracking:
             with mlflow_run("ppo", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
-                result = run(config, Path(args.data), Path(args.sft), Path(args.reward), Path(args.out), tracker)
+                result = run(*paths, tracker)
         else:
             with autocast(precision):
-                result = run(config, Path(args.data), Path(args.sft), Path(args.reward), Path(args.out), None)
-    except NonFiniteError as e:
-        print(f"PPO stopped: {e}. The last good checkpoint is intact under {config.checkpoint_dir}.", file=sys.stderr)
-        return EXIT_NONFINITE
+                result = run(*paths)
+    except NonFinite as e:
+        raise NonFinite(f"PPO stopped: {e.reason}. The last good checkpoint is intact under {config.checkpoint_dir}.") from None
+
     if result["outcome"] == "stopped_by_kl_guard":
-        if is_main:
-            print(result["reason"], file=sys.stderr)
-        return EXIT_GATE
+        raise GateFailed(result["reason"])
     if is_main:
-        gold = {k: round(v, 3) for k, v in result.items() if k.startswith("heldout/gold")}
-        print(f"PPO: {result['reason']}; held-out {gold or ''}; saved to {args.out}/model")
+        print(f"PPO: {result['reason']}; held-out monitor {result['monitor']}; saved to {args.out}/model")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("ppo", main))

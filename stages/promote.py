@@ -20,10 +20,13 @@ from typing import Any
 
 import mlflow
 
-from stages.evaluate import EvaluateConfig, win_rate
-from stages.io import read_jsonl, write_json
-from stages.params import config_from, load_params, stage_main
-from stages.tracking import Tracker, mlflow_run
+from stages.lib.heldout import Sampling, preference_scores, win_rate
+from stages.lib.io import read_jsonl, write_json
+from stages.lib.modeling import autocast, resolve_precision
+from stages.lib.outcome import ArgumentParser, BadInput, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.rewards import RewardModel
+from stages.lib.tracking import Tracker, mlflow_run
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 
@@ -50,13 +53,13 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
     """The policy as an MLflow pyfunc: `predict(["prompt", ...])` (or a DataFrame with a `prompt` column) -> replies."""
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from stages.modeling import load_causal_lm
+        from stages.lib.modeling import load_causal_lm
 
         self.model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from stages.modeling import generate
-        from stages.schema import render_prompt
+        from stages.lib.modeling import generate
+        from stages.lib.schema import render_prompt
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         p = params or {}
@@ -115,36 +118,22 @@ def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, diges
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("rlhf.model_hash") == digest:
             return v
-    import stages
-
     info = mlflow.pyfunc.log_model(
         name="policy", python_model=PolicyModel(), artifacts={"hf_model": str(hf_dir)},
-        code_paths=[str(Path(stages.__file__).parent)],
+        code_paths=[str(Path(__file__).resolve().parent)],  # the stages package: the pyfunc imports stages.lib
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", f"mlflow=={mlflow.__version__}"],
     )  # fmt: skip
     version = mlflow.register_model(info.model_uri, name, tags={"rlhf.model_hash": digest, **tags})
     return client.get_model_version(name, version.version)
 
 
-def champion_win_rate(champion, samples: list[dict], eval_config: EvaluateConfig, rm_dir: Path, sft_dir: Path) -> float:
-    """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from stages import task
-    from stages.evaluate import evaluate_policy
-
+def champion_win_rate(champion, samples: list[dict], sampling: Sampling, rm: RewardModel) -> float:
+    """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed,
+    judged as the evaluation judged the candidate (gold where it applies, else the reward model)."""
     loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}").unwrap_python_model()
-    model, tokenizer = loaded.model, loaded.tokenizer
     prompts = [s["prompt"] for s in samples]
-
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir / "model", use_safetensors=True).eval()
-    norm = json.loads((rm_dir / "norm.json").read_text())
-    ref = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).eval()
-    rm_tok = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
-    res = evaluate_policy("champion", model, tokenizer, rm, rm_tok, norm, ref, prompts, eval_config)
-    if task.judge_applies(prompts):
-        return win_rate([task.gold_score(s["prompt"], s["ppo"]) for s in samples], res["gold_scores"])
-    return win_rate([s["ppo_rm"] for s in samples], res["rm_scores"])
+    judge, champion_scores = preference_scores(loaded.model, loaded.tokenizer, rm, prompts, sampling)
+    return win_rate([s[f"ppo_{judge}"] for s in samples], champion_scores)
 
 
 def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before) -> dict[str, Any]:
@@ -167,24 +156,36 @@ def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Deci
     return {"promoted": True, "unchanged": False}
 
 
-def run(config: PromoteConfig, eval_config: EvaluateConfig, eval_dir: Path, ppo_dir: Path, rm_dir: Path,
-        sft_dir: Path, out_path: Path, tracker: Tracker, force: bool = False) -> dict[str, Any]:  # fmt: skip
+@dataclass(frozen=True)
+class Inputs:
+    """What promotion reads (dvc.yaml passes each path in the stage's command)."""
+
+    metrics: Path  # the evaluation's metrics.json
+    samples: Path  # the evaluation's samples.jsonl: the candidate's replies, re-judged against the champion's
+    policy: Path  # the candidate policy (HF folder)
+    policy_metrics: Path  # the PPO stage's metrics.json (its MLflow run id, for lineage)
+    rm: Path  # the reward model and ...
+    norm: Path  # ... its normalisation: the judge of the champion comparison off the default task
+
+
+def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Path,
+        tracker: Tracker, force: bool = False) -> dict[str, Any]:  # fmt: skip
     """Register the candidate, judge it against SFT and the champion, and move the aliases."""
     client = mlflow.MlflowClient()
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    samples = read_jsonl(eval_dir / "samples.jsonl")
-    ppo_metrics = json.loads((ppo_dir / "metrics.json").read_text()) if (ppo_dir / "metrics.json").exists() else {}
-    digest = model_hash(ppo_dir / "model")
+    metrics = json.loads(inputs.metrics.read_text())
+    samples = read_jsonl(inputs.samples)
+    ppo_metrics = json.loads(inputs.policy_metrics.read_text()) if inputs.policy_metrics.exists() else {}
+    digest = model_hash(inputs.policy)
     tags = {"rlhf.win_rate_vs_sft": f"{metrics['win_rate_vs_sft']:.4f}", "rlhf.kl": f"{metrics['ppo/kl_k1_seq']:.4f}",
             "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")), "rlhf.source_run_id": tracker.run_id}  # fmt: skip
     tracker.log_params({"promote": asdict(config)})
-    version = find_or_register(client, config.registered_model, ppo_dir / "model", digest, tags)
+    version = find_or_register(client, config.registered_model, inputs.policy, digest, tags)
 
     while True:  # compare against the champion as it is when the aliases move
         champion = current_version(client, config.registered_model, CHAMPION)
         vs_champion = None
         if champion is not None and champion.version != version.version:
-            vs_champion = champion_win_rate(champion, samples, eval_config, rm_dir, sft_dir)
+            vs_champion = champion_win_rate(champion, samples, sampling, RewardModel.load(inputs.rm, inputs.norm))
         decision = Decision(True, []) if force else promotion_criteria(metrics, vs_champion, config)
         with registry_lock():
             now = current_version(client, config.registered_model, CHAMPION)
@@ -212,7 +213,7 @@ def promote_run(run_id: str, force: bool, config: PromoteConfig) -> dict[str, An
     versions = [v for v in client.search_model_versions(f"name='{config.registered_model}'")
                 if v.run_id == run_id or v.tags.get("rlhf.source_run_id") == run_id]  # fmt: skip
     if not versions:
-        raise ValueError(f"no version of {config.registered_model!r} was registered from run {run_id}")
+        raise BadInput(f"no version of {config.registered_model!r} was registered from run {run_id}")
     version = versions[0]
     reasons = [] if force else [r for r in version.tags.get("rlhf.promotion_reasons", "").split("; ")
                                 if r and r != "all criteria passed"]  # fmt: skip
@@ -224,23 +225,25 @@ def promote_run(run_id: str, force: bool, config: PromoteConfig) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.promote", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m stages.promote", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--evaluation", default="artifacts/evaluate")
-    parser.add_argument("--ppo", default="artifacts/ppo")
-    parser.add_argument("--reward", default="artifacts/reward")
-    parser.add_argument("--sft", default="artifacts/sft/model")
+    parser.add_argument("--eval-metrics", default="artifacts/evaluate/metrics.json", help="the evaluation's metrics")
+    parser.add_argument("--eval-samples", default="artifacts/evaluate/samples.jsonl", help="the evaluation's samples")
+    parser.add_argument("--policy", default="artifacts/ppo/model", help="the candidate policy")
+    parser.add_argument("--policy-metrics", default="artifacts/ppo/metrics.json", help="the PPO stage's metrics")
+    parser.add_argument("--rm", default="artifacts/reward/model")
+    parser.add_argument("--norm", default="artifacts/reward/norm.json")
     parser.add_argument("--out", default="artifacts/promote/metrics.json")
     parser.add_argument("--force", action="store_true", help="promote whatever the criteria say")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(PromoteConfig, params.get("promote"))
-    eval_config = config_from(EvaluateConfig, params.get("evaluate"))
-    with mlflow_run("promote") as tracker:
-        r = run(config, eval_config, Path(args.evaluation), Path(args.ppo), Path(args.reward), Path(args.sft),
-                Path(args.out), tracker, args.force)  # fmt: skip
+    sampling = Sampling.of(params.get("evaluate") or {})  # the champion is sampled as the candidate was evaluated
+    precision = resolve_precision(params.get("precision", "auto"))
+    with mlflow_run("promote") as tracker, autocast(precision):
+        inputs = Inputs(Path(args.eval_metrics), Path(args.eval_samples), Path(args.policy), Path(args.policy_metrics),
+                        Path(args.rm), Path(args.norm))  # fmt: skip
+        r = run(config, sampling, inputs, Path(args.out), tracker, args.force)
     if r["promoted"]:
         print(f"promoted: {config.registered_model} version {r['version']} is the champion "
               f"(models:/{config.registered_model}@champion)")  # fmt: skip
@@ -251,4 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("promote", main))

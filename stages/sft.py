@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import task
-from stages.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.modeling import (
+from stages.lib import task
+from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.modeling import (
     LoraSettings,
     TinyModelConfig,
     context_limit,
@@ -30,9 +30,10 @@ from stages.modeling import (
     seed_everything,
     trainer_precision,
 )
-from stages.params import config_from, load_params, stage_main
-from stages.plots import line_plot
-from stages.tracking import Tracker, mlflow_run, trainer_callback
+from stages.lib.outcome import ArgumentParser, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.plots import line_plot
+from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,46 @@ class SFTConfig:
     temperature: float = 1.0
 
 
-def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32") -> dict[str, Any]:
-    """Train, evaluate and save the SFT model into `out_dir` in `precision` (resolved); returns the metrics."""
+def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict], test_rows: list[dict],
+          tracker: Tracker, precision: str) -> tuple[Any, float, list[dict], float]:  # fmt: skip
+    """Fine-tune on prompt/completion pairs with TRL's SFTTrainer, which masks the prompt tokens out of the loss.
+    Returns (model, held-out loss, the trainer's log history, training seconds)."""
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
+    def as_dataset(rows: list[dict[str, str]]) -> Dataset:
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"]} for r in rows])
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrlSFTConfig(
+            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+            max_length=context_limit(model, config.max_length), completion_only_loss=True,
+            gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
+            eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
+            processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
+            callbacks=[trainer_callback(tracker, "sft/")],
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        eval_loss = trainer.evaluate()["eval_loss"]
+    model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
+    return model, eval_loss, trainer.state.log_history, seconds
+
+
+def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32") -> dict[str, Any]:
+    """Train, evaluate and save the SFT model into `out_dir` in `precision` (resolved); returns the metrics."""
     seed_everything(config.seed)
     train_rows, test_rows = read_jsonl(data_dir / "sft.jsonl"), read_jsonl(data_dir / "sft_test.jsonl")
     tracker.log_params({"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
-                        "precision": precision})
+                        "precision": precision})  # fmt: skip
     sample_prompts = [r["prompt"] for r in test_rows[: config.n_samples]]
 
     with staged_dir(out_dir) as tmp:
@@ -80,31 +111,9 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
         model, tokenizer = load_causal_lm(base_dir, config.trust_remote_code)
         before, _ = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
 
-        # 1. fine-tune on prompt/completion pairs: TRL masks the prompt tokens out of the loss
-        def as_dataset(rows: list[dict[str, str]]) -> Dataset:
-            return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"]} for r in rows])
-
-        with tempfile.TemporaryDirectory() as scratch:
-            args = TrlSFTConfig(
-                output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-                per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
-                lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-                max_length=context_limit(model, config.max_length), completion_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
-                logging_steps=config.logging_steps, eval_strategy="epoch", save_strategy="no", report_to="none",
-                seed=config.seed, data_seed=config.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
-                **trainer_precision(precision),
-            )  # fmt: skip
-            trainer = SFTTrainer(
-                model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
-                processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
-                callbacks=[trainer_callback(tracker, "sft/")],
-            )  # fmt: skip
-            start = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - start
-            eval_loss = trainer.evaluate()["eval_loss"]
-            history = trainer.state.log_history
-        model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
+        # 1. fine-tune
+        model, eval_loss, history, train_seconds = train(config, model, tokenizer, train_rows, test_rows, tracker,
+                                                         precision)  # fmt: skip
 
         # 2. save the policy's starting point / PPO's frozen reference
         tokenizer.padding_side = "left"
@@ -143,9 +152,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.sft", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m stages.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
     parser.add_argument("--out", default="artifacts/sft")
@@ -161,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("sft", main))

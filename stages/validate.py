@@ -1,4 +1,4 @@
-"""Data validation: every dataset is read into the schema (stages.formats) and checked with Great Expectations.
+"""Data validation: every dataset is read into the schema (stages.lib.formats) and checked with Great Expectations.
 
 One ExpectationSuite per dataset kind; one ValidationDefinition and Checkpoint per dataset, whose action renders
 Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong types, broken
@@ -18,8 +18,6 @@ Outputs (the data only when every dataset passed; the reports always, since they
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import shutil
 import sys
@@ -30,11 +28,13 @@ from typing import Any
 
 import pandas as pd
 
-from stages import schema
-from stages.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
-from stages.io import staged_dir, write_json, write_jsonl
-from stages.params import PARAMS_FILE, config_from, load_params, stage_main
-from stages.tracking import mlflow_run
+from stages.lib import schema
+from stages.lib.environment import quiet
+from stages.lib.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
+from stages.lib.io import staged_dir, write_json, write_jsonl
+from stages.lib.outcome import ArgumentParser, BadInput, stage_main
+from stages.lib.params import PARAMS_FILE, config_from, load_params
+from stages.lib.tracking import mlflow_run
 
 OUT_DIR = Path("artifacts/validate/data")  # where stages/sft.py and stages/reward.py read the datasets
 REPORT_DIR = Path("reports/validate")
@@ -62,7 +62,7 @@ class ValidateConfig:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    path: str  # a file or a Hugging Face dataset name (see stages.formats)
+    path: str  # a file or a Hugging Face dataset name (see stages.lib.formats)
     kind: str  # preferences | sft | prompts
     format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
     heldout: bool = False  # a test set: its prompts must not appear in any training dataset
@@ -82,12 +82,15 @@ class Report:
     reason: str
 
 
-class ValidationFailed(Exception):
-    """One or more datasets failed; str(e) names each failed check with counts and example rows."""
+class ValidationFailed(BadInput):
+    """One or more datasets failed; `reason` says which in one line, `details` names each failed check with counts
+    and example rows."""
 
     def __init__(self, reports: list[Report]) -> None:
         self.reports = reports
-        super().__init__("\n\n".join(format_report(r) for r in reports if not r.passed))
+        failed = [r for r in reports if not r.passed]
+        self.details = "\n\n".join(format_report(r) for r in failed)
+        super().__init__("validation failed: " + "; ".join(f"{r.dataset} ({r.path}): {r.reason}" for r in failed))
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class _Check:
 
 def gx_context(docs_dir: Path | None = None) -> Any:
     """An in-memory GX context; with `docs_dir`, checkpoints render Data Docs HTML there."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    quiet()
     import great_expectations as gx  # slow to import (~3 s): only when validating, so `rlhf --help` stays fast
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -429,20 +432,21 @@ def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stages.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--file", help="validate this one file instead of the datasets in params.yaml")
     parser.add_argument("--kind", choices=list(schema.KINDS), help="dataset kind of --file")
     parser.add_argument("--format", default="auto", help="format of --file (default: auto)")
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("--out", default=str(OUT_DIR), help=f"validated datasets (default: {OUT_DIR})")
     parser.add_argument("--reports", default=str(REPORT_DIR), help=f"reports and Data Docs (default: {REPORT_DIR})")
+    parser.add_argument("--metrics", default=str(OUT_DIR.parent / "metrics.json"), help="row counts per dataset")
     args = parser.parse_args(argv)
     if args.file and not args.kind:
         parser.error("--kind is required with --file")
+    # a single file can be checked outside the project, with the default config
+    params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
+    config = config_from(ValidateConfig, params.get("validate"))
     try:
-        # a single file can be checked outside the project, with the default config
-        params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
-        config = config_from(ValidateConfig, params.get("validate"))
         if args.file:
             report = validate_file(args.file, args.kind, args.format, config)
             if not report.passed:
@@ -450,25 +454,32 @@ def main(argv: list[str] | None = None) -> int:
             print(format_report(report))
             return 0
         datasets = {name: config_from(DatasetSpec, spec) for name, spec in (params.get("data") or {}).items()}
-        with mlflow_run("validate") as tracker:
-            tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
-            try:
-                result = run(config, datasets, Path(args.out), Path(args.reports))
-            except ValidationFailed as e:
-                tracker.set_tags({"rlhf.gate": "failed", "rlhf.gate_reason": str(e).splitlines()[0][:500]})
-                raise
-            finally:
-                for name in ("report.md", "summary.json", "data_docs"):
-                    if (Path(args.reports) / name).exists():
-                        tracker.log_artifact(Path(args.reports) / name, "data_docs" if name == "data_docs" else None)
-            tracker.set_tags({"rlhf.gate": "passed"})
-            tracker.log_metrics({f"{d}/{k}": v for d, m in result["metrics"].items() for k, v in m.items()})
-        print(Path(result["report"]).read_text(encoding="utf-8"), end="")
-    except (ValidationFailed, DataError, ValueError, OSError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
+        result = run_tracked(config, datasets, Path(args.out), Path(args.reports), Path(args.metrics))
+    except ValidationFailed as e:
+        print(e.details, file=sys.stderr)
+        raise
+    print(Path(result["report"]).read_text(encoding="utf-8"), end="")
     return 0
 
 
+def run_tracked(config: ValidateConfig, datasets: dict[str, DatasetSpec], out: Path, reports: Path,
+                metrics: Path) -> dict[str, Any]:  # fmt: skip
+    """`run` inside this stage's MLflow run: params, the verdict as tags, the reports and Data Docs as artifacts."""
+    with mlflow_run("validate") as tracker:
+        tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
+        try:
+            result = run(config, datasets, out, reports, metrics)
+        except ValidationFailed as e:
+            tracker.set_tags({"rlhf.gate": "failed", "rlhf.gate_reason": e.reason[:500]})
+            raise
+        finally:
+            for name in ("report.md", "summary.json", "data_docs"):
+                if (reports / name).exists():
+                    tracker.log_artifact(reports / name, "data_docs" if name == "data_docs" else None)
+        tracker.set_tags({"rlhf.gate": "passed"})
+        tracker.log_metrics({f"{d}/{k}": v for d, m in result["metrics"].items() for k, v in m.items()})
+    return result
+
+
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("validate", main))

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from stages.lib.environment import quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 
+quiet()
 for key, value in {
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

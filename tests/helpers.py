@@ -21,6 +21,7 @@ TINY: dict[str, Any] = {
             "epochs": 1, "batch_size": 32, "n_samples": 16, "max_new_tokens": 24, "logging_steps": 2},
     "reward": {"epochs": 1, "batch_size": 32, "n_norm_samples": 16, "max_new_tokens": 24, "logging_steps": 2},
 }  # fmt: skip
+OPEN_GATE = {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}  # any reward model passes
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, data: bool
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # as in the repository's .gitignore: what the stages write beside the DVC-tracked outputs stays out of git commits
     (dest / ".gitignore").write_text("/data\n/artifacts\n/reports\nmlflow.db\n/mlartifacts\n/mlruns/\n/checkpoints/\n"
-                                     "*.promote.lock\n")
+                                     "*.promote.lock\n/.rlhf/\n")
     run(["git", "init", "-q"], dest)
     if data:
         run([str(BIN / "rlhf"), "make-data"], dest)

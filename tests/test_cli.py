@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from stages.lib.outcome import ExitCode
+from tests.helpers import ROOT
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
@@ -42,12 +46,12 @@ def test_validate_messages_and_a_failing_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
     proc = _rlhf("validate", str(bad), "--kind", "preferences", "--policy", "fail")
-    assert proc.returncode == 2 and "chosen_differs" in proc.stdout + proc.stderr
+    assert proc.returncode == ExitCode.BAD_INPUT and "chosen_differs" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-STAGE_SECTIONS = {"task": "task", "validate": "validate", "sft": "sft", "reward": "reward", "ppo": "ppo",
-                  "evaluate": "evaluate", "promote": "promote"}  # fmt: skip
+STAGE_SECTIONS = {"lib.task": "task", "validate": "validate", "sft": "sft", "reward": "reward",
+                  "reward_gate": "reward_gate", "ppo": "ppo", "evaluate": "evaluate", "promote": "promote"}  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
@@ -58,7 +62,7 @@ def test_a_stage_with_a_bad_param_says_which_without_a_traceback(stage, tmp_path
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", str(tmp_path / "params.yaml")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stdout + proc.stderr
     assert "unknown parameter(s) lerning_rate" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran
 
@@ -66,4 +70,19 @@ def test_a_stage_with_a_bad_param_says_which_without_a_traceback(stage, tmp_path
 def test_a_stage_without_params_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.sft", "--params", str(tmp_path / "nope.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2 and "no params file" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == ExitCode.BAD_INPUT and "no params file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_usage_errors_have_their_own_code(tmp_path):
+    """A wrong command line is 64 (EX_USAGE), not argparse's 2 that used to mean a gate; an unknown stage is refused
+    before anything is generated."""
+    assert _rlhf("run", "--no-such-flag").returncode == ExitCode.USAGE
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    proc = subprocess.run([RLHF, "run", "nosuchstage"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.USAGE and "no such stage" in proc.stderr
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "dvc.yaml").unlink()
+    proc = subprocess.run([RLHF, "run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT and "no dvc.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    stage = subprocess.run([sys.executable, "-m", "stages.sft", "--bogus"], capture_output=True, text=True)
+    assert stage.returncode == ExitCode.USAGE

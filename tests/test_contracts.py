@@ -1,25 +1,100 @@
-"""Contracts between dvc.yaml, params.yaml, the stage configs and the CLI: one home for each fact."""
+"""Contracts between dvc.yaml, params.yaml, the stage configs, the code's imports and the CLI: one home for each fact.
+
+- dvc.yaml is the one home of a stage's inputs: every path its command passes is a dep (inputs) or an out (outputs),
+  every path-valued option of the stage has its value in the command, and `deps` covers the stage's import closure
+  (computed here with `ast`), so editing any module a stage imports makes `dvc status` name that stage.
+- Three floors: a stage imports only the library (`stages.lib`), never another stage; the library never imports a
+  stage or `flows`; `flows` is on top, with no import circle.
+"""
 
 from __future__ import annotations
 
+import ast
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from stages import evaluate, ppo, promote, reward, sft, task, validate
-from stages.params import config_from, load_params
+from stages import evaluate, ppo, promote, reward, reward_gate, sft, validate
+from stages.lib import task
+from stages.lib.params import config_from, load_params
 from tests.conftest import ROOT
 
 CONFIGS = {"task": task.TaskConfig, "validate": validate.ValidateConfig, "sft": sft.SFTConfig,
-           "reward": reward.RewardConfig, "ppo": ppo.PPOConfig, "evaluate": evaluate.EvaluateConfig,
-           "promote": promote.PromoteConfig}  # fmt: skip
-NESTED = {("reward", "gate"): reward.GateConfig, ("ppo", "kl_guard"): ppo.KLGuardConfig}
+           "reward": reward.RewardConfig, "reward_gate": reward_gate.GateConfig, "ppo": ppo.PPOConfig,
+           "evaluate": evaluate.EvaluateConfig, "promote": promote.PromoteConfig}  # fmt: skip
+NESTED = {("ppo", "kl_guard"): ppo.KLGuardConfig}
+OUTPUT_OPTIONS = {"--out", "--metrics", "--reports"}  # what a stage writes; every other path option is an input
+NOT_TRACKED = {"--reports"}  # written also when the stage fails (they say why), so not a DVC output
 
 
-def _dvc_stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def _dvc_stages(root: Path = ROOT) -> dict:
+    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+
+
+def _paths(entries: list | None) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def _module_file(module: str, root: Path = ROOT) -> Path | None:
+    base = root / module.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """The project modules `path` imports (absolute `stages`/`flows` imports, anywhere in the file)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from stages.lib import task`
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] in ("stages", "flows") and _module_file(m)}
+
+
+def import_closure(module: str, root: Path = ROOT) -> set[str]:
+    """Every project file imported when `module` runs: its imports, theirs, and the packages' __init__ files."""
+    files: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            path = _module_file(".".join(parts[:i]), root)
+            if path is None:
+                continue
+            rel = str(path.relative_to(root))
+            if rel not in files:
+                files.add(rel)
+                todo.extend(_imports(path))
+    return files
+
+
+def _options(cmd: str) -> dict[str, str]:
+    """`--option value` pairs of a `python -m module ...` command."""
+    args = shlex.split(cmd)[3:]
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), f"not --option value pairs: {cmd}"
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+def _path_defaults(module_file: Path) -> dict[str, str]:
+    """The stage's argparse options whose default is a path (they name files the stage reads or writes)."""
+    out = {}
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args:
+            flag = node.args[0].value if isinstance(node.args[0], ast.Constant) else None
+            default = next((k.value for k in node.keywords if k.arg == "default"), None)
+            value = default.value if isinstance(default, ast.Constant) else None
+            if isinstance(flag, str) and isinstance(value, str) and "/" in value:
+                out[flag] = value
+    return out
 
 
 def test_every_params_section_builds_its_config():
@@ -37,27 +112,98 @@ def test_unknown_parameter_is_an_error():
         config_from(ppo.PPOConfig, {"kl_coeff": 0.1})
 
 
-def test_dvc_stages_read_existing_params_and_run_their_module():
+def test_every_stage_runs_its_module_and_reads_existing_params():
     params = load_params(ROOT / "params.yaml")
     for name, stage in _dvc_stages().items():
+        assert shlex.split(stage["cmd"])[:3] == ["python", "-m", f"stages.{name}"], name
         for section in stage.get("params", []):
             assert section in params, f"dvc.yaml stage {name} reads params section {section!r} that does not exist"
-        assert stage["cmd"] == f"python -m stages.{name}", name
-        assert (ROOT / "stages" / f"{name}.py").exists()
-        assert f"stages/{name}.py" in stage["deps"], f"{name} must depend on its own code"
+        if name in CONFIGS:
+            assert name in stage["params"], f"{name} must list its own params section"
+    assert set(CONFIGS) - {"task"} <= set(_dvc_stages())  # every section but the data generator's is a stage's
 
 
-def test_every_stage_with_a_config_is_in_the_dag():
-    stages = set(_dvc_stages())
-    assert {"validate", "sft", "reward", "ppo", "evaluate", "promote"} <= stages
-    # every section but the data generator's (data.dvc pins its output) belongs to a stage of the DAG
-    assert set(CONFIGS) - {"task"} <= stages
+@pytest.mark.parametrize("name", list(_dvc_stages()))
+def test_deps_cover_the_import_closure(name):
+    """Editing any module a stage imports must make `dvc status` name the stage."""
+    deps = set(_paths(_dvc_stages()[name]["deps"]))
+    missing = import_closure(f"stages.{name}") - deps
+    assert not missing, f"dvc.yaml stage {name} imports {sorted(missing)} but does not depend on them"
 
 
-def test_cli_help_is_fast_and_helpful():
+@pytest.mark.parametrize("name", list(_dvc_stages()))
+def test_the_command_names_every_path_and_dvc_tracks_them(name):
+    stage = _dvc_stages()[name]
+    options = _options(stage["cmd"])
+    deps = set(_paths(stage["deps"]))
+    written = set(_paths(stage.get("outs"))) | set(_paths(stage.get("metrics")))
+    for flag, path in options.items():
+        if flag in NOT_TRACKED:
+            continue
+        if flag in OUTPUT_OPTIONS:  # an output folder or file: DVC tracks what the stage writes there
+            assert any(w == path or w.startswith(path.rstrip("/") + "/") for w in written), (name, flag, path)
+        else:
+            assert path in deps, f"{name} reads {path} ({flag}) but does not depend on it"
+    # a path the stage would otherwise take from its own default is a path dvc.yaml does not know about
+    hidden = set(_path_defaults(ROOT / "stages" / f"{name}.py")) - set(options) - {"--params"}
+    assert not hidden, f"{name}: give {sorted(hidden)} in dvc.yaml's cmd, where the stage's paths live"
+    data_deps = [d for d in deps if not d.startswith("stages/")]
+    assert set(data_deps) <= set(options.values()) | {"data"}, f"{name} depends on paths its command never passes"
+
+
+def test_the_closure_contract_fails_when_a_dep_is_removed(tmp_path):
+    """The check above is not vacuous: drop one imported module from a copy of dvc.yaml and it fails."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    spec["stages"]["ppo"]["deps"].remove("stages/lib/modeling.py")
+    deps = set(_paths(spec["stages"]["ppo"]["deps"]))
+    assert import_closure("stages.ppo") - deps == {"stages/lib/modeling.py"}
+
+
+def _top(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts).removesuffix(".__init__")
+
+
+def test_three_floors():
+    """Stages import only the library; the library never imports a stage or flows; flows import no circle."""
+    stage_files = [p for p in (ROOT / "stages").glob("*.py") if p.name != "__init__.py"]
+    for path in stage_files:
+        for module in _imports(path):
+            assert module.startswith("stages.lib"), f"{path.name} imports {module}: stages import only stages.lib"
+    for path in (ROOT / "stages/lib").glob("*.py"):
+        for module in _imports(path):
+            assert module.startswith("stages.lib"), f"lib/{path.name} imports {module}"
+    graph = {_top(p): {m for m in _imports(p) if m.startswith("flows")} for p in (ROOT / "flows").glob("*.py")}
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    circles = [m for m in graph if reaches(m, m)]
+    assert not circles, f"import circle through {circles}"
+
+
+def test_cli_help_is_helpful_and_imports_no_heavy_library():
+    """`rlhf --help` answers at once: building the parser imports none of torch, transformers, mlflow, prefect."""
+    probe = ("import sys, flows.cli; flows.cli.build_parser(); "
+             "print(sorted({'torch', 'transformers', 'mlflow', 'prefect', 'great_expectations'} & set(sys.modules)))")
+    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]", heavy
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
-    for word in ("run", "validate", "make-data"):
+    for word in ("run", "validate", "make-data", "exit codes"):
         assert word in out.stdout
     out = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--help"], capture_output=True, text=True,
                          check=True)  # fmt: skip
     assert "--kind" in out.stdout and "hh" in out.stdout
+
+
+def test_no_function_runs_past_a_screen_without_a_reason():
+    """A function in stages/ or flows/ longer than 80 lines says why in a `# long:` comment on its first lines."""
+    too_long = []
+    for path in [*ROOT.glob("stages/**/*.py"), *ROOT.glob("flows/*.py")]:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80:
+                head = "\n".join(lines[node.lineno - 1 : node.lineno + 4])
+                if "# long:" not in head:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not too_long, too_long

@@ -23,7 +23,8 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.containers import Runner
+from flows.runners import Runner
+from stages.lib.outcome import ExitCode
 from tests.helpers import BIN, ROOT, env, make_project, run
 from tests.test_flow import PASSING, _overrides, flow_run_id_of, prefect_deploy, prefect_server
 
@@ -92,7 +93,7 @@ def test_image_is_pinned_non_root_and_explains_itself(image):
     helped = docker("run", "--rm", image)  # no arguments: the usage
     assert helped.returncode == 0 and "docker run [options] IMAGE <stage>" in helped.stdout
     unknown = docker("run", "--rm", image, "nosuch")
-    assert unknown.returncode == 2 and "'nosuch' is not a stage" in unknown.stderr
+    assert unknown.returncode == ExitCode.USAGE and "'nosuch' is not a stage" in unknown.stderr
 
     # the project's lock (constraints.txt) is what the image holds, torch included, as the CPU build
     frozen = docker("run", "--rm", image, "python", "-m", "pip", "freeze")
@@ -175,7 +176,7 @@ def test_a_stage_that_fails_in_a_container_says_why(image, twins):
     (broken / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(broken)], check=True)
     done = _stage_in_container(image, broken, "reward")
-    assert done.returncode != 0
+    assert done.returncode == ExitCode.BAD_INPUT
     assert "bogus" in done.stderr + done.stdout and "Traceback" not in done.stderr + done.stdout
 
 
@@ -185,13 +186,15 @@ def test_a_stage_that_fails_in_a_container_says_why(image, twins):
 
 
 def test_runner_mounts_the_project_at_its_own_path(tmp_path):
-    cmd = Runner("docker", "img:tag", "all").command(tmp_path, ["dvc", "repro", "--single-item", "sft"],
-                                                     {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "SECRET": "x"})  # fmt: skip
+    env = {"MLFLOW_TRACKING_URI": "http://u:pw@127.0.0.1:5000", "MLFLOW_TRACKING_PASSWORD": "hunter2", "SECRET": "x"}
+    cmd = Runner("docker", "img:tag", "all").command(tmp_path, ["dvc", "repro", "--single-item", "sft"], env)
     assert cmd[:3] == ["docker", "run", "--rm"]
     assert f"{tmp_path}:{tmp_path}" in cmd and cmd[cmd.index("-w") + 1] == str(tmp_path)
     assert cmd[cmd.index("--user") + 1] == f"{tmp_path.stat().st_uid}:{tmp_path.stat().st_gid}"
     assert cmd[cmd.index("--gpus") + 1] == "all" and "--network" in cmd  # an http tracking server on loopback
-    assert "SECRET=x" not in cmd and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in cmd
+    # passed by name: docker copies the values from the environment, so no credential is in argv or the printed line
+    assert "MLFLOW_TRACKING_URI" in cmd and "MLFLOW_TRACKING_PASSWORD" in cmd and "SECRET" not in " ".join(cmd)
+    assert not any("hunter2" in a or "pw@" in a for a in cmd)
     assert cmd[-5:] == ["img:tag", "dvc", "repro", "--single-item", "sft"]
     assert Runner().command(tmp_path, ["dvc", "repro"], {})[1:] == ["-m", "dvc", "repro"]
 
@@ -199,7 +202,7 @@ def test_runner_mounts_the_project_at_its_own_path(tmp_path):
 def test_missing_image_is_a_clear_error(image, tmp_path):
     proc = subprocess.run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", "rlhf-stage:nosuch"],
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 1 and "make images" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == ExitCode.UNAVAILABLE and "make images" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_whole_flow_with_the_docker_runner(image, tmp_path):

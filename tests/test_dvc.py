@@ -25,20 +25,21 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import BIN, make_project, run
+from tests.helpers import BIN, OPEN_GATE, make_project, run
+from tests.test_contracts import import_closure
 
 pytestmark = pytest.mark.slow
 
 # Tiny sizes (helpers.TINY does task/sft/reward); gates and promotion criteria that a 2-step PPO passes.
 OVERRIDES: dict[str, Any] = {
-    "reward": {"gate": {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}},
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 16, "n_eval": 8, "n_monitor": 4,
+    "reward_gate": OPEN_GATE,
+    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 16, "n_monitor": 4,
             "checkpoint_every": 1, "threads": 1},
     "evaluate": {"n_prompts": 8, "max_new_tokens": 16},
     "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
                 "block_on_overoptimisation": False},
 }  # fmt: skip
-UPSTREAM = {"validate", "sft", "reward"}  # what a ppo parameter must never rerun
+UPSTREAM = {"validate", "sft", "reward", "reward_gate"}  # what a ppo parameter must never rerun
 RAN = re.compile(r"^Running stage '([^']+)'", re.M)
 SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping$", re.M)
 
@@ -238,6 +239,21 @@ def test_second_repro_is_a_no_op(second, project):
     assert second.mtimes_after == second.mtimes_before  # no output rewritten, not even with the same bytes
 
 
+@pytest.mark.parametrize("module", ["stages/lib/modeling.py", "stages/lib/rewards.py", "stages/lib/rl_math.py"])
+def test_editing_a_shared_module_makes_dvc_status_name_every_stage_that_imports_it(second, project, module):
+    """dvc.yaml's deps cover each stage's imports: `dvc status` is never blind to a change in the library."""
+    users = {name for name in stages(project) if module in import_closure(f"stages.{name}", project)}
+    assert users and users != set(stages(project))  # a real selection, not everything or nothing
+    path = project / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        assert set(json.loads(dvc(project, "status", "--json"))) == users
+    finally:
+        path.write_bytes(original)
+    assert json.loads(dvc(project, "status", "--json")) == {}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. One PPO parameter changed: exactly PPO and what follows it rerun
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,7 +340,7 @@ def test_metrics_show_lists_every_stage(fresh, project):
         for f in files:
             assert f in shown and "error" not in shown[f], (f, shown.get(f))
             assert _scalars(shown[f]["data"]) == _scalars(fresh["metric_files"][f])  # what the stage wrote
-    assert shown["artifacts/reward/metrics.json"]["data"]["gate"]["passed"] is True
+    assert shown["artifacts/reward_gate/metrics.json"]["data"]["passed"] is True
     assert shown["artifacts/ppo/metrics.json"]["data"]["steps_done"] == OVERRIDES["ppo"]["num_steps"]
 
 

@@ -27,14 +27,18 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import PARENT_STAGE_TAG, STOPPED, plan, rlhf_pipeline
-from tests.helpers import BIN, ROOT, deep_merge, env, make_project, run
+from flows.orchestrate import plan
+from flows.pipeline import PARENT_STAGE_TAG, rlhf_pipeline, state_name
+from stages.lib.outcome import ExitCode
+from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project, run
+
+GATE, BUSY = state_name(ExitCode.GATE), state_name(ExitCode.BUSY)
 
 pytestmark = pytest.mark.slow
 
 PASSING: dict[str, Any] = {
-    "reward": {"gate": {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}},
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "n_eval": 8, "checkpoint_every": 1},
+    "reward_gate": OPEN_GATE,
+    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1},
     # used only when params.yaml has these sections (the evaluate and promote stages)
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
     "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
@@ -191,17 +195,27 @@ def test_second_run_skips_every_stage(first, project):
     assert "validation-summary" in _artifact_keys(second.state_details.flow_run_id)
 
 
-def _toy_project(dest: Path, toy_exit: int) -> Path:
-    """Three stages the flow has never heard of; `toy` exits with `toy_exit` after writing a gate verdict."""
+TOY_GATE = """\
+import json, sys
+from stages.lib.outcome import GateFailed, stage_main
+
+def main():
+    json.dump({"passed": False}, open("toy.json", "w"))
+    if sys.argv[1] == "gate":
+        raise GateFailed("toy gate failed: 1 < 2")
+    raise RuntimeError("toy broke")
+
+raise SystemExit(stage_main("toy", main))
+"""
+
+
+def _toy_project(dest: Path, mode: str) -> Path:
+    """Three stages the flow has never heard of; `toy` (a real `stage_main`) stops at a gate or crashes."""
     (dest / "data").mkdir(parents=True, exist_ok=True)
     (dest / "data/x.txt").write_text("x")
-    (dest / "gate.py").write_text(
-        "import json, sys\n"
-        "json.dump({'gate': {'passed': False, 'reason': 'toy gate failed: 1 < 2'}}, open('toy.json', 'w'))\n"
-        "sys.exit(int(sys.argv[1]))\n"
-    )
+    (dest / "gate.py").write_text(TOY_GATE)
     stages = {"first": {"cmd": "python -c \"open('one.txt', 'w').write('1')\"", "deps": ["data"], "outs": ["one.txt"]},
-              "toy": {"cmd": f"python gate.py {toy_exit}", "deps": ["one.txt", "gate.py"],
+              "toy": {"cmd": f"python gate.py {mode}", "deps": ["one.txt", "gate.py"],
                       "metrics": [{"toy.json": {"cache": False}}]},
               "after": {"cmd": "python -c \"open('two.txt', 'w').write('2')\"", "deps": ["toy.json"],
                         "outs": ["two.txt"]}}  # fmt: skip
@@ -212,17 +226,20 @@ def _toy_project(dest: Path, toy_exit: int) -> Path:
 
 
 def test_gate_and_crash_in_any_stage_end_the_flow(harness, tmp_path):
-    """Exit 2 is a gate (the stage's metrics say why) and stops the flow; any other code is a crash."""
-    project = _toy_project(tmp_path, 2)
+    """A gate (exit 3, its reason handed over by the stage) stops the flow by name; a crash is exit 1 with its error."""
+    project = _toy_project(tmp_path, "gate")
     state = _run_flow(project)
-    assert state.is_failed() and state.name == STOPPED
-    assert state.message == "stopped at toy: toy gate failed: 1 < 2"
+    assert state.is_failed() and state.name == GATE
+    assert state.message == "stopped at toy (gate, exit 3): toy gate failed: 1 < 2"
+    assert state.result(raise_on_failure=False)["exit_code"] == ExitCode.GATE
     assert (project / "one.txt").exists() and not (project / "two.txt").exists()
     parent = _runs(project, f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'")[0]
     assert parent.info.status == "FAILED" and parent.data.tags["rlhf.stopped_at"] == "toy"
+    assert parent.data.tags["rlhf.outcome"] == "gate"
 
-    state = _run_flow(_toy_project(project, 1))
-    assert state.is_failed() and state.name != STOPPED and state.message.startswith("toy crashed (exit 1)")
+    state = _run_flow(_toy_project(project, "crash"))
+    assert state.is_failed() and state.name == state_name(ExitCode.CRASH)
+    assert state.message == "stopped at toy (crash, exit 1): RuntimeError: toy broke"
 
 
 def test_retries_only_while_dvc_is_busy(harness, tmp_path, monkeypatch):
@@ -231,7 +248,7 @@ def test_retries_only_while_dvc_is_busy(harness, tmp_path, monkeypatch):
 
     from flows import pipeline
 
-    project = _toy_project(tmp_path, 2)
+    project = _toy_project(tmp_path, "gate")
     (project / ".dvc/tmp").mkdir(exist_ok=True)
     lock = [zc.lockfile.LockFile(str(project / ".dvc/tmp/lock"))]  # what a concurrent `dvc repro` holds
     seen: list[str] = []
@@ -245,41 +262,45 @@ def test_retries_only_while_dvc_is_busy(harness, tmp_path, monkeypatch):
     fast = pipeline.run_stage.with_options(retry_delay_seconds=1, retry_condition_fn=condition)
     monkeypatch.setattr(pipeline, "run_stage", fast)
     state = _run_flow(project)
-    assert seen == [pipeline.BUSY, STOPPED] and state.name == STOPPED and (project / "one.txt").exists()
+    assert seen == [BUSY, GATE] and state.name == GATE and (project / "one.txt").exists()
 
 
-def test_rlhf_run_prefect_exits_2_on_a_gate(tmp_path):
-    """`rlhf run --prefect` without a server: a temporary one; a gate is exit 2 and one line, not a traceback."""
-    project = _toy_project(tmp_path / "proj", 2)
+@pytest.mark.parametrize("prefect", [False, True])
+def test_rlhf_run_exits_with_the_gates_code(tmp_path, prefect):
+    """`rlhf run` and `rlhf run --prefect` (a temporary server): the same code and line for a gate, no traceback."""
+    project = _toy_project(tmp_path / "proj", "gate")
     e = {**env(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
     e.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([str(BIN / "rlhf"), "run", "--prefect"], cwd=project, env=e, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "the pipeline stopped: stopped at toy: toy gate failed: 1 < 2" in proc.stderr
+    proc = subprocess.run([str(BIN / "rlhf"), "run", *(["--prefect"] if prefect else [])], cwd=project, env=e,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == ExitCode.GATE, proc.stdout + proc.stderr
+    assert "the pipeline stopped: stopped at toy (gate, exit 3): toy gate failed: 1 < 2" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    if prefect:
+        assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
 
 
 def test_reward_gate_stops_the_flow(first, project, tmp_path):
-    """A copy of the finished project with a stricter reward gate: reward re-runs, fails, and nothing after it runs."""
+    """A copy of the finished project with a stricter reward gate: only the gate re-runs (the reward model is not
+    retrained), it fails, and nothing after it runs."""
     copy = tmp_path / "gate_proj"
     shutil.copytree(project, copy, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "ppo"))  # artifacts/ppo too
     params = yaml.safe_load((copy / "params.yaml").read_text())
-    params["reward"]["gate"]["min_agreement"] = 0.99
+    params["reward_gate"]["min_agreement"] = 0.99
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     state = _run_flow(copy)
-    assert state.is_failed() and state.name == STOPPED
-    assert state.message.startswith("stopped at reward: reward-model gate failed") and "min_agreement" in state.message
+    assert state.is_failed() and state.name == GATE
+    assert state.message.startswith("stopped at reward_gate (gate, exit 3): reward-model gate failed")
+    assert "min_agreement" in state.message
     assert not (copy / "artifacts/ppo").exists()
     keys = _artifact_keys(state.state_details.flow_run_id)
     assert "reward-gate" in keys and "ppo-kl" not in keys
     parent = _runs(copy, f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'")
     assert len(parent) == 1 and parent[0].info.status == "FAILED"
-    assert parent[0].data.tags["rlhf.stopped_at"] == "reward" and "gate failed" in parent[0].data.tags["rlhf.reason"]
+    assert parent[0].data.tags["rlhf.stopped_at"] == "reward_gate" and "gate failed" in parent[0].data.tags["rlhf.reason"]
     children = _runs(copy, f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
-    assert [r.data.tags["rlhf.stage"] for r in children] == ["reward"]  # validate and sft were unchanged: skipped
+    assert [r.data.tags["rlhf.stage"] for r in children] == ["reward_gate"]  # the models were unchanged: skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -426,7 +447,7 @@ def test_rlhf_serve_without_a_server_says_how_to_start_one(tmp_path):
     e["PREFECT_HOME"] = str(tmp_path)
     proc = subprocess.run([str(BIN / "rlhf"), "serve"], cwd=tmp_path, env=e, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "prefect server start" in proc.stderr
+    assert proc.returncode == ExitCode.UNAVAILABLE and "prefect server start" in proc.stderr
     help_text = subprocess.run([str(BIN / "rlhf"), "serve", "--help"], capture_output=True, text=True).stdout
     assert "prefect server start" in help_text and "prefect deployment run 'rlhf-pipeline/rlhf-nightly'" in help_text
 

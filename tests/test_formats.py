@@ -1,4 +1,4 @@
-"""stages.formats: every supported format and file type reads into the internal schema."""
+"""stages.lib.formats: every supported format and file type reads into the internal schema."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from stages import formats
-from stages.formats import DataError, load_dataset, row_label
+from stages.lib import formats
+from stages.lib.formats import DataError, load_dataset, row_label
 
 Q = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"  # the rendered form of the question below
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stages import ppo_math as pm
+from stages.lib import rl_math as pm
 
 
 def gae_loop(rewards, values, mask, gamma, lam):
@@ -101,7 +101,10 @@ def test_masked_whiten_and_mean():
     assert pm.masked_var(x, mask).item() == pytest.approx(1.0)  # unbiased over 1, 2, 3
     w = pm.masked_whiten(x, mask)
     assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
-    assert torch.allclose(pm.masked_whiten(x, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4)
+    y = torch.tensor([[1.0, 3.0, 5.0, 100.0]])  # mean 3, std 2 over the mask: whitening must move every value
+    assert torch.allclose(pm.masked_whiten(y, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+    # shift_mean=False keeps the mean: (y - 3) / 2 + 3
+    assert torch.allclose(pm.masked_whiten(y, mask, shift_mean=False), torch.tensor([[2.0, 3.0, 4.0, 0.0]]), atol=1e-4)
 
 
 def test_logprobs_and_entropy_use_the_sampling_temperature():

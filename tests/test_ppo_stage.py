@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,24 +22,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import ppo
-from tests.helpers import BIN, ROOT, env, make_project, run
+from stages.lib.outcome import ExitCode
+from tests.helpers import BIN, OPEN_GATE, ROOT, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
 # threads 1: on a loaded 2-core machine torch's spinning worker threads made a run ~6x slower
 TINY_PPO: dict[str, Any] = {"num_steps": 4, "batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 2,
-                            "response_length": 12, "checkpoint_every": 1, "sample_every": 2, "n_eval": 8,
+                            "response_length": 12, "checkpoint_every": 1, "sample_every": 2, "n_monitor": 8,
                             "threads": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A tiny project with validate, sft and reward run by `rlhf run reward` (dvc repro of reward and its upstream)."""
-    dest = make_project(tmp_path_factory.mktemp("ppo_proj"), {"reward": {"gate": {"max_gap_to_ceiling": 1.0,
-                                                                                 "min_agreement": 0.0,
-                                                                                 "min_rank_agreement": -1.0}}})  # fmt: skip
-    run([str(BIN / "rlhf"), "run", "reward"], dest)
+    """A tiny project with PPO's upstream (validate, sft, reward, reward_gate) run by `rlhf run reward_gate`."""
+    dest = make_project(tmp_path_factory.mktemp("ppo_proj"), {"reward_gate": OPEN_GATE})
+    run([str(BIN / "rlhf"), "run", "reward_gate"], dest)
     return dest
 
 
@@ -56,7 +53,8 @@ def _params(project: Path, where: Path, **ppo_overrides: Any) -> Path:
 
 def _ppo_args(params: Path, out: Path) -> list[str]:
     return ["-m", "stages.ppo", "--params", str(params), "--data", "artifacts/validate/data",
-            "--sft", "artifacts/sft/model", "--reward", "artifacts/reward/model", "--out", str(out), "--no-tracking"]  # fmt: skip
+            "--sft", "artifacts/sft/model", "--rm", "artifacts/reward/model", "--norm", "artifacts/reward/norm.json",
+            "--gate", "artifacts/reward_gate/passed.json", "--out", str(out), "--no-tracking"]  # fmt: skip
 
 
 def _kl_rows(out: Path) -> list[dict[str, str]]:
@@ -105,17 +103,17 @@ def test_kl_guard_stops_and_rolls_back(project, tmp_path):
     guard = {"max_kl": 1e-3, "patience": 1}
     config = _params(project, tmp_path, num_steps=6, learning_rate=1e-3, kl_guard=guard)
     proc = run([sys.executable, *_ppo_args(config, tmp_path / "out")], project, check=False)
-    assert proc.returncode == ppo.EXIT_GATE, proc.stderr[-3000:]
+    assert proc.returncode == ExitCode.GATE, proc.stderr[-3000:]
     assert "stopped by the KL guard" in proc.stderr and "objective/kl" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert metrics["outcome"] == "stopped_by_kl_guard" and "objective/kl" in metrics["reason"]
-    assert re.fullmatch(r"step_\d{6}", metrics["rolled_back_to"])
-    assert int(metrics["rolled_back_to"][5:]) < metrics["steps_done"] <= 6  # the last within-budget step
+    assert metrics["kept_step"] < metrics["steps_done"] <= 6  # the last within-budget step
+    assert f"rolled back to step {metrics['kept_step']}" in metrics["reason"]
     # The saved policy is the rolled-back checkpoint's, not the over-budget last step's.
-    (state_path,) = (tmp_path / "checkpoints").glob(f"*/{metrics['rolled_back_to']}/state.pt")
-    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=False)["model"].items()
+    (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")
+    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=True)["model"].items()
               if k.startswith("policy.")}  # fmt: skip
     # GPT-2 ties lm_head to wte: save_pretrained may leave lm_head.weight out
     saved = load_file(tmp_path / "out/model/model.safetensors")
@@ -127,7 +125,7 @@ def test_nonfinite_loss_exits_cleanly(project, tmp_path):
     # One Adam step of size ~1e6 per weight: the next minibatch's logits (hence the loss) are inf/nan.
     config = _params(project, tmp_path, learning_rate=1e6)
     proc = run([sys.executable, *_ppo_args(config, tmp_path / "out")], project, check=False)
-    assert proc.returncode == ppo.EXIT_NONFINITE, proc.stderr[-3000:]
+    assert proc.returncode == ExitCode.NONFINITE, proc.stderr[-3000:]
     assert "PPO stopped" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     assert list((tmp_path / "checkpoints").glob("*/step_000000/state.pt"))  # the SFT policy, intact
     assert not (tmp_path / "out").exists()
@@ -152,7 +150,7 @@ def test_two_processes_under_accelerate(project, tmp_path):
     assert (tmp_path / "out/model/model.safetensors").exists()
     (state_path,) = (tmp_path / "checkpoints").glob("*/step_000002/state.pt")
     # one RNG state per process: two processes really ran
-    assert len(torch.load(state_path, weights_only=False)["rng"]) == 2
+    assert len(torch.load(state_path, weights_only=True)["rng"]) == 2
 
 
 def test_lora_policy_uses_its_frozen_base_as_reference(project, tmp_path):
@@ -175,8 +173,8 @@ def test_speedups_keep_the_math():
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from stages import ppo_math as pm
-    from stages.modeling import fuse_gelu
+    from stages.lib import rl_math as pm
+    from stages.lib.modeling import fuse_gelu, position_ids
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -199,7 +197,7 @@ def test_speedups_keep_the_math():
                              top_k=5, pad_token_id=62, eos_token_id=63, return_dict_in_generate=True, output_logits=True)  # fmt: skip
         responses = out.sequences[:, 10:]
         seq, attn = out.sequences, torch.cat([qmask, torch.ones_like(responses)], 1)
-        forward = model(input_ids=seq, attention_mask=attn, position_ids=ppo.position_ids(attn)).logits[:, 9:-1]
+        forward = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits[:, 9:-1]
     # raw logits (before temperature and top-k), so the log-probs are of the full softmax, as the update computes them
     from_generation = pm.logprobs_from_logits(torch.stack(out.logits, 1), responses, 0.7)
     assert torch.allclose(from_generation, pm.logprobs_from_logits(forward, responses, 0.7), atol=1e-5)

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import modeling, sft
-from stages.io import write_jsonl
-from stages.modeling import PrecisionError, cpu_has_native_bf16, resolve_precision, trainer_precision
-from stages.params import ParamsError
-from stages.tracking import NullTracker
+from stages import sft
+from stages.lib import modeling
+from stages.lib.io import write_jsonl
+from stages.lib.modeling import PrecisionError, cpu_has_native_bf16, resolve_precision, trainer_precision
+from stages.lib.params import ParamsError
+from stages.lib.tracking import NullTracker
 
 AMD_FLAGS = "flags : fpu sse sse2 avx avx2 fma bmi2 sha_ni"  # an AMD EPYC without AVX-512: no native bf16
 INTEL_FLAGS = "flags : fpu sse avx2 avx512f avx512bw avx512_bf16 amx_tile"

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from stages import reward
-from stages.io import read_jsonl, write_jsonl
-from stages.modeling import TinyModelConfig, create_base_model
-from tests.helpers import TINY, make_project, run
+from stages.lib.io import read_jsonl, write_jsonl
+from stages.lib.modeling import TinyModelConfig, create_base_model
+from stages.lib.outcome import ExitCode
+from tests.helpers import OPEN_GATE, TINY, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +39,8 @@ def _mlflow_runs(project: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A tiny project run through validate, sft and reward with `rlhf run` (dvc repro)."""
-    dest = make_project(tmp_path_factory.mktemp("proj"), {"reward": {"gate": {"max_gap_to_ceiling": 1.0,
-                                                                             "min_agreement": 0.0,
-                                                                             "min_rank_agreement": -1.0}}})  # fmt: skip
-    run([str(Path(sys.executable).parent / "rlhf"), "run"], dest)
+    dest = make_project(tmp_path_factory.mktemp("proj"), {"reward_gate": OPEN_GATE})
+    run([str(Path(sys.executable).parent / "rlhf"), "run", "reward_gate"], dest)
     return dest
 
 
@@ -62,13 +61,16 @@ def test_sft_writes_artifacts_and_changes_weights(project):
     assert not all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_reward_writes_model_stats_plots_and_gate(project):
+def test_reward_writes_model_stats_plots_and_the_gate_judges_them(project):
     out = project / "artifacts" / "reward"
     for name in ("model/model.safetensors", "norm.json", "calibration.png", "accuracy.png", "metrics.json"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1 and metrics["labeler_ceiling"] is not None
-    assert metrics["gate"]["passed"] is True and metrics["gate"]["reason"].startswith("reward-model gate passed")
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["n_test"] == TINY["task"]["n_pairs_test"]
+    verdict = json.loads((project / "artifacts/reward_gate/metrics.json").read_text())
+    assert verdict["passed"] is True and verdict["reason"].startswith("reward-model gate passed")
+    assert verdict["accuracy"] == metrics["accuracy"] and verdict["labeler_ceiling"] is not None
+    assert json.loads((project / "artifacts/reward_gate/passed.json").read_text()) == {"passed": True}
     norm = json.loads((out / "norm.json").read_text())
     assert norm["std"] > 0 and norm["n"] == TINY["reward"]["n_norm_samples"]
     sft_w = load_file(project / "artifacts/sft/model/model.safetensors")
@@ -79,10 +81,10 @@ def test_reward_writes_model_stats_plots_and_gate(project):
 
 def test_every_stage_is_an_mlflow_run(project):
     runs = _mlflow_runs(project)
-    assert set(runs) >= {"validate", "sft", "reward"}
+    assert set(runs) >= {"validate", "sft", "reward", "reward_gate"}
     assert all(r["status"] == "FINISHED" for r in runs.values())
     assert "sft/loss" in runs["sft"]["metrics"] and "perplexity" in runs["sft"]["metrics"]
-    assert "accuracy" in runs["reward"]["metrics"] and runs["reward"]["tags"]["rlhf.gate"] == "passed"
+    assert "accuracy" in runs["reward"]["metrics"] and runs["reward_gate"]["tags"]["rlhf.gate"] == "passed"
     assert "model" in runs["sft"]["artifacts"] and "model" in runs["reward"]["artifacts"]
 
 
@@ -103,14 +105,23 @@ def test_gate_failure_stops_the_pipeline_and_keeps_earlier_artifacts(tmp_path):
     run([sys.executable, "-m", "dvc", "add", "-q", "data"], project)
 
     proc = run([str(Path(sys.executable).parent / "rlhf"), "run"], project, check=False)
-    assert proc.returncode == reward.EXIT_GATE
+    assert proc.returncode == ExitCode.GATE
     assert "reward-model gate failed" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    verdict = json.loads((project / "artifacts/reward/metrics.json").read_text())["gate"]
+    verdict = json.loads((project / "artifacts/reward_gate/metrics.json").read_text())
     assert verdict["passed"] is False and "held-out accuracy" in verdict["reason"]
-    # The earlier stages completed and are recorded as up to date; the failed stage is not; nothing after it ran.
+    # The earlier stages completed and are recorded as up to date (the reward model too: the gate judged it, a
+    # looser gate re-judges it without retraining); the gate is not; nothing after it ran.
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout)
-    assert "validate" not in status and "sft" not in status and "reward" in status
-    assert (project / "artifacts/sft/model/model.safetensors").exists()
-    assert not (project / "artifacts/ppo").exists()
+    assert not {"validate", "sft", "reward"} & set(status) and "reward_gate" in status
+    assert (project / "artifacts/reward/model/model.safetensors").exists()
+    assert not (project / "artifacts/reward_gate/passed.json").exists() and not (project / "artifacts/ppo").exists()
     runs = _mlflow_runs(project)
-    assert runs["reward"]["tags"]["rlhf.gate"] == "failed"
+    assert runs["reward_gate"]["tags"]["rlhf.gate"] == "failed"
+
+    # loosening the gate re-judges the saved numbers: the reward model is not retrained
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["reward_gate"] = OPEN_GATE
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run([str(Path(sys.executable).parent / "rlhf"), "run", "reward_gate"], project)
+    assert "Stage 'reward' didn't change, skipping" in proc.stdout and "python -m stages.reward_gate" in proc.stdout
+    assert "python -m stages.reward " not in proc.stdout

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import task
-from stages.params import load_config
-from stages.schema import render_prompt
+from stages.lib import task
+from stages.lib.params import load_config
+from stages.lib.schema import render_prompt
 from tests.conftest import ROOT
 
 SMALL = task.TaskConfig(n_sft=200, n_sft_test=50, n_pairs=300, n_pairs_test=100, n_prompts=64, n_eval_prompts=32)

@@ -19,11 +19,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from stages.formats import DataError, load_dataset
+from stages.lib.formats import DataError, load_dataset
+from stages.lib.outcome import ExitCode, stage_main
 from stages.validate import (
     DatasetSpec,
     ValidateConfig,
     ValidationFailed,
+    _checks,
     format_report,
     load_prompts,
     main,
@@ -150,6 +152,8 @@ CORPUS = [
          quarantine=("valid_messages(chosen)", "message 0 is a str, expected an object")),
     Case("ten-megabyte-row", jsonl({"prompt": "q", "chosen": "x" * 10_000_000, "rejected": "b"}),
          quarantine=("max_length(chosen)", "longer than 4096 characters")),
+    Case("short-reply", jsonl({"prompt": "What is up?", "chosen": "ok", "rejected": "not much"}),
+         config={"min_chars": 3}, quarantine=("min_length(chosen)", "shorter than 3 characters")),
     Case("long-prompt", jsonl({"prompt": "why " * 2000, "chosen": "a", "rejected": "b"}),
          quarantine=("max_length(prompt)", "longer than 4096 characters")),
     Case("duplicate-pair", jsonl(pref(0)), quarantine=("no_duplicates", "duplicate of an earlier row")),
@@ -186,7 +190,7 @@ def test_malformed_input_is_named(case: Case, tmp_path: Path) -> None:
         try:
             report = validate_file(path, case.kind, case.fmt, config, case.heldout)
             assert not report.passed, format_report(report)
-            message = str(ValidationFailed([report]))
+            message = ValidationFailed([report]).details
         except DataError as e:
             message = str(e)
             assert "\n" not in message and path.name in message  # one sentence naming the file
@@ -209,8 +213,14 @@ def test_malformed_input_is_named(case: Case, tmp_path: Path) -> None:
     assert f"- {check}: 1 row(s)" in text and f"line {BAD_AT + 1}: " in text
 
 
-def test_corpus_is_big_enough() -> None:
-    assert len(CORPUS) >= 20
+def test_the_corpus_exercises_every_kind_of_row_check() -> None:
+    """Each family of row-level check the suites can report (is_string, not_null, max_length, ...) quarantines a
+    row of the corpus: a check added without a hostile input that trips it fails here."""
+    families = {c.name.split("(")[0] for kind in ("preferences", "sft", "prompts") for c in
+                _checks(kind, ValidateConfig(min_chars=2, unique_kinds=("preferences",)), frozenset({"x"}))
+                if c.level == "row"}  # fmt: skip
+    covered = {c.quarantine[0].split("(")[0] for c in CORPUS if c.quarantine[0]}
+    assert families - covered == set()
 
 
 def test_duplicates_keep_the_first_occurrence(tmp_path: Path) -> None:
@@ -253,7 +263,7 @@ def test_cli_never_shows_a_traceback(case_id: str, tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.returncode == (0 if case.quarantine[0] else 2), proc.stderr
+    assert proc.returncode == (0 if case.quarantine[0] else ExitCode.BAD_INPUT), proc.stderr
     assert CLI_CASES[case_id] in proc.stdout + proc.stderr
 
 
@@ -312,27 +322,29 @@ def test_failing_stage_keeps_previous_outputs_and_explains(tmp_path: Path) -> No
     (out / "preferences.jsonl").write_text("previous\n")
     with pytest.raises(ValidationFailed) as info:
         run(ValidateConfig(), specs, out, reports)
-    assert "Dataset 'sft'" in str(info.value) and "missing.jsonl does not exist" in str(info.value)
-    assert "Dataset 'preferences'" not in str(info.value)  # only the failed datasets are in the message
+    details = info.value.details
+    assert "Dataset 'sft'" in details and "missing.jsonl does not exist" in details
+    assert "Dataset 'preferences'" not in details  # only the failed datasets are in the message
+    assert info.value.reason.startswith("validation failed: sft (") and "\n" not in info.value.reason
     assert (out / "preferences.jsonl").read_text() == "previous\n"
     assert sorted(p.name for p in out.iterdir()) == ["preferences.jsonl"]
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["passed"] is False and summary["datasets"]["preferences"]["passed"] is True
 
 
-def test_main_reads_params_and_exits_2_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_main_reads_params_and_exits_bad_input_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     specs = stage_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     params = {"validate": {"policy": "quarantine", "min_rows": 1}, "data": {n: vars(s) for n, s in specs.items()}}
     Path("params.yaml").write_text(json.dumps(params))  # JSON is YAML
-    assert main([]) == 0
+    assert stage_main("validate", lambda: main([])) == 0
     assert (tmp_path / "artifacts/validate/data/sft.jsonl").is_file()
     assert (tmp_path / "reports/validate/summary.json").is_file()
 
     params["validate"]["min_rows"] = 1000
     Path("params.yaml").write_text(json.dumps(params))
-    assert main([]) == 2
+    assert stage_main("validate", lambda: main([])) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
     assert "row_count: row count must be between 1000" in err and "Traceback" not in err
 

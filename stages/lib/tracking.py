@@ -1,7 +1,10 @@
-"""Experiment tracking behind one small interface: stages log through a `Tracker`, never through MLflow directly.
+"""Experiment tracking behind one small interface: a stage records its params, metrics, tags and artifacts through a
+`Tracker`, so its `run()` can be given a stand-in (`NullTracker`) in tests and on non-main processes.
 
-`MlflowTracker` is the real one (default store `sqlite:///mlflow.db`). When the orchestrator passes a parent run id
-(`RLHF_PARENT_RUN_ID`), each stage's run is nested under it, so one pipeline run is one parent with a child per stage.
+`MlflowTracker` is the real one (default store `sqlite:///mlflow.db`), opened by `mlflow_run`. When the orchestrator
+passes a parent run id (`RLHF_PARENT_RUN_ID`), each stage's run is nested under it, so one pipeline run is one parent
+with a child per stage. Two stages also use MLflow beyond tracking: promotion works the Model Registry, and evaluation
+loads a registered model by URI (`rlhf eval --model-uri`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+
+from stages.lib.environment import quiet
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rlhf"
@@ -25,7 +30,6 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_figure(self, figure: Any, name: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
@@ -76,11 +80,6 @@ class MlflowTracker:
         else:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_figure(self, figure: Any, name: str) -> None:
-        import mlflow
-
-        mlflow.log_figure(figure, name)
-
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow
 
@@ -103,7 +102,7 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
     """Open this stage's MLflow run (nested under RLHF_PARENT_RUN_ID when set); it ends FAILED on an exception."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    quiet()
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None

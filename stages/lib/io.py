@@ -35,7 +35,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file written by `write_jsonl` (trusted input; user files go through stages.formats)."""
+    """Read a JSON-lines file written by `write_jsonl` (trusted input; user files go through stages.lib.formats)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

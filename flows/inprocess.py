@@ -1,23 +1,16 @@
-"""`dvc repro --single-item <stage>`, in this process (`in_process`) or as its own command (`in_subprocess`).
+"""Run a stage's `python -m module args` in this interpreter instead of a new one, as a new process would run it.
 
 A stage run as a process of its own pays ~6 s before its first step: the interpreter, the imports of torch,
 transformers and mlflow (~4.5 s), DVC's start-up and the MLflow store (benchmarks/pipeline.py measured 42 s of the
-default pipeline's 55 s of orchestration there). `in_process` asks DVC's Python API to do exactly what `dvc repro
---single-item` does (lock the repository, decide whether the stage changed, restore it from the run cache, remove its
-outputs, run it, hash and cache the outputs, write dvc.lock) and changes only how the stage's command runs:
+default pipeline's 55 s of orchestration there). `run_module` runs it with `runpy`: in the stage's directory, with the
+given environment, the directory first on `sys.path`. Afterwards the working directory, environment, `sys.argv`,
+`sys.path`, torch's thread count, accelerate's process-wide state and MLflow's active runs are put back, so the next
+stage starts as it would in a fresh process. When the module's package is in the stage's directory (as `stages/` is),
+its modules are imported afresh from there for the stage and the caller's are put back afterwards: the code that runs
+is the code DVC hashes, even if it changed since this process started or belongs to another checkout than the flow's.
 
-- `python -m <module> [args]` runs in this interpreter with `runpy`, as `python -m` would: in the stage's directory,
-  with DVC's environment for it, the directory first on `sys.path`. Afterwards the working directory, environment,
-  `sys.argv`, `sys.path`, torch's thread count, accelerate's process-wide state and MLflow's active runs are put back,
-  so the next stage starts as it would in a fresh process. When the module's package is in the stage's directory (as
-  `stages/` is), its modules are imported afresh from there for the stage and the caller's are put back afterwards:
-  the code that runs is the code DVC hashes, even if it changed since this process started or belongs to another
-  checkout than the flow's.
-- anything else runs in a shell, as DVC runs it.
-
-Either way what the command prints goes to `echo` line by line (the Prefect flow logs it).
-
-    outcome = in_process(Path("."), "sft", {"RLHF_PARENT_RUN_ID": run_id}, print)
+What in-process gives up: a stage that kills its process (a segfault, the OOM killer) takes the caller with it.
+`--runner process` gives each stage a process of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ import contextlib
 import ctypes
 import gc
 import io
-import logging
 import os
 import re
 import runpy
@@ -38,30 +30,16 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from flows.containers import Runner
 
 # `python -m pkg.module args`: nothing a shell would interpret (pipes, redirections, variables, globs, chains)
 PYTHON_MODULE = re.compile(r"python3?(?:\.\d+)?\s+-m\s+[A-Za-z_][\w.]*(?:\s+[\w./:=,@%+-]+)*")
 TAIL = 40  # lines of output kept for the error message
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm frame: a progress bar arrives one \r-frame per line
 Echo = Callable[[str], None]
-_ONE_AT_A_TIME = threading.Lock()
-# A stage module an earlier stage imported (ppo imports stages.reward) runs afresh as __main__ all the same; runpy's
-# warning about it is for code that expects one module object.
+# A stage module the caller imported already (the CLI imports stages.validate) runs afresh as __main__ all the same;
+# runpy's warning about it is for code that expects one module object.
 warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning, "runpy")
-
-
-@dataclass
-class Outcome:
-    """What happened to one stage: `ran`, `restored` (from DVC's run cache), `skipped` (unchanged), `failed`
-    (the command exited `code`, or DVC itself failed), or `busy` (another DVC process holds the repository lock)."""
-
-    status: str
-    code: int = 0
-    tail: list[str] = field(default_factory=list)
 
 
 class Lines:
@@ -74,9 +52,6 @@ class Lines:
         if (line := line.rstrip()) and not (PROGRESS.search(line) and "100%|" not in line):
             self.echo(line)
             self.tail.append(line)
-
-    def outcome(self, status: str, code: int = 0) -> Outcome:
-        return Outcome(status, code, list(self.tail))
 
 
 class LineWriter(io.TextIOBase):
@@ -230,6 +205,14 @@ def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo
             _to_stderr(f"warning: after {module}: could not reset process state: {e!r}")
 
 
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def one_at_a_time() -> threading.Lock:
+    """Held while a stage runs in this process: a stage owns the working directory and the environment."""
+    return _ONE_AT_A_TIME
+
+
 def run_command(cmd: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
     """A command in a new process, stdout and stderr handed to `echo` line by line; its exit code."""
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -238,111 +221,3 @@ def run_command(cmd: list[str], cwd: str, env: dict[str, str], echo: Echo) -> in
         for line in proc.stdout:
             echo(line)
     return proc.returncode
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One stage
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class _ForwardDvcLog(logging.Handler):
-    def __init__(self, echo: Echo) -> None:
-        super().__init__(logging.INFO)
-        self.echo = echo
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.echo(record.getMessage())
-
-
-@contextlib.contextmanager
-def _dvc_logs_to(echo: Echo) -> Iterator[None]:
-    """DVC's messages ("didn't change, skipping", "Updating lock file", errors) go to `echo` only, not also to the
-    handlers `import dvc` gives its logger or to the root logger's."""
-    log = logging.getLogger("dvc")
-    saved = log.handlers[:], log.level, log.propagate
-    log.handlers, log.level, log.propagate = [_ForwardDvcLog(echo)], logging.INFO, False
-    try:
-        yield
-    finally:
-        log.handlers, log.level, log.propagate = saved
-
-
-def reproduce(runner: Runner, project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:
-    """`dvc repro --single-item stage` where `runner` says: in this process (`local`), or as the runner's command line
-    (`process`: a new process, `docker`: a container), which is echoed first."""
-    if runner.kind == "local":
-        return in_process(project, stage, env, echo)
-    cmd = runner.command(project, ["dvc", "repro", "--single-item", stage], env)
-    echo(f"$ {' '.join(cmd)}")
-    return in_subprocess(cmd, project, env, echo)
-
-
-def in_process(project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> Outcome:
-    """`dvc repro --single-item stage` in `project` through DVC's API, its `python -m` command run in this process;
-    `env` is the environment of the stage's command (DVC adds DVC_ROOT and DVC_STAGE). One stage at a time per process:
-    a stage owns the working directory and the environment while it runs."""
-    with _ONE_AT_A_TIME:
-        return _in_process(project.resolve(), stage, env, echo)
-
-
-def _in_process(project: Path, stage: str, env: dict[str, str], echo: Echo) -> Outcome:
-    from dvc.exceptions import DvcException
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-    from dvc.stage import run as dvc_run
-    from dvc.stage.exceptions import StageCmdFailedError
-
-    lines, ran, codes = Lines(echo), [], []
-    dvc_cmd_run = dvc_run.cmd_run
-
-    def cmd_run(dvc_stage, dry: bool = False, run_env: dict[str, str] | None = None) -> None:  # noqa: ANN001
-        """Stands in for dvc.stage.run.cmd_run (which DVC calls, repository unlocked, to run a stage's commands)."""
-        if dry:
-            return dvc_cmd_run(dvc_stage, dry=dry, run_env=run_env)
-        ran.append(dvc_stage.addressing)
-        for cmd in dvc_stage.cmd if isinstance(dvc_stage.cmd, list) else dvc_stage.cmd.splitlines():
-            kwargs = dvc_run.prepare_kwargs(dvc_stage, run_env=env | (run_env or {}))  # cwd; env + DVC_ROOT, DVC_STAGE
-            if module := python_module(cmd):
-                lines(f"> {cmd}   (in this process)")
-                code = run_module(module[0], module[1:], kwargs["cwd"], kwargs["env"], lines)
-            else:
-                lines(f"> {cmd}")
-                code = run_command(dvc_run._make_cmd(dvc_run.get_executable(), cmd), kwargs["cwd"], kwargs["env"],
-                                   lines)  # fmt: skip
-            if code:
-                codes.append(code)
-                raise StageCmdFailedError(cmd, code)
-
-    dvc_run.cmd_run = cmd_run
-    try:
-        # DVC resolves targets and paths from the working directory, as its command line does
-        with _dvc_logs_to(lines), contextlib.chdir(project), Repo(str(project)) as repo:
-            reproduced = repo.reproduce(stage, single_item=True)
-    except LockError as e:
-        lines(f"ERROR: {e}")
-        return lines.outcome("busy", 1)
-    except DvcException as e:
-        if not codes:  # DVC itself failed (no such stage, a missing dependency, an output not written): say what
-            lines(f"ERROR: {e}: {e.__cause__}" if e.__cause__ else f"ERROR: {e}")
-        return lines.outcome("failed", codes[-1] if codes else 1)
-    except Exception as e:  # noqa: BLE001 (opening the repository: permissions, a broken index): say what
-        lines(f"ERROR: {type(e).__name__}: {e}")
-        return lines.outcome("failed", 1)
-    finally:
-        dvc_run.cmd_run = dvc_cmd_run
-    return lines.outcome(("ran" if ran else "restored") if reproduced else "skipped")
-
-
-def in_subprocess(cmd: list[str], project: Path, env: dict[str, str], echo: Echo = print) -> Outcome:
-    """A `dvc repro --single-item <stage>` command line (here, or `docker run ... dvc repro ...`) as a new process;
-    what DVC printed tells skipped, restored and busy apart."""
-    lines = Lines(echo)
-    code = run_command(cmd, str(project), env, lines)
-    output = "\n".join(lines.tail)
-    if code == 0:
-        skipped, restored = "didn't change, skipping" in output, "is cached - skipping run" in output
-        return lines.outcome("skipped" if skipped else "restored" if restored else "ran")
-    if "Unable to acquire lock" in output and "Running stage" not in output:  # nothing ran: safe to retry
-        return lines.outcome("busy", code)
-    exited = re.findall(r"failed to run: .*, exited with (-?\d+)", output)
-    return lines.outcome("failed", int(exited[-1]) if exited else code)

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.io import write_json, write_jsonl
-from stages.params import load_config, stage_main
-from stages.schema import last_user_turn
+from stages.lib.io import write_json, write_jsonl
+from stages.lib.outcome import ArgumentParser, stage_main
+from stages.lib.params import load_config
+from stages.lib.schema import last_user_turn
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The world: facts, arithmetic, harmful requests, small talk
@@ -409,9 +410,7 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.task", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m stages.lib.task", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (section: task)")
     parser.add_argument("--out", default="data", help="output folder (tracked by data.dvc)")
     args = parser.parse_args(argv)
@@ -421,4 +420,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main(main))
+    raise SystemExit(stage_main("make-data", main))

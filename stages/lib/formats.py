@@ -1,4 +1,4 @@
-"""Read a user's data file into the internal schema (stages.schema), row by row, without ever crashing on bad data.
+"""Read a user's data file into the internal schema (stages.lib.schema), row by row, without ever crashing on bad data.
 
 Supported files: `.jsonl`, `.jsonl.gz`, `.json` (a list of objects), `.parquet`, `.csv`, or a Hugging Face dataset
 name (`owner/name` or `name`, optionally `:split`) when the string is not an existing path.
@@ -35,7 +35,8 @@ from typing import Any
 
 import pandas as pd
 
-from stages import schema
+from stages.lib import schema
+from stages.lib.outcome import BadInput
 
 FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
     "preferences": ("pairs", "hh"),
@@ -53,7 +54,7 @@ HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.\[\]:%+-]+)?$")
 Record = dict[str, Any]
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """The file as a whole cannot be used; the message is one sentence naming the file and the problem."""
 
 

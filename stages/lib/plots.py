@@ -9,11 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str,
-              path: str | Path) -> Figure:  # fmt: skip
+              path: str | Path) -> None:  # fmt: skip
     """One line per named (x, y) series, saved to `path`."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
@@ -24,22 +23,17 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return fig
 
 
 def bar_plot(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, path: str | Path,
-             reference: float | None = None, counts: Sequence[int] | None = None) -> Figure:  # fmt: skip
-    """Bars with an optional horizontal reference line (e.g. the labeler's ceiling) and counts on top."""
+             counts: Sequence[int] | None = None) -> None:  # fmt: skip
+    """Bars with their counts on top."""
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(list(labels), list(values), color="tab:blue")
     if counts is not None:
         for bar, n in zip(bars, counts, strict=True):
             ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    if reference is not None:
-        ax.axhline(reference, color="tab:red", linestyle="--", label=f"labeler ceiling {reference:.2f}")
-        ax.legend()
     ax.set(title=title, ylabel=ylabel, ylim=(0, 1.05))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return fig

@@ -31,7 +31,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the mask; `shift_mean=False` keeps the mean (reward whitening, N details #...)."""
+    """(x - mean) / std over the mask. `shift_mean=False` adds the mean back: how rewards are whitened (their mean
+    carries the signal), as in OpenAI's lm-human-preferences and TRL; advantages use the default."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -42,8 +43,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) under softmax(logits / temperature), the distribution the tokens were sampled from.
 
-    logits (B, T, V), tokens (B, T) -> (B, T). Same temperature as sampling (N details #... : otherwise the ratio
-    and the KL are computed against a distribution that never generated the data).
+    logits (B, T, V), tokens (B, T) -> (B, T). Same temperature as sampling (Huang et al. 2022, "scale the logits by
+    the sampling temperature"): otherwise the ratio and the KL are computed against a distribution that never
+    generated the data.
     """
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
@@ -136,7 +138,7 @@ def clipped_policy_loss(
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss (N details #9):
+    """Clipped value loss (Huang et al. 2022, "value function loss clipping"; OpenAI's baselines PPO2):
 
         V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
         L_V = 0.5 * mean( max((V - R)^2, (V_clip - R)^2) )

@@ -1,4 +1,5 @@
-"""flows/repro.py: `dvc repro --single-item` through DVC's API with the stage's `python -m` command in this process.
+"""The local runner (flows/runners.py, flows/dvc_adapter.py, flows/inprocess.py): `dvc repro --single-item` through DVC's
+API with the stage's `python -m` command in this process.
 
 A toy DVC project (real `dvc`, no mocks) whose stage is a small module: it runs in the test's own process, DVC records
 it exactly as `dvc repro` would, the process is left as it was, and failures, skips, the run cache, shell commands and a
@@ -17,7 +18,8 @@ import pytest
 import torch
 import yaml
 
-from flows import repro
+from flows import inprocess
+from flows.runners import Runner
 from tests.helpers import ROOT, run
 
 PROBE = """\
@@ -44,6 +46,9 @@ if sys.argv[1] == "gate":
 if sys.argv[1] == "crash":
     raise RuntimeError("probe crashed on purpose")
 """
+
+
+LOCAL = Runner("local")
 
 
 def _project(dest: Path, mode: str = "ok", cmd: str | None = None) -> Path:
@@ -85,7 +90,7 @@ def test_python_module_stage_runs_in_this_process_and_dvc_records_it(tmp_path, s
     twin = shutil.copytree(project, tmp_path / "twin")  # the same project, for a plain `dvc repro`
     lines: list[str] = []
 
-    outcome = repro.in_process(project, "probe", {"PROBE_MARKER": "m"}, lines.append)
+    outcome = LOCAL.reproduce(project, "probe", {"PROBE_MARKER": "m"}, lines.append)
     assert outcome.status == "ran", lines
     where = json.loads((project / "where.json").read_text())
     assert where == {"pid": os.getpid(), "cwd": str(project), "stage": "probe", "root": str(project), "marker": "m"}
@@ -104,20 +109,20 @@ def test_python_module_stage_runs_in_this_process_and_dvc_records_it(tmp_path, s
 
 def test_unchanged_stage_is_skipped_and_a_reverted_change_is_restored_from_the_run_cache(tmp_path, state):
     project = _project(tmp_path / "p")
-    assert repro.in_process(project, "probe", {}, print).status == "ran"
+    assert LOCAL.reproduce(project, "probe", {}, print).status == "ran"
     lines: list[str] = []
-    assert repro.in_process(project, "probe", {}, lines.append).status == "skipped"
+    assert LOCAL.reproduce(project, "probe", {}, lines.append).status == "skipped"
     assert "Stage 'probe' didn't change, skipping" in lines and "probe running" not in lines
 
     (project / "in.txt").write_text("two")
     lines.clear()
-    assert repro.in_process(project, "probe", {}, lines.append).status == "ran"
+    assert LOCAL.reproduce(project, "probe", {}, lines.append).status == "ran"
     assert json.loads((project / "out/seen.json").read_text())["input"] == "two"
     assert "probe lib says two" in lines  # the handler made in an earlier run logs to this run's output
 
     (project / "in.txt").write_text("one")  # back: DVC's run cache has this one, as `dvc repro` would find
     lines.clear()
-    assert repro.in_process(project, "probe", {}, lines.append).status == "restored"
+    assert LOCAL.reproduce(project, "probe", {}, lines.append).status == "restored"
     assert "probe running" not in lines and json.loads((project / "out/seen.json").read_text())["input"] == "one"
     assert _dvc_status(project) == {}
     _unchanged(state)
@@ -129,8 +134,8 @@ def test_unchanged_stage_is_skipped_and_a_reverted_change_is_restored_from_the_r
 ])  # fmt: skip
 def test_a_failing_stage_fails_with_its_code_and_output_and_records_nothing(tmp_path, state, mode, code, printed):
     project = _project(tmp_path / mode, mode)
-    outcome = repro.in_process(project, "probe", {}, print)
-    assert (outcome.status, outcome.code) == ("failed", code)
+    outcome = LOCAL.reproduce(project, "probe", {}, print)
+    assert (outcome.status, outcome.code) == ("failed", code)  # no outcome file (not a stage_main): the exit code
     assert all(line in outcome.tail for line in printed), outcome.tail
     assert _lock(project) == {} and "probe" in _dvc_status(project)
     _unchanged(state)
@@ -139,7 +144,7 @@ def test_a_failing_stage_fails_with_its_code_and_output_and_records_nothing(tmp_
 def test_a_shell_command_runs_as_dvc_runs_it(tmp_path, state):
     project = _project(tmp_path / "s", cmd="echo said-by-shell && mkdir -p out && echo $DVC_STAGE > out/stage.txt")
     lines: list[str] = []
-    assert repro.in_process(project, "probe", {}, lines.append).status == "ran"
+    assert LOCAL.reproduce(project, "probe", {}, lines.append).status == "ran"
     assert "said-by-shell" in lines and (project / "out/stage.txt").read_text() == "probe\n"
     assert _dvc_status(project) == {}
     _unchanged(state)
@@ -147,8 +152,8 @@ def test_a_shell_command_runs_as_dvc_runs_it(tmp_path, state):
 
 def test_a_missing_output_is_dvcs_error_not_a_crash(tmp_path):
     project = _project(tmp_path / "m", cmd="echo nothing written")
-    outcome = repro.in_process(project, "probe", {}, print)
-    assert outcome.status == "failed" and "does not exist" in outcome.tail[-1]
+    outcome = LOCAL.reproduce(project, "probe", {}, print)
+    assert outcome.status == "failed" and "does not exist" in outcome.reason
 
 
 def test_a_held_lock_is_busy(tmp_path):
@@ -158,7 +163,7 @@ def test_a_held_lock_is_busy(tmp_path):
     (project / ".dvc/tmp").mkdir(exist_ok=True)
     lock = zc.lockfile.LockFile(str(project / ".dvc/tmp/lock"))  # what a concurrent `dvc repro` holds
     try:
-        assert repro.in_process(project, "probe", {}, print).status == "busy"
+        assert LOCAL.reproduce(project, "probe", {}, print).status == "busy"
     finally:
         lock.close()
     assert not (project / "where.json").exists()
@@ -188,23 +193,23 @@ def test_the_projects_own_code_runs_fresh_and_the_callers_modules_are_put_back(t
     (project / "dvc.yaml").write_text(yaml.safe_dump(spec))
 
     lines: list[str] = []
-    assert repro.in_process(project, "probe", {}, lines.append).status == "ran", lines
+    assert LOCAL.reproduce(project, "probe", {}, lines.append).status == "ran", lines
     where = json.loads((project / "where.json").read_text())
     assert where == {"pid": os.getpid(), "package": str(project / "stages/__init__.py")}
     assert json.loads((project / "out/hello.json").read_text()) == {"value": "one"}
     assert sys.modules["stages"] is stages and "stages.hello_value" not in sys.modules
 
     (project / "stages/hello_value.py").write_text('VALUE = "two"\n')  # edited between two runs of this process
-    assert repro.in_process(project, "probe", {}, print).status == "ran"
+    assert LOCAL.reproduce(project, "probe", {}, print).status == "ran"
     assert json.loads((project / "out/hello.json").read_text()) == {"value": "two"}  # not the module loaded before
     assert _dvc_status(project) == {}
     _unchanged(state)
 
 
 def test_python_module_pattern():
-    assert repro.python_module("python -m stages.sft") == ["stages.sft"]
-    assert repro.python_module("python3 -m stages.evaluate --out artifacts/x") == ["stages.evaluate", "--out",
+    assert inprocess.python_module("python -m stages.sft") == ["stages.sft"]
+    assert inprocess.python_module("python3 -m stages.evaluate --out artifacts/x") == ["stages.evaluate", "--out",
                                                                                     "artifacts/x"]  # fmt: skip
     for shell in ("python -m stages.sft > log.txt", "python -m a && python -m b", "python -m a $X", "python x.py",
                   "python -c 'print(1)'", "python -m a | tee b"):  # fmt: skip
-        assert repro.python_module(shell) is None, shell
+        assert inprocess.python_module(shell) is None, shell

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from stages.lib.outcome import BadInput
+
 PARAMS_FILE = Path("params.yaml")
 C = TypeVar("C")
-EXIT_BAD_PARAMS = 2  # like a gate: the input (params.yaml) is wrong, nothing ran
 
 
-class ParamsError(ValueError):
-    """params.yaml is missing, unreadable, or has a key or value the stage does not know."""
+class ParamsError(BadInput, ValueError):
+    """params.yaml is missing, unreadable, or has a key or value the stage does not know (bad input: exit 65)."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -40,18 +39,13 @@ def config_from(cls: type[C], section: dict[str, Any] | None, **overrides: Any) 
     unknown = sorted(set(values) - names)
     if unknown:
         raise ParamsError(f"{cls.__name__}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:  # a dataclass's own checks (__post_init__): one line, not a traceback
+        raise ParamsError(f"{cls.__name__}: {e}") from None
 
 
 def load_config(cls: type[C], stage: str, path: str | Path = PARAMS_FILE, **overrides: Any) -> C:
     """The config of one stage, read from its section of params.yaml."""
     return config_from(cls, load_params(path).get(stage), **overrides)
 
-
-def stage_main(main: Callable[[], int]) -> int:
-    """Run a stage's main(); bad params end it with one line naming the problem (exit 2), not a traceback."""
-    try:
-        return main()
-    except ParamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_PARAMS

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from stages.params import ParamsError
+from stages.lib.params import ParamsError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -217,6 +217,11 @@ def context_limit(model: PreTrainedModel, wanted: int) -> int:
     config = model.config.get_text_config()
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or wanted
     return min(wanted, limit)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generation uses them. (B, L) -> (B, L)."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def fuse_gelu(model: torch.nn.Module) -> None:

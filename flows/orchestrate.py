@@ -1,0 +1,140 @@
+"""The one orchestration loop: dvc.yaml's stages in order, each reproduced where the runner says, stopping at the
+first stage that fails. `rlhf run` calls it directly; the Prefect flow calls it with each stage as a task and hooks
+for its parent MLflow run and artifacts (flows/pipeline.py).
+
+There is no second list of stages: `plan()` reads the `stages` of dvc.yaml in file order (which must be topological)
+and DVC decides what to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.runners import Runner, StageResult
+from stages.lib.environment import quiet
+from stages.lib.outcome import BadInput, ExitCode
+
+DATA_DIR = "data"  # the raw data, tracked by data.dvc
+
+
+def _paths(entries: list[Any] | None) -> list[str]:
+    """Paths of a dvc.yaml deps/outs/metrics/plots list (entries are `path` or `{path: options}`)."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def dvc_stages(project: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """The `stages` of the project's dvc.yaml, in file order."""
+    path = Path(project) / "dvc.yaml"
+    if not path.exists():
+        raise BadInput(f"no dvc.yaml in {Path(project).resolve()}: run rlhf from the project's directory")
+    return yaml.safe_load(path.read_text())["stages"]
+
+
+def plan(project: str | Path = ".", targets: list[str] | None = None) -> list[str]:
+    """The stages of dvc.yaml in file order; with `targets`, only those and the stages they depend on."""
+    stages = dvc_stages(project)
+    for name, spec in stages.items():
+        if "foreach" in spec or "matrix" in spec:
+            raise ValueError(f"dvc.yaml stage {name!r} uses foreach/matrix, which the flow does not expand")
+    outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
+    upstream = {n: {m for m in stages if m != n and any(_overlaps(d, o) for d in _paths(s.get("deps"))
+                                                         for o in outs[m])}
+                for n, s in stages.items()}  # fmt: skip
+    names = list(stages)
+    for n in names:  # file order must be topological: `dvc repro --single-item` runs exactly one stage
+        if later := [m for m in upstream[n] if names.index(m) > names.index(n)]:
+            raise ValueError(f"dvc.yaml lists stage {n!r} before {later[0]!r}, which it depends on")
+    if not targets:
+        return names
+    unknown = set(targets) - set(names)
+    if unknown:
+        raise ValueError(f"no such stage in dvc.yaml: {', '.join(sorted(unknown))} (stages: {', '.join(names)})")
+    wanted, todo = set(), list(targets)
+    while todo:
+        if (n := todo.pop()) not in wanted:
+            wanted.add(n)
+            todo.extend(upstream[n])
+    return [n for n in names if n in wanted]
+
+
+def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
+    """Generate the embedded default task into data/ when it is missing (it matches data.dvc); True if generated."""
+    if (project / DATA_DIR).exists():
+        return False
+    from stages.lib import task
+
+    echo(f"no {DATA_DIR}/ found: generating the embedded default task (it matches data.dvc)")
+    code = task.main(["--params", str(project / "params.yaml"), "--out", str(project / DATA_DIR)])
+    if code:
+        raise RuntimeError(f"generating {DATA_DIR}/ failed (exit {code})")
+    return True
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a stage's command: this interpreter's bin/ first on PATH (so `python` and `dvc` in a
+    command are ours), telemetry off, unbuffered output, plus `extra`."""
+    env = quiet(dict(os.environ))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run did: each stage's result in order, and the stage that stopped it (if one did)."""
+
+    results: list[StageResult] = field(default_factory=list)
+
+    @property
+    def stopped(self) -> StageResult | None:
+        return next((r for r in self.results if r.stopped), None)
+
+    @property
+    def exit_code(self) -> int:
+        """The stopping stage's code in the one vocabulary (stages/lib/outcome.py); busy is EX_TEMPFAIL-like."""
+        stop = self.stopped
+        if stop is None:
+            return ExitCode.OK
+        return ExitCode.BUSY if stop.status == "busy" else stop.code
+
+    def names(self, status: str) -> list[str]:
+        return [r.stage for r in self.results if r.status == status]
+
+    def summary(self) -> str:
+        restored = f"; restored from DVC's run cache: {', '.join(self.names('restored'))}" if self.names("restored") else ""
+        return (f"ran: {', '.join(self.names('ran')) or 'nothing'}; skipped (unchanged): "
+                f"{', '.join(self.names('skipped')) or 'nothing'}{restored}")  # fmt: skip
+
+
+Execute = Callable[[str], StageResult]
+
+
+def run_pipeline(project: Path, names: list[str], execute: Execute,
+                 after: Callable[[StageResult], None] | None = None) -> PipelineResult:  # fmt: skip
+    """Run `names` (a plan) in order with `execute(stage)`, calling `after(result)` for each; stop at the first
+    stage that fails or finds DVC busy."""
+    pipeline = PipelineResult()
+    for stage in names:
+        result = execute(stage)
+        pipeline.results.append(result)
+        if after is not None:
+            after(result)
+        if result.stopped:
+            break
+    return pipeline
+
+
+def local_execute(runner: Runner, project: Path, env: dict[str, str], echo: Callable[[str], None]) -> Execute:
+    """`execute` for `rlhf run`: each stage reproduced by `runner`, its output to `echo`."""
+    return lambda stage: runner.reproduce(project, stage, env, echo)

@@ -1,0 +1,133 @@
+"""Policies on held-out prompts: sample, score, compare. One home for what PPO's over-optimisation monitor, the
+evaluation stage and promotion (candidate vs champion) all measure.
+
+A policy is measured by sampling one reply per prompt with fixed `Sampling` settings and seed, so two policies are
+compared on the same prompts with the same randomness: the reward model's score (normalised by norm.json), the gold
+judge's score where the prompts are the default task's, the KL to the reference (k1 and k3, per token and per reply),
+length, diversity and how often the reply ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from stages.lib import rl_math as pm
+from stages.lib import task
+from stages.lib.modeling import context_limit, generate
+from stages.lib.rewards import RewardModel
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How replies are sampled for a measurement (the same for every policy compared)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_k: int = 0  # 0: no top-k
+    top_p: float = 1.0
+    seed: int = 1
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> Sampling:
+        """The sampling keys of a config or params section (other keys are ignored)."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+
+
+def sample(policy, tokenizer, prompts: Sequence[str], sampling: Sampling) -> tuple[list[str], list[bool]]:
+    """One reply per prompt and whether it ended (emitted EOS), seeded: see modeling.generate."""
+    return generate(policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                    sampling.top_p, seed=sampling.seed)  # fmt: skip
+
+
+def gold_scores(prompts: Sequence[str], replies: Sequence[str]) -> list[float] | None:
+    """The default task's gold judge per reply; None when the prompts are not the task's."""
+    if not task.judge_applies(list(prompts)):
+        return None
+    return [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
+
+
+def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
+    """Per-prompt pairwise win-rate of a over b; ties count half."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique n-grams over all n-grams of the replies (Li et al. 2016)."""
+    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequence[str], temperature: float) -> tuple:
+    """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T))."""
+    model.eval()
+    enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc_r = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in replies]
+    limit = context_limit(model, 10**9)
+    rows = [(p + r)[:limit] for p, r in zip(enc_p, enc_r, strict=True)]
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    target_mask = torch.zeros(len(rows), L)
+    for i, (row, p) in enumerate(zip(rows, enc_p, strict=True)):
+        ids[i, : len(row)], attn[i, : len(row)] = torch.tensor(row), 1
+        target_mask[i, len(p) : len(row)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    logprobs = pm.logprobs_from_logits(logits, ids[:, 1:], temperature)
+    return logprobs, target_mask[:, 1:]
+
+
+def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:
+    """exp(mean NLL of response tokens) on held-out demonstrations: the alignment tax is its rise after PPO."""
+    logprobs, mask = sequence_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], 1.0)
+    return math.exp(-pm.masked_mean(logprobs, mask).item())
+
+
+def monitor_scores(policy, tokenizer, rm: RewardModel, prompts: Sequence[str], sampling: Sampling) -> dict[str, Any]:
+    """The over-optimisation monitor's point: the mean RM score of sampled replies (normalised), the gold judge's
+    mean (None off the default task) and the EOS rate. Evaluation only, never a training signal."""
+    replies, ended = sample(policy, tokenizer, prompts, sampling)
+    raw = rm.score_texts(prompts, replies)
+    gold = gold_scores(prompts, replies)
+    return {"rm_score": rm.normalise([sum(raw) / len(raw)])[0],
+            "gold": sum(gold) / len(gold) if gold is not None else None, "eos_rate": sum(ended) / len(ended)}  # fmt: skip
+
+
+def evaluate_policy(name: str, policy, tokenizer, rm: RewardModel, ref, prompts: Sequence[str], sampling: Sampling
+                    ) -> dict[str, Any]:  # fmt: skip
+    """Sample one reply per prompt and measure it: RM score, gold, KL to `ref`, length, diversity, EOS rate.
+    Returns the replies and per-reply scores (`replies`, `rm_scores`, `gold_scores`) and metrics named `{name}/...`."""
+    replies, ended = sample(policy, tokenizer, prompts, sampling)
+    rm_scores = rm.normalise(rm.score_texts(prompts, replies))
+    logprobs, mask = sequence_logprobs(policy, tokenizer, prompts, replies, sampling.temperature)
+    ref_logprobs, _ = sequence_logprobs(ref, tokenizer, prompts, replies, sampling.temperature)
+    k1, k3 = pm.kl_k1(logprobs, ref_logprobs) * mask, pm.kl_k3(logprobs, ref_logprobs) * mask
+    gold = gold_scores(prompts, replies)
+    out = {
+        "replies": replies, "rm_scores": rm_scores, "gold_scores": gold,
+        f"{name}/rm_score": sum(rm_scores) / len(rm_scores),
+        f"{name}/kl_k1_seq": k1.sum(1).mean().item(), f"{name}/kl_k3_seq": k3.sum(1).mean().item(),
+        f"{name}/kl_k1_token": pm.masked_mean(k1, mask).item(), f"{name}/kl_k3_token": pm.masked_mean(k3, mask).item(),
+        f"{name}/response_words": sum(len(r.split()) for r in replies) / len(replies),
+        f"{name}/distinct_1": distinct_n(replies, 1), f"{name}/distinct_2": distinct_n(replies, 2),
+        f"{name}/eos_rate": sum(ended) / len(ended),
+    }  # fmt: skip
+    if gold is not None:
+        out[f"{name}/gold"] = sum(gold) / len(gold)
+    return out
+
+
+def preference_scores(policy, tokenizer, rm: RewardModel, prompts: Sequence[str], sampling: Sampling
+                      ) -> tuple[str, list[float]]:  # fmt: skip
+    """What a win-rate is computed on: the gold judge's scores where it applies, else the RM's (normalised).
+    Returns (the judge's name, one score per prompt)."""
+    replies, _ = sample(policy, tokenizer, prompts, sampling)
+    gold = gold_scores(prompts, replies)
+    if gold is not None:
+        return "gold", gold
+    return "rm", rm.normalise(rm.score_texts(prompts, replies))

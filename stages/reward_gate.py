@@ -1,0 +1,102 @@
+"""Reward-model gate: decide from the reward stage's held-out numbers whether PPO may climb this reward model.
+
+If the reward model agrees with held-out labels less than it should, PPO would climb a bad proxy, so the pipeline stops
+here. "Should" is an absolute floor (`min_agreement`) and, where known, the labeler's own agreement with the gold judge
+on the same pairs (its ceiling: a perfect reward model cannot agree with noisy labels more often than the labels agree
+with the truth), plus, on the default task, a floor on the rank agreement with the gold judge.
+
+The gate is its own DVC stage so that moving a threshold re-judges the saved numbers in a second instead of retraining
+the reward model. It writes `metrics.json` (the verdict, its reason and numbers) always, and `passed.json` only when the
+gate passed: PPO depends on that file, whose content does not change with the thresholds, so loosening or tightening a
+gate that still passes reruns nothing downstream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.lib.io import write_json
+from stages.lib.outcome import ArgumentParser, GateFailed, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.tracking import mlflow_run
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """params.yaml: reward_gate."""
+
+    min_agreement: float = 0.6  # held-out pairwise accuracy against the labels
+    max_gap_to_ceiling: float = 0.05  # ... and at most this far below the labeler's own agreement with gold
+    min_rank_agreement: float = 0.3  # Spearman of RM score vs gold score on held-out replies (default task only)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict: the flow, the logs, metrics.json and the MLflow tags all carry `reason`."""
+
+    passed: bool
+    reason: str
+    numbers: dict[str, float | None]
+
+
+def agreement_gate(accuracy: float, ceiling: float | None, rank_agreement: float | None, gate: GateConfig) -> GateResult:
+    """Pass when the RM agrees with held-out labels well enough: above the floor and near the labeler's ceiling."""
+    numbers = {"accuracy": accuracy, "labeler_ceiling": ceiling, "rank_agreement_gold": rank_agreement,
+               "min_agreement": gate.min_agreement, "max_gap_to_ceiling": gate.max_gap_to_ceiling,
+               "min_rank_agreement": gate.min_rank_agreement}  # fmt: skip
+    failures = []
+    if accuracy < gate.min_agreement:
+        failures.append(f"held-out accuracy {accuracy:.3f} < min_agreement {gate.min_agreement:.3f}")
+    if ceiling is not None and accuracy < ceiling - gate.max_gap_to_ceiling:
+        failures.append(f"held-out accuracy {accuracy:.3f} is more than {gate.max_gap_to_ceiling:.2f} below the "
+                        f"labeler's ceiling {ceiling:.3f}")  # fmt: skip
+    if rank_agreement is not None and rank_agreement < gate.min_rank_agreement:
+        failures.append(f"rank agreement with the gold judge {rank_agreement:.3f} < {gate.min_rank_agreement:.3f}")
+    if failures:
+        return GateResult(False, "reward-model gate failed: " + "; ".join(failures), numbers)
+    ceiling_txt = f" (labeler ceiling {ceiling:.3f})" if ceiling is not None else ""
+    return GateResult(True, f"reward-model gate passed: held-out accuracy {accuracy:.3f}{ceiling_txt}", numbers)
+
+
+def labeler_ceiling(labeler_file: Path) -> float | None:
+    """The simulated labeler's agreement with the gold judge on the held-out pairs (the default task's data/)."""
+    if not labeler_file.exists():
+        return None
+    return json.loads(labeler_file.read_text()).get("labeler_ceiling_test")
+
+
+def run(gate: GateConfig, reward_metrics: dict[str, Any], ceiling: float | None, out_dir: Path) -> GateResult:
+    """Judge the reward model's numbers; write metrics.json always and passed.json only when the gate passed."""
+    result = agreement_gate(reward_metrics["accuracy"], ceiling, reward_metrics.get("rank_agreement_gold"), gate)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", {"passed": result.passed, "reason": result.reason, **result.numbers})
+    if result.passed:
+        write_json(out_dir / "passed.json", {"passed": True})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m stages.reward_gate", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--reward", default="artifacts/reward/metrics.json", help="the reward stage's metrics")
+    parser.add_argument("--labeler", default="data/labeler.json", help="the simulated labeler's statistics, if any")
+    parser.add_argument("--out", default="artifacts/reward_gate")
+    args = parser.parse_args(argv)
+    gate = config_from(GateConfig, load_params(args.params).get("reward_gate"))
+    reward_metrics = json.loads(Path(args.reward).read_text())
+    with mlflow_run("reward_gate") as tracker:
+        tracker.log_params({"reward_gate": asdict(gate)})
+        result = run(gate, reward_metrics, labeler_ceiling(Path(args.labeler)), Path(args.out))
+        tracker.log_metrics({k: v for k, v in result.numbers.items() if v is not None})
+        tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason})
+    if not result.passed:
+        raise GateFailed(result.reason)
+    print(result.reason)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main("reward_gate", main))
