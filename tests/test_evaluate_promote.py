@@ -158,11 +158,13 @@ def test_overoptimisation_flag_on_synthetic_monitor():
 
 def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_path):
     """A proxy RM with a known exploitable bias (longer is better) and no KL penalty: the proxy climbs, gold falls."""
-    # An SFT policy good enough to lose gold (the 1-epoch tiny one sits at the judge's floor), no KL penalty.
+    # An SFT policy good enough to lose gold (the 1-epoch tiny one sits at the judge's floor), no KL penalty. The
+    # learning rate is where fp32 PPO climbs the biased proxy while gold falls (RM +0.39 and gold -0.84 from the best
+    # checkpoint); at 2e-3 the policy collapses to one degenerate reply and both scores fall.
     overrides = {**PASSING,
                  "task": {"n_sft": 1500},
                  "sft": {"epochs": 6, "learning_rate": 0.003},
-                 "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 2e-3,
+                 "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 5e-4,
                          "num_steps": 10, "checkpoint_every": 2, "n_monitor": 24, "response_length": 32,
                          "threads": 1, "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9}},
                  "promote": {**PASSING["promote"], "block_on_overoptimisation": True}}  # fmt: skip
