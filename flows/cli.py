@@ -62,7 +62,8 @@ EPHEMERAL_STARTUP_SECONDS = "180"
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from stages.lib import task
 
-    return task.main(["--params", args.params, "--out", args.out])
+    extra = ["--dialogues", str(args.dialogues)] if args.dialogues else []
+    return task.main(["--params", args.params, "--out", args.out, *extra])
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -96,14 +97,14 @@ class _Unavailable(StageStop):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.orchestrate import ensure_data, local_execute, plan, run_pipeline, stage_env
+    from flows.orchestrate import local_execute, plan, prepare, run_pipeline, stage_env
 
     project = Path.cwd()
     names = plan(project, args.stages or None)  # an unknown stage is refused before anything is generated
     runner = _runner(args)
     if args.prefect:
         return _run_flow(args)
-    ensure_data(project)
+    prepare(project)
     stdout = sys.stdout
 
     def echo(line: str) -> None:  # a stage's output to this command's stdout (in process, sys.stdout is the stage's)
@@ -164,6 +165,15 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
         print(f"reports:  {', '.join(reports)}")
 
 
+def _cmd_data_deps(args: argparse.Namespace) -> int:
+    """List params.yaml's data files as the validate stage's deps in dvc.yaml (what `rlhf run` does first)."""
+    from flows.orchestrate import sync_data_deps
+
+    if not sync_data_deps(Path.cwd()):
+        print("dvc.yaml already depends on every data file params.yaml names")
+    return ExitCode.OK
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     """Promote the version registered from an MLflow run (criteria re-checked from its tags unless --force)."""
     from stages import promote
@@ -186,7 +196,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a registered model against the SFT baseline on the held-out prompts."""
     from stages import evaluate
 
-    return evaluate.main(["--params", args.params, "--model-uri", args.model_uri, "--out", args.out])
+    judge = Path("artifacts/judge/model")  # the project's judge, when its judge stage has run
+    extra = ["--judge", str(judge)] if (judge / "judge.json").exists() else []
+    return evaluate.main(["--params", args.params, "--model-uri", args.model_uri, "--out", args.out, *extra])
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -264,8 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     _params_option(p, "whose validate section sets the checks")
     p.set_defaults(func=_cmd_validate)
 
+    p = sub.add_parser("data-deps", help="make dvc.yaml's validate stage depend on params.yaml's data files")
+    p.set_defaults(func=_cmd_data_deps)
+
     p = sub.add_parser("make-data", help="generate the embedded default task (deterministic; matches data.dvc)")
-    p.add_argument("--out", default="data", help="output folder (default: data)")
+    p.add_argument("--out", default="data", help="output folder (default: data); with --dialogues, a .jsonl file")
+    p.add_argument("--dialogues", type=int, metavar="N",
+                   help="write N multi-turn HH-RLHF preference pairs (long histories, a few broken rows) to --out: "
+                        "a real-shaped example of your own data")  # fmt: skip
     _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)
     return parser

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from flows.orchestrate import ensure_data, plan, run_pipeline, stage_env
+from flows.orchestrate import plan, prepare, run_pipeline, stage_env
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
 from stages.lib.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
@@ -261,7 +261,7 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
     names = plan(project, stages)
     where = Runner(runner, image, gpus)
     where.check()
-    ensure_data(project, logger.info)
+    prepare(project, logger.info)
 
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)

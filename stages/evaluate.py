@@ -1,8 +1,10 @@
 """Evaluation stage: the PPO policy against the SFT baseline on held-out prompts, with the same sampling settings.
 
-The reward model is a proxy. So besides its score we report the gold judge (default task), the KL to the reference,
-the alignment tax (held-out SFT perplexity) and an over-optimisation monitor: RM and gold score over the PPO
-checkpoints; the proxy rising while gold falls is flagged (Gao et al. 2022, "Scaling laws for RM overoptimization").
+The reward model is a proxy. So besides its score we report an independent judge's (stages/lib/judge.py: the gold
+function on the default task, else a judge reward model or the user's scorer; never the reward model PPO climbed), the
+KL to the reference, the alignment tax (held-out SFT perplexity) and an over-optimisation monitor: RM and judge score
+over the PPO checkpoints; the proxy rising while the judge's score falls is flagged (Gao et al. 2022, "Scaling laws
+for reward model overoptimization").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from stages.lib.heldout import Sampling, evaluate_policy, perplexity, win_rate
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.judge import GoldJudge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import config_from, load_params
@@ -35,21 +38,22 @@ class EvaluateConfig:
     seed: int = 1
     n_report_samples: int = 24
     overopt_rm_rise: float = 0.1  # flag when the normalised RM score rose by more than this ...
-    overopt_gold_drop: float = 0.1  # ... while the gold score fell by more than this, from its best checkpoint
+    overopt_judge_drop: float = 0.1  # ... while the judge's score fell by more than this, from its best checkpoint
 
 
-def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, gold_drop: float) -> tuple[bool, str]:
-    """Flag the proxy rising while gold falls, measured from the checkpoint where gold was best to the last."""
-    rows = [m for m in monitor if m.get("gold") is not None]
+def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop: float) -> tuple[bool, str]:
+    """Flag the proxy rising while the judge's score falls, from the checkpoint where the judge's score was best to
+    the last."""
+    rows = [m for m in monitor if m.get("judge") is not None]
     if len(rows) < 2:
-        return False, "not enough checkpoints with a gold score to judge over-optimisation"
-    best = max(rows, key=lambda m: m["gold"])
+        return False, "not enough checkpoints with a judge's score to judge over-optimisation"
+    best = max(rows, key=lambda m: m["judge"])
     last = rows[-1]
-    d_rm, d_gold = last["rm_score"] - best["rm_score"], last["gold"] - best["gold"]
-    flagged = d_rm > rm_rise and -d_gold > gold_drop
+    d_rm, d_judge = last["rm_score"] - best["rm_score"], last["judge"] - best["judge"]
+    flagged = d_rm > rm_rise and -d_judge > judge_drop
     verdict = "over-optimisation: " if flagged else "no over-optimisation: "
     return flagged, (f"{verdict}from step {best['step']:.0f} to {last['step']:.0f} the RM score moved {d_rm:+.3f} "
-                     f"and the gold score {d_gold:+.3f}")  # fmt: skip
+                     f"and the judge's score {d_judge:+.3f}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ class Inputs:
     rm: Path  # the reward model ...
     norm: Path  # ... and its normalisation
     kl: Path | None = None  # PPO's per-step table (reward vs KL plot)
-    monitor: Path | None = None  # PPO's held-out RM and gold score per checkpoint (over-optimisation)
+    judge: Path | None = None  # the judge stage's judge (None: the default task's gold function)
+    monitor: Path | None = None  # PPO's held-out RM and judge score per checkpoint (over-optimisation)
 
 
 def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
@@ -73,14 +78,16 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     sft, tokenizer = load_causal_lm(inputs.sft)
     policy, _ = load_causal_lm(inputs.policy)
     rm = RewardModel.load(inputs.rm, inputs.norm)
+    judge = load_judge(inputs.judge) if inputs.judge else GoldJudge()
+    tracker.set_tags({"rlhf.judge": judge.name})
 
-    # 1. both policies on the same prompts, same sampling settings, same seed
+    # 1. both policies on the same prompts, same sampling settings, same seed, graded by the same judge
     sampling = Sampling.of(asdict(config))
-    res = {n: evaluate_policy(n, m, tokenizer, rm, sft, prompts, sampling) for n, m in (("sft", sft), ("ppo", policy))}
+    res = {n: evaluate_policy(n, m, tokenizer, rm, judge, sft, prompts, sampling)
+           for n, m in (("sft", sft), ("ppo", policy))}  # fmt: skip
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
-    judge = "gold" if res["ppo"]["gold_scores"] is not None else "rm"
-    metrics["judge"] = judge
-    metrics["win_rate_vs_sft"] = win_rate(res["ppo"][f"{judge}_scores"], res["sft"][f"{judge}_scores"])
+    metrics["judge"] = judge.name
+    metrics["win_rate_vs_sft"] = win_rate(res["ppo"]["judge_scores"], res["sft"]["judge_scores"])
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
 
     # 2. the alignment tax: held-out SFT perplexity before and after PPO
@@ -92,12 +99,11 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     monitor = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
                for row in csv.DictReader(inputs.monitor.open())] if inputs.monitor else []  # fmt: skip
     metrics["overoptimisation"], metrics["overoptimisation_reason"] = overoptimisation(
-        monitor, config.overopt_rm_rise, config.overopt_gold_drop)
+        monitor, config.overopt_rm_rise, config.overopt_judge_drop)
 
     with staged_dir(out_dir) as tmp:
         samples = [{"prompt": p, "sft": s, "ppo": q, "sft_rm": a, "ppo_rm": b,
-                    "sft_gold": (res["sft"]["gold_scores"] or [None] * len(prompts))[i],
-                    "ppo_gold": (res["ppo"]["gold_scores"] or [None] * len(prompts))[i]}
+                    "sft_judge": res["sft"]["judge_scores"][i], "ppo_judge": res["ppo"]["judge_scores"][i]}
                    for i, (p, s, q, a, b) in enumerate(zip(prompts, res["sft"]["replies"], res["ppo"]["replies"],
                                                            res["sft"]["rm_scores"], res["ppo"]["rm_scores"], strict=True))]  # fmt: skip
         write_jsonl(tmp / "samples.jsonl", samples)
@@ -112,7 +118,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
 
 
 def write_plots(out: Path, kl_file: Path | None, monitor: list[dict]) -> list[str]:
-    """Reward vs KL over PPO steps, and gold vs proxy over the checkpoints."""
+    """Reward vs KL over PPO steps, and the judge vs the proxy over the checkpoints."""
     names = []
     if kl_file is not None:
         rows = list(csv.DictReader(kl_file.open()))
@@ -124,11 +130,11 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict]) -> list[st
     if monitor:
         steps = [m["step"] for m in monitor]
         series = {"RM score (proxy)": (steps, [m["rm_score"] for m in monitor])}
-        if all(m.get("gold") is not None for m in monitor):
-            series["gold score"] = (steps, [m["gold"] for m in monitor])
-        line_plot(series, "Gold vs proxy over PPO checkpoints (held-out)", "PPO step", "mean score",
-                  out / "gold_vs_proxy.png")  # fmt: skip
-        names.append("gold_vs_proxy.png")
+        if all(m.get("judge") is not None for m in monitor):
+            series["judge's score"] = (steps, [m["judge"] for m in monitor])
+        line_plot(series, "Judge vs proxy over PPO checkpoints (held-out)", "PPO step", "mean score",
+                  out / "judge_vs_proxy.png")  # fmt: skip
+        names.append("judge_vs_proxy.png")
     return names
 
 
@@ -137,35 +143,38 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    keys = ["rm_score", "gold", "kl_k1_seq", "kl_k3_seq", "kl_k1_token", "kl_k3_token", "response_words",
+    keys = ["rm_score", "judge", "kl_k1_seq", "kl_k3_seq", "kl_k1_token", "kl_k3_token", "response_words",
             "distinct_1", "distinct_2", "eos_rate", "perplexity"]  # fmt: skip
     rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in keys if f"ppo/{k}" in metrics]
     md = ["# Evaluation: PPO vs SFT on held-out prompts", "",
+          f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
           f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**",
           f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
           f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
           f"- {metrics['overoptimisation_reason']}", "", "| metric | SFT | PPO |", "|---|---|---|"]  # fmt: skip
     md += [f"| {k} | {fmt(a)} | {fmt(b)} |" for k, a, b in rows]
     md += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", "",
-           "| prompt | SFT | PPO | RM (SFT / PPO) | gold (SFT / PPO) |", "|---|---|---|---|---|"]  # fmt: skip
+           f"| prompt | SFT | PPO | RM (SFT / PPO) | {metrics['judge']} (SFT / PPO) |", "|---|---|---|---|---|"]  # fmt: skip
     for s in samples:
         cells = [s["prompt"].replace("\n", " ").strip(), s["sft"], s["ppo"], f"{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}",
-                 f"{fmt(s['sft_gold'])} / {fmt(s['ppo_gold'])}"]  # fmt: skip
+                 f"{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}"]  # fmt: skip
         md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     table = "".join(f"<tr><td>{html.escape(s['prompt'].strip())}</td><td>{html.escape(s['sft'])}</td>"
                     f"<td>{html.escape(s['ppo'])}</td><td>{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}</td>"
-                    f"<td>{fmt(s['sft_gold'])} / {fmt(s['ppo_gold'])}</td></tr>" for s in samples)  # fmt: skip
+                    f"<td>{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}</td></tr>" for s in samples)  # fmt: skip
     summary = "".join(f"<tr><td>{k}</td><td>{fmt(a)}</td><td>{fmt(b)}</td></tr>" for k, a, b in rows)
     (out / "report.html").write_text(
         "<!doctype html><meta charset=utf-8><title>RLHF evaluation</title><style>body{font-family:sans-serif;"
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
         "table{border-collapse:collapse}</style><h1>PPO vs SFT on held-out prompts</h1>"
-        f"<p>{metrics['judge']} win-rate of PPO over SFT: <b>{metrics['win_rate_vs_sft']:.3f}</b>; alignment tax "
+        f"<p>judge: {html.escape(metrics['judge'])}; its win-rate of PPO over SFT: "
+        f"<b>{metrics['win_rate_vs_sft']:.3f}</b>; alignment tax "
         f"{metrics['alignment_tax']:+.4f}; {html.escape(metrics['overoptimisation_reason'])}</p>"
         f"<table><tr><th>metric</th><th>SFT</th><th>PPO</th></tr>{summary}</table>"
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
-        + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th><th>gold</th></tr>"
+        + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th>"
+        f"<th>{html.escape(metrics['judge'])}</th></tr>"
         f"{table}</table>", encoding="utf-8")  # fmt: skip
 
 
@@ -192,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm", default="artifacts/reward/model")
     parser.add_argument("--norm", default="artifacts/reward/norm.json")
     parser.add_argument("--policy", default="artifacts/ppo/model", help="the policy to evaluate")
+    parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model); default: the gold function")
     parser.add_argument("--kl", help="PPO's per-step table (artifacts/ppo/kl.csv), for the reward-vs-KL plot")
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
@@ -201,17 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
     precision = resolve_precision(params.get("precision", "auto"))
-    optional = {k: Path(v) if v else None for k, v in (("kl", args.kl), ("monitor", args.monitor))}
-    with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision), \
-            tempfile.TemporaryDirectory() as scratch:  # fmt: skip
+    optional = {k: Path(v) if v else None for k, v in (("judge", args.judge), ("kl", args.kl),
+                                                            ("monitor", args.monitor))}  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
         policy = Path(args.policy)
-        if args.model_uri:
+        if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind
             policy = materialise_model_uri(args.model_uri, Path(scratch)) / "model"
-            tracker.set_tags({"rlhf.model_uri": args.model_uri})
         inputs = Inputs(Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional)
-        m = run(config, inputs, Path(args.out), tracker)
-    gold = f"; gold SFT {m['sft/gold']:.3f} -> PPO {m['ppo/gold']:.3f}" if "ppo/gold" in m else ""
-    print(f"evaluation: {m['judge']} win-rate vs SFT {m['win_rate_vs_sft']:.3f}{gold}; KL {m['ppo/kl_k1_seq']:.3f}; "
+        with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
+            if args.model_uri:
+                tracker.set_tags({"rlhf.model_uri": args.model_uri})
+            m = run(config, inputs, Path(args.out), tracker)
+    judged = f"; {m['judge']} SFT {m['sft/judge']:.3f} -> PPO {m['ppo/judge']:.3f}"
+    print(f"evaluation: {m['judge']} judge win-rate vs SFT {m['win_rate_vs_sft']:.3f}{judged}; KL {m['ppo/kl_k1_seq']:.3f}; "
           f"report {args.out}/report.md")  # fmt: skip
     return 0
 

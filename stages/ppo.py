@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.lib import modeling, rewards
+from stages.lib import context, modeling, rewards
 from stages.lib import rl_math as pm
 from stages.lib.checkpoints import Checkpointer, fingerprint, rng_state, set_rng_state
 from stages.lib.heldout import Sampling, monitor_scores
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import (
     LoraSettings,
     autocast,
@@ -42,7 +43,7 @@ from stages.lib.modeling import (
     position_ids,
     resolve_precision,
 )
-from stages.lib.outcome import ArgumentParser, GateFailed, NonFinite, stage_main
+from stages.lib.outcome import ArgumentParser, BadInput, GateFailed, NonFinite, stage_main
 from stages.lib.params import config_from, load_params
 from stages.lib.plots import line_plot
 from stages.lib.rewards import RewardModel
@@ -82,7 +83,7 @@ class PPOConfig:
     checkpoint_dir: str = "checkpoints/ppo"
     resume: str = "auto"  # auto: continue from the last checkpoint of the same run; never: start over
     sample_every: int = 10
-    n_monitor: int = 32  # held-out prompts scored by the RM (and gold judge) at every checkpoint: over-optimisation
+    n_monitor: int = 32  # held-out prompts scored by the RM and the judge at every checkpoint: over-optimisation
     threads: int = 0  # torch threads per process (0: torch's default)
     kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA policy; its frozen base is the reference
@@ -331,6 +332,7 @@ class TrainState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     monitor: list[dict[str, Any]] = field(default_factory=list)
     last_good: int = 0  # the newest checkpointed step within the KL budget: where a rollback goes
+    truncated_prompts: int = 0  # PPO prompts cut to fit the context (their last turns kept)
 
 
 def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, world: int) -> list[str]:
@@ -345,7 +347,7 @@ def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, w
 
 
 def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, out_dir: Path,
-        tracker: Tracker | None = None) -> dict:  # fmt: skip
+        tracker: Tracker | None = None, judge: Judge | None = None) -> dict:  # fmt: skip
     """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content.
     Raises `GateFailed` after writing the rolled-back policy when the KL guard stopped the run."""
     from accelerate import Accelerator
@@ -367,7 +369,7 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else pm.FixedKLController(config.kl_coef))  # fmt: skip
-    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards))]  # new code: no resume of old
+    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards, context))]  # new code: no old resume
     inputs = [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
     # results-relevant settings only: a changed checkpoint cadence, guard or monitor size resumes the same run
     settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_dir", "checkpoint_every",
@@ -401,10 +403,10 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
 
     def checkpoint(step: int) -> None:
-        """Score the policy on held-out prompts (the over-optimisation monitor), then save a checkpoint."""
+        """Score the policy on held-out prompts (the over-optimisation monitor: the RM and the judge), then save."""
         if accelerator.is_main_process and config.n_monitor:
             point = {"step": step, **monitor_scores(accelerator.unwrap_model(model).policy, tokenizer, rm,
-                                                    monitor_prompts, monitor_sampling)}  # fmt: skip
+                                                    judge or GoldJudge(), monitor_prompts, monitor_sampling)}  # fmt: skip
             point.pop("eos_rate")
             state.monitor.append(point)
             tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}, step)
@@ -414,7 +416,13 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     if found is None:
         checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
 
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
+    # the context budget: each prompt keeps its last turns in the room the response leaves (stages/lib/context.py)
+    window = modeling.context_limit(accelerator.unwrap_model(model).policy, 10**9)
+    if config.response_length >= window:
+        raise BadInput(f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
+                       f"context of {window} tokens")  # fmt: skip
+    prompts, state.truncated_prompts = context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")],
+                                                   window - config.response_length)  # fmt: skip
     outcome, reason = train(config, accelerator, model, optimizer, scheduler, kl_ctl, ref_policy, rm, tokenizer,
                             prompts, state, guard, checkpoint, tracker)  # fmt: skip
     return finish(config, accelerator, model, ckpt, state, outcome, reason, tokenizer, out_dir, tracker)
@@ -489,6 +497,7 @@ def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpoi
     else:
         final_metrics = history[-1] if history else {}
     result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "kept_step": state.last_good,
+              "truncated_prompts": state.truncated_prompts,
               "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
               "monitor": state.monitor[-1] if state.monitor else None}  # fmt: skip
     if accelerator.is_main_process:
@@ -513,8 +522,8 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
             writer.writeheader()
             writer.writerows(history)
         write_jsonl(tmp / "samples.jsonl", samples)
-        with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs gold over checkpoints, for evaluation
-            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "gold"])
+        with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs the judge over checkpoints, for evaluation
+            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge"])
             writer.writeheader()
             writer.writerows(monitor)
         steps = [h["step"] for h in history]
@@ -531,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft", default="artifacts/sft/model")
     parser.add_argument("--rm", default="artifacts/reward/model", help="the reward model")
     parser.add_argument("--norm", default="artifacts/reward/norm.json", help="the reward model's normalisation")
+    parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model) for the over-optimisation "
+                        "monitor; default: the default task's gold function")  # fmt: skip
     parser.add_argument("--gate", default="artifacts/reward_gate/passed.json",
                         help="the reward-model gate's pass (PPO does not climb a reward model that failed it)")  # fmt: skip
     parser.add_argument("--out", default="artifacts/ppo")
@@ -542,14 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.gate and not Path(args.gate).exists():
         raise GateFailed(f"the reward model has not passed its gate ({args.gate} is missing): run the reward_gate stage")
     paths = (config, Path(args.data), Path(args.sft), Path(args.rm), Path(args.norm), Path(args.out))
+    judge = load_judge(args.judge) if args.judge else None
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     try:
         if is_main and not args.no_tracking:
             with mlflow_run("ppo", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
-                result = run(*paths, tracker)
+                result = run(*paths, tracker, judge)
         else:
             with autocast(precision):
-                result = run(*paths)
+                result = run(*paths, judge=judge)
     except NonFinite as e:
         raise NonFinite(f"PPO stopped: {e.reason}. The last good checkpoint is intact under {config.checkpoint_dir}.") from None
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import mlflow
 
-from stages.lib.heldout import Sampling, preference_scores, win_rate
+from stages.lib.heldout import Sampling, judge_scores, win_rate
 from stages.lib.io import read_jsonl, write_json
+from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import config_from, load_params
-from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
@@ -63,9 +63,8 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         p = params or {}
-        replies, _ = generate(self.model, self.tokenizer, [render_prompt(x) for x in prompts],
-                              int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0)))  # fmt: skip
-        return replies
+        return generate(self.model, self.tokenizer, [render_prompt(x) for x in prompts],
+                        int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0))).replies  # fmt: skip
 
 
 def promotion_criteria(metrics: dict[str, Any], vs_champion: float | None, config: PromoteConfig) -> Decision:
@@ -127,13 +126,13 @@ def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, diges
     return client.get_model_version(name, version.version)
 
 
-def champion_win_rate(champion, samples: list[dict], sampling: Sampling, rm: RewardModel) -> float:
+def champion_win_rate(champion, samples: list[dict], sampling: Sampling, judge: Judge) -> float:
     """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed,
-    judged as the evaluation judged the candidate (gold where it applies, else the reward model)."""
+    graded by the judge that graded the candidate in the evaluation."""
     loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}").unwrap_python_model()
     prompts = [s["prompt"] for s in samples]
-    judge, champion_scores = preference_scores(loaded.model, loaded.tokenizer, rm, prompts, sampling)
-    return win_rate([s[f"ppo_{judge}"] for s in samples], champion_scores)
+    champion_scores = judge_scores(loaded.model, loaded.tokenizer, judge, prompts, sampling)
+    return win_rate([s["ppo_judge"] for s in samples], champion_scores)
 
 
 def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before) -> dict[str, Any]:
@@ -164,8 +163,7 @@ class Inputs:
     samples: Path  # the evaluation's samples.jsonl: the candidate's replies, re-judged against the champion's
     policy: Path  # the candidate policy (HF folder)
     policy_metrics: Path  # the PPO stage's metrics.json (its MLflow run id, for lineage)
-    rm: Path  # the reward model and ...
-    norm: Path  # ... its normalisation: the judge of the champion comparison off the default task
+    judge: Path | None = None  # the judge stage's judge, which grades the champion as it graded the candidate
 
 
 def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Path,
@@ -185,7 +183,8 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
         champion = current_version(client, config.registered_model, CHAMPION)
         vs_champion = None
         if champion is not None and champion.version != version.version:
-            vs_champion = champion_win_rate(champion, samples, sampling, RewardModel.load(inputs.rm, inputs.norm))
+            vs_champion = champion_win_rate(champion, samples, sampling,
+                                            load_judge(inputs.judge) if inputs.judge else GoldJudge())  # fmt: skip
         decision = Decision(True, []) if force else promotion_criteria(metrics, vs_champion, config)
         with registry_lock():
             now = current_version(client, config.registered_model, CHAMPION)
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", default="artifacts/evaluate/samples.jsonl", help="the evaluation's samples")
     parser.add_argument("--policy", default="artifacts/ppo/model", help="the candidate policy")
     parser.add_argument("--policy-metrics", default="artifacts/ppo/metrics.json", help="the PPO stage's metrics")
-    parser.add_argument("--rm", default="artifacts/reward/model")
-    parser.add_argument("--norm", default="artifacts/reward/norm.json")
+    parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model); default: the gold function")
     parser.add_argument("--out", default="artifacts/promote/metrics.json")
     parser.add_argument("--force", action="store_true", help="promote whatever the criteria say")
     args = parser.parse_args(argv)
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("promote") as tracker, autocast(precision):
         inputs = Inputs(Path(args.eval_metrics), Path(args.eval_samples), Path(args.policy), Path(args.policy_metrics),
-                        Path(args.rm), Path(args.norm))  # fmt: skip
+                        Path(args.judge) if args.judge else None)  # fmt: skip
         r = run(config, sampling, inputs, Path(args.out), tracker, args.force)
     if r["promoted"]:
         print(f"promoted: {config.registered_model} version {r['version']} is the champion "

@@ -1,201 +1,32 @@
-"""Reward-model stage: a scalar head on the SFT backbone, trained with the Bradley-Terry loss on preference pairs.
+"""Reward-model stage: a scalar head on the SFT backbone, trained with the Bradley-Terry loss on the preference pairs.
 
     loss = -log sigmoid(r_chosen - r_rejected - margin)        (Ouyang et al. 2022, eq. 1; TRL's RewardTrainer)
 
 It measures the trained model on held-out pairs (accuracy against the labels, calibration by reward gap and, on the
-default task, agreement with the gold judge) and writes the normalisation statistics PPO and evaluation use. Whether
-those numbers are good enough to go on is the next stage's question (stages/reward_gate.py), so changing the gate's
-thresholds never retrains this model.
+default task, agreement with the gold judge) and writes the normalisation statistics PPO and evaluation use
+(stages/lib/reward_training.py). Whether those numbers are good enough to go on is the next stage's question
+(stages/reward_gate.py), so changing the gate's thresholds never retrains this model.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from stages.lib import task
-from stages.lib.io import read_jsonl, write_json
-from stages.lib.modeling import (
-    LoraSettings,
-    context_limit,
-    generate,
-    load_causal_lm,
-    peft_config,
-    resolve_precision,
-    seed_everything,
-    trainer_precision,
-)
+from stages.lib.io import read_jsonl
+from stages.lib.modeling import resolve_precision
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import config_from, load_params
-from stages.lib.plots import bar_plot, line_plot
-from stages.lib.rewards import RewardModel
-from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """params.yaml: reward."""
-
-    epochs: float = 2.0
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    margin: float = 0.0  # constant margin in the Bradley-Terry loss (0: plain BT)
-    center_rewards_coefficient: float = 0.01  # keeps rewards centred at 0 (Eisenstein et al. 2023)
-    max_length: int = 128
-    gradient_checkpointing: bool = False
-    lora: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    logging_steps: int = 10
-    calibration_bins: int = 5
-    n_norm_samples: int = 128  # SFT replies to PPO prompts, scored for the reward normalisation statistics
-    max_new_tokens: int = 48
-
-
-def calibration(gaps: list[float], correct: list[bool], bins: int) -> list[dict[str, float]]:
-    """Accuracy by |reward gap| quantile bin: a calibrated RM is right more often when it is more confident."""
-    order = sorted(range(len(gaps)), key=lambda i: abs(gaps[i]))
-    rows = []
-    for b in range(bins):
-        idx = order[b * len(order) // bins : (b + 1) * len(order) // bins]
-        if idx:
-            rows.append({"gap_low": abs(gaps[idx[0]]), "gap_high": abs(gaps[idx[-1]]), "n": len(idx),
-                         "accuracy": sum(correct[i] for i in idx) / len(idx)})  # fmt: skip
-    return rows
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    import pandas as pd
-
-    value = pd.Series(a).rank().corr(pd.Series(b).rank())
-    return 0.0 if math.isnan(value) else float(value)
-
-
-def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows: list[dict], tracker: Tracker,
-          precision: str) -> tuple[Any, Any, list[dict], float]:  # fmt: skip
-    """Bradley-Terry training with TRL's RewardTrainer (it appends EOS and reads the score at the last token).
-    Returns (model, tokenizer, the trainer's log history, training seconds)."""
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardConfig as TrlRewardConfig
-    from trl import RewardTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
-    model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    def as_dataset(rows: list[dict[str, str]]) -> Dataset:
-        data = [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
-        if config.margin:
-            data = [{**d, "margin": config.margin} for d in data]
-        return Dataset.from_list(data)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrlRewardConfig(
-            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
-            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-            max_length=context_limit(model, config.max_length),
-            center_rewards_coefficient=config.center_rewards_coefficient or None,
-            gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
-            eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
-        )  # fmt: skip
-        trainer = RewardTrainer(
-            model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
-            processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "SEQ_CLS", model),
-            callbacks=[trainer_callback(tracker, "reward/")],
-        )  # fmt: skip
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-    model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
-    return model, tokenizer, trainer.state.log_history, seconds
-
-
-def measure(rm: RewardModel, test_rows: list[dict], max_length: int, bins: int) -> dict[str, Any]:
-    """Held-out agreement with the labels, calibration by |reward gap| and, on the default task, agreement with the
-    gold judge: rank correlation over all replies, and accuracy on the pairs the gold judge does not tie."""
-    prompts = [r["prompt"] for r in test_rows]
-    r_c = rm.score_texts(prompts, [r["chosen"] for r in test_rows], max_length)
-    r_r = rm.score_texts(prompts, [r["rejected"] for r in test_rows], max_length)
-    gaps = [c - r for c, r in zip(r_c, r_r, strict=True)]
-    correct = [g > 0 for g in gaps]
-    out: dict[str, Any] = {"accuracy": sum(correct) / len(correct), "calibration": calibration(gaps, correct, bins),
-                           "rank_agreement_gold": None, "gold_pair_accuracy": None}  # fmt: skip
-    if task.judge_applies(prompts):
-        g_c = [task.gold_score(r["prompt"], r["chosen"]) for r in test_rows]
-        g_r = [task.gold_score(r["prompt"], r["rejected"]) for r in test_rows]
-        out["rank_agreement_gold"] = spearman(r_c + r_r, g_c + g_r)
-        decided = [(g > 0) == (x > 0) for g, x in zip([c - r for c, r in zip(g_c, g_r, strict=True)], gaps, strict=True)
-                   if g != 0]  # fmt: skip
-        out["gold_pair_accuracy"] = sum(decided) / max(1, len(decided))
-    return out
+from stages.lib.reward_training import RewardConfig, build
+from stages.lib.tracking import Tracker, mlflow_run
 
 
 def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
         precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
-    """Train the RM and measure it; writes the model, norm.json, calibration, plots and metrics.json to `out_dir`."""
-    seed_everything(config.seed)
+    """Train the RM on preferences.jsonl and measure it on preferences_test.jsonl; writes everything to `out_dir`."""
     train_rows, test_rows = read_jsonl(data_dir / "preferences.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
-    tracker.log_params({"reward": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
-                        "precision": precision})  # fmt: skip
-    policy, gen_tokenizer = load_causal_lm(sft_dir)  # left-padded, for sampling
-
-    # 1. Bradley-Terry training
-    model, tokenizer, history, train_seconds = train(config, sft_dir, train_rows, test_rows, tracker, precision)
-    rm = RewardModel(model, tokenizer)
-
-    # 2. held-out agreement with the labels, calibration, agreement with the gold judge
-    measured = measure(rm, test_rows, context_limit(model, config.max_length), config.calibration_bins)
-    bins = measured.pop("calibration")
-
-    # 3. normalisation statistics for PPO: RM scores of SFT replies to PPO prompts (the policy's starting distribution)
-    ppo_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][: config.n_norm_samples]
-    replies, _ = generate(policy, gen_tokenizer, ppo_prompts, config.max_new_tokens, seed=config.seed)
-    ref_scores = torch.tensor(rm.score_texts(ppo_prompts, replies, context_limit(model, config.max_length)))
-    norm = {"mean": ref_scores.mean().item(), "std": ref_scores.std().clamp_min(1e-6).item(), "n": len(ref_scores)}
-
-    # 4. save: model, stats, plots, metrics
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out_dir / "model")
-    write_json(out_dir / "norm.json", norm)
-    write_json(out_dir / "calibration.json", bins)  # DVC plots read JSON, not JSON lines
-    write_plots(out_dir, history, bins)
-    metrics = {"accuracy": round(measured["accuracy"], 4), "rank_agreement_gold": measured["rank_agreement_gold"],
-               "gold_pair_accuracy": measured["gold_pair_accuracy"], "train_seconds": round(train_seconds, 2),
-               "reward_mean": norm["mean"], "reward_std": norm["std"], "precision": precision,
-               "n_train": len(train_rows), "n_test": len(test_rows)}  # fmt: skip
-    write_json(out_dir / "metrics.json", metrics)
-
-    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-    tracker.set_tags({"rlhf.precision": precision})
-    for name in ("metrics.json", "norm.json", "calibration.png", "loss.png", "accuracy.png", "model"):
-        tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
-    return metrics
-
-
-def write_plots(out_dir: Path, history: list[dict], bins: list[dict]) -> None:
-    """Calibration bars, the Bradley-Terry loss and the pairwise accuracy over training steps."""
-    bar_plot([f"{b['gap_low']:.2f}-{b['gap_high']:.2f}" for b in bins], [b["accuracy"] for b in bins],
-             "RM calibration: held-out accuracy by |reward gap|", "accuracy", out_dir / "calibration.png",
-             counts=[b["n"] for b in bins])  # fmt: skip
-    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    train_acc = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h and "loss" in h]
-    eval_acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
-    line_plot({"train loss": tuple(zip(*losses, strict=False))}, "RM Bradley-Terry loss", "step", "loss",
-              out_dir / "loss.png")  # fmt: skip
-    line_plot({"train": tuple(zip(*train_acc, strict=False)), "held-out": tuple(zip(*eval_acc, strict=False))},
-              "RM pairwise accuracy", "step", "accuracy", out_dir / "accuracy.png")  # fmt: skip
+    norm_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
+    return build(config, train_rows, test_rows, norm_prompts, sft_dir, out_dir, tracker, precision)
 
 
 def main(argv: list[str] | None = None) -> int:

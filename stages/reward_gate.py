@@ -1,9 +1,16 @@
 """Reward-model gate: decide from the reward stage's held-out numbers whether PPO may climb this reward model.
 
 If the reward model agrees with held-out labels less than it should, PPO would climb a bad proxy, so the pipeline stops
-here. "Should" is an absolute floor (`min_agreement`) and, where known, the labeler's own agreement with the gold judge
-on the same pairs (its ceiling: a perfect reward model cannot agree with noisy labels more often than the labels agree
-with the truth), plus, on the default task, a floor on the rank agreement with the gold judge.
+here. "Should" is an absolute floor (`min_agreement`) and, where one is known, a ceiling it must come near:
+
+- the simulated labeler's own agreement with the gold judge (data/labeler.json), on exactly the pairs it was measured
+  on (their digest must match the validated held-out pairs): a perfect reward model cannot agree with noisy labels
+  more often than the labels agree with the truth;
+- else, on a user's own data with a judge reward model, that model's held-out accuracy: an estimate from the data of
+  what a reward model of this size learns from half as many pairs;
+- else the floor alone. The verdict names which ceiling it used.
+
+On the default task it also needs a floor on the rank agreement with the gold judge.
 
 The gate is its own DVC stage so that moving a threshold re-judges the saved numbers in a second instead of retraining
 the reward model. It writes `metrics.json` (the verdict, its reason and numbers) always, and `passed.json` only when the
@@ -18,9 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.lib.io import write_json
+from stages.lib.io import read_jsonl, write_json
 from stages.lib.outcome import ArgumentParser, GateFailed, stage_main
 from stages.lib.params import config_from, load_params
+from stages.lib.schema import pairs_digest
 from stages.lib.tracking import mlflow_run
 
 
@@ -44,7 +52,7 @@ class GateResult:
 
 def agreement_gate(accuracy: float, ceiling: float | None, rank_agreement: float | None, gate: GateConfig) -> GateResult:
     """Pass when the RM agrees with held-out labels well enough: above the floor and near the labeler's ceiling."""
-    numbers = {"accuracy": accuracy, "labeler_ceiling": ceiling, "rank_agreement_gold": rank_agreement,
+    numbers = {"accuracy": accuracy, "ceiling": ceiling, "rank_agreement_gold": rank_agreement,
                "min_agreement": gate.min_agreement, "max_gap_to_ceiling": gate.max_gap_to_ceiling,
                "min_rank_agreement": gate.min_rank_agreement}  # fmt: skip
     failures = []
@@ -52,27 +60,36 @@ def agreement_gate(accuracy: float, ceiling: float | None, rank_agreement: float
         failures.append(f"held-out accuracy {accuracy:.3f} < min_agreement {gate.min_agreement:.3f}")
     if ceiling is not None and accuracy < ceiling - gate.max_gap_to_ceiling:
         failures.append(f"held-out accuracy {accuracy:.3f} is more than {gate.max_gap_to_ceiling:.2f} below the "
-                        f"labeler's ceiling {ceiling:.3f}")  # fmt: skip
+                        f"ceiling {ceiling:.3f}")  # fmt: skip
     if rank_agreement is not None and rank_agreement < gate.min_rank_agreement:
         failures.append(f"rank agreement with the gold judge {rank_agreement:.3f} < {gate.min_rank_agreement:.3f}")
     if failures:
         return GateResult(False, "reward-model gate failed: " + "; ".join(failures), numbers)
-    ceiling_txt = f" (labeler ceiling {ceiling:.3f})" if ceiling is not None else ""
+    ceiling_txt = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
     return GateResult(True, f"reward-model gate passed: held-out accuracy {accuracy:.3f}{ceiling_txt}", numbers)
 
 
-def labeler_ceiling(labeler_file: Path) -> float | None:
-    """The simulated labeler's agreement with the gold judge on the held-out pairs (the default task's data/)."""
-    if not labeler_file.exists():
-        return None
-    return json.loads(labeler_file.read_text()).get("labeler_ceiling_test")
+def ceiling(labeler_file: Path, heldout_pairs: Path, judge_metrics: Path | None) -> tuple[float | None, str]:
+    """The agreement the reward model should come near, and where it comes from (see the module's docstring)."""
+    if labeler_file.exists():
+        labeler = json.loads(labeler_file.read_text())
+        if labeler.get("heldout_pairs_digest") == pairs_digest(read_jsonl(heldout_pairs)):
+            return labeler["labeler_ceiling_test"], "the simulated labeler's agreement with the gold judge"
+    if judge_metrics is not None and judge_metrics.exists():
+        judged = json.loads(judge_metrics.read_text())
+        if judged.get("kind") == "reward_model":
+            return judged["accuracy"], "the judge reward model's held-out accuracy (estimated from the data)"
+    return None, "none known for these pairs: the floor alone"
 
 
-def run(gate: GateConfig, reward_metrics: dict[str, Any], ceiling: float | None, out_dir: Path) -> GateResult:
-    """Judge the reward model's numbers; write metrics.json always and passed.json only when the gate passed."""
-    result = agreement_gate(reward_metrics["accuracy"], ceiling, reward_metrics.get("rank_agreement_gold"), gate)
+def run(gate: GateConfig, reward_metrics: dict[str, Any], known: tuple[float | None, str], out_dir: Path) -> GateResult:
+    """Judge the reward model's numbers against the floor and `known` (ceiling, its source); write metrics.json
+    always and passed.json only when the gate passed."""
+    result = agreement_gate(reward_metrics["accuracy"], known[0], reward_metrics.get("rank_agreement_gold"), gate)
+    result = GateResult(result.passed, f"{result.reason}; ceiling: {known[1]}", result.numbers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "metrics.json", {"passed": result.passed, "reason": result.reason, **result.numbers})
+    write_json(out_dir / "metrics.json", {"passed": result.passed, "reason": result.reason, "ceiling_source": known[1],
+                                          **result.numbers})  # fmt: skip
     if result.passed:
         write_json(out_dir / "passed.json", {"passed": True})
     return result
@@ -83,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--reward", default="artifacts/reward/metrics.json", help="the reward stage's metrics")
     parser.add_argument("--labeler", default="data/labeler.json", help="the simulated labeler's statistics, if any")
+    parser.add_argument("--heldout", default="artifacts/validate/data/preferences_test.jsonl",
+                        help="the validated held-out pairs the accuracy was measured on")  # fmt: skip
+    parser.add_argument("--judge-metrics", default="artifacts/judge/metrics.json", help="the judge stage's numbers")
     parser.add_argument("--out", default="artifacts/reward_gate")
     args = parser.parse_args(argv)
     gate = config_from(GateConfig, load_params(args.params).get("reward_gate"))
     reward_metrics = json.loads(Path(args.reward).read_text())
     with mlflow_run("reward_gate") as tracker:
         tracker.log_params({"reward_gate": asdict(gate)})
-        result = run(gate, reward_metrics, labeler_ceiling(Path(args.labeler)), Path(args.out))
+        known = ceiling(Path(args.labeler), Path(args.heldout), Path(args.judge_metrics))
+        result = run(gate, reward_metrics, known, Path(args.out))
         tracker.log_metrics({k: v for k, v in result.numbers.items() if v is not None})
-        tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason})
+        tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason,
+                          "rlhf.gate_ceiling": known[1]})  # fmt: skip
     if not result.passed:
         raise GateFailed(result.reason)
     print(result.reason)

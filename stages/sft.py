@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.lib import task
+from stages.lib.context import fit_pairs
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.modeling import (
     LoraSettings,
@@ -59,28 +60,35 @@ class SFTConfig:
 
 
 def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict], test_rows: list[dict],
-          tracker: Tracker, precision: str) -> tuple[Any, float, list[dict], float]:  # fmt: skip
+          tracker: Tracker, precision: str) -> tuple[Any, float, list[dict], float, dict[str, int]]:  # fmt: skip
     """Fine-tune on prompt/completion pairs with TRL's SFTTrainer, which masks the prompt tokens out of the loss.
-    Returns (model, held-out loss, the trainer's log history, training seconds)."""
+    Returns (model, held-out loss, the trainer's log history, training seconds, rows cut to the context)."""
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    def as_dataset(rows: list[dict[str, str]]) -> Dataset:
-        return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"]} for r in rows])
+    max_length = context_limit(model, config.max_length)
 
+    def as_dataset(rows: list[dict[str, str]], split: str) -> Dataset:
+        # the context budget: the reply keeps its start, the prompt its last turns (TRL appends the EOS)
+        fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["response"] for r in rows]], max_length)
+        truncated.update(fitted.counts(f"{split}_"))
+        return Dataset.from_list([{"prompt": p, "completion": " " + c}
+                                  for p, c in zip(fitted.prompts, fitted.replies[0], strict=True)])  # fmt: skip
+
+    truncated: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:
         args = TrlSFTConfig(
             output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
             lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-            max_length=context_limit(model, config.max_length), completion_only_loss=True,
+            max_length=max_length, completion_only_loss=True,
             gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
             eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
             use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
         )  # fmt: skip
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(test_rows),
+            model=model, args=args, train_dataset=as_dataset(train_rows, "train"), eval_dataset=as_dataset(test_rows, "test"),
             processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
             callbacks=[trainer_callback(tracker, "sft/")],
         )  # fmt: skip
@@ -89,7 +97,7 @@ def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict],
         seconds = time.perf_counter() - start
         eval_loss = trainer.evaluate()["eval_loss"]
     model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
-    return model, eval_loss, trainer.state.log_history, seconds
+    return model, eval_loss, trainer.state.log_history, seconds, truncated
 
 
 def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32") -> dict[str, Any]:
@@ -109,11 +117,11 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
         base_dir = create_base_model(config.model, TinyModelConfig(**config.tiny), texts, tmp / "base", config.seed,
                                      config.trust_remote_code)  # fmt: skip
         model, tokenizer = load_causal_lm(base_dir, config.trust_remote_code)
-        before, _ = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
+        before = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
 
         # 1. fine-tune
-        model, eval_loss, history, train_seconds = train(config, model, tokenizer, train_rows, test_rows, tracker,
-                                                         precision)  # fmt: skip
+        model, eval_loss, history, train_seconds, truncated = train(config, model, tokenizer, train_rows, test_rows,
+                                                                    tracker, precision)  # fmt: skip
 
         # 2. save the policy's starting point / PPO's frozen reference
         tokenizer.padding_side = "left"
@@ -121,9 +129,10 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
         tokenizer.save_pretrained(tmp / "model")
 
         # 3. samples and scores
-        after, ended = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
+        after = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
         write_jsonl(tmp / "samples.jsonl", [{"prompt": p, "before": b, "after": a}
-                                           for p, b, a in zip(sample_prompts, before, after, strict=True)])  # fmt: skip
+                                           for p, b, a in zip(sample_prompts, before.replies, after.replies,
+                                                              strict=True)])  # fmt: skip
         losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         line_plot({"train": tuple(zip(*losses, strict=False)), "held-out": tuple(zip(*evals, strict=False))}, "SFT loss (response tokens)",
@@ -136,9 +145,10 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
             "train_seconds": round(train_seconds, 2),
             "n_parameters": count_parameters(model),
             "precision": precision,
-            "eos_rate": sum(ended) / max(1, len(ended)),
-            "gold_before": task.gold_mean(sample_prompts, before),
-            "gold_after": task.gold_mean(sample_prompts, after),
+            "eos_rate": sum(after.ended) / max(1, len(after.ended)),
+            "gold_before": task.gold_mean(sample_prompts, before.replies),
+            "gold_after": task.gold_mean(sample_prompts, after.replies),
+            **truncated, "truncated_sample_prompts": after.truncated,
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}
         write_json(tmp / "metrics.json", metrics)

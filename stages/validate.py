@@ -18,22 +18,27 @@ Outputs (the data only when every dataset passed; the reports always, since they
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from stages.lib import schema
+from stages.lib.datadeps import uncovered
 from stages.lib.environment import quiet
 from stages.lib.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
 from stages.lib.io import staged_dir, write_json, write_jsonl
+from stages.lib.judge import JudgeConfig, resolve_kind
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import PARAMS_FILE, config_from, load_params
+from stages.lib.splits import SplitConfig, derive
 from stages.lib.tracking import mlflow_run
 
 OUT_DIR = Path("artifacts/validate/data")  # where stages/sft.py and stages/reward.py read the datasets
@@ -52,12 +57,14 @@ class ValidateConfig:
     max_response_chars: int = 4096  # longest chosen/rejected/response
     report_examples: int = 3  # example rows shown per failed check
     unique_kinds: tuple[str, ...] = ("preferences", "sft")  # kinds whose repeated rows are failed after the first
+    split: dict[str, Any] = field(default_factory=dict)  # SplitConfig: datasets derived when `data` names only some
 
     def __post_init__(self) -> None:
         if self.policy not in ("fail", "quarantine"):
             raise ValueError(f"validate.policy must be 'fail' or 'quarantine', not {self.policy!r}")
         if not 0.0 <= self.max_invalid_fraction <= 1.0:
             raise ValueError(f"validate.max_invalid_fraction must be in [0, 1], not {self.max_invalid_fraction}")
+        SplitConfig(**self.split)  # its own checks, when params.yaml is read
 
 
 @dataclass(frozen=True)
@@ -380,8 +387,9 @@ def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
 
 
 def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path,
-        metrics_file: Path | None = None) -> dict[str, Any]:
-    """Validate every dataset; write the reports always and the validated data only if all passed."""
+        metrics_file: Path | None = None, judge: JudgeConfig = JudgeConfig()) -> dict[str, Any]:  # noqa: B008
+    """Validate every dataset, then derive the ones not given (stages/lib/splits.py); write the reports always and the
+    datasets only if all passed."""
     out_dir, report_dir = Path(out_dir), Path(report_dir)
     docs_dir = report_dir / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
@@ -415,17 +423,29 @@ def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path,
     if not passed:
         raise ValidationFailed(ordered)
 
-    # 4. the validated data, swapped in only once complete
+    # 4. the datasets not given, derived by prompt from the preference pairs; the judge's pairs set aside if it is a
+    #    reward model (it must not be trained on what the reward model learns from)
+    frames = {name: rows[list(schema.columns(datasets[name].kind))] for name, rows in valid.items()}
+    pref_prompts = list(frames["preferences"]["prompt"]) if "preferences" in frames else []
+    judge_kind = resolve_kind(judge, pref_prompts)
+    frames, derived = derive(frames, SplitConfig(**config.split),
+                             judge.fraction if judge_kind == "reward_model" else None, judge.seed)  # fmt: skip
+    with (report_dir / "report.md").open("a", encoding="utf-8") as f:
+        f.write("".join(f"\nDataset '{n}' derived: {len(frames[n])} rows, {how}\n" for n, how in derived.items()))
+
+    # 5. the data, swapped in only once complete
     metrics = {r.dataset: {"n_rows": r.n_rows, "n_valid": r.n_valid, "n_quarantined": r.n_quarantined,
                            "passed": r.passed} for r in ordered}
+    metrics |= {n: {"n_rows": len(frames[n]), "derived": True} for n in derived}
     with staged_dir(out_dir) as tmp:
-        for name, rows in valid.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows[list(schema.columns(datasets[name].kind))].to_dict("records"))
+        for name, rows in frames.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows.to_dict("records"))
         write_jsonl(tmp / "quarantine.jsonl", failed_rows)
+        write_json(tmp / "derived.json", {"judge": judge_kind, "derived": derived})
     write_json(metrics_file or out_dir.parent / "metrics.json", metrics)  # beside the data: DVC metrics can't overlap outs
     return {
         "metrics": metrics,
-        "outputs": {name: str(out_dir / f"{name}.jsonl") for name in datasets},
+        "outputs": {name: str(out_dir / f"{name}.jsonl") for name in frames},
         "quarantine": str(out_dir / "quarantine.jsonl"),
         "report": str(report_dir / "report.md"),
     }
@@ -454,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_report(report))
             return 0
         datasets = {name: config_from(DatasetSpec, spec) for name, spec in (params.get("data") or {}).items()}
-        result = run_tracked(config, datasets, Path(args.out), Path(args.reports), Path(args.metrics))
+        check_tracked(params.get("data") or {})
+        judge = config_from(JudgeConfig, params.get("judge"))
+        result = run_tracked(config, datasets, Path(args.out), Path(args.reports), Path(args.metrics), judge)
     except ValidationFailed as e:
         print(e.details, file=sys.stderr)
         raise
@@ -462,13 +484,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_tracked(data: dict[str, Any]) -> None:
+    """Under DVC, every local data file of params.yaml must be one of this stage's deps (stages/lib/datadeps.py)."""
+    root, stage = os.environ.get("DVC_ROOT"), os.environ.get("DVC_STAGE")
+    if not root or not stage:
+        return
+    import yaml
+
+    deps = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+    missing = uncovered(data, [d if isinstance(d, str) else next(iter(d)) for d in deps], Path(root))
+    if missing:
+        raise BadInput(f"params.yaml data names {', '.join(missing)}, which the {stage} stage of dvc.yaml does not "
+                       "depend on (DVC would not see it change): run `rlhf data-deps` (or `rlhf run`, which does it)")
+
+
 def run_tracked(config: ValidateConfig, datasets: dict[str, DatasetSpec], out: Path, reports: Path,
-                metrics: Path) -> dict[str, Any]:  # fmt: skip
+                metrics: Path, judge: JudgeConfig) -> dict[str, Any]:  # fmt: skip
     """`run` inside this stage's MLflow run: params, the verdict as tags, the reports and Data Docs as artifacts."""
     with mlflow_run("validate") as tracker:
         tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
         try:
-            result = run(config, datasets, out, reports, metrics)
+            result = run(config, datasets, out, reports, metrics, judge)
         except ValidationFailed as e:
             tracker.set_tags({"rlhf.gate": "failed", "rlhf.gate_reason": e.reason[:500]})
             raise
@@ -478,6 +514,7 @@ def run_tracked(config: ValidateConfig, datasets: dict[str, DatasetSpec], out: P
                     tracker.log_artifact(reports / name, "data_docs" if name == "data_docs" else None)
         tracker.set_tags({"rlhf.gate": "passed"})
         tracker.log_metrics({f"{d}/{k}": v for d, m in result["metrics"].items() for k, v in m.items()})
+        tracker.set_tags({"rlhf.judge_kind": json.loads((out / "derived.json").read_text())["judge"]})
     return result
 
 

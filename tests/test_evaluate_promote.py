@@ -76,11 +76,12 @@ def test_report_and_metrics(project):
     m = json.loads((out / "metrics.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == PASSING["evaluate"]["n_prompts"] and m["judge"] == "gold"
-    # the headline numbers are the samples' own: gold re-scored from the replies, win-rate and means recomputed
+    # the headline numbers are the samples' own: the judge (gold) re-scored from the replies, win-rate and means
     for s in samples:
-        assert s["sft_gold"] == task.gold_score(s["prompt"], s["sft"]) and s["ppo_gold"] == task.gold_score(s["prompt"], s["ppo"])
-    assert m["win_rate_vs_sft"] == win_rate([s["ppo_gold"] for s in samples], [s["sft_gold"] for s in samples])
-    assert m["ppo/gold"] == pytest.approx(sum(s["ppo_gold"] for s in samples) / len(samples))
+        assert s["sft_judge"] == task.gold_score(s["prompt"], s["sft"])
+        assert s["ppo_judge"] == task.gold_score(s["prompt"], s["ppo"])
+    assert m["win_rate_vs_sft"] == win_rate([s["ppo_judge"] for s in samples], [s["sft_judge"] for s in samples])
+    assert m["ppo/judge"] == pytest.approx(sum(s["ppo_judge"] for s in samples) / len(samples))
     assert m["ppo/rm_score"] == pytest.approx(sum(s["ppo_rm"] for s in samples) / len(samples))
     assert m["rm_win_rate_vs_sft"] == win_rate([s["ppo_rm"] for s in samples], [s["sft_rm"] for s in samples])
     assert m["ppo/kl_k3_seq"] >= 0 and m["ppo/kl_k3_token"] >= 0  # k3 is never negative
@@ -90,7 +91,7 @@ def test_report_and_metrics(project):
     report = (out / "report.md").read_text()
     assert f"**{m['win_rate_vs_sft']:.3f}**" in report and "| prompt | SFT | PPO |" in report
     assert (out / "report.html").read_text().count("<tr>") > 5
-    assert (out / "gold_vs_proxy.png").exists() and (out / "reward_vs_kl.png").exists()
+    assert (out / "judge_vs_proxy.png").exists() and (out / "reward_vs_kl.png").exists()
 
 
 def test_pipeline_promotes_and_the_champion_generates_text(project):
@@ -148,11 +149,11 @@ def test_two_concurrent_promotions_leave_one_consistent_champion(project, tmp_pa
 
 
 def test_overoptimisation_flag_on_synthetic_monitor():
-    rising_proxy_falling_gold = [{"step": 0, "rm_score": 0.0, "gold": 0.5}, {"step": 5, "rm_score": 0.5, "gold": 0.8},
-                                 {"step": 10, "rm_score": 1.5, "gold": 0.1}]  # fmt: skip
-    flagged, reason = evaluate.overoptimisation(rising_proxy_falling_gold, 0.1, 0.1)
+    rising_proxy_falling_judge = [{"step": 0, "rm_score": 0.0, "judge": 0.5}, {"step": 5, "rm_score": 0.5, "judge": 0.8},
+                                  {"step": 10, "rm_score": 1.5, "judge": 0.1}]  # fmt: skip
+    flagged, reason = evaluate.overoptimisation(rising_proxy_falling_judge, 0.1, 0.1)
     assert flagged and "over-optimisation" in reason and "step 5" in reason
-    both_rising = [{"step": 0, "rm_score": 0.0, "gold": 0.1}, {"step": 5, "rm_score": 1.0, "gold": 0.9}]
+    both_rising = [{"step": 0, "rm_score": 0.0, "judge": 0.1}, {"step": 5, "rm_score": 1.0, "judge": 0.9}]
     assert evaluate.overoptimisation(both_rising, 0.1, 0.1)[0] is False
 
 
@@ -205,3 +206,8 @@ def test_cli_promote_by_run_id_and_eval_by_model_uri(project, tmp_path):
     run([str(BIN / "rlhf"), "eval", "--model-uri", "models:/rlhf-policy@champion", "--out", str(tmp_path / "ev")],
         project)  # fmt: skip
     assert "win-rate of PPO over SFT" in (tmp_path / "ev/report.md").read_text()
+
+    unknown = run([str(BIN / "rlhf"), "eval", "--model-uri", "models:/no-such-model/1", "--out", str(tmp_path / "x")],
+                  project, check=False)  # fmt: skip
+    assert unknown.returncode == ExitCode.BAD_INPUT and "cannot load models:/no-such-model/1" in unknown.stderr
+    assert "Traceback" not in unknown.stderr

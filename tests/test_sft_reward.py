@@ -69,7 +69,8 @@ def test_reward_writes_model_stats_plots_and_the_gate_judges_them(project):
     assert 0 <= metrics["accuracy"] <= 1 and metrics["n_test"] == TINY["task"]["n_pairs_test"]
     verdict = json.loads((project / "artifacts/reward_gate/metrics.json").read_text())
     assert verdict["passed"] is True and verdict["reason"].startswith("reward-model gate passed")
-    assert verdict["accuracy"] == metrics["accuracy"] and verdict["labeler_ceiling"] is not None
+    assert verdict["accuracy"] == metrics["accuracy"] and verdict["ceiling"] is not None
+    assert verdict["ceiling_source"] == "the simulated labeler's agreement with the gold judge"
     assert json.loads((project / "artifacts/reward_gate/passed.json").read_text()) == {"passed": True}
     norm = json.loads((out / "norm.json").read_text())
     assert norm["std"] > 0 and norm["n"] == TINY["reward"]["n_norm_samples"]

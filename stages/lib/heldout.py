@@ -2,9 +2,9 @@
 evaluation stage and promotion (candidate vs champion) all measure.
 
 A policy is measured by sampling one reply per prompt with fixed `Sampling` settings and seed, so two policies are
-compared on the same prompts with the same randomness: the reward model's score (normalised by norm.json), the gold
-judge's score where the prompts are the default task's, the KL to the reference (k1 and k3, per token and per reply),
-length, diversity and how often the reply ends.
+compared on the same prompts with the same randomness: the reward model's score (normalised by norm.json), the
+judge's score (stages/lib/judge.py: the gold function on the default task, else a judge PPO never saw), the KL to the
+reference (k1 and k3, per token and per reply), length, diversity and how often the reply ends.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from stages.lib import rl_math as pm
-from stages.lib import task
-from stages.lib.modeling import context_limit, generate
+from stages.lib.context import fit_pairs
+from stages.lib.judge import Judge
+from stages.lib.modeling import Generation, context_limit, generate
 from stages.lib.rewards import RewardModel
 
 
@@ -38,17 +39,10 @@ class Sampling:
         return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
 
 
-def sample(policy, tokenizer, prompts: Sequence[str], sampling: Sampling) -> tuple[list[str], list[bool]]:
-    """One reply per prompt and whether it ended (emitted EOS), seeded: see modeling.generate."""
+def sample(policy, tokenizer, prompts: Sequence[str], sampling: Sampling) -> Generation:
+    """One reply per prompt, whether it ended (emitted EOS) and how many prompts were shortened: modeling.generate."""
     return generate(policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
                     sampling.top_p, seed=sampling.seed)  # fmt: skip
-
-
-def gold_scores(prompts: Sequence[str], replies: Sequence[str]) -> list[float] | None:
-    """The default task's gold judge per reply; None when the prompts are not the task's."""
-    if not task.judge_applies(list(prompts)):
-        return None
-    return [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
@@ -66,10 +60,11 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequence[str], temperature: float) -> tuple:
     """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T))."""
     model.eval()
-    enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    enc_r = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in replies]
-    limit = context_limit(model, 10**9)
-    rows = [(p + r)[:limit] for p, r in zip(enc_p, enc_r, strict=True)]
+    fitted = fit_pairs(tokenizer, prompts, [replies], context_limit(model, 10**9))  # the context budget
+    enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in fitted.prompts]
+    enc_r = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+             for r in fitted.replies[0]]  # fmt: skip
+    rows = [p + r for p, r in zip(enc_p, enc_r, strict=True)]
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), tokenizer.pad_token_id)
     attn = torch.zeros(len(rows), L, dtype=torch.long)
@@ -88,46 +83,42 @@ def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:
     return math.exp(-pm.masked_mean(logprobs, mask).item())
 
 
-def monitor_scores(policy, tokenizer, rm: RewardModel, prompts: Sequence[str], sampling: Sampling) -> dict[str, Any]:
-    """The over-optimisation monitor's point: the mean RM score of sampled replies (normalised), the gold judge's
-    mean (None off the default task) and the EOS rate. Evaluation only, never a training signal."""
-    replies, ended = sample(policy, tokenizer, prompts, sampling)
-    raw = rm.score_texts(prompts, replies)
-    gold = gold_scores(prompts, replies)
-    return {"rm_score": rm.normalise([sum(raw) / len(raw)])[0],
-            "gold": sum(gold) / len(gold) if gold is not None else None, "eos_rate": sum(ended) / len(ended)}  # fmt: skip
+def monitor_scores(policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling
+                   ) -> dict[str, Any]:  # fmt: skip
+    """The over-optimisation monitor's point: the mean RM score of sampled replies (normalised), the judge's mean
+    and the EOS rate. Evaluation only, never a training signal."""
+    g = sample(policy, tokenizer, prompts, sampling)
+    raw = rm.score_texts(prompts, g.replies)
+    judged = judge.scores(prompts, g.replies)
+    return {"rm_score": rm.normalise([sum(raw) / len(raw)])[0], "judge": sum(judged) / len(judged),
+            "eos_rate": sum(g.ended) / len(g.ended)}  # fmt: skip
 
 
-def evaluate_policy(name: str, policy, tokenizer, rm: RewardModel, ref, prompts: Sequence[str], sampling: Sampling
-                    ) -> dict[str, Any]:  # fmt: skip
-    """Sample one reply per prompt and measure it: RM score, gold, KL to `ref`, length, diversity, EOS rate.
-    Returns the replies and per-reply scores (`replies`, `rm_scores`, `gold_scores`) and metrics named `{name}/...`."""
-    replies, ended = sample(policy, tokenizer, prompts, sampling)
+def evaluate_policy(name: str, policy, tokenizer, rm: RewardModel, judge: Judge, ref, prompts: Sequence[str],
+                    sampling: Sampling) -> dict[str, Any]:  # fmt: skip
+    """Sample one reply per prompt and measure it: RM score, the judge's score, KL to `ref`, length, diversity, EOS
+    rate. Returns the replies and per-reply scores (`replies`, `rm_scores`, `judge_scores`) and metrics named
+    `{name}/...`."""
+    g = sample(policy, tokenizer, prompts, sampling)
+    replies, ended = g.replies, g.ended
     rm_scores = rm.normalise(rm.score_texts(prompts, replies))
     logprobs, mask = sequence_logprobs(policy, tokenizer, prompts, replies, sampling.temperature)
     ref_logprobs, _ = sequence_logprobs(ref, tokenizer, prompts, replies, sampling.temperature)
     k1, k3 = pm.kl_k1(logprobs, ref_logprobs) * mask, pm.kl_k3(logprobs, ref_logprobs) * mask
-    gold = gold_scores(prompts, replies)
+    judged = judge.scores(prompts, replies)
     out = {
-        "replies": replies, "rm_scores": rm_scores, "gold_scores": gold,
+        "replies": replies, "rm_scores": rm_scores, "judge_scores": judged,
+        f"{name}/judge": sum(judged) / len(judged),
         f"{name}/rm_score": sum(rm_scores) / len(rm_scores),
         f"{name}/kl_k1_seq": k1.sum(1).mean().item(), f"{name}/kl_k3_seq": k3.sum(1).mean().item(),
         f"{name}/kl_k1_token": pm.masked_mean(k1, mask).item(), f"{name}/kl_k3_token": pm.masked_mean(k3, mask).item(),
         f"{name}/response_words": sum(len(r.split()) for r in replies) / len(replies),
         f"{name}/distinct_1": distinct_n(replies, 1), f"{name}/distinct_2": distinct_n(replies, 2),
-        f"{name}/eos_rate": sum(ended) / len(ended),
+        f"{name}/eos_rate": sum(ended) / len(ended), f"{name}/truncated_prompts": g.truncated,
     }  # fmt: skip
-    if gold is not None:
-        out[f"{name}/gold"] = sum(gold) / len(gold)
     return out
 
 
-def preference_scores(policy, tokenizer, rm: RewardModel, prompts: Sequence[str], sampling: Sampling
-                      ) -> tuple[str, list[float]]:  # fmt: skip
-    """What a win-rate is computed on: the gold judge's scores where it applies, else the RM's (normalised).
-    Returns (the judge's name, one score per prompt)."""
-    replies, _ = sample(policy, tokenizer, prompts, sampling)
-    gold = gold_scores(prompts, replies)
-    if gold is not None:
-        return "gold", gold
-    return "rm", rm.normalise(rm.score_texts(prompts, replies))
+def judge_scores(policy, tokenizer, judge: Judge, prompts: Sequence[str], sampling: Sampling) -> list[float]:
+    """The judge's score of one sampled reply per prompt: what a win-rate between two policies is computed on."""
+    return judge.scores(prompts, sample(policy, tokenizer, prompts, sampling).replies)

@@ -241,6 +241,16 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@dataclass
+class Generation:
+    """Sampled replies: the decoded, stripped texts, whether each ended (emitted EOS within the new tokens; the
+    others were cut off), and how many prompts had to be shortened to fit the context."""
+
+    replies: list[str]
+    ended: list[bool]
+    truncated: int = 0
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -252,15 +262,19 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
-) -> tuple[list[str], list[bool]]:
-    """Sample one reply per prompt (left-padded batches, KV cache): (decoded stripped replies, whether each ended).
+) -> Generation:
+    """Sample one reply per prompt (left-padded batches, KV cache), seeded; the caller's RNG state is left as it was.
 
-    A reply that ended emitted EOS within `max_new_tokens`; the others were cut off.
-
+    Each prompt is first fitted into the context budget (stages/lib/context.py): at most `context - max_new_tokens`
+    tokens, keeping its last turns, so the sequence never indexes past the model's position embeddings.
     Training sequences are `prompt + " " + reply + EOS`; byte-level BPE keeps the space with the reply's first token,
     so the prompt alone is exactly the context the model was trained on.
     """
+    from stages.lib.context import fit_prompts
+
     model.eval()
+    max_new_tokens = min(max_new_tokens, context_limit(model, 10**9) - 1)
+    prompts, truncated = fit_prompts(tokenizer, prompts, context_limit(model, 10**9) - max_new_tokens)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     replies: list[str] = []
@@ -283,4 +297,4 @@ def generate(
         replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         ended += (new == tokenizer.eos_token_id).any(dim=1).tolist()
     torch.random.set_rng_state(generator_state)
-    return replies, ended
+    return Generation(replies, ended, truncated)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.lib.context import fit_pairs
 from stages.lib.modeling import context_limit, position_ids
 
 
@@ -28,6 +29,7 @@ class RewardModel:
     def __init__(self, model: nn.Module, tokenizer: Any, norm: dict[str, float] | None = None) -> None:
         self.model, self.tokenizer, self.norm = model, tokenizer, norm
         self.max_length = context_limit(model, 10**9)
+        self.last_truncated = 0
 
     @classmethod
     def load(cls, model_dir: str | Path, norm_file: str | Path | None = None) -> RewardModel:
@@ -51,11 +53,14 @@ class RewardModel:
     @torch.no_grad()
     def score_texts(self, prompts: Sequence[str], replies: Sequence[str], max_length: int | None = None,
                     batch_size: int = 64) -> list[float]:  # fmt: skip
-        """Raw scores of `prompt + " " + reply + EOS`: exactly the text the reward model was trained on. A sequence
-        longer than `max_length` (default: the model's context) keeps its start."""
+        """Raw scores of `prompt + " " + reply + EOS`: exactly the text the reward model was trained on, fitted into
+        `max_length` tokens (default and at most: the model's context) by the context budget (the reply keeps its
+        start, the prompt its last turns; stages/lib/context.py). `self.last_truncated` counts the prompts cut."""
         self.model.eval()
         limit = min(max_length or self.max_length, self.max_length)
-        texts = [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(prompts, replies, strict=True)]
+        fitted = fit_pairs(self.tokenizer, prompts, [replies], limit)
+        self.last_truncated = fitted.prompt_cut
+        texts = [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(fitted.prompts, fitted.replies[0], strict=True)]
         out: list[float] = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,

@@ -58,3 +58,13 @@ def last_user_turn(prompt: str) -> str:
         return prompt.strip()
     turn = prompt.rsplit(HUMAN, 1)[1]
     return turn.split(ASSISTANT, 1)[0].strip()
+
+
+def pairs_digest(rows: list[dict[str, str]]) -> str:
+    """An identity of a set of preference pairs that survives rendering: the same pairs, raw or validated, give the
+    same digest (so a statistic computed on the raw file, like the labeler's ceiling, is applied only to them)."""
+    import hashlib
+    import json
+
+    canonical = sorted((last_user_turn(r["prompt"]), r["chosen"].strip(), r["rejected"].strip()) for r in rows)
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()[:16]

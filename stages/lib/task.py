@@ -29,7 +29,7 @@ from typing import Any
 from stages.lib.io import write_json, write_jsonl
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import load_config
-from stages.lib.schema import last_user_turn
+from stages.lib.schema import last_user_turn, pairs_digest
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The world: facts, arithmetic, harmful requests, small talk
@@ -404,16 +404,63 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
         "ideal_gold_mean": round(sum(ideal_gold) / len(ideal_gold), 4),
         "n_train_prompts": sum(map(len, train.values())),
         "n_heldout_prompts": sum(map(len, heldout.values())),
+        # the pairs the ceiling was measured on: the reward-model gate applies it to these pairs only
+        "heldout_pairs_digest": pairs_digest(files["preferences_test.jsonl"]),
     }
     write_json(out_dir / "labeler.json", stats)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real-shaped example: one file of multi-turn HH-RLHF transcripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _exchange(rng: random.Random, spec: PromptSpec, rates: FlawRates) -> str:
+    return f"\n\nHuman: {spec.text}\n\nAssistant: {sample_response(rng, spec, rates)}"
+
+
+def make_dialogues(n: int, seed: int = 0, min_turns: int = 6, max_turns: int = 20, broken_fraction: float = 0.02,
+                   tau: float = 1.75) -> list[dict[str, str]]:  # fmt: skip
+    """`n` preference pairs in Anthropic's HH-RLHF format, the shape of real preference data: `chosen` and `rejected`
+    are whole transcripts sharing a history of `min_turns`..`max_turns` earlier exchanges (several times the tiny
+    model's 128-token context) and differing in the last reply, ordered by the simulated labeler. About
+    `broken_fraction` of the rows are broken the way public sets are (sides that do not share a prefix, an empty chosen
+    reply, a transcript without an Assistant turn), for validation to quarantine."""
+    rng = random.Random(f"{seed}-dialogues")
+    rates = FlawRates(**DEFAULT_PAIR_FLAWS)
+    specs = all_prompts()
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        history = "".join(_exchange(rng, rng.choice(specs), FlawRates(*[r / 3 for r in vars(rates).values()]))
+                          for _ in range(rng.randint(min_turns, max_turns)))  # fmt: skip
+        spec = rng.choice(specs)
+        a, b = sample_response(rng, spec, rates), sample_response(rng, spec, rates)
+        if a == b:
+            continue
+        if rng.random() >= preference_probability(gold_score(spec.text, a), gold_score(spec.text, b), tau):
+            a, b = b, a
+        prefix = f"{history}\n\nHuman: {spec.text}\n\nAssistant:"
+        row = {"chosen": f"{prefix} {a}", "rejected": f"{prefix} {b}"}
+        if rng.random() < broken_fraction:
+            row = rng.choice([{"chosen": row["chosen"], "rejected": f"\n\nHuman: {spec.text}\n\nAssistant: {b}"},
+                              {"chosen": prefix, "rejected": row["rejected"]},
+                              {"chosen": f"\n\nHuman: {spec.text} {a}", "rejected": row["rejected"]}])  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m stages.lib.task", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (section: task)")
     parser.add_argument("--out", default="data", help="output folder (tracked by data.dvc)")
+    parser.add_argument("--dialogues", type=int, metavar="N", help="instead: N multi-turn HH preference pairs in one "
+                        "file, --out (a .jsonl path)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dialogues:
+        write_jsonl(Path(args.out), make_dialogues(args.dialogues, load_config(TaskConfig, "task", args.params).seed))
+        print(f"wrote {args.dialogues} multi-turn HH-RLHF preference pairs to {args.out}")
+        return 0
     stats = run(load_config(TaskConfig, "task", args.params), Path(args.out))
     print(f"wrote the default task to {args.out}/; labeler agreement with the gold judge: {stats['labeler_ceiling']:.3f}")
     return 0
