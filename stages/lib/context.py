@@ -4,9 +4,10 @@ evaluation, the served policy), so no code path ever indexes past a model's cont
     reply   keeps its START, at most `reply_tokens` (generation: the new tokens asked for; training and scoring: half
             the context). A cut reply trains on what is kept: its lost end is simply not in the sequence, so no loss
             falls on it.
-    prompt  keeps its END, in the room the kept reply leaves: whole leading turns are dropped first, so the model sees
-            the last turns intact and always the final "\\n\\nAssistant:" cue (TRL's truncation_mode="keep_end"); a
-            last turn still too long alone is cut token by token from its start.
+    prompt  keeps its END, in the room the kept reply leaves: whole leading exchanges are dropped first (the kept part
+            starts where a Human speaks), so the model sees the last turns intact and always the final
+            "\\n\\nAssistant:" cue (TRL's truncation_mode="keep_end"); a last turn still too long alone is cut token
+            by token from its start.
 
 Real preference data holds dialogues many times longer than a small model's context: this is what lets them through.
 Every caller counts what it cut (`Fitted.prompt_cut`, `Fitted.reply_cut`) and its stage reports the counts.
@@ -58,7 +59,9 @@ def fit_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> tuple[str, bool]
     if n_tokens(tokenizer, prompt) <= max_tokens:
         return prompt, False
     turns = split_turns(prompt)
-    for start in range(1, len(turns) - 1):  # keep at least the last turn and the cue
+    for start in range(1, len(turns) - 1):  # keep at least the last turn and the cue; start where a Human speaks
+        if not turns[start].startswith(HUMAN):
+            continue
         tail = "".join(turns[start:])
         if n_tokens(tokenizer, tail) <= max_tokens:
             return tail, True

@@ -1,0 +1,101 @@
+"""The context budget (stages/lib/context.py) and the derived splits (stages/lib/splits.py), on a real tokenizer."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from stages.lib.context import fit_pairs, fit_prompt, fit_prompts, fit_reply, n_tokens, split_turns
+from stages.lib.modeling import TinyModelConfig, build_tiny_model, generate, train_tokenizer
+from stages.lib.outcome import BadInput
+from stages.lib.schema import ASSISTANT, HUMAN
+from stages.lib.splits import JUDGE, REQUIRED, SplitConfig, derive
+from stages.lib.task import make_dialogues
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [row["chosen"] for row in make_dialogues(200, seed=3)]
+    return train_tokenizer(texts, 400)
+
+
+def _dialogue(turns: int) -> str:
+    return "".join(f"{HUMAN} What is {i} plus {i}?{ASSISTANT} {i} plus {i} is {2 * i}." for i in range(turns)) + \
+        f"{HUMAN} What is the capital of Peru?{ASSISTANT}"  # fmt: skip
+
+
+def test_turns_split_and_join_back():
+    prompt = _dialogue(3)
+    turns = split_turns(prompt)
+    assert "".join(turns) == prompt and len(turns) == 8 and turns[-1] == ASSISTANT
+
+
+def test_a_long_prompt_keeps_its_last_whole_turns_and_the_cue(tokenizer):
+    prompt = _dialogue(30)
+    budget = 60
+    assert n_tokens(tokenizer, prompt) > 4 * budget  # several times the budget
+    fitted, cut = fit_prompt(tokenizer, prompt, budget)
+    assert cut and n_tokens(tokenizer, fitted) <= budget
+    assert prompt.endswith(fitted) and fitted.startswith(HUMAN) and fitted.endswith(ASSISTANT)
+    assert "capital of Peru" in fitted  # the last question is always there
+    # the longest tail of whole exchanges that fits: one more leading exchange would not
+    turns = split_turns(prompt)
+    start = len(turns) - len(split_turns(fitted))
+    assert n_tokens(tokenizer, "".join(turns[start - 2 :])) > budget
+
+
+def test_a_single_overlong_turn_is_cut_from_its_start(tokenizer):
+    prompt = f"{HUMAN} {'please ' * 400}tell me the capital of Peru?{ASSISTANT}"
+    fitted, cut = fit_prompt(tokenizer, prompt, 32)
+    assert cut and n_tokens(tokenizer, fitted) <= 32 and fitted.endswith("Peru?" + ASSISTANT)
+    assert fit_prompt(tokenizer, _dialogue(1), 500) == (_dialogue(1), False)  # what fits is untouched
+
+
+def test_replies_keep_their_start_and_pairs_fit_the_context(tokenizer):
+    reply = "The capital of Peru is Lima. " * 40
+    kept, cut = fit_reply(tokenizer, reply, 20)
+    assert cut and reply.startswith(kept) and n_tokens(tokenizer, kept) <= 20
+    fitted = fit_pairs(tokenizer, [_dialogue(30), _dialogue(1)], [[reply, "Lima."], ["No.", "Paris."]], context=96)
+    assert fitted.prompt_cut == 1 and fitted.reply_cut == 1  # the short row is untouched
+    for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True):
+        for text in (f"{p} {c}", f"{p} {r}"):
+            assert n_tokens(tokenizer, text) + 1 <= 96  # + the EOS the model appends
+    assert fitted.counts("train_") == {"train_truncated_prompts": 1, "train_truncated_replies": 1}
+
+
+def test_generation_never_indexes_past_the_context(tokenizer):
+    """A prompt several times the model's context: before the budget, GPT-2's position embedding raised IndexError."""
+    torch.manual_seed(0)
+    model = build_tiny_model("gpt2", TinyModelConfig(n_layer=1, n_embd=32, n_head=2, max_positions=64), tokenizer)
+    prompts = [_dialogue(40), "\n\nHuman: Hi!\n\nAssistant:"]
+    assert n_tokens(tokenizer, prompts[0]) > 5 * 64
+    out = generate(model, tokenizer, prompts, max_new_tokens=16)
+    assert len(out.replies) == 2 and out.truncated == 1
+    assert fit_prompts(tokenizer, prompts, 48)[1] == 1
+
+
+def _pairs(n: int) -> pd.DataFrame:
+    return pd.DataFrame([{"prompt": f"{HUMAN} question {i}?{ASSISTANT}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                         for i in range(n)])  # fmt: skip
+
+
+def test_one_preference_set_feeds_every_dataset_split_by_prompt():
+    frames, notes = derive({"preferences": _pairs(400)}, SplitConfig(heldout_fraction=0.2, seed=0), 0.5, 1)
+    assert set(REQUIRED) | {JUDGE} == set(frames) and set(notes) == set(frames) - {"preferences"}
+    train, test, judge = (set(frames[n]["prompt"]) for n in ("preferences", "preferences_test", JUDGE))
+    assert not train & test and not judge & test and not train & judge  # nothing leaks, the judge's pairs are apart
+    assert 0.1 < len(test) / 400 < 0.3 and 0.3 < len(judge) / (400 - len(test)) < 0.7
+    assert set(frames["eval_prompts"]["prompt"]) == test and set(frames["prompts"]["prompt"]) == train
+    assert set(frames["sft_test"]["prompt"]) == test and set(frames["sft"]["prompt"]) == train | judge
+    again, _ = derive({"preferences": _pairs(500)}, SplitConfig(heldout_fraction=0.2, seed=0), 0.5, 1)
+    assert test <= set(again["preferences_test"]["prompt"])  # more rows never move an existing prompt
+
+
+def test_given_datasets_are_kept_and_their_prompts_stay_in_training():
+    given_sft = pd.DataFrame([{"prompt": p, "response": "x"} for p in _pairs(400)["prompt"][:200]])
+    frames, notes = derive({"preferences": _pairs(400), "sft": given_sft}, SplitConfig(heldout_fraction=0.5))
+    assert frames["sft"] is given_sft and "sft" not in notes
+    assert not set(given_sft["prompt"]) & set(frames["preferences_test"]["prompt"])  # a given training prompt stays
+    with pytest.raises(BadInput, match="no preferences to derive them from"):
+        derive({"sft": given_sft}, SplitConfig())
