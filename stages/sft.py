@@ -51,6 +51,7 @@ class SFTConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
+    group_by_length: bool = True  # batches of similar length (HF's LengthGroupedSampler): far less padding
     lora: dict[str, Any] = field(default_factory=dict)  # LoraSettings; merged into the saved model
     seed: int = 0
     logging_steps: int = 10
@@ -85,6 +86,7 @@ def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict],
             max_length=max_length, completion_only_loss=True,
             gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
             eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+            train_sampling_strategy="group_by_length" if config.group_by_length else "random",
             use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
         )  # fmt: skip
         trainer = SFTTrainer(

@@ -50,6 +50,7 @@ class RewardConfig:
     center_rewards_coefficient: float = 0.01  # keeps rewards centred at 0 (Eisenstein et al. 2023)
     max_length: int = 128
     gradient_checkpointing: bool = False
+    group_by_length: bool = True  # batches of similar length (HF's LengthGroupedSampler): far less padding
     lora: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     logging_steps: int = 10
@@ -78,6 +79,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 0.0 if math.isnan(value) else float(value)
 
 
+def _length_grouped(trainer_cls: type) -> type:
+    """`trainer_cls` drawing batches of similar length (HF's LengthGroupedSampler, by the longer side of each pair):
+    far fewer padding tokens than random batches. TRL's RewardTrainer has no such option (its pairs are not `input_ids`
+    rows), so the sampler is given here."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class LengthGrouped(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202 (HF's signature)
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [max(len(c), len(r)) for c, r in zip(data["chosen_ids"], data["rejected_ids"], strict=True)]
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)  # fmt: skip
+
+    return LengthGrouped
+
+
 def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows: list[dict], tracker: Tracker,
           precision: str, prefix: str = "reward/") -> tuple[Any, Any, list[dict], float, dict[str, int]]:  # fmt: skip
     """Bradley-Terry training with TRL's RewardTrainer (it appends EOS and reads the score at the last token).
@@ -86,6 +103,8 @@ def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
+
+    LengthGroupedRewardTrainer = _length_grouped(RewardTrainer)  # noqa: N806 (a class)
 
     tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="right")
     model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
@@ -116,7 +135,7 @@ def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows
             eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
             use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
         )  # fmt: skip
-        trainer = RewardTrainer(
+        trainer = (LengthGroupedRewardTrainer if config.group_by_length else RewardTrainer)(
             model=model, args=args, train_dataset=as_dataset(train_rows, "train"),
             eval_dataset=as_dataset(test_rows, "test"),
             processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "SEQ_CLS", model),
