@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import csv
 import html
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stages.lib.heldout import Sampling, evaluate_policy, perplexity, win_rate
+from stages.lib.heldout import (
+    Sampling,
+    best_of_n,
+    best_of_n_kl,
+    evaluate_policy,
+    perplexity,
+    win_rate,
+    win_rate_ci,
+)
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.lib.judge import GoldJudge, load_judge
+from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import config_from, load_params
@@ -39,21 +47,30 @@ class EvaluateConfig:
     n_report_samples: int = 24
     overopt_rm_rise: float = 0.1  # flag when the normalised RM score rose by more than this ...
     overopt_judge_drop: float = 0.1  # ... while the judge's score fell by more than this, from its best checkpoint
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # best-of-n from SFT, picked by the RM: the
+    #   baseline PPO must beat at the same KL (log n - (n-1)/n nats); [] skips it
 
 
 def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop: float) -> tuple[bool, str]:
     """Flag the proxy rising while the judge's score falls, from the checkpoint where the judge's score was best to
-    the last."""
+    the policy PPO kept (the row marked `kept`; the last one when none is). A run that over-optimised after its best
+    checkpoint but kept that checkpoint is not flagged: the reason still says what the run did after it."""
     rows = [m for m in monitor if m.get("judge") is not None]
     if len(rows) < 2:
         return False, "not enough checkpoints with a judge's score to judge over-optimisation"
     best = max(rows, key=lambda m: m["judge"])
-    last = rows[-1]
-    d_rm, d_judge = last["rm_score"] - best["rm_score"], last["judge"] - best["judge"]
+    kept = next((m for m in rows if m.get("kept")), rows[-1])
+    d_rm, d_judge = kept["rm_score"] - best["rm_score"], kept["judge"] - best["judge"]
     flagged = d_rm > rm_rise and -d_judge > judge_drop
     verdict = "over-optimisation: " if flagged else "no over-optimisation: "
-    return flagged, (f"{verdict}from step {best['step']:.0f} to {last['step']:.0f} the RM score moved {d_rm:+.3f} "
-                     f"and the judge's score {d_judge:+.3f}")  # fmt: skip
+    reason = (f"{verdict}from step {best['step']:.0f} (best judge's score) to the kept step {kept['step']:.0f} the "
+              f"RM score moved {d_rm:+.3f} and the judge's score {d_judge:+.3f}")  # fmt: skip
+    last = rows[-1]
+    if kept is not last and last["rm_score"] - best["rm_score"] > rm_rise and best["judge"] - last["judge"] > judge_drop:
+        reason += (f"; the run over-optimised after it (to step {last['step']:.0f}: RM "
+                   f"{last['rm_score'] - best['rm_score']:+.3f}, judge {last['judge'] - best['judge']:+.3f}), which "
+                   "keeping the best checkpoint undid")  # fmt: skip
+    return flagged, reason
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class Inputs:
     norm: Path  # ... and its normalisation
     kl: Path | None = None  # PPO's per-step table (reward vs KL plot)
     judge: Path | None = None  # the judge stage's judge (None: the default task's gold function)
+    dpo: Path | None = None  # the DPO stage's folder: its policy (model/) is evaluated beside PPO's when it trained
     monitor: Path | None = None  # PPO's held-out RM and judge score per checkpoint (over-optimisation)
 
 
@@ -87,8 +105,18 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
            for n, m in (("sft", sft), ("ppo", policy))}  # fmt: skip
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
     metrics["judge"] = judge.name
-    metrics["win_rate_vs_sft"] = win_rate(res["ppo"]["judge_scores"], res["sft"]["judge_scores"])
+    metrics["win_rate_vs_sft"], metrics["win_rate_vs_sft_ci95"] = win_rate_ci(res["ppo"]["judge_scores"],
+                                                                               res["sft"]["judge_scores"])  # fmt: skip
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
+    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n,
+                                  res["sft"]["judge_scores"])  # fmt: skip
+    if inputs.dpo is not None and (inputs.dpo / "model").exists():  # the DPO baseline, graded the same way
+        dpo, _ = load_causal_lm(inputs.dpo / "model")
+        res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
+        metrics |= {k: v for k, v in res["dpo"].items() if "/" in k}
+        metrics["dpo_win_rate_vs_sft"], metrics["dpo_win_rate_vs_sft_ci95"] = win_rate_ci(
+            res["dpo"]["judge_scores"], res["sft"]["judge_scores"])
+        metrics["dpo/perplexity"] = perplexity(dpo, tokenizer, read_jsonl(data_dir / "sft_test.jsonl"))
 
     # 2. the alignment tax: held-out SFT perplexity before and after PPO
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
@@ -102,13 +130,12 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
         monitor, config.overopt_rm_rise, config.overopt_judge_drop)
 
     with staged_dir(out_dir) as tmp:
-        samples = [{"prompt": p, "sft": s, "ppo": q, "sft_rm": a, "ppo_rm": b,
-                    "sft_judge": res["sft"]["judge_scores"][i], "ppo_judge": res["ppo"]["judge_scores"][i]}
-                   for i, (p, s, q, a, b) in enumerate(zip(prompts, res["sft"]["replies"], res["ppo"]["replies"],
-                                                           res["sft"]["rm_scores"], res["ppo"]["rm_scores"], strict=True))]  # fmt: skip
+        samples = [{"prompt": p, **{f"{n}{suffix}": r[key][i] for n, r in res.items() for suffix, key in
+                                    (("", "replies"), ("_rm", "rm_scores"), ("_judge", "judge_scores"))}}
+                   for i, p in enumerate(prompts)]  # fmt: skip
         write_jsonl(tmp / "samples.jsonl", samples)
-        plots = write_plots(tmp, inputs.kl, monitor)
-        write_report(tmp, metrics, samples[: config.n_report_samples], plots)
+        plots = write_plots(tmp, inputs.kl, monitor, metrics)
+        write_report(tmp, metrics, samples[: config.n_report_samples], plots, samples)
         write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | bool)})
     tracker.set_tags({"rlhf.overoptimisation": str(metrics["overoptimisation"])})
@@ -117,9 +144,36 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     return metrics
 
 
-def write_plots(out: Path, kl_file: Path | None, monitor: list[dict]) -> list[str]:
-    """Reward vs KL over PPO steps, and the judge vs the proxy over the checkpoints."""
+def best_of_n_baseline(sft, tokenizer, rm: RewardModel, judge: Judge, prompts: list[str], sampling: Sampling,
+                       ladder: list[int], sft_scores: list[float]) -> dict[str, float]:  # fmt: skip
+    """Best-of-n from SFT picked by the RM, for n in `ladder`: the judge's mean, its win-rate over the SFT sample and
+    the analytic KL, as `bon/<n>/...` metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same one)."""
+    if not ladder:
+        return {}
+    picks = best_of_n(sft, tokenizer, rm, judge, prompts, replace(sampling, seed=sampling.seed + 1), ladder)
+    out: dict[str, float] = {}
+    for n, scores in picks.items():
+        out[f"bon/{n}/judge"] = sum(scores) / len(scores)
+        out[f"bon/{n}/win_rate_vs_sft"] = win_rate(scores, sft_scores)
+        out[f"bon/{n}/kl"] = best_of_n_kl(n)
+    return out
+
+
+def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: dict[str, Any]) -> list[str]:
+    """Reward vs KL over PPO steps, the judge vs the proxy over the checkpoints, and the judge's score against the
+    KL to SFT for best-of-n and for PPO's checkpoints (Gao et al. 2022's picture)."""
     names = []
+    bon = sorted((metrics[k.replace("/judge", "/kl")], v) for k, v in metrics.items() if k.startswith("bon/")
+                 and k.endswith("/judge"))  # fmt: skip
+    series = {"PPO (kept policy)": ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"]])}
+    if bon:
+        series["best-of-n from SFT"] = ([k for k, _ in bon], [v for _, v in bon])
+    if kl_file is not None and monitor:
+        kl_at = {int(float(r["step"])): float(r["objective/kl"]) for r in csv.DictReader(kl_file.open())}
+        points = [(kl_at.get(int(m["step"]), 0.0), m["judge"]) for m in monitor if m.get("judge") is not None]
+        series["PPO checkpoints (training KL, monitor prompts)"] = ([k for k, _ in points], [v for _, v in points])
+    line_plot(series, "Judge's score vs KL to SFT", "KL (nats per reply)", "mean judge's score", out / "judge_vs_kl.png")
+    names.append("judge_vs_kl.png")
     if kl_file is not None:
         rows = list(csv.DictReader(kl_file.open()))
         if rows:
@@ -138,7 +192,7 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict]) -> list[st
     return names
 
 
-def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str]) -> None:
+def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str], samples_all: list) -> None:
     """report.md and report.html: headline numbers, plots and a side-by-side sample table."""
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -148,11 +202,22 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
     rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in keys if f"ppo/{k}" in metrics]
     md = ["# Evaluation: PPO vs SFT on held-out prompts", "",
           f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
-          f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**",
+          f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}** "
+          f"(95% CI ±{metrics['win_rate_vs_sft_ci95']:.3f} over {len(samples_all)} prompts)",
           f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
           f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
           f"- {metrics['overoptimisation_reason']}", "", "| metric | SFT | PPO |", "|---|---|---|"]  # fmt: skip
     md += [f"| {k} | {fmt(a)} | {fmt(b)} |" for k, a, b in rows]
+    ladder = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("bon/") and k.endswith("/judge"))
+    if ladder:
+        md += ["", "Best-of-n from SFT, picked by the reward model, against PPO at the same KL:", "",
+               "| policy | KL to SFT (nats) | judge's mean | win-rate vs SFT |", "|---|---|---|---|"]  # fmt: skip
+        md += [f"| best-of-{n} | {metrics[f'bon/{n}/kl']:.3f} | {metrics[f'bon/{n}/judge']:.3f} | "
+               f"{metrics[f'bon/{n}/win_rate_vs_sft']:.3f} |" for n in ladder]  # fmt: skip
+        md.append(f"| PPO | {metrics['ppo/kl_k1_seq']:.3f} | {metrics['ppo/judge']:.3f} | {metrics['win_rate_vs_sft']:.3f} |")
+        if "dpo/judge" in metrics:
+            md.append(f"| DPO | {metrics['dpo/kl_k1_seq']:.3f} | {metrics['dpo/judge']:.3f} | "
+                      f"{metrics['dpo_win_rate_vs_sft']:.3f} |")  # fmt: skip
     md += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", "",
            f"| prompt | SFT | PPO | RM (SFT / PPO) | {metrics['judge']} (SFT / PPO) |", "|---|---|---|---|---|"]  # fmt: skip
     for s in samples:
@@ -164,14 +229,20 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
                     f"<td>{html.escape(s['ppo'])}</td><td>{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}</td>"
                     f"<td>{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}</td></tr>" for s in samples)  # fmt: skip
     summary = "".join(f"<tr><td>{k}</td><td>{fmt(a)}</td><td>{fmt(b)}</td></tr>" for k, a, b in rows)
+    bon = "".join(f"<tr><td>best-of-{n}</td><td>{metrics[f'bon/{n}/kl']:.3f}</td><td>{metrics[f'bon/{n}/judge']:.3f}</td>"
+                  f"<td>{metrics[f'bon/{n}/win_rate_vs_sft']:.3f}</td></tr>" for n in ladder)  # fmt: skip
+    if bon:
+        bon = ("<h2>Best-of-n from SFT vs PPO</h2><table><tr><th>policy</th><th>KL to SFT</th><th>judge's mean</th>"
+               f"<th>win-rate vs SFT</th></tr>{bon}<tr><td>PPO</td><td>{metrics['ppo/kl_k1_seq']:.3f}</td>"
+               f"<td>{metrics['ppo/judge']:.3f}</td><td>{metrics['win_rate_vs_sft']:.3f}</td></tr></table>")  # fmt: skip
     (out / "report.html").write_text(
         "<!doctype html><meta charset=utf-8><title>RLHF evaluation</title><style>body{font-family:sans-serif;"
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
         "table{border-collapse:collapse}</style><h1>PPO vs SFT on held-out prompts</h1>"
         f"<p>judge: {html.escape(metrics['judge'])}; its win-rate of PPO over SFT: "
-        f"<b>{metrics['win_rate_vs_sft']:.3f}</b>; alignment tax "
+        f"<b>{metrics['win_rate_vs_sft']:.3f}</b> (95% CI ±{metrics['win_rate_vs_sft_ci95']:.3f}); alignment tax "
         f"{metrics['alignment_tax']:+.4f}; {html.escape(metrics['overoptimisation_reason'])}</p>"
-        f"<table><tr><th>metric</th><th>SFT</th><th>PPO</th></tr>{summary}</table>"
+        f"<table><tr><th>metric</th><th>SFT</th><th>PPO</th></tr>{summary}</table>{bon}"
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
         + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th>"
         f"<th>{html.escape(metrics['judge'])}</th></tr>"
@@ -202,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norm", default="artifacts/reward/norm.json")
     parser.add_argument("--policy", default="artifacts/ppo/model", help="the policy to evaluate")
     parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model); default: the gold function")
+    parser.add_argument("--dpo", help="the DPO stage's folder (artifacts/dpo): its policy is evaluated too")
     parser.add_argument("--kl", help="PPO's per-step table (artifacts/ppo/kl.csv), for the reward-vs-KL plot")
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
@@ -212,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from(EvaluateConfig, params.get("evaluate"))
     precision = resolve_precision(params.get("precision", "auto"))
     optional = {k: Path(v) if v else None for k, v in (("judge", args.judge), ("kl", args.kl),
-                                                            ("monitor", args.monitor))}  # fmt: skip
+                                                            ("monitor", args.monitor), ("dpo", args.dpo))}  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         policy = Path(args.policy)
         if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind

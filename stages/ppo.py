@@ -49,6 +49,8 @@ from stages.lib.plots import line_plot
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import NullTracker, Tracker, mlflow_run
 
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+
 
 @dataclass(frozen=True)
 class PPOConfig:
@@ -77,7 +79,10 @@ class PPOConfig:
     ent_coef: float = 0.0
     max_grad_norm: float = 1.0
     whiten_rewards: bool = False
-    value_init: str = "reward"  # reward | sft: where the critic starts
+    value_init: str = "reward"  # reward | sft: where the critic starts (gae only)
+    estimator: str = "gae"  # gae (PPO's critic) | rloo | grpo | reinforce_pp (critic-free: no value model at all)
+    group_size: int = 4  # rloo, grpo: replies sampled per prompt (the batch holds batch_size / group_size prompts)
+    keep: str = "best"  # best: the checkpoint with the best held-out judge score (all are within the KL budget); last
     checkpoint_every: int = 5
     keep_checkpoints: int = 2  # full checkpoints kept (policy, critic, optimiser); older ones are pruned
     checkpoint_dir: str = "checkpoints/ppo"
@@ -87,6 +92,15 @@ class PPOConfig:
     threads: int = 0  # torch threads per process (0: torch's default)
     kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA policy; its frozen base is the reference
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"ppo.estimator must be one of {', '.join(ESTIMATORS)}, not {self.estimator!r}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"ppo.keep must be best or last, not {self.keep!r}")
+        if self.estimator in ("rloo", "grpo") and (self.group_size < 2 or self.batch_size % self.group_size):
+            raise ValueError(f"ppo.group_size {self.group_size} must be at least 2 and divide ppo.batch_size "
+                             f"{self.batch_size} for {self.estimator}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,20 +118,25 @@ class KLGuardConfig:
 
 
 class PolicyAndValue(nn.Module):
-    """One module for DDP: the policy's logits and the critic's per-token values in one forward."""
+    """One module for DDP: the policy's logits and, for GAE, the critic's per-token values in one forward. The
+    critic-free estimators have no value model (`value_model=None`): one model less to hold and update."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None) -> None:
         super().__init__()
         self.policy = policy
-        self.critic_backbone = getattr(value_model, value_model.base_model_prefix)
-        self.critic_head = value_model.score
+        self.has_critic = value_model is not None
+        if value_model is not None:
+            self.critic_backbone = getattr(value_model, value_model.base_model_prefix)
+            self.critic_head = value_model.score
 
     def forward(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         return logits, self.values(input_ids, attention_mask, position_ids)
 
     def values(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
-        """The critic alone: V(s_t) per token. (B, L) -> (B, L)."""
+        """The critic alone: V(s_t) per token, (B, L) -> (B, L); zeros without a critic."""
+        if not self.has_critic:
+            return torch.zeros(input_ids.shape, dtype=torch.float32)
         hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids).last_hidden_state  # fmt: skip
         return self.critic_head(hidden).squeeze(-1)
@@ -143,8 +162,10 @@ def load_models(config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path)
         policy, ref_policy = get_peft_model(policy, peft_config(lora, "CAUSAL_LM", policy)), None
     else:
         ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).requires_grad_(False).eval()
-    value_src = rm_dir if config.value_init == "reward" else sft_dir
-    value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
+    value_model = None
+    if config.estimator == "gae":
+        value_src = rm_dir if config.value_init == "reward" else sft_dir
+        value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
     rm = RewardModel.load(rm_dir, norm_file)
     for m in (policy, value_model, rm.model, ref_policy):
         if m is not None:
@@ -242,12 +263,35 @@ def kl_penalised_rewards(sc: Scored, mask: torch.Tensor, kl_coef: float, config:
     return rewards, non_score, kl
 
 
+def estimate_advantages(config: PPOConfig, sc: Scored, mask: torch.Tensor, rewards: torch.Tensor,
+                        non_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """4. Advantages (B, T) and the critic's returns (B, T; zeros without a critic), by `config.estimator`:
+
+        gae           GAE over the KL-penalised per-token rewards and the critic's values, whitened (PPO)
+        rloo          sequence reward R = score - kl_coef * sum_t k1_t, minus the mean of the other replies to its prompt
+        grpo          the score standardised within its prompt's group; the KL is a loss term instead (phase 5)
+        reinforce_pp  returns-to-go of the KL-penalised per-token rewards, whitened over the batch
+    """
+    if config.estimator == "gae":
+        advantages, returns = pm.gae(rewards, sc.values, mask, config.gamma, config.lam)
+        return pm.masked_whiten(advantages, mask), returns
+    zeros = torch.zeros_like(rewards)
+    if config.estimator == "reinforce_pp":
+        return pm.reinforce_pp_advantages(rewards, mask, config.gamma), zeros
+    if config.estimator == "rloo":
+        seq = pm.rloo_advantages(sc.scores + non_score.sum(1), config.group_size)
+    else:
+        seq = pm.grpo_advantages(sc.scores, config.group_size)
+    return seq[:, None] * mask, zeros
+
+
 def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, sc: Scored,
                advantages: torch.Tensor, returns: torch.Tensor, config: PPOConfig, generator: torch.Generator,
                step: int) -> dict[str, list[float]]:  # fmt: skip
-    """5. `ppo_epochs` passes over random minibatches: clipped surrogate + vf_coef * clipped value loss - ent_coef *
-    entropy. Returns the per-minibatch statistics."""
+    """5. `ppo_epochs` passes over random minibatches: clipped surrogate + vf_coef * clipped value loss (GAE's critic)
+    + kl_coef * k3 KL to the reference (GRPO) - ent_coef * entropy. Returns the per-minibatch statistics."""
     Lq, mb_size = ro.query_len, max(1, len(ro.prompts) // config.num_mini_batches)
+    critic = accelerator.unwrap_model(model).has_critic
     model.train()
     stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ent", "ratio")}
     for _ in range(config.ppo_epochs):
@@ -258,11 +302,17 @@ def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
             new_logits = new_logits[:, Lq - 1 : -1]
             new_logprobs = pm.logprobs_from_logits(new_logits, ro.responses[mb], config.temperature)
             pg = pm.clipped_policy_loss(new_logprobs, sc.logprobs[mb], advantages[mb], ro.mask[mb], config.cliprange)
-            vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], sc.values[mb], returns[mb],
-                                                     ro.mask[mb], config.cliprange_value)  # fmt: skip
             with torch.set_grad_enabled(config.ent_coef != 0):  # a diagnostic only when it has no weight (as TRL)
                 entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), ro.mask[mb])
-            loss = pg.loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+            loss = pg.loss - config.ent_coef * entropy
+            if critic:
+                vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], sc.values[mb], returns[mb],
+                                                         ro.mask[mb], config.cliprange_value)  # fmt: skip
+                loss = loss + config.vf_coef * vf_loss
+            else:
+                vf_loss = vf_clip = torch.zeros(())
+            if config.estimator == "grpo":  # GRPO's KL: in the loss, k3 against the reference (Shao et al. 2024)
+                loss = loss + config.kl_coef * pm.masked_mean(pm.kl_k3(new_logprobs, sc.ref_logprobs[mb]), ro.mask[mb])
             if not torch.isfinite(loss):
                 raise NonFinite(f"the PPO loss became {loss.item()} at step {step}")
             optimizer.zero_grad()
@@ -275,8 +325,8 @@ def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
 
 
 def step_metrics(accelerator: Any, ro: Rollout, sc: Scored, kl: torch.Tensor, non_score: torch.Tensor,
-                 returns: torch.Tensor, stats: dict[str, list[float]]) -> dict[str, float]:  # fmt: skip
-    """6. TRL's metric names, averaged over processes."""
+                 returns: torch.Tensor, stats: dict[str, list[float]], critic: bool) -> dict[str, float]:  # fmt: skip
+    """6. TRL's metric names, averaged over processes (the critic's `val/*` are 0 without one)."""
     mask, var_y = ro.mask, pm.masked_var(returns, ro.mask)
     mean = {k: torch.tensor(np.mean(v)) for k, v in stats.items()}
     local = {
@@ -286,7 +336,8 @@ def step_metrics(accelerator: Any, ro: Rollout, sc: Scored, kl: torch.Tensor, no
         "objective/rlhf_reward": (sc.scores + non_score.sum(1)).mean(), "objective/raw_scores": sc.raw_scores.mean(),
         "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clip"], "policy/entropy_avg": mean["ent"],
         "val/clipfrac_avg": mean["vclip"], "val/ratio": mean["ratio"],
-        "val/var_explained": 1 - pm.masked_var(returns - sc.values, mask) / var_y.clamp_min(1e-8),
+        "val/var_explained": (1 - pm.masked_var(returns - sc.values, mask) / var_y.clamp_min(1e-8)) if critic
+        else torch.tensor(0.0),
         "loss/policy_avg": mean["pg"], "loss/value_avg": mean["vf"],
         "tokens/response_len_mean": mask.sum(1).mean(), "val/num_eos_tokens": ro.has_eos.float().sum(),
     }  # fmt: skip
@@ -332,18 +383,46 @@ class TrainState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     monitor: list[dict[str, Any]] = field(default_factory=list)
     last_good: int = 0  # the newest checkpointed step within the KL budget: where a rollback goes
+    best_step: int = 0  # the checkpointed step with the best held-out judge score so far (keep: best)
+    best_judge: float | None = None
     truncated_prompts: int = 0  # PPO prompts cut to fit the context (their last turns kept)
 
 
+def group_size(config: PPOConfig) -> int:
+    """Replies sampled per prompt: the group estimators' G, else 1."""
+    return config.group_size if config.estimator in ("rloo", "grpo") else 1
+
+
 def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, world: int) -> list[str]:
-    """This process's prompts for `step`: a seeded shuffle per epoch, so the data position is a pure function of the
-    step (exact resume needs nothing else)."""
-    steps_per_epoch = max(1, len(prompts) // config.batch_size)
+    """This process's prompts for `step` (each repeated G times in a row for the group estimators): a seeded
+    shuffle per epoch, so the data position is a pure function of the step (exact resume needs nothing else)."""
+    g = group_size(config)
+    per_step = config.batch_size // g  # distinct prompts per step, over all processes
+    steps_per_epoch = max(1, len(prompts) // per_step)
     epoch, k = divmod(step, steps_per_epoch)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed + epoch))
-    local_bs = config.batch_size // world
-    start = k * config.batch_size + rank * local_bs
-    return [prompts[i] for i in order[start : start + local_bs]]
+    local = per_step // world
+    start = k * per_step + rank * local
+    return [prompts[i] for i in order[start : start + local] for _ in range(g)]
+
+
+def checkpointer(config: PPOConfig, inputs: list[Path]) -> Checkpointer:
+    """This run's checkpoints: their folder is named by a fingerprint of the results-relevant settings (a changed
+    checkpoint cadence, guard or monitor size resumes the same run), the input files and the code."""
+    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards, context))]  # new code: no old resume
+    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_dir", "checkpoint_every",
+                "keep_checkpoints", "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
+    return Checkpointer(Path(config.checkpoint_dir), fingerprint(settings, inputs + code), config.keep_checkpoints)
+
+
+def rollout_prompts(config: PPOConfig, policy: nn.Module, tokenizer: Any, path: Path) -> tuple[list[str], int]:
+    """The PPO prompts within the context budget: each keeps its last turns in the room the response leaves
+    (stages/lib/context.py). Returns (prompts, how many were cut)."""
+    window = modeling.context_limit(policy, 10**9)
+    if config.response_length >= window:
+        raise BadInput(f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
+                       f"context of {window} tokens")  # fmt: skip
+    return context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(path)], window - config.response_length)
 
 
 def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, out_dir: Path,
@@ -369,12 +448,8 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else pm.FixedKLController(config.kl_coef))  # fmt: skip
-    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards, context))]  # new code: no old resume
-    inputs = [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
-    # results-relevant settings only: a changed checkpoint cadence, guard or monitor size resumes the same run
-    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_dir", "checkpoint_every",
-                "keep_checkpoints", "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
-    ckpt = Checkpointer(Path(config.checkpoint_dir), fingerprint(settings, inputs + code), config.keep_checkpoints)
+    ckpt = checkpointer(config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file,
+                                 data_dir / "prompts.jsonl"])  # fmt: skip
     tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
     state = TrainState()
     guard = KLGuard(KLGuardConfig(**config.kl_guard))
@@ -385,7 +460,8 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
         if accelerator.is_main_process:
             ckpt.save(step, {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rngs,
-                             "state": asdict(state), "violations": guard.violations, "config": asdict(config)})  # fmt: skip
+                             "state": asdict(state), "violations": guard.violations, "config": asdict(config)},
+                      protect=state.best_step if config.keep == "best" else None)  # fmt: skip
         accelerator.wait_for_everyone()
 
     found = ckpt.latest() if config.resume == "auto" else None
@@ -399,7 +475,8 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
         state, guard.violations = TrainState(**saved["state"]), saved["violations"]
         accelerator.print(f"resuming PPO from {found[1]} (step {state.step})")
 
-    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_monitor]
+    # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
+    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor]
     monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
 
     def checkpoint(step: int) -> None:
@@ -410,19 +487,16 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
             point.pop("eos_rate")
             state.monitor.append(point)
             tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}, step)
+            if state.best_judge is None or point["judge"] > state.best_judge:
+                state.best_step, state.best_judge = step, point["judge"]
         state.step, state.last_good = step, step
         save_checkpoint(step)
 
     if found is None:
         checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
 
-    # the context budget: each prompt keeps its last turns in the room the response leaves (stages/lib/context.py)
-    window = modeling.context_limit(accelerator.unwrap_model(model).policy, 10**9)
-    if config.response_length >= window:
-        raise BadInput(f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
-                       f"context of {window} tokens")  # fmt: skip
-    prompts, state.truncated_prompts = context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")],
-                                                   window - config.response_length)  # fmt: skip
+    prompts, state.truncated_prompts = rollout_prompts(config, accelerator.unwrap_model(model).policy, tokenizer,
+                                                       data_dir / "prompts.jsonl")  # fmt: skip
     outcome, reason = train(config, accelerator, model, optimizer, scheduler, kl_ctl, ref_policy, rm, tokenizer,
                             prompts, state, guard, checkpoint, tracker)  # fmt: skip
     return finish(config, accelerator, model, ckpt, state, outcome, reason, tokenizer, out_dir, tracker)
@@ -448,16 +522,15 @@ def train(config: PPOConfig, accelerator: Any, model: nn.Module, optimizer: Any,
         t2 = time.perf_counter()
         # 3. KL-penalise: r_t = -kl_coef * k1_t, plus the score on the last token                (B, T)
         rewards, non_score, kl = kl_penalised_rewards(sc, ro.mask, kl_ctl.value, config, step)
-        # 4. GAE: advantages and returns, advantages whitened over the batch                      (B, T)
-        advantages, returns = pm.gae(rewards, sc.values, ro.mask, config.gamma, config.lam)
-        advantages = pm.masked_whiten(advantages, ro.mask)
+        # 4. advantages (GAE, or a critic-free estimator) and the critic's returns                (B, T)
+        advantages, returns = estimate_advantages(config, sc, ro.mask, rewards, non_score)
         # 5. PPO epochs over minibatches
         generator = torch.Generator().manual_seed(config.seed * 100_003 + step * world + rank)
         stats = ppo_epochs(model, optimizer, accelerator, ro, sc, advantages, returns, config, generator, step)
         scheduler.step()
         t3 = time.perf_counter()
         # 6. metrics
-        metrics = step_metrics(accelerator, ro, sc, kl, non_score, returns, stats)
+        metrics = step_metrics(accelerator, ro, sc, kl, non_score, returns, stats, unwrapped.has_critic)
         n_tokens = ro.mask.sum().item() * world
         metrics |= {"objective/kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0], "step": step + 1,
                     "episodes": (step + 1) * config.batch_size, "time/generation": t1 - t0, "time/scoring": t2 - t1,
@@ -476,35 +549,49 @@ def train(config: PPOConfig, accelerator: Any, model: nn.Module, optimizer: Any,
         if guard.tripped:
             bar.close()
             return "stopped_by_kl_guard", (f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for "
-                                           f"{guard.violations} step(s); rolled back to step {state.last_good}")  # fmt: skip
+                                           f"{guard.violations} step(s)")  # fmt: skip
         if not over and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps):
             checkpoint(step + 1)
     bar.close()
     return "completed", f"completed {config.num_steps} PPO steps"
 
 
+def kept_step(config: PPOConfig, state: TrainState, outcome: str, accelerator: Any) -> tuple[int, str]:
+    """Which checkpointed policy the run outputs, and why: the best held-out judge score (keep: best; every
+    checkpoint is within the KL budget), else the last step, or after the KL guard the last checkpoint within budget."""
+    if config.keep == "best" and config.n_monitor:  # the same condition on every process: they all take part
+        best = [state.best_step, state.best_judge, len(state.monitor)]
+        if accelerator.num_processes > 1:  # the monitor ran on the main process only: its numbers count
+            from accelerate.utils import broadcast_object_list
+
+            best = broadcast_object_list(best)
+        return best[0], f"the best held-out judge score ({best[1]:.3f}) of {best[2]} checkpoints"
+    if outcome == "stopped_by_kl_guard":
+        return state.last_good, "the last checkpoint within the KL budget"
+    return len(state.history), "the last step"
+
+
 def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpointer, state: TrainState, outcome: str,
            reason: str, tokenizer: Any, out_dir: Path, tracker: Tracker) -> dict:  # fmt: skip
-    """8. The final policy (the last step, or the last checkpoint within budget after the KL guard), saved with
-    metrics.json, the KL table, samples and curves."""
-    if outcome == "stopped_by_kl_guard":
-        accelerator.unwrap_model(model).load_state_dict(Checkpointer.load(ckpt.path(state.last_good))["model"])
+    """8. The kept policy (see `kept_step`), saved with metrics.json, the KL table, samples and curves."""
+    kept, why = kept_step(config, state, outcome, accelerator)
+    if kept != len(state.history) or outcome == "stopped_by_kl_guard":
+        accelerator.unwrap_model(model).load_state_dict(Checkpointer.load(ckpt.path(kept))["model"])
     final = accelerator.unwrap_model(model).policy
     final = final.merge_and_unload() if LoraSettings(**config.lora).enabled else final
     history = state.history
-    if outcome == "stopped_by_kl_guard":  # the kept step's numbers (step 0: the SFT policy itself)
-        final_metrics = history[state.last_good - 1] if state.last_good else {}
-    else:
-        final_metrics = history[-1] if history else {}
-    result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "kept_step": state.last_good,
-              "truncated_prompts": state.truncated_prompts,
+    final_metrics = history[kept - 1] if kept else {}  # the kept step's numbers (step 0: the SFT policy itself)
+    monitor = [{**m, "kept": int(m["step"] == kept)} for m in state.monitor]
+    reason = f"{reason}; kept step {kept}, {why}"
+    result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "kept_step": kept, "kept_because": why,
+              "estimator": config.estimator, "truncated_prompts": state.truncated_prompts,
               "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
-              "monitor": state.monitor[-1] if state.monitor else None}  # fmt: skip
+              "monitor": next((m for m in monitor if m["kept"]), None)}  # fmt: skip
     if accelerator.is_main_process:
         result["mlflow_run_id"] = tracker.run_id or None
-        write_outputs(out_dir, final, tokenizer, history, state.samples, result, state.monitor)
-        tracker.log_metrics({"steps_done": len(history), "kept_step": state.last_good})
-        tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason})
+        write_outputs(out_dir, final, tokenizer, history, state.samples, result, monitor)
+        tracker.log_metrics({"steps_done": len(history), "kept_step": kept})
+        tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason, "rlhf.kept": f"step {kept}: {why}"})
         for name in ("metrics.json", "kl.csv", "monitor.csv", "samples.jsonl", "curves.png", "model"):
             tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
     accelerator.wait_for_everyone()
@@ -523,7 +610,7 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
             writer.writerows(history)
         write_jsonl(tmp / "samples.jsonl", samples)
         with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs the judge over checkpoints, for evaluation
-            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge"])
+            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge", "kept"])
             writer.writeheader()
             writer.writerows(monitor)
         steps = [h["step"] for h in history]

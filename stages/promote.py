@@ -67,19 +67,32 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
                         int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0))).replies  # fmt: skip
 
 
-def promotion_criteria(metrics: dict[str, Any], vs_champion: float | None, config: PromoteConfig) -> Decision:
-    """The promotion gate: every failed criterion is a reason."""
+def candidate(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The policy to register: PPO's, or DPO's when the evaluation graded a DPO policy that beat PPO's on the
+    judge's win-rate over SFT. Returns its trainer and the numbers promotion judges it by."""
+    ppo = {"trainer": "ppo", "win_rate_vs_sft": metrics["win_rate_vs_sft"], "kl": metrics["ppo/kl_k1_seq"],
+           "alignment_tax": metrics["alignment_tax"], "overoptimisation": metrics["overoptimisation"],
+           "overoptimisation_reason": metrics["overoptimisation_reason"]}  # fmt: skip
+    if metrics.get("dpo_win_rate_vs_sft", -1.0) <= ppo["win_rate_vs_sft"]:
+        return ppo
+    return {"trainer": "dpo", "win_rate_vs_sft": metrics["dpo_win_rate_vs_sft"], "kl": metrics["dpo/kl_k1_seq"],
+            "alignment_tax": metrics["dpo/perplexity"] - metrics["sft/perplexity"], "overoptimisation": False,
+            "overoptimisation_reason": "DPO has no checkpoints to monitor"}  # fmt: skip
+
+
+def promotion_criteria(chosen: dict[str, Any], vs_champion: float | None, config: PromoteConfig) -> Decision:
+    """The promotion gate on the candidate's numbers (see `candidate`): every failed criterion is a reason."""
     reasons = []
-    if metrics["win_rate_vs_sft"] < config.min_win_rate_vs_sft:
-        reasons.append(f"win-rate vs SFT {metrics['win_rate_vs_sft']:.3f} < {config.min_win_rate_vs_sft}")
+    if chosen["win_rate_vs_sft"] < config.min_win_rate_vs_sft:
+        reasons.append(f"win-rate vs SFT {chosen['win_rate_vs_sft']:.3f} < {config.min_win_rate_vs_sft}")
     if vs_champion is not None and vs_champion < config.min_win_rate_vs_champion:
         reasons.append(f"win-rate vs champion {vs_champion:.3f} < {config.min_win_rate_vs_champion}")
-    if metrics["ppo/kl_k1_seq"] > config.max_kl:
-        reasons.append(f"KL to the reference {metrics['ppo/kl_k1_seq']:.3f} > max_kl {config.max_kl}")
-    if metrics["alignment_tax"] > config.max_alignment_tax:
-        reasons.append(f"alignment tax {metrics['alignment_tax']:.4f} > {config.max_alignment_tax}")
-    if config.block_on_overoptimisation and metrics["overoptimisation"]:
-        reasons.append(metrics["overoptimisation_reason"])
+    if chosen["kl"] > config.max_kl:
+        reasons.append(f"KL to the reference {chosen['kl']:.3f} > max_kl {config.max_kl}")
+    if chosen["alignment_tax"] > config.max_alignment_tax:
+        reasons.append(f"alignment tax {chosen['alignment_tax']:.4f} > {config.max_alignment_tax}")
+    if config.block_on_overoptimisation and chosen["overoptimisation"]:
+        reasons.append(chosen["overoptimisation_reason"])
     return Decision(not reasons, reasons)
 
 
@@ -126,13 +139,13 @@ def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, diges
     return client.get_model_version(name, version.version)
 
 
-def champion_win_rate(champion, samples: list[dict], sampling: Sampling, judge: Judge) -> float:
+def champion_win_rate(champion, samples: list[dict], sampling: Sampling, judge: Judge, trainer: str = "ppo") -> float:
     """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed,
     graded by the judge that graded the candidate in the evaluation."""
     loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}").unwrap_python_model()
     prompts = [s["prompt"] for s in samples]
     champion_scores = judge_scores(loaded.model, loaded.tokenizer, judge, prompts, sampling)
-    return win_rate([s["ppo_judge"] for s in samples], champion_scores)
+    return win_rate([s[f"{trainer}_judge"] for s in samples], champion_scores)
 
 
 def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before) -> dict[str, Any]:
@@ -164,6 +177,7 @@ class Inputs:
     policy: Path  # the candidate policy (HF folder)
     policy_metrics: Path  # the PPO stage's metrics.json (its MLflow run id, for lineage)
     judge: Path | None = None  # the judge stage's judge, which grades the champion as it graded the candidate
+    dpo: Path | None = None  # the DPO stage's folder: its policy is the candidate when it beat PPO's
 
 
 def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Path,
@@ -172,20 +186,24 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
     client = mlflow.MlflowClient()
     metrics = json.loads(inputs.metrics.read_text())
     samples = read_jsonl(inputs.samples)
+    chosen = candidate(metrics)
+    policy = inputs.policy if chosen["trainer"] == "ppo" else inputs.dpo / "model"
     ppo_metrics = json.loads(inputs.policy_metrics.read_text()) if inputs.policy_metrics.exists() else {}
-    digest = model_hash(inputs.policy)
-    tags = {"rlhf.win_rate_vs_sft": f"{metrics['win_rate_vs_sft']:.4f}", "rlhf.kl": f"{metrics['ppo/kl_k1_seq']:.4f}",
-            "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")), "rlhf.source_run_id": tracker.run_id}  # fmt: skip
+    digest = model_hash(policy)
+    tags = {"rlhf.win_rate_vs_sft": f"{chosen['win_rate_vs_sft']:.4f}", "rlhf.kl": f"{chosen['kl']:.4f}",
+            "rlhf.trainer": chosen["trainer"], "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")),
+            "rlhf.source_run_id": tracker.run_id}  # fmt: skip
     tracker.log_params({"promote": asdict(config)})
-    version = find_or_register(client, config.registered_model, inputs.policy, digest, tags)
+    version = find_or_register(client, config.registered_model, policy, digest, tags)
 
     while True:  # compare against the champion as it is when the aliases move
         champion = current_version(client, config.registered_model, CHAMPION)
         vs_champion = None
         if champion is not None and champion.version != version.version:
             vs_champion = champion_win_rate(champion, samples, sampling,
-                                            load_judge(inputs.judge) if inputs.judge else GoldJudge())  # fmt: skip
-        decision = Decision(True, []) if force else promotion_criteria(metrics, vs_champion, config)
+                                            load_judge(inputs.judge) if inputs.judge else GoldJudge(),
+                                            chosen["trainer"])  # fmt: skip
+        decision = Decision(True, []) if force else promotion_criteria(chosen, vs_champion, config)
         with registry_lock():
             now = current_version(client, config.registered_model, CHAMPION)
             if (now and now.version) != (champion and champion.version):
@@ -195,7 +213,8 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
 
     result = {"version": int(version.version), "registered_model": config.registered_model, "model_hash": digest,
               "promoted": moved["promoted"], "reasons": decision.reasons, "forced": force,
-              "win_rate_vs_sft": metrics["win_rate_vs_sft"], "win_rate_vs_champion": vs_champion,
+              "trainer": chosen["trainer"], "win_rate_vs_sft": chosen["win_rate_vs_sft"],
+              "win_rate_vs_champion": vs_champion,
               "champion_before": int(champion.version) if champion else None,
               "champion": int(version.version) if moved["promoted"] else (int(champion.version) if champion else None)}  # fmt: skip
     write_json(out_path, result)
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="artifacts/ppo/model", help="the candidate policy")
     parser.add_argument("--policy-metrics", default="artifacts/ppo/metrics.json", help="the PPO stage's metrics")
     parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model); default: the gold function")
+    parser.add_argument("--dpo", help="the DPO stage's folder (artifacts/dpo), a candidate when it beat PPO")
     parser.add_argument("--out", default="artifacts/promote/metrics.json")
     parser.add_argument("--force", action="store_true", help="promote whatever the criteria say")
     args = parser.parse_args(argv)
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("promote") as tracker, autocast(precision):
         inputs = Inputs(Path(args.eval_metrics), Path(args.eval_samples), Path(args.policy), Path(args.policy_metrics),
-                        Path(args.judge) if args.judge else None)  # fmt: skip
+                        Path(args.judge) if args.judge else None, Path(args.dpo) if args.dpo else None)  # fmt: skip
         r = run(config, sampling, inputs, Path(args.out), tracker, args.force)
     if r["promoted"]:
         print(f"promoted: {config.registered_model} version {r['version']} is the champion "

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import evaluate, ppo, promote, reward_gate, sft, validate
+from stages import dpo, evaluate, ppo, promote, reward_gate, sft, validate
 from stages.lib import task
 from stages.lib.judge import JudgeConfig
 from stages.lib.params import config_from, load_params
@@ -27,7 +27,7 @@ from stages.lib.splits import SplitConfig
 from tests.conftest import ROOT
 
 CONFIGS = {"task": task.TaskConfig, "validate": validate.ValidateConfig, "sft": sft.SFTConfig,
-           "reward": RewardConfig, "judge": JudgeConfig, "reward_gate": reward_gate.GateConfig, "ppo": ppo.PPOConfig,
+           "reward": RewardConfig, "judge": JudgeConfig, "dpo": dpo.DPOConfig, "reward_gate": reward_gate.GateConfig, "ppo": ppo.PPOConfig,
            "evaluate": evaluate.EvaluateConfig, "promote": promote.PromoteConfig}  # fmt: skip
 NESTED = {("ppo", "kl_guard"): ppo.KLGuardConfig, ("validate", "split"): SplitConfig}
 OUTPUT_OPTIONS = {"--out", "--metrics", "--reports"}  # what a stage writes; every other path option is an input

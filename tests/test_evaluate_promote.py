@@ -153,12 +153,17 @@ def test_overoptimisation_flag_on_synthetic_monitor():
                                   {"step": 10, "rm_score": 1.5, "judge": 0.1}]  # fmt: skip
     flagged, reason = evaluate.overoptimisation(rising_proxy_falling_judge, 0.1, 0.1)
     assert flagged and "over-optimisation" in reason and "step 5" in reason
+    kept_best = [{**m, "kept": int(m["step"] == 5)} for m in rising_proxy_falling_judge]
+    flagged, reason = evaluate.overoptimisation(kept_best, 0.1, 0.1)
+    assert not flagged and "keeping the best checkpoint undid" in reason  # handled, not only detected
     both_rising = [{"step": 0, "rm_score": 0.0, "judge": 0.1}, {"step": 5, "rm_score": 1.0, "judge": 0.9}]
     assert evaluate.overoptimisation(both_rising, 0.1, 0.1)[0] is False
 
 
 def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_path):
-    """A proxy RM with a known exploitable bias (longer is better) and no KL penalty: the proxy climbs, gold falls."""
+    """A proxy RM with a known exploitable bias (longer is better) and no KL penalty: the proxy climbs, gold falls.
+    PPO keeps its last step here (`keep: last`): the monitor catches the over-optimised policy and promotion refuses
+    it (with the default `keep: best` the run would output its best checkpoint instead)."""
     # An SFT policy good enough to lose gold (the 1-epoch tiny one sits at the judge's floor), no KL penalty. The
     # learning rate is where fp32 PPO climbs the biased proxy while gold falls (RM +0.39 and gold -0.84 from the best
     # checkpoint); at 2e-3 the policy collapses to one degenerate reply and both scores fall.
@@ -167,7 +172,7 @@ def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_pa
                  "sft": {"epochs": 6, "learning_rate": 0.003},
                  "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 5e-4,
                          "num_steps": 10, "checkpoint_every": 2, "n_monitor": 24, "response_length": 32,
-                         "threads": 1, "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9}},
+                         "threads": 1, "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9}, "keep": "last"},
                  "promote": {**PASSING["promote"], "block_on_overoptimisation": True}}  # fmt: skip
     project = make_project(tmp_path / "proj", overrides)
     for name in ("preferences.jsonl", "preferences_test.jsonl"):  # the biased labeler: the longer reply wins

@@ -124,3 +124,36 @@ def test_adaptive_kl_controller_follows_ziegler():
     fixed = pm.FixedKLController(0.05)
     fixed.update(100.0, 100)
     assert fixed.value == 0.05
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_replies():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, three replies each
+    adv = pm.rloo_advantages(rewards, 3)
+    assert torch.allclose(adv, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0]))
+    # the leave-one-out advantages of a group sum to zero
+    assert torch.allclose(adv.view(2, 3).sum(1), torch.zeros(2))
+    assert torch.allclose(pm.rloo_advantages(torch.full((4,), 7.0), 2), torch.zeros(4))  # equal rewards: no signal
+
+
+def test_grpo_standardises_within_each_group():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 30.0])
+    adv = pm.grpo_advantages(rewards, 2)
+    std = torch.tensor([1.0, 3.0]).std()  # Bessel-corrected, as torch.std: sqrt(2)
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, -10.0, 10.0]) / torch.tensor([std, std, 10 * std, 10 * std]), atol=1e-3)
+    assert torch.allclose(adv[:2], adv[2:], atol=1e-3)  # scale-free: the same ranking gives the same advantages
+
+
+def test_reinforce_pp_returns_to_go_whitened_over_the_batch():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [-0.5, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 1.0], [1.5, 2.0, 0.0]])  # sum of the rewards from t on (gamma 1)
+    assert torch.allclose(pm.reinforce_pp_advantages(rewards, mask), pm.masked_whiten(returns, mask), atol=1e-6)
+    adv = pm.reinforce_pp_advantages(rewards, mask)
+    assert pm.masked_mean(adv, mask).abs() < 1e-6 and adv[1, 2] == 0
+
+
+def test_bradley_terry_loss_hand_computed():
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    expected = -(torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(torch.tensor(0.5))) / 2
+    assert torch.allclose(pm.bradley_terry_loss(r_c, r_r), expected)
+    assert pm.bradley_terry_loss(r_c, r_r, margin=2.0) > pm.bradley_terry_loss(r_c, r_r)

@@ -109,8 +109,8 @@ def test_kl_guard_stops_and_rolls_back(project, tmp_path):
 
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert metrics["outcome"] == "stopped_by_kl_guard" and "objective/kl" in metrics["reason"]
-    assert metrics["kept_step"] < metrics["steps_done"] <= 6  # the last within-budget step
-    assert f"rolled back to step {metrics['kept_step']}" in metrics["reason"]
+    assert metrics["kept_step"] < metrics["steps_done"] <= 6  # a within-budget checkpoint
+    assert f"kept step {metrics['kept_step']}" in metrics["reason"]
     # The saved policy is the rolled-back checkpoint's, not the over-budget last step's.
     (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")
     policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=True)["model"].items()
@@ -201,3 +201,37 @@ def test_speedups_keep_the_math():
     # raw logits (before temperature and top-k), so the log-probs are of the full softmax, as the update computes them
     from_generation = pm.logprobs_from_logits(torch.stack(out.logits, 1), responses, 0.7)
     assert torch.allclose(from_generation, pm.logprobs_from_logits(forward, responses, 0.7), atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_estimators_train_without_a_value_model(project, tmp_path, estimator):
+    """RLOO, GRPO and REINFORCE++: same loop, KL guard, checkpoints and metrics, no critic at all."""
+    config = _params(project, tmp_path, num_steps=2, estimator=estimator, group_size=4, learning_rate=1e-4)
+    run([sys.executable, *_ppo_args(config, tmp_path / "out")], project)
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["outcome"] == "completed" and metrics["estimator"] == estimator
+    (state_path,) = (tmp_path / "checkpoints").glob("*/step_000002/state.pt")
+    weights = torch.load(state_path, weights_only=True)["model"]
+    assert weights and not any(k.startswith("critic") for k in weights)  # one model less
+    rows = _kl_rows(tmp_path / "out")
+    assert len(rows) == 2 and float(rows[0]["val/var_explained"]) == 0.0 and float(rows[0]["loss/value_avg"]) == 0.0
+    saved = load_file(tmp_path / "out/model/model.safetensors")
+    sft = load_file(project / "artifacts/sft/model/model.safetensors")
+    if metrics["kept_step"]:  # the policy moved
+        assert any(not torch.equal(saved[k], sft[k]) for k in saved)
+
+
+def test_keeps_the_checkpoint_with_the_best_held_out_judge_score(project, tmp_path):
+    config = _params(project, tmp_path, num_steps=4, learning_rate=3e-4, keep="best")
+    run([sys.executable, *_ppo_args(config, tmp_path / "out")], project)
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    with open(tmp_path / "out/monitor.csv", newline="") as f:
+        monitor = list(csv.DictReader(f))
+    best = max(monitor, key=lambda m: float(m["judge"]))  # ties: the first (earliest) best
+    assert metrics["kept_step"] == int(best["step"]) and "best held-out judge score" in metrics["kept_because"]
+    assert [int(m["kept"]) for m in monitor] == [int(m["step"] == best["step"]) for m in monitor]
+    (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")  # never pruned
+    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=True)["model"].items()
+              if k.startswith("policy.")}  # fmt: skip
+    saved = load_file(tmp_path / "out/model/model.safetensors")
+    assert all(torch.equal(saved[k], policy[k]) for k in saved)

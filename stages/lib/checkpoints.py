@@ -58,15 +58,17 @@ class Checkpointer:
         found = sorted(self.dir.glob("step_*/state.pt"))
         return (int(found[-1].parent.name.removeprefix("step_")), found[-1]) if found else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Atomic: a kill mid-write leaves the previous checkpoint as the latest."""
+    def save(self, step: int, state: dict[str, Any], protect: int | None = None) -> Path:
+        """Atomic: a kill mid-write leaves the previous checkpoint as the latest. Older checkpoints beyond the newest
+        `keep` are pruned, except step `protect` (the best one so far, which the run may keep as its output)."""
         path = self.path(step)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".state.pt.{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
         for old in sorted(self.dir.glob("step_*"))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old != self.path(protect).parent:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
     @staticmethod

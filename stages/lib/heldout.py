@@ -50,6 +50,36 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
 
 
+def win_rate_ci(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """The win-rate of a over b and the half-width of its normal-approximation confidence interval (95% by
+    default): the per-prompt outcomes (1 win, 0.5 tie, 0 loss) are independent draws, so the standard error is
+    their sample standard deviation / sqrt(n)."""
+    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    var = sum((o - mean) ** 2 for o in outcomes) / max(1, n - 1)
+    return mean, z * math.sqrt(var / n)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL of best-of-n sampling to the sampling policy, the analytic bound used by Gao et al. 2022 and Stiennon et al.
+    2020: log n - (n - 1) / n nats."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling,
+              ladder: Sequence[int]) -> dict[int, list[float]]:  # fmt: skip
+    """Best-of-n sampling from `policy` (the SFT model): max(ladder) replies per prompt, the one the reward model
+    prefers among the first n, graded by the judge. Returns {n: the judge's score of the pick, per prompt}."""
+    n_max = max(ladder)
+    repeated = [p for p in prompts for _ in range(n_max)]
+    replies = sample(policy, tokenizer, repeated, sampling).replies
+    rm_scores = torch.tensor(rm.score_texts(repeated, replies)).view(len(prompts), n_max)
+    judged = torch.tensor(judge.scores(repeated, replies)).view(len(prompts), n_max)
+    picks = {n: rm_scores[:, :n].argmax(1) for n in ladder}
+    return {n: judged[torch.arange(len(prompts)), pick].tolist() for n, pick in picks.items()}
+
+
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct-n: unique n-grams over all n-grams of the replies (Li et al. 2016)."""
     grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]

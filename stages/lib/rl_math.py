@@ -2,7 +2,10 @@
 
 Shapes: B = rollouts, T = response tokens. `mask` is 1 on response tokens up to and including EOS, 0 on padding.
 References: Schulman et al. 2017 (PPO), Schulman 2016 (GAE), Ziegler et al. 2019 (KL penalty, adaptive controller),
-Huang et al. 2022 "The N Implementation Details of RLHF with PPO", Schulman 2020 "Approximating KL divergence".
+Huang et al. 2022 "The N Implementation Details of RLHF with PPO", Schulman 2020 "Approximating KL divergence",
+Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO), Hu 2025 (REINFORCE++), Ouyang et al. 2022 (Bradley-Terry RM).
+Critic-free estimators sample G replies per prompt: a batch of B = n_prompts * G rows holds each prompt's G replies
+next to each other.
 """
 
 from __future__ import annotations
@@ -105,6 +108,55 @@ def gae(
     discount = torch.where(power >= 0, (gamma * lam) ** power.clamp_min(0), torch.zeros_like(power))
     advantages = (deltas @ discount) * mask
     return advantages, (advantages + values) * mask
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"): each reply's baseline is the mean reward of
+    the other replies to the same prompt.
+
+        A_i = R_i - 1/(G-1) * sum_{j != i} R_j
+
+    rewards (B,) sequence-level (score minus the KL penalty), B = n_prompts * G -> advantages (B,).
+    """
+    r = rewards.view(-1, group_size)
+    return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath's GRPO): the reward standardised within its group.
+
+        A_i = (R_i - mean_group(R)) / (std_group(R) + eps)
+
+    rewards (B,), B = n_prompts * G -> advantages (B,). GRPO keeps the KL out of the reward and puts it in the loss.
+    """
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): returns-to-go of the KL-penalised per-token rewards, whitened over the whole batch
+    (a global baseline instead of a critic or a group).
+
+        G_t = sum_{l >= t} gamma^(l - t) r_l;     A = whiten(G) over all response tokens of the batch
+
+    rewards, mask (B, T) -> advantages (B, T), zero on padding.
+    """
+    T = rewards.shape[1]
+    idx = torch.arange(T, device=rewards.device)
+    power = (idx[:, None] - idx[None, :]).to(rewards.dtype)  # [l, t] = l - t
+    discount = torch.where(power >= 0, gamma ** power.clamp_min(0), torch.zeros_like(power))
+    returns = ((rewards * mask) @ discount) * mask
+    return masked_whiten(returns, mask)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """The reward model's loss (Ouyang et al. 2022, eq. 1; what TRL's RewardTrainer minimises):
+
+        L = -mean( log sigmoid(r_chosen - r_rejected - margin) )
+
+    r_chosen, r_rejected (B,) -> ().
+    """
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,121 @@
+"""DPO baseline stage: Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer, on the same
+validated preference pairs and from the same SFT model PPO starts from, so the evaluation compares the two methods
+with everything else equal: PPO's reward model and RL loop against DPO's one supervised loss
+
+    L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+with the SFT model as pi_ref. The evaluation stage grades the DPO policy with the same judge and sampling as PPO's,
+and promotion may register it if it beats the PPO policy (the registry does not care how a policy was trained).
+`dpo.enabled: false` skips the training (the stage then writes only its metrics, saying so).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.lib.context import fit_pairs
+from stages.lib.io import read_jsonl, staged_dir, write_json
+from stages.lib.modeling import (
+    context_limit,
+    load_causal_lm,
+    resolve_precision,
+    seed_everything,
+    trainer_precision,
+)
+from stages.lib.outcome import ArgumentParser, stage_main
+from stages.lib.params import config_from, load_params
+from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """params.yaml: dpo."""
+
+    enabled: bool = True
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    beta: float = 0.1  # the KL leash: how far the implicit reward may pull the policy from the SFT reference
+    warmup_ratio: float = 0.05
+    max_length: int = 128
+    seed: int = 0
+    logging_steps: int = 10
+
+
+def train(config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, precision: str
+          ) -> tuple[Any, Any, list[dict], float, dict[str, int]]:  # fmt: skip
+    """TRL's DPOTrainer from the SFT model on the pairs fitted to the context. Returns (model, tokenizer, the log
+    history, training seconds, pairs cut to the context)."""
+    from datasets import Dataset
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    model, tokenizer = load_causal_lm(sft_dir)
+    tokenizer.padding_side = "right"
+    max_length = context_limit(model, config.max_length)
+    fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["chosen"] for r in rows],
+                                                                [r["rejected"] for r in rows]], max_length)  # fmt: skip
+    data = Dataset.from_list([{"prompt": p, "chosen": " " + c, "rejected": " " + r}
+                              for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)])  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrlDPOConfig(
+            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+            beta=config.beta, max_length=max_length, gradient_checkpointing=False, logging_steps=config.logging_steps,
+            save_strategy="no", eval_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
+        )  # fmt: skip
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[trainer_callback(tracker, "dpo/")])  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    tokenizer.padding_side = "left"
+    return trainer.model, tokenizer, trainer.state.log_history, seconds, fitted.counts()
+
+
+def run(config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
+        precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
+    """Train the DPO policy on preferences.jsonl into `out_dir/model` (when enabled); metrics into `out_dir`."""
+    tracker.log_params({"dpo": asdict(config), "precision": precision})
+    with staged_dir(out_dir) as tmp:
+        metrics: dict[str, Any] = {"enabled": config.enabled}
+        if config.enabled:
+            seed_everything(config.seed)
+            rows = read_jsonl(data_dir / "preferences.jsonl")
+            model, tokenizer, history, seconds, truncated = train(config, sft_dir, rows, tracker, precision)
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "model")
+            losses = [h["loss"] for h in history if "loss" in h]
+            metrics |= {"train_seconds": round(seconds, 2), "n_train": len(rows), "precision": precision,
+                        "train_loss": round(losses[-1], 5) if losses else None, **truncated}  # fmt: skip
+        write_json(tmp / "metrics.json", metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    if config.enabled:
+        tracker.log_artifact(out_dir / "model", "model")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m stages.dpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
+    parser.add_argument("--sft", default="artifacts/sft/model", help="the SFT model: the start and the reference")
+    parser.add_argument("--out", default="artifacts/dpo")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    config = config_from(DPOConfig, params.get("dpo"))
+    precision = resolve_precision(params.get("precision", "auto"))
+    with mlflow_run("dpo", tags={"rlhf.precision": precision}) as tracker:
+        metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision)
+    print(f"DPO: {'trained in ' + str(metrics['train_seconds']) + ' s' if config.enabled else 'disabled'}; "
+          f"saved to {args.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main("dpo", main))
