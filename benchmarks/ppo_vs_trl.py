@@ -51,7 +51,8 @@ class Shape:
     num_mini_batches: int = 2
 
 
-SHAPES = {"A": Shape("A", 4, 256, 4), "B": Shape("B", 8, 512, 8)}
+# A: the default task's model; B: 8 x 512; S: GPT-2 small's blocks (12 x 768, ~85M non-embedding parameters)
+SHAPES = {"A": Shape("A", 4, 256, 4), "B": Shape("B", 8, 512, 8), "S": Shape("S", 12, 768, 12)}
 
 
 # ----------------------------------------------------------------------------------------------------- shared setup
@@ -167,7 +168,6 @@ class TimingTracker:
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> None: ...
-    def log_figure(self, figure: Any, name: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
@@ -179,10 +179,11 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
     config = PPOConfig(seed=0, num_steps=1 + n_batches, batch_size=shape.batch_size, num_mini_batches=shape.num_mini_batches,
                        ppo_epochs=shape.ppo_epochs, response_length=shape.response_length, temperature=0.7,
                        checkpoint_every=10**6, keep_checkpoints=1, checkpoint_dir=str(root / "ckpt_ours"), resume="never",
-                       sample_every=10**6, n_eval=1, n_monitor=0, threads=2,
+                       sample_every=10**6, n_monitor=0, threads=2,
                        kl_guard={"max_kl": 1e9, "max_approxkl": 1e9, "patience": 10**6})  # fmt: skip
     tracker = TimingTracker(profile_dir)
-    run(config, root / "data", root / "sft", root / "reward" / "model", root / "out_ours", tracker)
+    run(config, root / "data", root / "sft", root / "reward" / "model", root / "reward" / "norm.json", root / "out_ours",
+        tracker)
     per_batch = [b - a for (a, _, _), (b, _, _) in pairwise(tracker.steps)]
     cpu = [b - a for (_, a, _), (_, b, _) in pairwise(tracker.steps)]
     measured = [m for _, _, m in tracker.steps[1:]]

@@ -476,7 +476,8 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
         accelerator.print(f"resuming PPO from {found[1]} (step {state.step})")
 
     # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
-    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor]
+    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor] \
+        if config.n_monitor else []  # fmt: skip
     monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
 
     def checkpoint(step: int) -> None:

@@ -303,6 +303,8 @@ class TaskConfig:
     n_prompts: int = 1024
     n_eval_prompts: int = 128
     labeler_tau: float = 1.75
+    labels_per_pair: int = 1  # training pairs labelled this many times by independent draws of the labeler (odd):
+    #   the majority is the label, as with several raters per comparison; held-out pairs keep one label each
     sft_flaws: dict[str, float] = field(default_factory=dict)  # FlawRates of the demonstrations
     pair_flaws: dict[str, float] = field(default_factory=dict)  # FlawRates of the responses labelled in pairs
 
@@ -342,7 +344,8 @@ def make_sft(rng: random.Random, pool, weights, rates: FlawRates, n: int) -> lis
     return [{"prompt": (s := _draw(rng, pool, weights)).text, "response": sample_response(rng, s, rates)} for _ in range(n)]
 
 
-def make_pairs(rng: random.Random, pool, weights, rates: FlawRates, n: int, tau: float) -> tuple[list[dict], list[float]]:
+def make_pairs(rng: random.Random, pool, weights, rates: FlawRates, n: int, tau: float,
+               votes: int = 1) -> tuple[list[dict], list[float]]:  # fmt: skip
     """Labelled pairs: two different replies to one prompt, ordered by the simulated labeler.
 
     Returns the rows and, for the labeler's ceiling only, the gold gap (chosen - rejected) of each pair.
@@ -357,7 +360,8 @@ def make_pairs(rng: random.Random, pool, weights, rates: FlawRates, n: int, tau:
             continue
         seen.add((spec.text, *sorted((a, b))))
         ga, gb = gold_score(spec.text, a), gold_score(spec.text, b)
-        if rng.random() >= preference_probability(ga, gb, tau):
+        p_a = preference_probability(ga, gb, tau)
+        if sum(rng.random() < p_a for _ in range(votes)) * 2 < votes:  # the majority of `votes` labels prefers b
             a, b, ga, gb = b, a, gb, ga
         rows.append({"prompt": spec.text, "chosen": a, "rejected": b})
         gaps.append(ga - gb)
@@ -384,7 +388,8 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
         "sft.jsonl": make_sft(rng, train, w, sft_rates, config.n_sft),
         "sft_test.jsonl": make_sft(rng, heldout, w, sft_rates, config.n_sft_test),
     }
-    files["preferences.jsonl"], gaps = make_pairs(rng, train, w, pair_rates, config.n_pairs, config.labeler_tau)
+    files["preferences.jsonl"], gaps = make_pairs(rng, train, w, pair_rates, config.n_pairs, config.labeler_tau,
+                                                  config.labels_per_pair)  # fmt: skip
     files["preferences_test.jsonl"], gaps_test = make_pairs(
         rng, heldout, w, pair_rates, config.n_pairs_test, config.labeler_tau
     )
