@@ -4,6 +4,7 @@ and every outcome ends with the one exit-code vocabulary of stages/lib/outcome.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -55,8 +56,6 @@ Trigger a run now, from any shell:
   prefect deployment run 'rlhf-pipeline/rlhf-nightly'
 For work pools and workers (process or Docker) use prefect.yaml: prefect deploy --all
 """
-# A busy 2-core machine took longer than Prefect's default 20 s to start its temporary server (shared/ENVIRONMENT.md)
-EPHEMERAL_STARTUP_SECONDS = "180"
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
@@ -97,13 +96,22 @@ class _Unavailable(StageStop):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.orchestrate import local_execute, plan, prepare, run_pipeline, stage_env
+    from flows.lifecycle import project_lock
+    from flows.orchestrate import plan
 
     project = Path.cwd()
     names = plan(project, args.stages or None)  # an unknown stage is refused before anything is generated
     runner = _runner(args)
-    if args.prefect:
-        return _run_flow(args)
+    with project_lock(project):
+        if args.prefect:
+            return _run_flow(args)
+        return _run_local(project, names, runner)
+
+
+def _run_local(project: Path, names: list[str], runner) -> int:  # noqa: ANN001 (a flows.runners.Runner)
+    """`rlhf run`: the one loop, each stage where `runner` says, its output to this command's stdout."""
+    from flows.orchestrate import local_execute, prepare, run_pipeline, stage_env
+
     prepare(project)
     stdout = sys.stdout
 
@@ -120,18 +128,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_flow(args: argparse.Namespace) -> int:
-    """`rlhf run --prefect`: the Prefect flow in this process (Prefect starts a temporary server if none is set)."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+    """`rlhf run --prefect`: the Prefect flow in this process, on PREFECT_API_URL's server, else on a temporary one
+    that cannot outlive this command (flows/lifecycle.py)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.lifecycle import temporary_prefect_server
     from flows.pipeline import rlhf_pipeline
 
-    try:
+    with contextlib.ExitStack() as stack:
+        if not PREFECT_API_URL.value():
+            url = stack.enter_context(temporary_prefect_server())
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
         state = rlhf_pipeline(project_dir=".", stages=args.stages or None, runner=args.runner, image=args.image,
                               gpus=args.gpus, return_state=True)  # fmt: skip
-    except RuntimeError as e:
-        if "ephemeral Prefect API server" not in str(e):
-            raise
-        raise _Unavailable(f"Prefect's temporary server did not start: {e} (set PREFECT_API_URL to a running "
-                           "`prefect server start`, or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)") from None
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself crashed before it could say how the pipeline went
         print(f"the pipeline flow crashed: {state.message}", file=sys.stderr)
@@ -149,9 +158,11 @@ def _run_flow(args: argparse.Namespace) -> int:
 
 def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
     """Where the results are: the MLflow UI, the champion, the reports."""
+    from stages.lib.tracking import redact_uri
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     run = f", parent run {parent_run_id}" if parent_run_id else ""
-    print(f"MLflow:   mlflow ui --backend-store-uri {uri}   (experiment \"rlhf\"{run})")
+    print(f"MLflow:   mlflow ui --backend-store-uri {redact_uri(uri)}   (experiment \"rlhf\"{run})")
     promote = project / "artifacts/promote/metrics.json"
     if promote.exists():
         p = json.loads(promote.read_text())

@@ -110,10 +110,27 @@ def sync_data_deps(project: Path, echo: Callable[[str], None] = print) -> list[s
     return added
 
 
+def tracking_uri_for(project: Path) -> str:
+    """MLFLOW_TRACKING_URI, else the project's own sqlite:///mlflow.db (absolute, so any working directory works)."""
+    from stages.lib.tracking import DEFAULT_TRACKING_URI
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    return f"sqlite:///{project / 'mlflow.db'}" if uri == DEFAULT_TRACKING_URI else uri
+
+
 def prepare(project: Path, echo: Callable[[str], None] = print) -> None:
-    """Before a pipeline run: the default task's data if there is none, and the user's data files as DVC deps."""
+    """Before a pipeline run: the default task's data if there is none, the user's data files as DVC deps, and the
+    MLflow runs a killed earlier run left RUNNING ended KILLED (flows/lifecycle.py)."""
+    from flows.lifecycle import close_dead_runs
+    from stages.lib.tracking import DEFAULT_EXPERIMENT
+
     ensure_data(project, echo)
     sync_data_deps(project, echo)
+    uri = tracking_uri_for(project)
+    if not uri.startswith("sqlite:") or (project / "mlflow.db").exists():  # nothing to close in a store not yet made
+        closed = close_dead_runs(uri, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        if closed:
+            echo(f"ended {len(closed)} MLflow run(s) a killed run had left RUNNING: {', '.join(closed)}")
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from flows.orchestrate import plan, prepare, run_pipeline, stage_env
+from flows.orchestrate import plan, prepare, run_pipeline, stage_env, tracking_uri_for
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
-from stages.lib.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from stages.lib.tracking import DEFAULT_EXPERIMENT, redact_uri
 
 FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
@@ -96,12 +97,6 @@ def task_execute(project: Path, parent_run_id: str, tracking_uri: str, runner: R
 # ---------------------------------------------------------------------------------------------------------------------
 # Lineage: git, data and DVC hashes on the parent run
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def tracking_uri_for(project: Path) -> str:
-    """MLFLOW_TRACKING_URI, else the project's own sqlite:///mlflow.db (absolute, so any working directory works)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    return f"sqlite:///{project / 'mlflow.db'}" if uri == DEFAULT_TRACKING_URI else uri
 
 
 def git_commit(project: Path) -> str | None:
@@ -266,12 +261,13 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
-    tags = lineage_tags(project, names) | {"prefect.flow_run_id": str(flow_run.id),
+    tags = lineage_tags(project, names) | {"prefect.flow_run_id": str(flow_run.id), "rlhf.pid": str(os.getpid()),
+                                           "rlhf.host": socket.gethostname(),
                                            "prefect.flow_run_name": str(flow_run.name), "rlhf.runner": runner}  # fmt: skip
     if runner == "docker":
         tags["rlhf.image"] = image
     parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags)
-    logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, tracking_uri, experiment)
+    logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, redact_uri(tracking_uri), experiment)
 
     artifacts: list[str] = []
 

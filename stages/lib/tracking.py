@@ -10,6 +10,7 @@ loads a registered model by URI (`rlhf eval --model-uri`).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,11 @@ class MlflowTracker:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` as it may be printed or logged: a password in `user:password@host` shown as ***."""
+    return re.sub(r"(?<=://)([^/:@]*):[^@/]*@", r"\1:***@", uri)
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -106,8 +112,9 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
-    where = {"rlhf.host": socket.gethostname()}
-    if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/containers.py)
+    # host and pid: a run left RUNNING by a killed process is found and ended by the next pipeline (flows/lifecycle.py)
+    where = {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}
+    if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/runners.py)
         where["rlhf.image"] = image
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
                           tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip

@@ -1,0 +1,138 @@
+"""What a pipeline command owns while it runs, and gives back however it ends (even `kill -9`):
+
+- **one run per checkout**: a lock file (`.rlhf/run.lock`, flock) held for the whole command; a second `rlhf run` in
+  the same project says who holds it and exits 75 (busy) instead of racing the first over DVC and the registry;
+- **a temporary Prefect server that dies with its command**: without PREFECT_API_URL, Prefect would start its own
+  temporary server as a child that a SIGKILLed parent leaves behind (an orphaned uvicorn per killed nightly run). This
+  starts the same server (the command Prefect's `SubprocessASGIServer` runs) with `PR_SET_PDEATHSIG`, so the kernel
+  stops it when the command dies for any reason, waits for it as long as a busy machine needs (not 20 s), and stops it
+  on the way out;
+- **no run left RUNNING**: a killed command cannot end its MLflow runs. Every run records its host and process id
+  (stages/lib/tracking.py); before a pipeline starts, runs still RUNNING whose process on this host is gone are ended
+  KILLED, so the UI and the registry never show a dead run as running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from stages.lib.outcome import ExitCode, StageStop
+
+STARTUP_SECONDS = 180.0  # a cold start on a loaded 2-core machine took over Prefect's default 20 s
+PR_SET_PDEATHSIG = 1
+
+
+class Busy(StageStop):
+    code = ExitCode.BUSY
+
+
+class ServerDidNotStart(StageStop):
+    code = ExitCode.UNAVAILABLE
+
+
+@contextlib.contextmanager
+def project_lock(project: Path) -> Iterator[None]:
+    """Hold the project's run lock for the block; another holder makes this raise `Busy` at once."""
+    path = project / ".rlhf" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise Busy(f"another rlhf run is running in {project} ({holder}); wait for it or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_prefect_server(timeout: float = STARTUP_SECONDS) -> Iterator[str]:
+    """Prefect's temporary server (SQLite under PREFECT_HOME, no UI) as a child that cannot outlive this process;
+    yields its API URL. Raises `ServerDidNotStart` (one line) if it does not answer within `timeout`."""
+    import prefect
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+           "--lifespan", "on"]  # fmt: skip  (what prefect.server.api.server.SubprocessASGIServer runs)
+    server = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 (only prctl, async-safe)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise ServerDidNotStart(f"Prefect's temporary server exited with {server.returncode} while starting")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=5) as r:  # noqa: S310
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise ServerDidNotStart(f"Prefect's temporary server did not answer within {timeout:.0f} s; set "
+                                        "PREFECT_API_URL to a running `prefect server start` (or `rlhf stack up`)")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """End KILLED the runs still RUNNING whose process (tags rlhf.host, rlhf.pid) on this host no longer exists;
+    returns their ids. Runs of other hosts are left to those hosts."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host, closed = socket.gethostname(), []
+    for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("rlhf.pid", "")
+        if tags.get("rlhf.host") == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "rlhf.outcome", "killed")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
