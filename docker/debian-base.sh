@@ -7,7 +7,8 @@ image=${1:-local/debian:bookworm}
 docker image inspect "$image" >/dev/null 2>&1 && { echo "$image exists"; exit 0; }
 if ! command -v debootstrap >/dev/null; then
     [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null || { echo "error: debootstrap is missing" >&2; exit 1; }
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq debootstrap >/dev/null
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
