@@ -86,6 +86,7 @@ def _runner(args: argparse.Namespace):  # -> flows.runners.Runner, checked: the 
     runner = Runner(args.runner, args.image, args.gpus)
     try:
         runner.check()
+        runner.check_project(Path.cwd())
     except RunnerError as e:
         raise _Unavailable(str(e)) from None
     return runner

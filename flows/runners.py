@@ -18,6 +18,7 @@ code and reason are the stage's own, never read back from a metrics file that ma
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -95,6 +96,13 @@ class Runner:
             raise RunnerError(f"no image {self.image!r} in the local engine: build it with `make images` "
                               f"({_last_line(probe.stderr)})")  # fmt: skip
 
+    def check_project(self, project: Path) -> None:
+        """Containers never run as root: the docker runner runs as the checkout's owner, so a root-owned checkout
+        is refused (chown it to an unprivileged user, e.g. the image's uid 1000)."""
+        if self.kind == "docker" and project.resolve().stat().st_uid == 0:
+            raise RunnerError(f"{project.resolve()} is owned by root and containers never run as root: chown -R it to "
+                              "an unprivileged user (the image's user is uid 1000) and run again")  # fmt: skip
+
     def reproduce(self, project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> StageResult:
         """`dvc repro --single-item stage` where this runner says; the stage's code and reason come from the outcome
         file it writes (or, if it wrote none, from its exit code and last lines)."""
@@ -111,6 +119,8 @@ class Runner:
             if kind == "local":
                 status, code = _in_process(project, stage, env, lines)
             else:
+                self.check_project(project)
+                _share_with_owner(project)
                 status, code = _in_subprocess(self.command(project, ["dvc", "repro", "--single-item", stage], env),
                                               project, env, lines)  # fmt: skip
             written = Outcome.read(outcome_file)
@@ -171,6 +181,19 @@ def _in_subprocess(cmd: list[str], project: Path, env: dict[str, str], lines: Li
         return "busy", code
     exited = re.findall(r"failed to run: .*, exited with (-?\d+)", output)
     return "failed", int(exited[-1]) if exited else code
+
+
+def _share_with_owner(project: Path) -> None:
+    """What this (root) process made in the project that a container writes to as the checkout's owner: the MLflow
+    store and artifact root, and the outcome files' folder. Without root, the files are the owner's already."""
+    if os.geteuid() != 0:
+        return
+    owner = project.stat()
+    for name in ("mlflow.db", "mlruns", ".rlhf"):
+        top = project / name
+        for path in [top, *(top.rglob("*") if top.is_dir() else [])]:
+            if path.exists() and path.stat().st_uid != owner.st_uid:
+                os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def _last_error(tail: list[str], n: int = 3) -> str:

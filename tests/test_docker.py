@@ -207,6 +207,9 @@ def test_missing_image_is_a_clear_error(image, tmp_path):
 
 def test_whole_flow_with_the_docker_runner(image, tmp_path):
     project = make_project(tmp_path / "p", _overrides(PASSING))
+    root_owned = run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", image], project, check=False)
+    assert root_owned.returncode == ExitCode.UNAVAILABLE and "containers never run as root" in root_owned.stderr
+    subprocess.run(["chown", "-R", f"{UID}:{UID}", str(project)], check=True)  # an unprivileged owner
     proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image], project,
                timeout=1800)  # fmt: skip
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
