@@ -13,14 +13,14 @@ import csv
 import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib.heldout import Sampling, evaluate_policy, perplexity, win_rate
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
 from stages.lib.plots import line_plot
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
@@ -39,6 +39,13 @@ class EvaluateConfig:
     n_report_samples: int = 24
     overopt_rm_rise: float = 0.1  # flag when the normalised RM score rose by more than this ...
     overopt_judge_drop: float = 0.1  # ... while the judge's score fell by more than this, from its best checkpoint
+
+    SECTION: ClassVar[str] = "evaluate"
+    RANGES: ClassVar[dict] = {
+        "n_prompts": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "temperature": NON_NEGATIVE,  # 0: greedy
+        "top_k": NON_NEGATIVE, "top_p": Allowed(0, 1, low_open=True), "seed": NON_NEGATIVE,
+        "n_report_samples": NON_NEGATIVE, "overopt_rm_rise": NON_NEGATIVE, "overopt_judge_drop": NON_NEGATIVE,
+    }  # fmt: skip
 
 
 def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop: float) -> tuple[bool, str]:

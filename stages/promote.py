@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow
 
@@ -25,7 +25,7 @@ from stages.lib.io import read_jsonl, write_json
 from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import FINITE, FRACTION, NON_NEGATIVE, config_from, load_params
 from stages.lib.tracking import Tracker, mlflow_run
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
@@ -41,6 +41,14 @@ class PromoteConfig:
     max_kl: float = 10.0  # ppo/kl_k1_seq: nats per response
     max_alignment_tax: float = 0.5  # rise of held-out SFT perplexity
     block_on_overoptimisation: bool = True
+
+    SECTION: ClassVar[str] = "promote"
+    RANGES: ClassVar[dict] = {"min_win_rate_vs_sft": FRACTION, "min_win_rate_vs_champion": FRACTION,
+                              "max_kl": NON_NEGATIVE, "max_alignment_tax": FINITE}  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.registered_model.strip():
+            raise ValueError("promote.registered_model must name a registered model, not be empty")
 
 
 @dataclass(frozen=True)
