@@ -375,7 +375,7 @@ def validate_frame(
     table_failures = [e["name"] for e in entries.values() if not e["success"] and e["level"] == "table"]
     passed, reason = verdict(config, n_rows, len(reasons), len(valid), table_failures)
     report = Report(
-        dataset=name, path=loaded.path, kind=kind, source_format=loaded.source_format, n_rows=n_rows,
+        dataset=printable(name), path=printable(loaded.path), kind=kind, source_format=loaded.source_format, n_rows=n_rows,
         n_valid=len(valid), n_quarantined=len(reasons) if passed else 0, checks=list(entries.values()),
         passed=passed, reason=reason,
     )

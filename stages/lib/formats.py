@@ -214,7 +214,8 @@ class _Reader:
         self.limits = limits
         self.errors: list[RowError] = []
         self.n_rows = 0
-        self.n_bytes = 0
+        self.n_bytes = 0  # read from the source (after decompression)
+        self.n_text = 0  # of text in the records made (parquet and the Hub can expand far beyond their bytes)
         self.unpacked = str(path).lower().endswith(".gz")
 
     def count_row(self) -> None:
@@ -242,11 +243,22 @@ class _Reader:
     def error(self, row: int, reason: str, raw: Any, check: str) -> None:
         self.errors.append(RowError(row, reason, excerpt(raw), check))
 
-    def checked(self, row: int, record: Any, raw: Any, max_bytes: int | None = None) -> bool:
-        """Whether a parsed record may go on; if not, its row error is recorded."""
-        problem = _record_problem(record, max_bytes)
+    def count_text(self, size: int) -> None:
+        """Count bytes of text made from the source against max_file_bytes: a dictionary-encoded parquet column or a
+        Hub dataset can hold far more text than its bytes on disk."""
+        self.n_text += size
+        if self.n_text > self.limits.max_file_bytes:
+            raise DataError(f"{self.name} holds more than validate.max_file_bytes ({self.limits.max_file_bytes}) "
+                            "bytes of text once read; reading stopped (raise it to read this file).")  # fmt: skip
+
+    def checked(self, row: int, record: Any, raw: Any, max_bytes: int | None = None, counted: bool = False) -> bool:
+        """Whether a parsed record may go on; if not, its row error is recorded. With `max_bytes` (records not read
+        from lines), its text is measured against it and counted (count_text) unless already `counted`."""
+        problem, size = _record_problem(record, max_bytes)
         if problem is not None:
             self.error(row, problem.reason, raw, problem.check)
+        if not counted:
+            self.count_text(size)
         return problem is None
 
 
@@ -304,28 +316,29 @@ def _json_problem(e: Exception, where: str) -> str:
     return f"is not valid JSON ({str(e).splitlines()[0]})"
 
 
-def _record_problem(record: Any, max_bytes: int | None) -> _RowProblem | None:
+def _record_problem(record: Any, max_bytes: int | None) -> tuple[_RowProblem | None, int]:
     """A problem of a parsed record as a whole: a repeated key, a lone UTF-16 surrogate anywhere (it is not text:
-    nothing can print or write it), or more than `max_bytes` of text. Iterative, so any depth json parsed is fine."""
+    nothing can print or write it), or more than `max_bytes` of text (measured only when given); and the size of its
+    text. Iterative, so any depth json parsed is fine."""
     size, todo = 0, [record]
     while todo:
         item = todo.pop()
         if isinstance(item, dict):
             if isinstance(item, _RepeatedKeys):
                 key = excerpt(item.repeated)
-                return _RowProblem("valid_json", f"repeats the key '{key}' (JSON would silently keep the last value)")
+                return _RowProblem("valid_json", f"repeats the key '{key}' (JSON would silently keep the last value)"), size
             todo += [*item.keys(), *item.values()]
         elif isinstance(item, list | tuple):
             todo += item
         elif isinstance(item, str):
             if m := _SURROGATE.search(item):
                 return _RowProblem("valid_utf8", f"holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}), which is "
-                                                 "not text")  # fmt: skip
+                                                 "not text"), size  # fmt: skip
             if max_bytes is not None:
                 size += len(item.encode("utf-8"))
     if max_bytes is not None and size > max_bytes:
-        return _RowProblem("row_size", f"holds more than validate.max_row_bytes ({max_bytes} bytes) of text")
-    return None
+        return _RowProblem("row_size", f"holds more than validate.max_row_bytes ({max_bytes} bytes) of text"), size
+    return None, size
 
 
 def _jsonl_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record]]:
@@ -414,7 +427,11 @@ def _parquet_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(f)
+        # Top-level string columns stay dictionary-encoded in memory: one long value repeated on every row (a few KB
+        # on disk) is then held once, and its expansion is measured (_decoded_bytes) before any row is made of it.
+        schema = pq.ParquetFile(f).schema_arrow
+        strings = [field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+        parquet = pq.ParquetFile(f, read_dictionary=strings)
         meta = parquet.metadata
         # the footer says how big the columns are once decompressed: a small file of compressed repeats is refused
         # before it is expanded
@@ -424,15 +441,31 @@ def _parquet_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record
                             f"({reader.limits.max_file_bytes}).")  # fmt: skip
         reader.check_rows(meta.num_rows)
         i = 0
-        for batch in parquet.iter_batches(batch_size=1024):
+        for batch in parquet.iter_batches(batch_size=256):
+            reader.count_text(_decoded_bytes(batch))
             # to_pylist keeps Python types (lists of dicts for messages, ints stay ints), unlike a pandas round trip
             for record in batch.to_pylist():
                 reader.count_row()
-                if reader.checked(i, record, record, reader.limits.max_row_bytes):
+                if reader.checked(i, record, record, reader.limits.max_row_bytes, counted=True):
                     yield i, record
                 i += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{reader.name} is not a readable parquet file ({e}).") from None
+
+
+def _decoded_bytes(batch: Any) -> int:
+    """The bytes a record batch takes once its dictionary-encoded columns are expanded, measured without expanding
+    them. (A nested column, e.g. a message list, is expanded by Arrow as it reads: it counts as it is.)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            total += pc.sum(pc.take(pc.binary_length(column.dictionary), column.indices)).as_py() or 0
+        else:
+            total += column.nbytes
+    return total
 
 
 def _looks_local(name: str) -> bool:
