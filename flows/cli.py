@@ -207,6 +207,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     judge = Path("artifacts/judge/model")  # the project's judge, when its judge stage has run
     extra = ["--judge", str(judge)] if (judge / "judge.json").exists() else []
+    extra += ["--trust-model"] if args.trust_model else []
     return evaluate.main(["--params", args.params, "--model-uri", args.model_uri, "--out", args.out, *extra])
 
 
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a registered model against SFT on the held-out prompts")
     p.add_argument("--model-uri", required=True, help="e.g. models:/rlhf-policy@champion or models:/rlhf-policy/3")
     p.add_argument("--out", default="reports/eval", help="where the report goes (default: reports/eval)")
+    p.add_argument("--trust-model", action="store_true",
+                   help="evaluate a model this pipeline did not register (its safetensors HF folder; nothing is "
+                        "unpickled either way)")  # fmt: skip
     _params_option(p, "whose evaluate section sets the sampling")
     p.set_defaults(func=_cmd_eval)
 

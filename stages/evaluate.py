@@ -19,9 +19,10 @@ from stages.lib.heldout import Sampling, evaluate_policy, perplexity, win_rate
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
-from stages.lib.outcome import ArgumentParser, BadInput, stage_main
+from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
 from stages.lib.plots import line_plot
+from stages.lib.registry import fetch_policy
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
 
@@ -185,19 +186,6 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
         f"{table}</table>", encoding="utf-8")  # fmt: skip
 
 
-def materialise_model_uri(uri: str, scratch: Path) -> Path:
-    """A registered policy (pyfunc logged by the promote stage) saved as an HF folder under `scratch/model`."""
-    import mlflow
-
-    try:
-        loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except mlflow.exceptions.MlflowException as e:
-        raise BadInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
-    loaded.model.save_pretrained(scratch / "model", safe_serialization=True)
-    loaded.tokenizer.save_pretrained(scratch / "model")
-    return scratch
-
-
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -213,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
     parser.add_argument("--model-uri", help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
-                        "instead of --policy")  # fmt: skip
+                        "instead of --policy: its HF folder (safetensors) as the promote stage registered it")  # fmt: skip
+    parser.add_argument("--trust-model", action="store_true",
+                        help="with --model-uri: also a model this pipeline did not register (still safetensors only, "
+                             "never unpickled)")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
@@ -223,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         policy = Path(args.policy)
         if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind
-            policy = materialise_model_uri(args.model_uri, Path(scratch)) / "model"
+            policy = fetch_policy(args.model_uri, Path(scratch), trust=args.trust_model)
         inputs = Inputs(Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional)
         with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
             if args.model_uri:

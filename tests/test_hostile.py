@@ -450,6 +450,19 @@ def test_data_docs_and_terminal_never_carry_a_hostile_row(tmp_path: Path) -> Non
     assert "\\x1b[2J raw" in shown and "\\u202eevil" in shown and "h\\x1b[31m.jsonl" in shown  # escaped, still named
 
 
+def test_the_evaluation_report_escapes_every_text(tmp_path: Path) -> None:
+    from stages.evaluate import write_report
+
+    metrics = {"judge": HOSTILE_HTML, "win_rate_vs_sft": 0.5, "rm_win_rate_vs_sft": 0.5, "alignment_tax": 0.0,
+               "overoptimisation_reason": HOSTILE_HTML, "sft/rm_score": 0.1, "ppo/rm_score": 0.2}  # fmt: skip
+    samples = [{"prompt": HOSTILE_HTML, "sft": HOSTILE_HTML, "ppo": "<svg onload=alert(3)>", "sft_rm": 0.0,
+                "ppo_rm": 1.0, "sft_judge": 0.0, "ppo_judge": 1.0}]  # fmt: skip
+    write_report(tmp_path, metrics, samples, [])
+    html = (tmp_path / "report.html").read_text()
+    assert "<script" not in html and "<img src=x" not in html and "<svg" not in html
+    assert html.count("&lt;/td&gt;&lt;script&gt;alert(1)") == 5  # the judge twice, the reason, the prompt, a reply
+
+
 def test_cli_prints_no_raw_escape_and_names_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "prefs.jsonl"
     good = [json.dumps(pref(i)) for i in range(3)]
