@@ -13,19 +13,20 @@ Scenarios (each `validate_file` as `rlhf validate FILE --report DIR` runs it, in
                        validated by Great Expectations; the dataset passes
     old-huge-rows      (with --old REV) the huge-rows file read by stages/lib/formats.py as it was at REV, for contrast
 
-Measured 2026-12-02 on this repository's machine (Intel(R) Xeon(R) Processor with AVX-512 and avx512_bf16, 2 cores,
-Python 3.11.7; load average ~4, another job running), `--gb 3 --old 256f025`:
+Measured 2026-12-02 on this repository's machine (Intel(R) Xeon(R) Processor, AVX-512 with avx512_bf16, 2 cores,
+24 GiB, Python 3.11.7; load average ~4: other work was running), `--gb 3 --old 256f025` (generation: 125 s):
 
-    scenario         file                           seconds   peak RSS   outcome
-    big-default      3.0 GB .jsonl                      6.4     203 MB   refused: more than max_file_bytes
-    big-max-rows     3.0 GB .jsonl                      7.1     353 MB   refused after 200,000 rows (max_rows)
-    bomb-default     3.0 MB .gz -> 3 GB                 9.7     203 MB   refused after 1 GiB decompressed
-    huge-rows-pass   3.0 GB .jsonl (290 rows of 10 MB)  22.9    356 MB   passed: 20,000 valid, 290 quarantined
-    old-huge-rows    the same file, old reader          28.3    9.4 GB   (read whole, then every row parsed)
+    scenario        file                              seconds  RSS before  peak RSS  outcome
+    big-default     big.jsonl, 3.0 GB                     0.0      555 MB    555 MB  refused at once: more than max_file_bytes
+    big-max-rows    big.jsonl, max_file_bytes 6 GB        3.1      556 MB    649 MB  refused after 200,000 rows (max_rows)
+    bomb-default    bomb.jsonl.gz, ~3 MB -> 3.0 GB        1.8      555 MB    559 MB  refused after 1 GiB decompressed
+    huge-rows-pass  huge.jsonl, 3.0 GB, 285 rows x 10 MB  3.3      556 MB    595 MB  passed: 20,000 valid, 285 quarantined
+    old-huge-rows   huge.jsonl, the reader at 256f025    31.6      103 MB   8126 MB  read whole (no limit applies)
 
-The peak RSS of a validating process is ~200 MB before it reads anything (pandas, pyarrow, Great Expectations); what
-reading adds is bounded by the limits, not by the file: a line is never held beyond max_row_bytes (1 MiB), the
-kept rows by max_rows and max_file_bytes. This is a benchmark, not a test: it writes GBs and takes minutes.
+"RSS before" is the process after its imports (torch through the judge, pandas, Great Expectations), before reading.
+What reading adds is bounded by the limits, not by the file: a line is never held beyond max_row_bytes (1 MiB), and
+the rows kept are bounded by max_rows and max_file_bytes. The old reader held the whole file and then every parsed
+row: 8.1 GB for a 3 GB file. This is a benchmark, not a test: it writes ~6 GB and takes a few minutes.
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ from pathlib import Path
 from stages.lib.formats import DataError
 from stages.validate import ValidateConfig, validate_file
 path, limits, reports = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+import great_expectations  # imported before the baseline: it is part of every validating process
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 try:
     report = validate_file(path, "preferences", config=ValidateConfig(**limits), report_dir=reports)
     outcome = ("passed" if report.passed else "failed") + f": {report.n_valid} valid, {report.n_quarantined} quarantined"
 except DataError as e:
     outcome = "refused: " + str(e)
-print(json.dumps({"seconds": time.perf_counter() - start, "outcome": outcome,
+print(json.dumps({"seconds": time.perf_counter() - start, "outcome": outcome, "baseline_mb": baseline,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -62,11 +65,13 @@ OLD_CHILD = """
 import importlib.util, json, resource, sys, time
 spec = importlib.util.spec_from_file_location("old_formats", sys.argv[2])
 old = importlib.util.module_from_spec(spec)
+sys.modules["old_formats"] = old  # its dataclasses look their module up
 spec.loader.exec_module(old)
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 loaded = old.load_dataset(sys.argv[1], "preferences")
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "outcome": f"read: {len(loaded.rows)} rows, {len(loaded.row_errors)} row errors",
+                  "outcome": f"read: {len(loaded.rows)} rows, {len(loaded.row_errors)} row errors", "baseline_mb": baseline,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -113,7 +118,8 @@ def measure(code: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})  # fmt: skip
     if proc.returncode != 0:
-        return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "outcome": "crashed: " + proc.stderr[-300:]}
+        return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "baseline_mb": float("nan"),
+                "outcome": "crashed: " + proc.stderr.strip().splitlines()[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -145,9 +151,10 @@ def main() -> None:
             old.write_text(subprocess.run(["git", "show", f"{args.old}:stages/lib/formats.py"], cwd=ROOT, check=True,
                                           capture_output=True, text=True).stdout)  # fmt: skip
             results.append(("old-huge-rows", files["huge"], measure(OLD_CHILD, str(files["huge"]), str(old))))
-    print(f"{'scenario':<16} {'file GB':>8} {'seconds':>8} {'peak RSS MB':>12}  outcome")
+    print(f"{'scenario':<16} {'file':<14} {'seconds':>8} {'RSS before MB':>14} {'peak RSS MB':>12}  outcome")
     for name, path, r in results:
-        print(f"{name:<16} {path.name:>8} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}  {r['outcome'][:110]}")
+        print(f"{name:<16} {path.name:<14} {r['seconds']:>8.1f} {r['baseline_mb']:>14.0f} {r['peak_rss_mb']:>12.0f}  "
+              f"{r['outcome'][:120]}")
 
 
 if __name__ == "__main__":

@@ -774,6 +774,8 @@ def load_dataset(path: str | Path, kind: str, fmt: str = "auto", limits: Limits 
     DETECT_ROWS readable rows), within `limits`; a DataError when the file as a whole cannot be used."""
     schema.columns(kind)  # unknown kind -> ValueError
     reader = _Reader(path, limits)
+    if not str(path).strip():
+        raise DataError("no data file was given (the path is empty).")
     if fmt != "auto" and fmt not in FORMATS_BY_KIND[kind]:
         raise DataError(f"cannot read {reader.name} as format {fmt!r}: it does not fit kind {kind!r} "
                         f"(expected auto or one of {', '.join(FORMATS_BY_KIND[kind])}).")  # fmt: skip
