@@ -19,6 +19,7 @@ examples:
   rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
+  rlhf validate my.jsonl --kind sft --report r   also write r/report.md, failed_rows.jsonl, data_docs/
   rlhf make-data                             regenerate the default task into data/ (matches data.dvc)
 
 exit codes: 0 ok, 1 crash, 3 a gate stopped it, 4 training diverged, 64 usage, 65 bad data or params,
