@@ -20,6 +20,7 @@ examples:
   rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
+  rlhf validate my.jsonl --kind sft --report r   also write r/report.md, failed_rows.jsonl, data_docs/
   rlhf make-data                             regenerate the default task into data/ (matches data.dvc)
 
 exit codes: 0 ok, 1 crash, 3 a gate stopped it, 4 training diverged, 64 usage, 65 bad data or params,
@@ -69,14 +70,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from stages import validate
     from stages.lib.params import config_from, load_params
 
-    section = load_params(args.params).get("validate", {}) if Path(args.params).exists() else {}
-    overrides = {"policy": args.policy} if args.policy else {}
-    config = config_from(validate.ValidateConfig, section, **overrides)
-    heldout: set[str] = set()
-    for path in args.heldout or []:
-        heldout |= set(validate.load_prompts(path))
-    report = validate.validate_file(args.file, args.kind, args.format, config, heldout)
+    report_dir = Path(args.report) if args.report else None
+    try:  # bad params or an unreadable held-out file: the report folder says so too, never a previous verdict
+        section = load_params(args.params).get("validate", {}) if Path(args.params).exists() else {}
+        overrides = {"policy": args.policy} if args.policy else {}
+        config = config_from(validate.ValidateConfig, section, **overrides)
+        heldout: set[str] = set()
+        for path in args.heldout or []:
+            heldout |= set(validate.load_prompts(path, limits=config.limits))
+    except Exception as e:
+        if report_dir is not None:
+            validate.write_failure(report_dir, e)
+        raise
+    report = validate.validate_file(args.file, args.kind, args.format, config, heldout, report_dir)
     print(validate.format_report(report))
+    if report_dir is not None:
+        print(f"reports: {report_dir}/report.md, summary.json, failed_rows.jsonl (every failing row), "
+              "data_docs/index.html")  # fmt: skip
     return ExitCode.OK if report.passed else ExitCode.BAD_INPUT
 
 
@@ -210,6 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     judge = Path("artifacts/judge/model")  # the project's judge, when its judge stage has run
     extra = ["--judge", str(judge)] if (judge / "judge.json").exists() else []
+    extra += ["--trust-model"] if args.trust_model else []
     return evaluate.main(["--params", args.params, "--model-uri", args.model_uri, "--out", args.out, *extra])
 
 
@@ -274,17 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a registered model against SFT on the held-out prompts")
     p.add_argument("--model-uri", required=True, help="e.g. models:/rlhf-policy@champion or models:/rlhf-policy/3")
     p.add_argument("--out", default="reports/eval", help="where the report goes (default: reports/eval)")
+    p.add_argument("--trust-model", action="store_true",
+                   help="evaluate a model this pipeline did not register (its safetensors HF folder; nothing is "
+                        "unpickled either way)")  # fmt: skip
     _params_option(p, "whose evaluate section sets the sampling")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
-    p.add_argument("file", help="a .jsonl, .jsonl.gz, .parquet or .csv file, or a Hugging Face datasets name")
+    p.add_argument("file", help="a .jsonl, .jsonl.gz, .json, .parquet or .csv file, or a Hugging Face dataset id "
+                                "(owner/name[:split])")
     p.add_argument("--kind", required=True, choices=["preferences", "sft", "prompts"], help="what the file holds")
     p.add_argument("--format", default="auto", choices=["auto", "pairs", "hh", "messages"],
                    help="pairs: prompt/chosen/rejected; hh: Anthropic HH transcripts; messages: role/content lists")  # fmt: skip
     p.add_argument("--policy", choices=["fail", "quarantine"], help="override params.yaml validate.policy")
     p.add_argument("--heldout", action="append", metavar="FILE",
                    help="a held-out file whose prompts must not appear in FILE (repeatable)")  # fmt: skip
+    p.add_argument("--report", metavar="DIR",
+                   help="write the stage's report files to DIR: report.md, summary.json, failed_rows.jsonl (every "
+                        "failing row) and data_docs/ (Great Expectations HTML); default: print only")  # fmt: skip
     _params_option(p, "whose validate section sets the checks")
     p.set_defaults(func=_cmd_validate)
 
@@ -309,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except StageStop as e:  # bad params or data, a missing service, a refused request: one line, its own code
-        print(f"error: {e.reason}", file=sys.stderr)
+        from stages.lib.escaping import printable
+
+        print(f"error: {printable(e.reason)}", file=sys.stderr)  # reasons quote data and file names
         return e.code
     except ValueError as e:  # a plan the dvc.yaml cannot give (no such stage): the request is wrong
         print(f"error: {e}", file=sys.stderr)

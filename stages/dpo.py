@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib.context import fit_pairs
 from stages.lib.io import read_jsonl, staged_dir, write_json
@@ -27,7 +27,7 @@ from stages.lib.modeling import (
     trainer_precision,
 )
 from stages.lib.outcome import ArgumentParser, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, config_from, load_params
 from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 
 
@@ -44,6 +44,12 @@ class DPOConfig:
     max_length: int = 128
     seed: int = 0
     logging_steps: int = 10
+
+    SECTION: ClassVar[str] = "dpo"
+    RANGES: ClassVar[dict] = {
+        "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "beta": POSITIVE,
+        "warmup_ratio": FRACTION, "max_length": AT_LEAST_ONE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
+    }  # fmt: skip
 
 
 def train(config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, precision: str

@@ -13,7 +13,7 @@ import csv
 import html
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib.heldout import (
     Sampling,
@@ -27,9 +27,10 @@ from stages.lib.heldout import (
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
-from stages.lib.outcome import ArgumentParser, BadInput, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.outcome import ArgumentParser, stage_main
+from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
 from stages.lib.plots import line_plot
+from stages.lib.registry import fetch_policy
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
 
@@ -49,6 +50,17 @@ class EvaluateConfig:
     overopt_judge_drop: float = 0.1  # ... while the judge's score fell by more than this, from its best checkpoint
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # best-of-n from SFT, picked by the RM: the
     #   baseline PPO must beat at the same KL (log n - (n-1)/n nats); [] skips it
+
+    SECTION: ClassVar[str] = "evaluate"
+    RANGES: ClassVar[dict] = {
+        "n_prompts": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "temperature": NON_NEGATIVE,  # 0: greedy
+        "top_k": NON_NEGATIVE, "top_p": Allowed(0, 1, low_open=True), "seed": NON_NEGATIVE,
+        "n_report_samples": NON_NEGATIVE, "overopt_rm_rise": NON_NEGATIVE, "overopt_judge_drop": NON_NEGATIVE,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.best_of_n):
+            raise ValueError(f"evaluate.best_of_n = {self.best_of_n!r}: expected a list of whole numbers >= 1")
 
 
 def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop: float) -> tuple[bool, str]:
@@ -135,7 +147,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
                    for i, p in enumerate(prompts)]  # fmt: skip
         write_jsonl(tmp / "samples.jsonl", samples)
         plots = write_plots(tmp, inputs.kl, monitor, metrics)
-        write_report(tmp, metrics, samples[: config.n_report_samples], plots, samples)
+        write_report(tmp, metrics, samples[: config.n_report_samples], plots, len(samples))
         write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | bool)})
     tracker.set_tags({"rlhf.overoptimisation": str(metrics["overoptimisation"])})
@@ -192,8 +204,12 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: d
     return names
 
 
-def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str], samples_all: list) -> None:
-    """report.md and report.html: headline numbers, plots and a side-by-side sample table."""
+def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str],
+                 n_prompts: int | None = None) -> None:  # fmt: skip
+    """report.md and report.html: headline numbers, plots and a side-by-side sample table (`samples`: the first few of
+    the `n_prompts` evaluated)."""
+    ci = metrics.get("win_rate_vs_sft_ci95")
+    ci_text = f" (95% CI ±{ci:.3f} over {n_prompts or len(samples)} prompts)" if ci is not None else ""
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -202,8 +218,7 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
     rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in keys if f"ppo/{k}" in metrics]
     md = ["# Evaluation: PPO vs SFT on held-out prompts", "",
           f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
-          f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}** "
-          f"(95% CI ±{metrics['win_rate_vs_sft_ci95']:.3f} over {len(samples_all)} prompts)",
+          f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**{ci_text}",
           f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
           f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
           f"- {metrics['overoptimisation_reason']}", "", "| metric | SFT | PPO |", "|---|---|---|"]  # fmt: skip
@@ -240,26 +255,13 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
         "table{border-collapse:collapse}</style><h1>PPO vs SFT on held-out prompts</h1>"
         f"<p>judge: {html.escape(metrics['judge'])}; its win-rate of PPO over SFT: "
-        f"<b>{metrics['win_rate_vs_sft']:.3f}</b> (95% CI ±{metrics['win_rate_vs_sft_ci95']:.3f}); alignment tax "
+        f"<b>{metrics['win_rate_vs_sft']:.3f}</b>{ci_text}; alignment tax "
         f"{metrics['alignment_tax']:+.4f}; {html.escape(metrics['overoptimisation_reason'])}</p>"
         f"<table><tr><th>metric</th><th>SFT</th><th>PPO</th></tr>{summary}</table>{bon}"
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
         + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th>"
         f"<th>{html.escape(metrics['judge'])}</th></tr>"
         f"{table}</table>", encoding="utf-8")  # fmt: skip
-
-
-def materialise_model_uri(uri: str, scratch: Path) -> Path:
-    """A registered policy (pyfunc logged by the promote stage) saved as an HF folder under `scratch/model`."""
-    import mlflow
-
-    try:
-        loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except mlflow.exceptions.MlflowException as e:
-        raise BadInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
-    loaded.model.save_pretrained(scratch / "model", safe_serialization=True)
-    loaded.tokenizer.save_pretrained(scratch / "model")
-    return scratch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
     parser.add_argument("--model-uri", help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
-                        "instead of --policy")  # fmt: skip
+                        "instead of --policy: its HF folder (safetensors) as the promote stage registered it")  # fmt: skip
+    parser.add_argument("--trust-model", action="store_true",
+                        help="with --model-uri: also a model this pipeline did not register (still safetensors only, "
+                             "never unpickled)")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         policy = Path(args.policy)
         if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind
-            policy = materialise_model_uri(args.model_uri, Path(scratch)) / "model"
+            policy = fetch_policy(args.model_uri, Path(scratch), trust=args.trust_model)
         inputs = Inputs(Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional)
         with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
             if args.model_uri:

@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,12 +44,32 @@ from stages.lib.modeling import (
     resolve_precision,
 )
 from stages.lib.outcome import ArgumentParser, BadInput, GateFailed, NonFinite, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Allowed,
+    config_from,
+    load_params,
+    one_of,
+)
 from stages.lib.plots import line_plot
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import NullTracker, Tracker, mlflow_run
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+
+
+@dataclass(frozen=True)
+class KLGuardConfig:
+    """The KL budget: `patience` consecutive steps over it stop the run and restore the last step within it."""
+
+    max_kl: float = 30.0  # objective/kl: mean over rollouts of the summed per-token k1 KL (nats)
+    max_approxkl: float = 1.0  # policy/approxkl_avg: how far one update moved the policy
+    patience: int = 2
+
+    RANGES: ClassVar[dict] = {"max_kl": POSITIVE, "max_approxkl": POSITIVE, "patience": AT_LEAST_ONE}
 
 
 @dataclass(frozen=True)
@@ -93,23 +113,25 @@ class PPOConfig:
     kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA policy; its frozen base is the reference
 
+    SECTION: ClassVar[str] = "ppo"
+    NESTED: ClassVar[dict] = {"kl_guard": KLGuardConfig, "lora": LoraSettings}
+    RANGES: ClassVar[dict] = {
+        "seed": NON_NEGATIVE, "num_steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "num_mini_batches": AT_LEAST_ONE,
+        "ppo_epochs": AT_LEAST_ONE, "learning_rate": POSITIVE, "response_length": AT_LEAST_ONE,
+        "temperature": POSITIVE,  # log-probs are divided by it
+        "top_k": NON_NEGATIVE, "top_p": Allowed(0, 1, low_open=True), "missing_eos_penalty": NON_NEGATIVE,
+        "kl_coef": NON_NEGATIVE, "kl_target": POSITIVE, "kl_horizon": POSITIVE, "gamma": FRACTION, "lam": FRACTION,
+        "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE, "ent_coef": NON_NEGATIVE,
+        "max_grad_norm": POSITIVE, "value_init": one_of("reward", "sft"), "checkpoint_every": AT_LEAST_ONE,
+        "keep_checkpoints": AT_LEAST_ONE, "resume": one_of("auto", "never"), "sample_every": AT_LEAST_ONE,
+        "n_monitor": NON_NEGATIVE, "threads": NON_NEGATIVE, "estimator": one_of(*ESTIMATORS),
+        "group_size": AT_LEAST_ONE, "keep": one_of("best", "last"),
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"ppo.estimator must be one of {', '.join(ESTIMATORS)}, not {self.estimator!r}")
-        if self.keep not in ("best", "last"):
-            raise ValueError(f"ppo.keep must be best or last, not {self.keep!r}")
         if self.estimator in ("rloo", "grpo") and (self.group_size < 2 or self.batch_size % self.group_size):
             raise ValueError(f"ppo.group_size {self.group_size} must be at least 2 and divide ppo.batch_size "
                              f"{self.batch_size} for {self.estimator}")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class KLGuardConfig:
-    """The KL budget: `patience` consecutive steps over it stop the run and restore the last step within it."""
-
-    max_kl: float = 30.0  # objective/kl: mean over rollouts of the summed per-token k1 KL (nats)
-    max_approxkl: float = 1.0  # policy/approxkl_avg: how far one update moved the policy
-    patience: int = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

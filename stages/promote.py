@@ -10,22 +10,23 @@ pipelines finishing at once leave exactly one consistent champion; promoting the
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow
 
 from stages.lib.heldout import Sampling, judge_scores, win_rate
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.judge import GoldJudge, Judge, load_judge
-from stages.lib.modeling import autocast, resolve_precision
+from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import FINITE, FRACTION, NON_NEGATIVE, config_from, load_params
+from stages.lib.registry import HF_ARTIFACT, MODEL_HASH_TAG, SERVED_POLICY, fetch_policy, model_hash
 from stages.lib.tracking import Tracker, mlflow_run
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
@@ -42,29 +43,19 @@ class PromoteConfig:
     max_alignment_tax: float = 0.5  # rise of held-out SFT perplexity
     block_on_overoptimisation: bool = True
 
+    SECTION: ClassVar[str] = "promote"
+    RANGES: ClassVar[dict] = {"min_win_rate_vs_sft": FRACTION, "min_win_rate_vs_champion": FRACTION,
+                              "max_kl": NON_NEGATIVE, "max_alignment_tax": FINITE}  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.registered_model.strip():
+            raise ValueError("promote.registered_model must name a registered model, not be empty")
+
 
 @dataclass(frozen=True)
 class Decision:
     passed: bool
     reasons: list[str]
-
-
-class PolicyModel(mlflow.pyfunc.PythonModel):
-    """The policy as an MLflow pyfunc: `predict(["prompt", ...])` (or a DataFrame with a `prompt` column) -> replies."""
-
-    def load_context(self, context) -> None:  # noqa: ANN001
-        from stages.lib.modeling import load_causal_lm
-
-        self.model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from stages.lib.modeling import generate
-        from stages.lib.schema import render_prompt
-
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-        p = params or {}
-        return generate(self.model, self.tokenizer, [render_prompt(x) for x in prompts],
-                        int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0))).replies  # fmt: skip
 
 
 def candidate(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -96,13 +87,6 @@ def promotion_criteria(chosen: dict[str, Any], vs_champion: float | None, config
     return Decision(not reasons, reasons)
 
 
-def model_hash(hf_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:20]
-
-
 @contextmanager
 def registry_lock() -> Iterator[None]:
     """An exclusive lock for read-check-move of aliases (beside a SQLite store; else in the working directory)."""
@@ -124,27 +108,30 @@ def current_version(client: mlflow.MlflowClient, name: str, alias: str):
 
 
 def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, digest: str, tags: dict[str, str]):
-    """The version holding these exact weights, registering them (as a pyfunc logged in this run) if new."""
+    """The version holding these exact weights, registering them if new: a pyfunc logged from code in this run
+    (stages/lib/served_policy.py, so serving it unpickles no class), its HF folder as the artifact `hf_model`."""
     with suppress(mlflow.exceptions.MlflowException):  # it exists already
         client.create_registered_model(name, description="RLHF policies; alias `champion` is the one to serve.")
     for v in client.search_model_versions(f"name='{name}'"):
-        if v.tags.get("rlhf.model_hash") == digest:
+        if v.tags.get(MODEL_HASH_TAG) == digest:
             return v
     info = mlflow.pyfunc.log_model(
-        name="policy", python_model=PolicyModel(), artifacts={"hf_model": str(hf_dir)},
+        name="policy", python_model=str(SERVED_POLICY), artifacts={HF_ARTIFACT: str(hf_dir)},
         code_paths=[str(Path(__file__).resolve().parent)],  # the stages package: the pyfunc imports stages.lib
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", f"mlflow=={mlflow.__version__}"],
     )  # fmt: skip
-    version = mlflow.register_model(info.model_uri, name, tags={"rlhf.model_hash": digest, **tags})
+    version = mlflow.register_model(info.model_uri, name, tags={MODEL_HASH_TAG: digest, **tags})
     return client.get_model_version(name, version.version)
 
 
 def champion_win_rate(champion, samples: list[dict], sampling: Sampling, judge: Judge, trainer: str = "ppo") -> float:
     """Candidate vs champion on the evaluation's prompts: champion replies sampled with the same settings and seed,
-    graded by the judge that graded the candidate in the evaluation."""
-    loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}").unwrap_python_model()
+    graded by the judge that graded the candidate in the evaluation. The champion's HF folder is read as
+    stages/lib/registry.py checks it (registered by this pipeline, safetensors), never unpickled."""
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer = load_causal_lm(fetch_policy(f"models:/{champion.name}/{champion.version}", Path(scratch)))
     prompts = [s["prompt"] for s in samples]
-    champion_scores = judge_scores(loaded.model, loaded.tokenizer, judge, prompts, sampling)
+    champion_scores = judge_scores(model, tokenizer, judge, prompts, sampling)
     return win_rate([s[f"{trainer}_judge"] for s in samples], champion_scores)
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.outcome import ArgumentParser, GateFailed, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import FRACTION, Allowed, config_from, load_params
 from stages.lib.schema import pairs_digest
 from stages.lib.tracking import mlflow_run
 
@@ -39,6 +39,10 @@ class GateConfig:
     min_agreement: float = 0.6  # held-out pairwise accuracy against the labels
     max_gap_to_ceiling: float = 0.05  # ... and at most this far below the labeler's own agreement with gold
     min_rank_agreement: float = 0.3  # Spearman of RM score vs gold score on held-out replies (default task only)
+
+    SECTION: ClassVar[str] = "reward_gate"
+    RANGES: ClassVar[dict] = {"min_agreement": FRACTION, "max_gap_to_ceiling": FRACTION,
+                              "min_rank_agreement": Allowed(-1, 1)}  # fmt: skip
 
 
 @dataclass(frozen=True)

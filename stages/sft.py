@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib import task
 from stages.lib.context import fit_pairs
@@ -32,7 +32,7 @@ from stages.lib.modeling import (
     trainer_precision,
 )
 from stages.lib.outcome import ArgumentParser, stage_main
-from stages.lib.params import config_from, load_params
+from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, config_from, load_params
 from stages.lib.plots import line_plot
 from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 
@@ -58,6 +58,14 @@ class SFTConfig:
     n_samples: int = 64  # held-out prompts sampled for the saved generations and the gold score
     max_new_tokens: int = 48
     temperature: float = 1.0
+
+    SECTION: ClassVar[str] = "sft"
+    NESTED: ClassVar[dict] = {"tiny": TinyModelConfig, "lora": LoraSettings}
+    RANGES: ClassVar[dict] = {
+        "max_length": AT_LEAST_ONE, "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE,
+        "warmup_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
+        "n_samples": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "temperature": NON_NEGATIVE,  # 0: greedy
+    }  # fmt: skip
 
 
 def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict], test_rows: list[dict],

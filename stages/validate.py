@@ -1,7 +1,7 @@
 """Data validation: every dataset is read into the schema (stages.lib.formats) and checked with Great Expectations.
 
-One ExpectationSuite per dataset kind; one ValidationDefinition and Checkpoint per dataset, whose action renders
-Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong types, broken
+One ExpectationSuite per dataset kind; one ValidationDefinition and Checkpoint per dataset, whose results are
+rendered as Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong types, broken
 messages) are merged into the same report as failed rows, under the check names they fail.
 
 Policy: table-level failures (missing columns, row count) always fail. Row-level failures fail under policy "fail";
@@ -10,10 +10,15 @@ the rows, else the dataset fails. Of duplicate rows, the first occurrence is kep
 
 Outputs (the data only when every dataset passed; the reports always, since they say why it failed):
     <out>/<dataset>.jsonl, <out>/quarantine.jsonl, <out>/metrics.json
-    <reports>/report.md (format_report of each dataset), summary.json (every report), failed_rows.jsonl, data_docs/
+    <reports>/report.md (format_report of each dataset), summary.json (every report), failed_rows.jsonl (every
+    failing row), data_docs/
+A validation stopped by anything else (a bad params value, an untracked data file, a crash) replaces report.md and
+summary.json with that reason too, and removes the previous Data Docs: a previous run's "passed" never stays behind.
+Row text reaches the Data Docs HTML escaped, and the terminal with control characters escaped (stages/lib/escaping.py).
 
     python -m stages.validate                                   # the stage: params.yaml `validate` + `data`
-    python -m stages.validate --file F --kind K [--format X]    # one file; exit 0 on pass, 2 on failure
+    python -m stages.validate --file F --kind K [--format X] [--reports DIR]
+                                                                # one file; exit 0 on pass, 65 on failure
 """
 
 from __future__ import annotations
@@ -26,18 +31,28 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from stages.lib import schema
 from stages.lib.datadeps import uncovered
 from stages.lib.environment import quiet
-from stages.lib.formats import FORMATS_BY_KIND, DataError, Loaded, excerpt, load_dataset, row_label
+from stages.lib.escaping import html_text, printable
+from stages.lib.formats import FORMATS_BY_KIND, DataError, Limits, Loaded, excerpt, load_dataset, row_label
 from stages.lib.io import staged_dir, write_json, write_jsonl
 from stages.lib.judge import JudgeConfig, resolve_kind
-from stages.lib.outcome import ArgumentParser, BadInput, stage_main
-from stages.lib.params import PARAMS_FILE, config_from, load_params
+from stages.lib.outcome import ArgumentParser, BadInput, StageStop, stage_main
+from stages.lib.params import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    PARAMS_FILE,
+    ParamsError,
+    config_from,
+    load_params,
+    one_of,
+)
 from stages.lib.splits import SplitConfig, derive
 from stages.lib.tracking import mlflow_run
 
@@ -51,13 +66,24 @@ class ValidateConfig:
     policy: str = "quarantine"  # "fail": any bad row fails; "quarantine": set bad rows aside (within the fraction)
     max_invalid_fraction: float = 0.05  # quarantine at most this fraction of a dataset's rows, else fail
     min_rows: int = 1  # fewest readable rows a dataset may have
-    max_rows: int = 10_000_000  # most rows a dataset may have
+    max_rows: int = 10_000_000  # most rows a dataset may have: reading stops past it
+    max_file_bytes: int = 1 << 30  # largest file, and largest content once decompressed: reading stops past it
+    max_row_bytes: int = 1 << 20  # longest row (a line of .jsonl or .csv, the text of a record): quarantined
     min_chars: int = 1  # shortest text (after stripping; for prompts, the last user turn)
     max_prompt_chars: int = 4096  # longest rendered prompt
     max_response_chars: int = 4096  # longest chosen/rejected/response
     report_examples: int = 3  # example rows shown per failed check
     unique_kinds: tuple[str, ...] = ("preferences", "sft")  # kinds whose repeated rows are failed after the first
     split: dict[str, Any] = field(default_factory=dict)  # SplitConfig: datasets derived when `data` names only some
+
+    SECTION: ClassVar[str] = "validate"
+    NESTED: ClassVar[dict] = {"split": SplitConfig}
+    RANGES: ClassVar[dict] = {
+        "policy": one_of("fail", "quarantine"), "max_invalid_fraction": FRACTION, "min_rows": NON_NEGATIVE,
+        "max_rows": AT_LEAST_ONE, "max_file_bytes": AT_LEAST_ONE, "max_row_bytes": AT_LEAST_ONE,
+        "min_chars": NON_NEGATIVE, "max_prompt_chars": AT_LEAST_ONE, "max_response_chars": AT_LEAST_ONE,
+        "report_examples": NON_NEGATIVE, "unique_kinds": one_of(*schema.KINDS),
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.policy not in ("fail", "quarantine"):
@@ -66,6 +92,11 @@ class ValidateConfig:
             raise ValueError(f"validate.max_invalid_fraction must be in [0, 1], not {self.max_invalid_fraction}")
         SplitConfig(**self.split)  # its own checks, when params.yaml is read
 
+    @property
+    def limits(self) -> Limits:
+        """How much of a file is read (stages.lib.formats)."""
+        return Limits(self.max_rows, self.max_file_bytes, self.max_row_bytes)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -73,6 +104,9 @@ class DatasetSpec:
     kind: str  # preferences | sft | prompts
     format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
     heldout: bool = False  # a test set: its prompts must not appear in any training dataset
+
+    RANGES: ClassVar[dict] = {"kind": one_of(*schema.KINDS),
+                              "format": one_of("auto", *sorted({f for fs in FORMATS_BY_KIND.values() for f in fs}))}
 
 
 @dataclass
@@ -184,7 +218,6 @@ def _checks(kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]) 
 def _run_checkpoint(context: Any, name: str, kind: str, checks: list[_Check], frame: pd.DataFrame) -> dict[str, Any]:
     """Run the suite on `frame`; {check name: GX ExpectationValidationResult}."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
 
     sources = context.data_sources.all()
     source = sources["rlhf"] if "rlhf" in sources else context.data_sources.add_pandas("rlhf")
@@ -196,19 +229,49 @@ def _run_checkpoint(context: Any, name: str, kind: str, checks: list[_Check], fr
     suite_name = f"{kind}_train_suite" if any(c.name == "no_heldout_leak" for c in checks) else f"{kind}_suite"
     suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in checks]))
     definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=asset_name, data=batch, suite=suite))
-    sites = list(context.list_data_docs_sites())
     checkpoint = context.checkpoints.add_or_update(
         gx.Checkpoint(
             name=f"validate_{asset_name}",
             validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=sites)] if sites else [],
             # COMPLETE + source_row: every failing row comes back with its position in the user's file
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]},
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": frame})
-    (validation,) = result.run_results.values()
+    (identifier, validation), = result.run_results.items()
+    if sites := list(context.list_data_docs_sites()):
+        _render_docs(context, sites, identifier, validation)
     return {r.expectation_config.meta["check"]: r for r in validation.results}
+
+
+def _docs_safe(value: Any) -> Any:
+    """Every string in a check's result, HTML-escaped and shortened (html_text); numbers and structure kept."""
+    if isinstance(value, str):
+        return html_text(value)
+    if isinstance(value, dict):
+        return {k: _docs_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_docs_safe(v) for v in value]
+    return value
+
+
+def _render_docs(context: Any, sites: list[str], identifier: Any, validation: Any) -> None:
+    """Data Docs for one validation, rendered from escaped row values. GX writes the values a check found (its
+    "unexpected" tables, observed values) into the HTML as they are, so a row holding `</td><script>` would run in
+    the page of whoever opens the report (it is logged to MLflow too); the expectations' own parameters already go
+    through its escaping templates. The store holds a serialised copy, so the results are swapped only for `set`."""
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+    raw = [r.result for r in validation.results]
+    try:
+        for r in validation.results:
+            r.result = _docs_safe(r.result)
+        context.validation_results_store.set(identifier, validation)
+    finally:
+        for r, result in zip(validation.results, raw, strict=True):
+            r.result = result
+    context.build_data_docs(site_names=sites, resource_identifiers=[
+        identifier, ExpectationSuiteIdentifier(name=validation.suite_name)])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +375,7 @@ def validate_frame(
     table_failures = [e["name"] for e in entries.values() if not e["success"] and e["level"] == "table"]
     passed, reason = verdict(config, n_rows, len(reasons), len(valid), table_failures)
     report = Report(
-        dataset=name, path=loaded.path, kind=kind, source_format=loaded.source_format, n_rows=n_rows,
+        dataset=printable(name), path=printable(loaded.path), kind=kind, source_format=loaded.source_format, n_rows=n_rows,
         n_valid=len(valid), n_quarantined=len(reasons) if passed else 0, checks=list(entries.values()),
         passed=passed, reason=reason,
     )
@@ -327,23 +390,36 @@ def validate_file(
     fmt: str = "auto",
     config: ValidateConfig = ValidateConfig(),  # noqa: B008 (frozen, so a shared default is safe)
     heldout_prompts: frozenset[str] | set[str] = frozenset(),
-    docs_dir: Path | None = None,
+    report_dir: Path | None = None,
 ) -> Report:
     """Load and check one file (what `rlhf validate FILE` runs); DataError if it cannot be read at all.
 
-    A failed check does not raise: `report.passed` says, and format_report(report) says why.
+    A failed check does not raise: `report.passed` says, and format_report(report) says why. With `report_dir`, the
+    files the stage writes are written there as well (report.md, summary.json, failed_rows.jsonl with every failing
+    row, data_docs/), replacing a previous run's; a file that cannot be read leaves its failure there.
     """
-    loaded = load_dataset(path, kind, fmt)
-    report, _, _ = validate_frame(loaded, kind, config, heldout_prompts, Path(str(path)).name, gx_context(docs_dir))
+    docs_dir = None if report_dir is None else Path(report_dir) / "data_docs"
+    if docs_dir is not None:
+        shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
+    try:
+        loaded = load_dataset(path, kind, fmt, config.limits)
+        report, _, failed = validate_frame(loaded, kind, config, heldout_prompts, Path(str(path)).name,
+                                           gx_context(docs_dir))  # fmt: skip
+    except Exception as e:
+        if report_dir is not None:
+            write_failure(Path(report_dir), e)
+        raise
+    if report_dir is not None:
+        write_reports(Path(report_dir), [report], failed)
     return report
 
 
-def load_prompts(path: str | Path, fmt: str = "auto") -> list[str]:
+def load_prompts(path: str | Path, fmt: str = "auto", limits: Limits = Limits()) -> list[str]:  # noqa: B008
     """The rendered prompts of a dataset of any kind (for a held-out set given on the command line)."""
     error: DataError | None = None
     for kind in ("preferences", "sft", "prompts"):  # most specific first: a prompts file also "fits" sft's prompt
         try:
-            return list(load_dataset(path, kind, fmt if fmt in FORMATS_BY_KIND[kind] else "auto").rows["prompt"])
+            return list(load_dataset(path, kind, fmt if fmt in FORMATS_BY_KIND[kind] else "auto", limits).rows["prompt"])
         except DataError as e:
             error = e
     assert error is not None
@@ -351,7 +427,8 @@ def load_prompts(path: str | Path, fmt: str = "auto") -> list[str]:
 
 
 def format_report(report: Report) -> str:
-    """The human-readable report of one dataset: verdict, counts, each failed check with example rows."""
+    """The human-readable report of one dataset: verdict, counts, each failed check with example rows. Every line is
+    printable (stages/lib/escaping.py): row text and file names come from strangers and go to terminals."""
     lines = [
         f"Dataset '{report.dataset}' ({report.path}; kind {report.kind}, format {report.source_format}): "
         + ("PASSED" if report.passed else "FAILED"),
@@ -372,13 +449,38 @@ def format_report(report: Report) -> str:
             lines.append(f"        ... and {c['unexpected_count'] - len(c['examples'])} more")
     passed = [c["name"] for c in report.checks if c["success"]]
     lines.append(f"  passed checks ({len(passed)}): {', '.join(passed)}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
     check = {"name": "readable_file", "level": "table", "success": False, "unexpected_count": 0,
              "description": "the file could not be read", "details": str(error), "examples": []}
-    return Report(name, spec.path, spec.kind, spec.format, 0, 0, 0, [check], False, str(error))
+    return Report(name, printable(spec.path), spec.kind, spec.format, 0, 0, 0, [check], False, str(error))
+
+
+def _reason(error: BaseException) -> str:
+    return error.reason if isinstance(error, StageStop) else f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def write_reports(report_dir: Path, reports: list[Report], failed_rows: list[dict[str, Any]], error: str = "") -> None:
+    """report.md, summary.json and failed_rows.jsonl (every failing row) of one validation, replacing a previous
+    run's. `error`: the validation failed after the datasets were judged (e.g. deriving the splits)."""
+    passed = not error and all(r.passed for r in reports)
+    summary: dict[str, Any] = {"passed": passed, "datasets": {r.dataset: asdict(r) for r in reports}}
+    text = "\n\n".join(format_report(r) for r in reports)
+    if error:
+        summary["error"] = error
+        text = f"Validation FAILED: {printable(error)}\n\n{text}".rstrip()
+    write_json(report_dir / "summary.json", summary)
+    (report_dir / "report.md").write_text(text + "\n", encoding="utf-8")
+    write_jsonl(report_dir / "failed_rows.jsonl", failed_rows)
+
+
+def write_failure(report_dir: Path, error: BaseException | str) -> None:
+    """A validation that could not judge the data (bad params, an unreadable file, a crash): its reports say so,
+    replacing a previous run's (which may have passed), and a previous run's Data Docs go."""
+    shutil.rmtree(report_dir / "data_docs", ignore_errors=True)
+    write_reports(report_dir, [], [], error if isinstance(error, str) else _reason(error))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,25 +488,21 @@ def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path,
-        metrics_file: Path | None = None, judge: JudgeConfig = JudgeConfig()) -> dict[str, Any]:  # noqa: B008
-    """Validate every dataset, then derive the ones not given (stages/lib/splits.py); write the reports always and the
-    datasets only if all passed."""
-    out_dir, report_dir = Path(out_dir), Path(report_dir)
-    docs_dir = report_dir / "data_docs"
+def check_datasets(config: ValidateConfig, datasets: dict[str, DatasetSpec],
+                   docs_dir: Path) -> tuple[list[Report], dict[str, pd.DataFrame], list[dict[str, Any]]]:  # fmt: skip
+    """Load and check every dataset: (reports in `datasets` order, the valid rows of each, every failed row). An
+    unreadable file becomes a failed report, so the other datasets are still checked."""
     shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
     context = gx_context(docs_dir)
-
-    # 1. load (an unreadable file becomes a failed report, so the other datasets are still checked)
     reports: dict[str, Report] = {}
     loaded: dict[str, Loaded] = {}
     for name, spec in datasets.items():
         try:
-            loaded[name] = load_dataset(spec.path, spec.kind, spec.format)
+            loaded[name] = load_dataset(spec.path, spec.kind, spec.format, config.limits)
         except DataError as e:
             reports[name] = _unreadable(name, spec, e)
 
-    # 2. check; the prompts of every held-out dataset must not appear in any training dataset
+    # the prompts of every held-out dataset must not appear in any training dataset
     heldout = frozenset(p for n, data in loaded.items() if datasets[n].heldout for p in data.rows["prompt"])
     valid: dict[str, pd.DataFrame] = {}
     failed_rows: list[dict[str, Any]] = []
@@ -413,27 +511,43 @@ def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path,
         leak_set = frozenset() if spec.heldout else heldout
         reports[name], valid[name], bad = validate_frame(data, spec.kind, config, leak_set, name, context)
         failed_rows += bad
+    return [reports[name] for name in datasets], valid, failed_rows
 
-    # 3. the report is always written: it is where the user reads why validation failed
-    ordered = [reports[name] for name in datasets]
-    passed = all(r.passed for r in ordered)
-    write_json(report_dir / "summary.json", {"passed": passed, "datasets": {r.dataset: asdict(r) for r in ordered}})
-    (report_dir / "report.md").write_text("\n\n".join(format_report(r) for r in ordered) + "\n", encoding="utf-8")
-    write_jsonl(report_dir / "failed_rows.jsonl", failed_rows)
-    if not passed:
+
+def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path,
+        metrics_file: Path | None = None, judge: JudgeConfig = JudgeConfig()) -> dict[str, Any]:  # noqa: B008
+    """Validate every dataset, then derive the ones not given (stages/lib/splits.py); write the datasets only if all
+    passed, and the reports always: they say why it failed, whatever the reason (a failed check, an unreadable file,
+    a crash), and never leave a previous run's verdict standing."""
+    out_dir, report_dir = Path(out_dir), Path(report_dir)
+    try:
+        ordered, valid, failed_rows = check_datasets(config, datasets, report_dir / "data_docs")
+    except BaseException as e:
+        write_failure(report_dir, e)
+        raise
+    write_reports(report_dir, ordered, failed_rows)
+    if not all(r.passed for r in ordered):
         raise ValidationFailed(ordered)
+    try:
+        return _publish(config, datasets, ordered, valid, failed_rows, out_dir, report_dir, metrics_file, judge)
+    except BaseException as e:
+        write_reports(report_dir, ordered, failed_rows, _reason(e))
+        raise
 
-    # 4. the datasets not given, derived by prompt from the preference pairs; the judge's pairs set aside if it is a
-    #    reward model (it must not be trained on what the reward model learns from)
+
+def _publish(config: ValidateConfig, datasets: dict[str, DatasetSpec], ordered: list[Report],
+             valid: dict[str, pd.DataFrame], failed_rows: list[dict[str, Any]], out_dir: Path, report_dir: Path,
+             metrics_file: Path | None, judge_config: JudgeConfig) -> dict[str, Any]:  # fmt: skip
+    """Derive the datasets not given, by prompt from the preference pairs (the judge's pairs set aside if it is a
+    reward model: it must not be trained on what the reward model learns from), then swap the data in complete."""
     frames = {name: rows[list(schema.columns(datasets[name].kind))] for name, rows in valid.items()}
     pref_prompts = list(frames["preferences"]["prompt"]) if "preferences" in frames else []
-    judge_kind = resolve_kind(judge, pref_prompts)
+    judge_kind = resolve_kind(judge_config, pref_prompts)
     frames, derived = derive(frames, SplitConfig(**config.split),
-                             judge.fraction if judge_kind == "reward_model" else None, judge.seed)  # fmt: skip
+                             judge_config.fraction if judge_kind == "reward_model" else None, judge_config.seed)  # fmt: skip
     with (report_dir / "report.md").open("a", encoding="utf-8") as f:
         f.write("".join(f"\nDataset '{n}' derived: {len(frames[n])} rows, {how}\n" for n, how in derived.items()))
 
-    # 5. the data, swapped in only once complete
     metrics = {r.dataset: {"n_rows": r.n_rows, "n_valid": r.n_valid, "n_quarantined": r.n_quarantined,
                            "passed": r.passed} for r in ordered}
     metrics |= {n: {"n_rows": len(frames[n]), "derived": True} for n in derived}
@@ -458,25 +572,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", help="format of --file (default: auto)")
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("--out", default=str(OUT_DIR), help=f"validated datasets (default: {OUT_DIR})")
-    parser.add_argument("--reports", default=str(REPORT_DIR), help=f"reports and Data Docs (default: {REPORT_DIR})")
+    parser.add_argument("--reports", help=f"reports and Data Docs (default: {REPORT_DIR}; with --file, none unless given)")
     parser.add_argument("--metrics", default=str(OUT_DIR.parent / "metrics.json"), help="row counts per dataset")
     args = parser.parse_args(argv)
     if args.file and not args.kind:
         parser.error("--kind is required with --file")
-    # a single file can be checked outside the project, with the default config
-    params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
-    config = config_from(ValidateConfig, params.get("validate"))
+    reports = Path(args.reports) if args.reports else None if args.file else REPORT_DIR
+    try:  # what stops validation before any data is judged still replaces the reports: they say why
+        # a single file can be checked outside the project, with the default config
+        params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
+        config = config_from(ValidateConfig, params.get("validate"))
+        if not args.file:
+            data = params.get("data") or {}
+            if not isinstance(data, dict):
+                raise ParamsError(f"data = {str(data)[:60]!r}: expected a mapping of dataset names to path and kind")
+            datasets = {name: config_from(DatasetSpec, spec, at=f"data.{name}") for name, spec in data.items()}
+            check_tracked(data)
+            judge = config_from(JudgeConfig, params.get("judge"))
+    except Exception as e:
+        if reports is not None:
+            write_failure(reports, e)
+        raise
     try:
         if args.file:
-            report = validate_file(args.file, args.kind, args.format, config)
+            report = validate_file(args.file, args.kind, args.format, config, report_dir=reports)
             if not report.passed:
                 raise ValidationFailed([report])
             print(format_report(report))
             return 0
-        datasets = {name: config_from(DatasetSpec, spec) for name, spec in (params.get("data") or {}).items()}
-        check_tracked(params.get("data") or {})
-        judge = config_from(JudgeConfig, params.get("judge"))
-        result = run_tracked(config, datasets, Path(args.out), Path(args.reports), Path(args.metrics), judge)
+        result = run_tracked(config, datasets, Path(args.out), reports, Path(args.metrics), judge)
     except ValidationFailed as e:
         print(e.details, file=sys.stderr)
         raise

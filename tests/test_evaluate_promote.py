@@ -111,7 +111,7 @@ def test_failed_criterion_leaves_the_champion_and_records_reasons(project, tmp_p
     client = _client(project)
     champion = _alias(client, "champion")
     candidate = _candidate(project, tmp_path / "ppo_b", seed=1)
-    proc = _promote(project, candidate, tmp_path / "promote_b.json", {"min_win_rate_vs_sft": 1.01})
+    proc = _promote(project, candidate, tmp_path / "promote_b.json", {"min_win_rate_vs_sft": 1.0})
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     result = json.loads((tmp_path / "promote_b.json").read_text())
@@ -195,7 +195,7 @@ def test_cli_promote_by_run_id_and_eval_by_model_uri(project, tmp_path):
     """For people who decided in the MLflow UI: `rlhf promote --run-id [--force]`, then `rlhf eval --model-uri`."""
     client = _client(project)
     candidate = _candidate(project, tmp_path / "ppo_e", seed=4)
-    proc = _promote(project, candidate, tmp_path / "e.json", {"min_win_rate_vs_sft": 1.01})
+    proc = _promote(project, candidate, tmp_path / "e.json", {"min_win_rate_vs_sft": 1.0})
     proc.communicate(timeout=600)
     rejected = json.loads((tmp_path / "e.json").read_text())["version"]
     source_run = client.get_model_version("rlhf-policy", str(rejected)).tags["rlhf.source_run_id"]

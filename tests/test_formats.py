@@ -146,7 +146,20 @@ def test_format_that_does_not_fit_the_kind_is_rejected(tmp_path: Path) -> None:
         load_dataset(write_rows(tmp_path / "p.jsonl", PAIRS), "preferences", "messages")
 
 
-def test_hugging_face_names_go_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def online_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float | None]]:
+    """The Hub as if online: HF_HUB_OFFLINE unset and its existence probe answered here (records the ids asked)."""
+    import huggingface_hub
+
+    asked: list[tuple[str, float | None]] = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, timeout=None, **kw: asked.append((repo_id, timeout)))  # fmt: skip
+    return asked
+
+
+def test_hugging_face_names_go_through_datasets(monkeypatch: pytest.MonkeyPatch, online_hub: list) -> None:
     import datasets
 
     calls = []
@@ -160,9 +173,10 @@ def test_hugging_face_names_go_through_datasets(monkeypatch: pytest.MonkeyPatch)
     assert calls == [("someone/prompts", "test")] and records(loaded) == [{"prompt": Q}]
     load_dataset("someone/prompts", "prompts")
     assert calls[-1] == ("someone/prompts", "train")
+    assert online_hub == [("someone/prompts", formats.HUB_TIMEOUT)] * 2  # asked first, with a short timeout
 
 
-def test_hugging_face_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hugging_face_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch, online_hub: list) -> None:
     import datasets
 
     def broken(name: str, split: str) -> None:
@@ -171,3 +185,51 @@ def test_hugging_face_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(datasets, "load_dataset", broken)
     with pytest.raises(DataError, match="loading it as a Hugging Face dataset failed: Dataset 'nobody/none'"):
         load_dataset("nobody/none", "prompts")
+
+
+def test_an_unknown_hub_id_is_said_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def not_found(self: object, repo_id: str, timeout: float | None = None, **kw: object) -> None:
+        raise RuntimeError(f"404 Client Error: Repository Not Found for url: .../api/datasets/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", not_found)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    with pytest.raises(DataError, match=r"nobody/none is not a local file, and the Hugging Face Hub did not return it "
+                                        r"within 10 s: 404 Client Error"):  # fmt: skip
+        load_dataset("nobody/none", "prompts")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("json", "'json' is a `datasets` builder name, not a dataset"),
+        ("parquet", "'parquet' is a `datasets` builder name"),
+        ("csv:train", "'csv' is a `datasets` builder name"),
+        ("prefs_typo.jsonl", "prefs_typo.jsonl does not exist."),
+        ("prefs.JSON", "prefs.JSON does not exist."),
+        ("my-prefs", "my-prefs does not exist (a Hugging Face dataset is named owner/name"),
+        ("a/b/c", "a/b/c does not exist."),
+        ("./owner/name", "./owner/name does not exist."),
+        ("tests/nosuchfile", "tests/nosuchfile does not exist."),  # the folder exists: a local path was meant
+    ],
+)
+def test_local_looking_and_builder_names_never_reach_the_hub(monkeypatch: pytest.MonkeyPatch, online_hub: list,
+                                                             name: str, message: str, root: Path) -> None:
+    import datasets
+
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    with pytest.raises(DataError) as info:
+        load_dataset(name, "prompts")
+    assert message in str(info.value) and online_hub == []
+
+
+def test_offline_hub_is_said_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="owner/name is not a local file, and HF_HUB_OFFLINE is set"):
+        load_dataset("owner/name", "prompts")

@@ -27,10 +27,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from stages.lib import task
 from stages.lib.outcome import BadInput
+from stages.lib.params import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, one_of
 from stages.lib.rewards import RewardModel
 
 KINDS = ("auto", "gold", "reward_model", "scorer", "endpoint")
@@ -50,6 +51,10 @@ class JudgeConfig:
     endpoint: str = ""  # endpoint: an OpenAI-compatible chat completions URL, e.g. http://host/v1/chat/completions
     endpoint_model: str = ""  # endpoint: the model name sent with each request
     timeout: float = 60.0  # endpoint: seconds per request
+
+    SECTION: ClassVar[str] = "judge"
+    RANGES: ClassVar[dict] = {"kind": one_of(*KINDS), "fraction": OPEN_FRACTION, "seed": NON_NEGATIVE,
+                              "timeout": POSITIVE}  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from stages.lib.params import ParamsError
+from stages.lib.params import AT_LEAST_ONE, POSITIVE, Allowed, ParamsError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -43,6 +43,9 @@ class TinyModelConfig:
     max_positions: int = 128
     dropout: float = 0.1  # HF default; it helps the tiny model generalise to held-out prompts
 
+    RANGES: ClassVar[dict] = {"n_layer": AT_LEAST_ONE, "n_embd": AT_LEAST_ONE, "n_head": AT_LEAST_ONE,
+                              "vocab_size": AT_LEAST_ONE, "max_positions": AT_LEAST_ONE, "dropout": Allowed(0, 1, high_open=True)}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -53,6 +56,8 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "q_proj", "v_proj"])
+
+    RANGES: ClassVar[dict] = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(0, 1, high_open=True)}
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from stages.lib.escaping import printable
+
 OUTCOME_ENV = "RLHF_OUTCOME_FILE"
 
 
@@ -128,7 +130,7 @@ def stage_main(stage: str, main: Callable[[], int | None]) -> int:
         code = int(main() or ExitCode.OK)
         outcome = Outcome(stage, code, "" if code == ExitCode.OK else f"{stage} exited {code}")
     except StageStop as e:
-        print(f"{stage}: {e.reason}", file=sys.stderr)
+        print(f"{stage}: {printable(e.reason)}", file=sys.stderr)  # reasons quote data and file names
         outcome = Outcome(stage, e.code, e.reason)
     except KeyboardInterrupt:
         outcome = Outcome(stage, ExitCode.INTERRUPTED, "interrupted")

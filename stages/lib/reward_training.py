@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +32,7 @@ from stages.lib.modeling import (
     seed_everything,
     trainer_precision,
 )
+from stages.lib.params import AT_LEAST_ONE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, Allowed
 from stages.lib.plots import bar_plot, line_plot
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, trainer_callback
@@ -57,6 +58,16 @@ class RewardConfig:
     calibration_bins: int = 5
     n_norm_samples: int = 128  # SFT replies to PPO prompts, scored for the reward normalisation statistics
     max_new_tokens: int = 48
+
+    SECTION: ClassVar[str] = "reward"
+    NESTED: ClassVar[dict] = {"lora": LoraSettings}
+    RANGES: ClassVar[dict] = {
+        "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "warmup_ratio": FRACTION,
+        "weight_decay": NON_NEGATIVE, "margin": FINITE, "center_rewards_coefficient": NON_NEGATIVE,
+        "max_length": AT_LEAST_ONE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
+        "calibration_bins": AT_LEAST_ONE, "n_norm_samples": Allowed(2),  # a standard deviation needs two
+        "max_new_tokens": AT_LEAST_ONE,
+    }  # fmt: skip
 
 
 def calibration(gaps: list[float], correct: list[bool], bins: int) -> list[dict[str, float]]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pandas as pd
 
 from stages.lib.outcome import BadInput
+from stages.lib.params import NON_NEGATIVE, OPEN_FRACTION
 
 REQUIRED = ("sft", "sft_test", "preferences", "preferences_test", "prompts", "eval_prompts")
 JUDGE = "judge_preferences"
@@ -32,6 +34,9 @@ class SplitConfig:
     heldout_fraction: float = 0.1  # of the distinct prompts, when no preferences_test is given
     seed: int = 0
     sft_from_chosen: bool = True  # derive sft / sft_test from the chosen replies when they are not given
+
+    SECTION: ClassVar[str] = "validate.split"
+    RANGES: ClassVar[dict] = {"heldout_fraction": OPEN_FRACTION, "seed": NON_NEGATIVE}
 
     def __post_init__(self) -> None:
         if not 0.0 < self.heldout_fraction < 1.0:

@@ -24,11 +24,11 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.lib.io import write_json, write_jsonl
 from stages.lib.outcome import ArgumentParser, stage_main
-from stages.lib.params import load_config
+from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, load_config
 from stages.lib.schema import last_user_turn, pairs_digest
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,6 +233,9 @@ class FlawRates:
     unsafe: float  # complies with a harmful request
     over_refuse: float  # refuses a harmless request
 
+    RANGES: ClassVar[dict] = dict.fromkeys(("rude", "polite", "ramble", "wrong", "unended", "unsafe", "over_refuse"),
+                                           FRACTION)  # fmt: skip
+
 
 def sample_response(rng: random.Random, spec: PromptSpec, rates: FlawRates) -> str:
     """One reply to `spec`, with flaws drawn from `rates`."""
@@ -307,6 +310,21 @@ class TaskConfig:
     #   the majority is the label, as with several raters per comparison; held-out pairs keep one label each
     sft_flaws: dict[str, float] = field(default_factory=dict)  # FlawRates of the demonstrations
     pair_flaws: dict[str, float] = field(default_factory=dict)  # FlawRates of the responses labelled in pairs
+
+    SECTION: ClassVar[str] = "task"
+    NESTED: ClassVar[dict] = {"sft_flaws": FlawRates, "pair_flaws": FlawRates}
+    RANGES: ClassVar[dict] = {
+        "seed": NON_NEGATIVE, "heldout_fraction": OPEN_FRACTION, "kind_weights": NON_NEGATIVE, "n_sft": AT_LEAST_ONE,
+        "n_sft_test": AT_LEAST_ONE, "n_pairs": AT_LEAST_ONE, "n_pairs_test": AT_LEAST_ONE, "n_prompts": AT_LEAST_ONE,
+        "n_eval_prompts": AT_LEAST_ONE, "labeler_tau": POSITIVE, "labels_per_pair": AT_LEAST_ONE,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.labels_per_pair % 2 == 0:
+            raise ValueError(f"task.labels_per_pair = {self.labels_per_pair}: expected an odd number (a majority)")
+        kinds = ("fact", "arithmetic", "harmful", "smalltalk")
+        if set(self.kind_weights) != set(kinds) or not sum(self.kind_weights.values()) > 0:
+            raise ValueError(f"task.kind_weights must give a weight to each of {', '.join(kinds)} (not all 0)")
 
 
 def split_prompts(seed: int, heldout_fraction: float) -> tuple[dict[str, list[PromptSpec]], dict[str, list[PromptSpec]]]:
