@@ -51,7 +51,8 @@ def test_validate_messages_and_a_failing_file(tmp_path):
 
 
 STAGE_SECTIONS = {"lib.task": "task", "validate": "validate", "sft": "sft", "reward": "reward",
-                  "reward_gate": "reward_gate", "ppo": "ppo", "evaluate": "evaluate", "promote": "promote"}  # fmt: skip
+                  "reward_gate": "reward_gate", "ppo": "ppo", "evaluate": "evaluate", "promote": "promote", "dpo": "dpo",
+                  "judge": "judge"}  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
