@@ -401,18 +401,20 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
     pair_rates = FlawRates(**{**DEFAULT_PAIR_FLAWS, **config.pair_flaws})
     train, heldout = split_prompts(config.seed, config.heldout_fraction)
     w = config.kind_weights
-    rng = random.Random(config.seed)
+    def rng(name: str) -> random.Random:  # a stream per file: resizing one file leaves every other file as it was
+        return random.Random(f"{config.seed}-{name}")
+
     files: dict[str, list[dict]] = {
-        "sft.jsonl": make_sft(rng, train, w, sft_rates, config.n_sft),
-        "sft_test.jsonl": make_sft(rng, heldout, w, sft_rates, config.n_sft_test),
+        "sft.jsonl": make_sft(rng("sft"), train, w, sft_rates, config.n_sft),
+        "sft_test.jsonl": make_sft(rng("sft_test"), heldout, w, sft_rates, config.n_sft_test),
     }
-    files["preferences.jsonl"], gaps = make_pairs(rng, train, w, pair_rates, config.n_pairs, config.labeler_tau,
-                                                  config.labels_per_pair)  # fmt: skip
-    files["preferences_test.jsonl"], gaps_test = make_pairs(
-        rng, heldout, w, pair_rates, config.n_pairs_test, config.labeler_tau
-    )
-    files["prompts.jsonl"] = [{"prompt": _draw(rng, train, w).text} for _ in range(config.n_prompts)]
-    files["eval_prompts.jsonl"] = [{"prompt": _draw(rng, heldout, w).text} for _ in range(config.n_eval_prompts)]
+    files["preferences.jsonl"], gaps = make_pairs(rng("preferences"), train, w, pair_rates, config.n_pairs,
+                                                  config.labeler_tau, config.labels_per_pair)  # fmt: skip
+    files["preferences_test.jsonl"], gaps_test = make_pairs(rng("preferences_test"), heldout, w, pair_rates,
+                                                            config.n_pairs_test, config.labeler_tau)  # fmt: skip
+    train_draws, heldout_draws = rng("prompts"), rng("eval_prompts")
+    files["prompts.jsonl"] = [{"prompt": _draw(train_draws, train, w).text} for _ in range(config.n_prompts)]
+    files["eval_prompts.jsonl"] = [{"prompt": _draw(heldout_draws, heldout, w).text} for _ in range(config.n_eval_prompts)]
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     sft_gold = [gold_score(r["prompt"], r["response"]) for r in files["sft.jsonl"]]
