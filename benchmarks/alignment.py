@@ -49,8 +49,10 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
-def one(project: Path, out: Path, estimator: str, seed: int) -> dict:
+def one(project: Path, out: Path, estimator: str, seed: int, overrides: dict | None = None) -> dict:
     params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in (overrides or {}).items():
+        params[section] = {**params.get(section, {}), **values}
     params["ppo"] |= {"estimator": estimator, "seed": seed, "checkpoint_dir": str(out / "checkpoints")}
     params["evaluate"]["seed"] = seed + 1
     out.mkdir(parents=True, exist_ok=True)
