@@ -20,6 +20,11 @@ from stages.lib.environment import quiet
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rlhf"
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces overview ("Traces 0"), as if nothing had been
+# logged. The value is the UI's ExperimentKind for classic training ("Machine learning"); its "..._inferred" values and
+# "no_inferred_type" are the UI's own guesses, which we overwrite, while a kind someone chose is left alone.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 class Tracker(Protocol):
@@ -31,6 +36,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
 
 
 class NullTracker:
@@ -51,6 +57,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        pass
+
 
 class MlflowTracker:
     """A `Tracker` writing to the active MLflow run."""
@@ -61,8 +70,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 
-        flat = {k: (str(v)[:6000]) for k, v in _flatten(params).items()}
-        mlflow.log_params(flat)
+        mlflow.log_params(flat_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
@@ -85,6 +93,38 @@ class MlflowTracker:
 
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (a JSON artifact the UI shows as a table and can compare across runs)."""
+        import mlflow
+
+        if rows:
+            mlflow.log_table({key: [row.get(key) for row in rows] for key in rows[0]}, artifact_file=artifact_file)
+
+
+def flat_params(params: dict[str, Any]) -> dict[str, str]:
+    """Nested params as MLflow params: dotted keys (`ppo.kl_coef`), values as strings within MLflow's 6000 chars.
+    The stages' runs and the pipeline's parent run log them alike, so their columns line up in the UI."""
+    return {k: str(v)[:6000] for k, v in _flatten(params).items()}
+
+
+def ensure_experiment(name: str, artifact_root: str | None = None, client: Any = None) -> str:
+    """The id of experiment `name`, created if missing, with the kind that makes MLflow's UI open it on its runs."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_root, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another stage or pipeline
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    kind = found.tags.get(EXPERIMENT_KIND_TAG, "")
+    if kind != TRAINING_KIND and (not kind or kind.endswith("_inferred") or kind == "no_inferred_type"):
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
+
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -104,7 +144,7 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
 
     quiet()
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
     where = {"rlhf.host": socket.gethostname()}
     if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/containers.py)
