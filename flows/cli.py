@@ -98,7 +98,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             print(f"nothing of the stack in {config.home} was running")
         return ExitCode.OK
     elif args.action == "restart":
-        stack.restart(config, args.service)
+        stack.restart(config, args.service, args.down_for)
     elif args.action == "env":
         print("\n".join(f"export {k}={v}" for k, v in stack.client_env(Path.cwd(), config.dir).items()))
         return ExitCode.OK
@@ -142,6 +142,8 @@ def _stack_parser(sub: argparse._SubParsersAction) -> None:
             from flows.stack import SERVICES
 
             a.add_argument("service", choices=SERVICES)
+            a.add_argument("--down-for", type=float, default=0.0, metavar="SECONDS",
+                           help="keep it down this long before starting it again (a fault drill)")
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:

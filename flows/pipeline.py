@@ -30,7 +30,13 @@ from prefect.states import Failed, State
 from flows.orchestrate import plan, prepare, run_pipeline, stage_env
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
-from stages.lib.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, ensure_experiment, flat_params
+from stages.lib.tracking import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_TRACKING_URI,
+    ensure_experiment,
+    flat_params,
+    server_unreachable,
+)
 
 FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
@@ -59,6 +65,7 @@ def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | Non
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     # A sqlite store puts a new experiment's artifacts under ./mlruns of the *current* directory: pin the project's.
     experiment_id = ensure_experiment(experiment, artifact_root, client)
+    end_stale_runs(client, experiment_id, flow_run_over)
     previous = client.search_runs([experiment_id], f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'", max_results=1,
                                   order_by=["attributes.start_time DESC"])  # fmt: skip
     name = run_name(tags, params, previous[0].data if previous else None)
@@ -228,6 +235,41 @@ def headline_metrics(project: Path, stage: str) -> dict[str, float]:
     return out
 
 
+def flow_run_over(flow_run_id: str) -> bool:
+    """The Prefect flow run is in a final state (or unknown to this server); False when it runs or cannot be asked."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except (ObjectNotFound, ValueError):
+        return True
+    except Exception:  # noqa: BLE001 (the Prefect server is away: assume it runs, end nothing)
+        return False
+    return state is None or state.is_final()
+
+
+def end_stale_runs(client: Any, experiment_id: str, over: Callable[[str], bool]) -> list[str]:
+    """End FAILED the pipeline runs left RUNNING by a flow that is over (its process was killed, or MLflow was away
+    when it ended) and their stage runs, so the runs table says no pipeline runs when none does; returns their ids."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    parents = {r.info.run_id: r for r in running if r.data.tags.get("rlhf.stage") == PARENT_STAGE_TAG}
+    stale = {i for i, r in parents.items() if over(r.data.tags.get("prefect.flow_run_id", ""))}
+    for run in running:
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if parent_id and parent_id not in parents and client.get_run(parent_id).info.status != "RUNNING":
+            stale.add(run.info.run_id)  # a stage run whose pipeline already ended
+        elif parent_id in stale:
+            stale.add(run.info.run_id)
+    for run_id in stale:
+        client.set_tag(run_id, "rlhf.ended_by", "a later pipeline run: this run's flow was over")
+        client.set_terminated(run_id, "FAILED")
+    return sorted(stale)
+
+
 def _end_orphans(tracking_uri: str, parent_run_id: str) -> list[str]:
     """End FAILED any stage run still RUNNING under the parent: its stage was killed, or the tracking server was
     away when it ended. The flow runs its stages one after another, so none is still working."""
@@ -241,6 +283,18 @@ def _end_orphans(tracking_uri: str, parent_run_id: str) -> list[str]:
         client.set_tag(run.info.run_id, "rlhf.ended_by", "the pipeline flow: the stage left its run RUNNING")
         client.set_terminated(run.info.run_id, "FAILED")
     return [r.info.run_id for r in orphans]
+
+
+def _quietly(what: str, record: Callable[..., Any], *args: Any) -> Any:
+    """Bookkeeping on the parent run that must not end the flow when the tracking server is away (the stages' own
+    runs say what they did): a warning in the flow's log instead."""
+    try:
+        return record(*args)
+    except Exception as e:
+        if not server_unreachable(e):
+            raise
+        get_run_logger().warning("MLflow did not answer: %s not recorded (%s)", what, str(e).splitlines()[0][:300])
+        return None
 
 
 def _log_stage_numbers(tracking_uri: str, run_id: str, project: Path, result: StageResult) -> None:
@@ -377,8 +431,9 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
             artifacts.append(key)
         if not result.stopped:
             if digest := stage_hash(project, result.stage):
-                _tag_parent(tracking_uri, parent_run_id, {f"dvc.stage.{result.stage}": digest})
-            _log_stage_numbers(tracking_uri, parent_run_id, project, result)
+                _quietly("the stage's dvc.lock hash", _tag_parent, tracking_uri, parent_run_id,
+                         {f"dvc.stage.{result.stage}": digest})  # fmt: skip
+            _quietly("the stage's numbers", _log_stage_numbers, tracking_uri, parent_run_id, project, result)
 
     status = "FAILED"
     try:
@@ -389,15 +444,16 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
                    "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results}}  # fmt: skip
         if (stop := pipeline.stopped) is not None:
             outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
-            _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage,
-                                                      "rlhf.reason": stop.reason})  # fmt: skip
+            _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
+                     {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason})
             return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
-        _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
+        _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
+                 {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
         status = "FINISHED"
         logger.info(pipeline.summary())
         return summary
-    finally:
-        _end_orphans(tracking_uri, parent_run_id)
-        _tag_parent(tracking_uri, parent_run_id, {}, status=status)
+    finally:  # a parent left RUNNING here (MLflow away) is ended by the next pipeline run (end_stale_runs)
+        _quietly("ending stage runs left RUNNING", _end_orphans, tracking_uri, parent_run_id)
+        _quietly("the parent run's status", _tag_parent, tracking_uri, parent_run_id, {}, status)
 

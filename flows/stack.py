@@ -470,8 +470,6 @@ def _start_sshd(config: StackConfig, procs: dict[str, list[int]]) -> None:
     ssh = _owned_dir(config, config.home / "ssh")
     _owned_dir(config, config.home / "dvc-remote", 0o755)
     _ssh_keys(config)
-    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server") if Path(p).exists()),
-                "internal-sftp")  # fmt: skip
     (ssh / "sshd_config").write_text(f"""\
 # written by `rlhf stack up`: the DVC remote, key login only, loopback by default
 Port {config.ssh_port}
@@ -491,7 +489,8 @@ AllowAgentForwarding no
 PermitTTY no
 # the key files sit in the stack's folder, whose parents the service user does not own
 StrictModes no
-Subsystem sftp {sftp}
+# in sshd itself: an external sftp-server would start through the user's shell, which is nologin
+Subsystem sftp internal-sftp
 """)
     _chown(config, ssh / "sshd_config")
     _spawn(config, procs, "dvc-remote", [_tool("sshd", "/usr/sbin"), "-D", "-e", "-f", str(ssh / "sshd_config")],
@@ -623,13 +622,14 @@ def down(config: StackConfig, echo: Callable[[str], None] = print) -> list[str]:
     return stopped
 
 
-def restart(config: StackConfig, name: str, echo: Callable[[str], None] = print) -> float:
-    """Stop one service and start it again (what a crash and a supervisor's restart look like); returns the seconds
-    it was away."""
+def restart(config: StackConfig, name: str, down_for: float = 0.0, echo: Callable[[str], None] = print) -> float:
+    """Stop one service, keep it down `down_for` seconds, start it again (a crash and a supervisor's restart);
+    returns the seconds it was away."""
     procs = dict(_read_state(config.home).get("procs", {}))
     t0 = time.monotonic()
     _stop(config, name, procs)
-    echo(f"stopped {name}; starting it again")
+    echo(f"stopped {name}; starting it again" + (f" in {down_for:.0f} s" if down_for else ""))
+    time.sleep(down_for)
     STARTERS[name](config, procs)
     if name != "postgres":  # _start_postgres waits itself
         _wait(config, name, procs, _timeout())

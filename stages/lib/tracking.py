@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stages.lib.environment import quiet
+from stages.lib.outcome import Unavailable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rlhf"
@@ -139,19 +140,61 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextmanager
 def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-    """Open this stage's MLflow run (nested under RLHF_PARENT_RUN_ID when set); it ends FAILED on an exception."""
+    """Open this stage's MLflow run (nested under RLHF_PARENT_RUN_ID when set); it ends FAILED on an exception.
+
+    A tracking server that goes away is waited for: MLflow retries every call with exponential backoff (about 4 min
+    by default; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR set it). If it is still away,
+    the stage stops as Unavailable (exit 69) with one line, and a rerun records it afresh."""
     import mlflow
 
     quiet()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
+    mlflow.set_tracking_uri(uri := os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
     where = {"rlhf.host": socket.gethostname()}
     if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/containers.py)
         where["rlhf.image"] = image
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
-                          tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
-        yield MlflowTracker(run.info.run_id)
+    try:
+        mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
+                              tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
+            yield MlflowTracker(run.info.run_id)
+    except Exception as e:
+        if not server_unreachable(e):
+            raise
+        raise Unavailable(f"the MLflow tracking server {uri} did not answer ({_cause(e)}), even after MLflow's "
+                          f"retries: {stage}'s results are not all recorded there; run it again when the server is "
+                          "back") from e  # fmt: skip
+
+
+def _cause(error: BaseException) -> str:
+    """A few words for why a request failed (MLflow's own message repeats the URL and urllib3's retry state)."""
+    text = str(error)
+    for needle, said in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                         ("RemoteDisconnected", "connection dropped"), ("Connection aborted", "connection dropped"),
+                         ("Connection reset", "connection reset")):  # fmt: skip
+        if needle in text:
+            return said
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """`error` says the tracking server (or the database behind it) did not answer after MLflow's own retries, rather
+    than that a request was wrong: a refused or dropped connection, a timeout, or a 5xx answer."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(error, requests.exceptions.HTTPError):  # artifact uploads and downloads
+        return error.response is not None and error.response.status_code >= 500
+    if isinstance(error, RestException):  # the server answered with an error of its own (its database is away)
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    if isinstance(error, MlflowException):  # raised by MLflow's REST client when its retries ran out
+        message = str(error.message)
+        return message.startswith("API request to") and ("failed with exception" in message
+                                                          or "failed with timeout" in message
+                                                          or "failed with error code 5" in message)  # fmt: skip
+    return False
 
 
 def trainer_callback(tracker: Tracker, prefix: str = ""):
