@@ -243,7 +243,9 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     run = f", parent run {parent_run_id}" if parent_run_id else ""
     if uri.startswith(("http://", "https://")):  # a tracking server: its UI is at the same address
-        print(f"MLflow:   {uri}   (experiment \"rlhf\"{run})")
+        from flows.stack import training_view
+
+        print(f"MLflow:   {training_view(uri, parent_run_id)}")
     else:
         print(f"MLflow:   mlflow ui --backend-store-uri {uri}   (experiment \"rlhf\"{run})")
     promote = project / "artifacts/promote/metrics.json"

@@ -69,7 +69,7 @@ def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | Non
     previous = client.search_runs([experiment_id], f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'", max_results=1,
                                   order_by=["attributes.start_time DESC"])  # fmt: skip
     name = run_name(tags, params, previous[0].data if previous else None)
-    run_id = client.create_run(experiment_id, tags={**tags, "rlhf.changed": name.split(" · ", 2)[-1]},
+    run_id = client.create_run(experiment_id, tags={**tags, "rlhf.changed": name.rsplit(" · ", 2)[0]},
                                run_name=name).info.run_id  # fmt: skip
     try:
         items = [mlflow.entities.Param(k, v) for k, v in params.items()]
@@ -172,8 +172,8 @@ def changed_params(before: dict[str, str], now: dict[str, str]) -> list[str]:
 
 
 def run_name(tags: dict[str, str], params: dict[str, str], previous: Any = None, now: float | None = None) -> str:
-    """A parent run's name a person can tell apart in the runs table: when, which commit, what changed since the
-    previous pipeline run, e.g. `2026-12-02 08:10 · 256f025 · ppo.kl_coef 0.2->0.1`."""
+    """A parent run's name a person can tell apart in the runs table (whose column shows a name's start): what changed
+    since the previous pipeline run, which commit, when; e.g. `ppo.kl_coef 0.2->0.1 · 256f025 · 2026-12-02 08:10`."""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
     commit = tags.get("rlhf.git_commit", "no-git")
     commit = commit[:7] + ("+" if commit.endswith("-dirty") else "")  # +: uncommitted changes
@@ -184,7 +184,7 @@ def run_name(tags: dict[str, str], params: dict[str, str], previous: Any = None,
         what = ", ".join(changes[:2]) + (f" +{len(changes) - 2} more" if len(changes) > 2 else "") or "same params"
         if not changes and previous.params.get("git_commit") not in (None, params.get("git_commit")):
             what = "code changed"
-    return f"{when} · {commit} · {what}"[:200]
+    return f"{what[:150]} · {commit} · {when}"
 
 
 def lineage_tags(project: Path, stages: list[str]) -> dict[str, str]:
@@ -236,20 +236,18 @@ def headline_metrics(project: Path, stage: str) -> dict[str, float]:
 
 
 def flow_run_over(flow_run_id: str) -> bool:
-    """The Prefect flow run is in a final state (or unknown to this server); False when it runs or cannot be asked."""
+    """This Prefect server knows the flow run and says it is over. A flow run it does not know (another server's, e.g.
+    a temporary one) or cannot be asked about counts as running: its MLflow runs are left alone."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
 
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(UUID(flow_run_id)).state
-    except (ObjectNotFound, ValueError):
-        return True
-    except Exception:  # noqa: BLE001 (the Prefect server is away: assume it runs, end nothing)
+    except Exception:  # noqa: BLE001 (not found, not a flow run id, or the server is away: end nothing)
         return False
-    return state is None or state.is_final()
+    return state is not None and state.is_final()
 
 
 def end_stale_runs(client: Any, experiment_id: str, over: Callable[[str], bool]) -> list[str]:

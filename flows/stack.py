@@ -138,6 +138,22 @@ def urls(config: StackConfig) -> dict[str, str]:
             "dvc_keyfile": str(config.home.resolve() / "secrets" / "dvc_ssh_key")}  # fmt: skip
 
 
+def training_view(mlflow_url: str, run_id: str | None = None, experiment: str = "rlhf") -> str:
+    """The MLflow UI's page of the run (or of the experiment) in its "Model training" view. MLflow 3.17's UI keeps a
+    GenAI / Model training switch per browser that starts on GenAI, whatever the experiment's kind, and then opens an
+    experiment on its traces overview ("Traces 0"); a link with ?workflowType=machine_learning opens the runs."""
+    base, view = mlflow_url.rstrip("/"), "?workflowType=machine_learning"
+    query = f"runs/get?run_id={run_id}" if run_id else f"experiments/get-by-name?experiment_name={experiment}"
+    try:
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/{query}", timeout=10) as r:
+            found = json.loads(r.read())
+    except (OSError, urllib.error.URLError, ValueError):  # no such run or experiment yet, or the server is away
+        return f"{base}/#/experiments{view}"
+    if run_id:
+        return f"{base}/#/experiments/{found['run']['info']['experiment_id']}/runs/{run_id}{view}"
+    return f"{base}/#/experiments/{found['experiment']['experiment_id']}{view}"
+
+
 def client_env(project: Path, stack_dir: str | None = None) -> dict[str, str]:
     """MLFLOW_TRACKING_URI and PREFECT_API_URL of the running stack (`rlhf run --stack`); Unavailable if it is down."""
     config = config_from(project, {"dir": stack_dir})
@@ -660,6 +676,8 @@ def format_status(config: StackConfig, services: list[ServiceStatus]) -> str:
     lines = [f"rlhf stack in {config.home}"]
     lines += [f"  {s.name:<11} {'up' if s.up else 'DOWN':<5} {s.address}" + (f"\n{'':19}{s.detail}" if s.detail else "")
               for s in services]  # fmt: skip
+    if services[SERVICES.index("mlflow")].up:
+        lines.append(f"MLflow UI, its training runs: {training_view(config.mlflow_url)}")
     lines += ["use it:  rlhf run --prefect --stack     (or: eval \"$(rlhf stack env)\"; rlhf run --prefect)",
               "remote:  rlhf stack remote             (the project's DVC remote; then dvc push / dvc pull)"]  # fmt: skip
     return "\n".join(lines)
