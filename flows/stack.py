@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -210,21 +211,16 @@ def _stop_process(proc: list[int], grace: float = 30.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, start in victims:
             if start is not None and _start_time(pid) == start:
-                with _ignore_gone():
-                    os.killpg(pid, sig) if pid == proc[0] else os.kill(pid, sig)
+                with suppress(ProcessLookupError, PermissionError):  # it ended meanwhile
+                    if pid == proc[0]:
+                        os.killpg(pid, sig)  # the session `up` started it in
+                    else:
+                        os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s is not None and _start_time(p) == s for p, s in victims):
             time.sleep(0.2)
         if not any(s is not None and _start_time(p) == s for p, s in victims):
             return
-
-
-class _ignore_gone:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, *_: Any) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError | PermissionError)
 
 
 def _as_user(config: StackConfig) -> dict[str, Any]:
@@ -330,8 +326,8 @@ HEALTH: dict[str, Callable[[StackConfig], bool]] = {
 
 def _tool(name: str, *folders: str) -> str:
     """A program from PATH or the folders Debian installs it in (PostgreSQL's server tools are not on PATH there)."""
-    found = shutil.which(name) or next((str(p) for d in folders for p in sorted(Path("/").glob(d.lstrip("/") + "/" +
-                                        name), reverse=True) if os.access(p, os.X_OK)), None)  # fmt: skip
+    candidates = [p for folder in folders for p in sorted(Path("/").glob(f"{folder.lstrip('/')}/{name}"), reverse=True)]
+    found = shutil.which(name) or next((str(p) for p in candidates if os.access(p, os.X_OK)), None)  # newest version
     if not found:
         package = "postgresql" if name in ("initdb", "pg_ctl", "postgres") else "openssh-server"
         raise StackError(f"{name} is not installed: install Debian's {package} (docker/debian-packages.sh does)")
