@@ -158,7 +158,8 @@ def stage_hash(project: Path, stage: str) -> str | None:
 def pipeline_params(project: Path) -> dict[str, str]:
     """The parent run's params: the whole of params.yaml flattened (`ppo.kl_coef`, the same keys the stages log), the
     git commit and the data hash, so the runs table compares pipelines column by column."""
-    params = flat_params(yaml.safe_load((project / "params.yaml").read_text()) or {})
+    path = project / "params.yaml"  # a dvc.yaml pipeline may have none
+    params = flat_params((yaml.safe_load(path.read_text()) or {}) if path.exists() else {})
     return params | {"git_commit": git_commit(project) or "-", "data_md5": data_hash(project) or "-"}
 
 
