@@ -247,8 +247,8 @@ def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.image"] == image
     children = stack.children(parent.info.run_id)
     assert sorted(children) == ["sft", "validate"]
-    for child in children.values():  # run in a container of the image, recorded on the server
-        assert child.data.tags["rlhf.image"] == image and child.data.tags["rlhf.host"] != os.uname().nodename
+    for child in children.values():  # run in a container of the image (on the host's network: its hostname too)
+        assert child.data.tags["rlhf.image"] == image
         assert child.info.status == "FINISHED" and child.info.artifact_uri.startswith("mlflow-artifacts:/")
     served = stack.mlflow.download_artifacts(children["sft"].info.run_id, "model/model.safetensors", str(tmp_path))
     assert Path(served).read_bytes() == (project / "artifacts/sft/model/model.safetensors").read_bytes()
