@@ -132,8 +132,8 @@ def _trainer_steps(kind: str, size: str, steps: int, multiple: int = 1, epoch: b
 
 def _ppo_steps(size: str, steps: int) -> dict:
     """`steps` PPO steps of this project's stage on the size's model (policy = reference = RM = critic init)."""
-    from stages.ppo import PPOConfig, run
     from stages.lib.tracking import NullTracker
+    from stages.ppo import PPOConfig, run
 
     data, model_dir = _data(), _model_dir(size)
     work = Path(tempfile.mkdtemp(prefix="rlhf-scaling-ppo-"))
@@ -190,7 +190,7 @@ def _validate(multiple: int) -> dict:
     specs = {name: validate.DatasetSpec(str(raw / f"{name}.jsonl"), kind) for name, kind in
              (("sft", "sft"), ("sft_test", "sft"), ("preferences", "preferences"),
               ("preferences_test", "preferences"), ("prompts", "prompts"), ("eval_prompts", "prompts"))}  # fmt: skip
-    rows = sum(sum(1 for _ in open(s.path)) for s in specs.values())
+    rows = sum(len(Path(s.path).read_bytes().splitlines()) for s in specs.values())
     out = Path(tempfile.mkdtemp(prefix="rlhf-scaling-validate-"))
     start = time.perf_counter()
     validate.run(validate.ValidateConfig(), specs, out / "data", out / "reports", out / "metrics.json")

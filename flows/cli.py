@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from stages.lib.outcome import ArgumentParser, ExitCode, StageStop
@@ -18,6 +19,8 @@ examples:
   rlhf run --prefect                         the same as a Prefect flow, with one parent MLflow run
   rlhf run --prefect --runner docker         each stage in its own container (make images builds rlhf-stage:cpu)
   rlhf serve --cron "0 3 * * *"              serve the pipeline nightly (needs `prefect server start`)
+  rlhf stack up                              PostgreSQL, Prefect and MLflow servers, a worker, a DVC remote
+  rlhf run --prefect --stack                 the pipeline against that stack (rlhf stack status: the URLs)
   rlhf validate data/prefs.jsonl --kind preferences
   rlhf validate hh.jsonl.gz --kind preferences --format hh
   rlhf validate my.jsonl --kind sft --report r   also write r/report.md, failed_rows.jsonl, data_docs/
@@ -57,6 +60,90 @@ Trigger a run now, from any shell:
   prefect deployment run 'rlhf-pipeline/rlhf-nightly'
 For work pools and workers (process or Docker) use prefect.yaml: prefect deploy --all
 """
+
+
+STACK_HELP = """\
+The services a team runs the pipeline against, on this machine (flows/stack.py):
+  postgres    PostgreSQL (initdb/pg_ctl; as the non-root user rlhf-stack when run as root), both servers' database
+  prefect     `prefect server start` on PostgreSQL: API and UI (default http://127.0.0.1:4200)
+  mlflow      `mlflow server` on PostgreSQL, artifacts proxied through it (default http://127.0.0.1:5000)
+  worker      `prefect worker start --pool rlhf-process`; `up` registers prefect.yaml's rlhf-process deployment
+  dvc-remote  sshd for the project's DVC remote over SSH (`rlhf stack remote` configures it)
+Loopback only unless --host says otherwise. `up` is idempotent; `down` stops everything `up` started.
+
+  rlhf stack up && rlhf run --prefect --stack     # then open the two UIs `rlhf stack status` prints
+  eval "$(rlhf stack env)"                         # MLFLOW_TRACKING_URI and PREFECT_API_URL for any tool
+  prefect deployment run 'rlhf-pipeline/rlhf-process'   # the same pipeline, run by the stack's worker
+"""
+
+
+def _stack_config(args: argparse.Namespace):  # -> flows.stack.StackConfig
+    from flows.stack import config_from
+
+    flags = {k: getattr(args, k, None) for k in ("dir", "host", "pg_port", "prefect_port", "mlflow_port", "ssh_port",
+                                                 "db_user")}  # fmt: skip
+    return config_from(Path.cwd(), flags)
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from flows import stack
+
+    config = _stack_config(args)
+    if args.action == "up":
+        t0 = time.monotonic()
+        stack.up(config, Path.cwd(), deploy=not args.no_deploy)
+        print(f"the stack is up ({time.monotonic() - t0:.1f} s)\n")
+    elif args.action == "down":
+        if not stack.down(config):
+            print(f"nothing of the stack in {config.home} was running")
+        return ExitCode.OK
+    elif args.action == "restart":
+        stack.restart(config, args.service, args.down_for)
+    elif args.action == "env":
+        print("\n".join(f"export {k}={v}" for k, v in stack.client_env(Path.cwd(), config.dir).items()))
+        return ExitCode.OK
+    elif args.action == "remote":
+        stack.configure_remote(config, Path.cwd(), args.name)
+        print(f"DVC remote {args.name!r} (default): {config.remote_url} (key in .dvc/config.local); dvc push / dvc pull")
+        return ExitCode.OK
+    services = stack.status(config)
+    if getattr(args, "json", False):
+        print(json.dumps({"dir": str(config.home), **stack.urls(config),
+                          "services": {s.name: {"up": s.up, "address": s.address} for s in services}}, indent=2))  # fmt: skip
+    else:
+        print(stack.format_status(config, services))
+    return ExitCode.OK if all(s.up for s in services) else ExitCode.UNAVAILABLE
+
+
+def _stack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stack", help="start, stop or inspect the PostgreSQL-backed Prefect and MLflow servers",
+                       description=STACK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ArgumentParser)
+    for name, text in (("up", "start whatever is not running (idempotent)"), ("down", "stop everything up started"),
+                       ("status", "the URLs and whether each service answers (exit 69 if one does not)"),
+                       ("env", "print export lines for MLFLOW_TRACKING_URI and PREFECT_API_URL"),
+                       ("remote", "make the stack's SSH store this project's default DVC remote"),
+                       ("restart", "stop one service and start it again")):  # fmt: skip
+        a = actions.add_parser(name, help=text, description=text)
+        a.add_argument("--dir", help="the stack's folder (default: RLHF_STACK_DIR or .rlhf/stack in the project)")
+        a.set_defaults(func=_cmd_stack)
+        if name == "up":
+            a.add_argument("--host", help="the address every service binds to (default 127.0.0.1: loopback only)")
+            for port, default in (("pg", 5433), ("prefect", 4200), ("mlflow", 5000), ("ssh", 2222)):
+                a.add_argument(f"--{port}-port", type=int, help=f"default {default} (RLHF_STACK_{port.upper()}_PORT)")
+            a.add_argument("--db-user", help="the PostgreSQL role (default rlhf); password: RLHF_STACK_DB_PASSWORD "
+                                             "or generated into <dir>/secrets/db_password")  # fmt: skip
+            a.add_argument("--no-deploy", action="store_true", help="do not register prefect.yaml's deployment")
+        if name == "status":
+            a.add_argument("--json", action="store_true", help="machine-readable")
+        if name == "remote":
+            a.add_argument("--name", default="stack", help="the remote's name (default: stack)")
+        if name == "restart":
+            from flows.stack import SERVICES
+
+            a.add_argument("service", choices=SERVICES)
+            a.add_argument("--down-for", type=float, default=0.0, metavar="SECONDS",
+                           help="keep it down this long before starting it again (a fault drill)")
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
@@ -111,6 +198,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.orchestrate import plan
 
     project = Path.cwd()
+    if args.stack or args.stack_dir:  # before anything imports Prefect, which reads PREFECT_API_URL once
+        from flows.stack import client_env
+
+        os.environ.update(client_env(project, args.stack_dir))
     names = plan(project, args.stages or None)  # an unknown stage is refused before anything is generated
     runner = _runner(args)
     with project_lock(project):
@@ -173,7 +264,12 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     run = f", parent run {parent_run_id}" if parent_run_id else ""
-    print(f"MLflow:   mlflow ui --backend-store-uri {redact_uri(uri)}   (experiment \"rlhf\"{run})")
+    if uri.startswith(("http://", "https://")):  # a tracking server: its UI is at the same address
+        from flows.stack import training_view
+
+        print(f"MLflow:   {training_view(uri, parent_run_id)}")
+    else:
+        print(f"MLflow:   mlflow ui --backend-store-uri {redact_uri(uri)}   (experiment \"rlhf\"{run})")
     promote = project / "artifacts/promote/metrics.json"
     if promote.exists():
         p = json.loads(promote.read_text())
@@ -266,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stages", nargs="*", help="only these stages (and what they need); default: all")
     p.add_argument("--prefect", action="store_true",
                    help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`")  # fmt: skip
+    p.add_argument("--stack", action="store_true",
+                   help="run against the servers `rlhf stack up` started (their MLflow and Prefect URLs)")
+    p.add_argument("--stack-dir", help="the stack's folder, if not the default (implies --stack)")
     _runner_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -275,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="rlhf-nightly", help="the deployment name (default: rlhf-nightly)")
     _runner_options(p)
     p.set_defaults(func=_cmd_serve)
+
+    _stack_parser(sub)
 
     p = sub.add_parser("promote", help="promote the policy registered from an MLflow run (e.g. chosen in the UI)")
     p.add_argument("--run-id", required=True, help="the MLflow run that registered the version (the promote stage's)")

@@ -72,7 +72,7 @@ def plan(project: str | Path = ".", targets: list[str] | None = None) -> list[st
 
 def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     """Generate the embedded default task into data/ when it is missing (it matches data.dvc); True if generated."""
-    if (project / DATA_DIR).exists():
+    if (project / DATA_DIR).exists() or not (project / "params.yaml").exists():
         return False
     from stages.lib import task
 
@@ -89,6 +89,8 @@ def sync_data_deps(project: Path, echo: Callable[[str], None] = print) -> list[s
     the rest of dvc.yaml, comments and layout included, stays as written."""
     from stages.lib.datadeps import covered, local_paths
 
+    if not (project / "params.yaml").exists() or "validate" not in dvc_stages(project):
+        return []  # not this pipeline's layout (a project of the user's own stages): nothing to keep in step
     params = yaml.safe_load((project / "params.yaml").read_text()) or {}
     deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages(project).get("validate", {}).get("deps", [])]
     fixed = [d for d in deps if d == DATA_DIR or d.startswith("stages/")]

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,13 @@ from prefect.states import Failed, State
 from flows.orchestrate import plan, prepare, run_pipeline, stage_env, tracking_uri_for
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
-from stages.lib.tracking import DEFAULT_EXPERIMENT, redact_uri
+from stages.lib.tracking import (
+    DEFAULT_EXPERIMENT,
+    ensure_experiment,
+    flat_params,
+    redact_uri,
+    server_unreachable,
+)
 
 FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
@@ -50,15 +57,29 @@ def state_name(code: int) -> str:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | None, tags: dict[str, str]) -> str:
-    """Open the pipeline's parent MLflow run (each stage's run nests under it); returns its run id."""
+def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | None, tags: dict[str, str],
+                    params: dict[str, str]) -> str:  # fmt: skip
+    """Open the pipeline's parent MLflow run (each stage's run nests under it), named so a person can tell it from
+    the others, with the whole of params.yaml as its params; returns its run id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
     # A sqlite store puts a new experiment's artifacts under ./mlruns of the *current* directory: pin the project's.
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_root)
-    return client.create_run(experiment_id, tags=tags, run_name=PARENT_STAGE_TAG).info.run_id
+    experiment_id = ensure_experiment(experiment, artifact_root, client)
+    end_stale_runs(client, experiment_id, flow_run_over)
+    previous = client.search_runs([experiment_id], f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])  # fmt: skip
+    name = run_name(tags, params, previous[0].data if previous else None)
+    run_id = client.create_run(experiment_id, tags={**tags, "rlhf.changed": name.rsplit(" · ", 2)[0]},
+                               run_name=name).info.run_id  # fmt: skip
+    try:
+        items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=items[i : i + 100])
+    except Exception:
+        client.set_terminated(run_id, "FAILED")  # not a half-made parent left RUNNING
+        raise
+    return run_id
 
 
 def _retry_only_when_busy(_task: Any, _task_run: TaskRun, state: State) -> bool:
@@ -129,6 +150,39 @@ def stage_hash(project: Path, stage: str) -> str | None:
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
+def pipeline_params(project: Path) -> dict[str, str]:
+    """The parent run's params: the whole of params.yaml flattened (`ppo.kl_coef`, the same keys the stages log), the
+    git commit and the data hash, so the runs table compares pipelines column by column."""
+    path = project / "params.yaml"  # a dvc.yaml pipeline may have none
+    params = flat_params((yaml.safe_load(path.read_text()) or {}) if path.exists() else {})
+    return params | {"git_commit": git_commit(project) or "-", "data_md5": data_hash(project) or "-"}
+
+
+def changed_params(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """`key old->new` for each param that differs from the previous pipeline run's (git_commit aside: the name
+    carries it)."""
+    keys = [k for k in now if k != "git_commit" and before.get(k) != now[k]]
+    keys += [k for k in before if k not in now and k != "git_commit"]
+    return [f"{k} {before.get(k, '-')}->{now.get(k, '-')}" if k != "data_md5" else f"data {now.get(k, '-')[:8]}"
+            for k in keys]  # fmt: skip
+
+
+def run_name(tags: dict[str, str], params: dict[str, str], previous: Any = None, now: float | None = None) -> str:
+    """A parent run's name a person can tell apart in the runs table (whose column shows a name's start): what changed
+    since the previous pipeline run, which commit, when; e.g. `ppo.kl_coef 0.2->0.1 · 256f025 · 2026-12-02 08:10`."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
+    commit = tags.get("rlhf.git_commit", "no-git")
+    commit = commit[:7] + ("+" if commit.endswith("-dirty") else "")  # +: uncommitted changes
+    if previous is None or not previous.params:  # no earlier pipeline run (or one from before params were logged)
+        what = "first run"
+    else:
+        changes = changed_params(previous.params, params)
+        what = ", ".join(changes[:2]) + (f" +{len(changes) - 2} more" if len(changes) > 2 else "") or "same params"
+        if not changes and previous.params.get("git_commit") not in (None, params.get("git_commit")):
+            what = "code changed"
+    return f"{what[:150]} · {commit} · {when}"
+
+
 def lineage_tags(project: Path, stages: list[str]) -> dict[str, str]:
     """What the parent run was made from: the git commit, the raw data's hash, the planned stages."""
     tags = {"rlhf.stage": PARENT_STAGE_TAG, "rlhf.stages": ",".join(stages)}
@@ -149,11 +203,104 @@ def _tag_parent(tracking_uri: str, run_id: str, tags: dict[str, str], status: st
         client.set_terminated(run_id, status)
 
 
-def _log_seconds(tracking_uri: str, run_id: str, result: StageResult) -> None:
-    """The stage's wall time in the flow (`dvc repro --single-item`, start-up included) as `seconds.<stage>`."""
+# The numbers that compare pipelines, copied from each stage's metrics.json onto the parent run (the runs table shows
+# them beside params.yaml's columns): {stage: {path in metrics.json: metric name}}; TRL's names where TRL has one.
+HEADLINE: dict[str, dict[str, str]] = {
+    "sft": {"perplexity": "sft/perplexity", "eval_loss": "sft/eval_loss"},
+    "reward": {"accuracy": "reward/accuracy", "rank_agreement_gold": "reward/rank_agreement_gold"},
+    "ppo": {"final.objective/kl": "objective/kl", "final.objective/scores": "objective/scores",
+            "final.objective/rlhf_reward": "objective/rlhf_reward", "steps_done": "ppo/steps_done"},
+    "evaluate": {"win_rate_vs_sft": "win_rate_vs_sft", "rm_win_rate_vs_sft": "rm_win_rate_vs_sft",
+                 "ppo/judge": "ppo/judge", "sft/judge": "sft/judge", "ppo/kl_k1_seq": "ppo/kl_k1_seq",
+                 "alignment_tax": "alignment_tax"},
+    "promote": {"version": "promote/version", "promoted": "promote/promoted",
+                "win_rate_vs_champion": "promote/win_rate_vs_champion"},
+}  # fmt: skip
+
+
+def headline_metrics(project: Path, stage: str) -> dict[str, float]:
+    """The stage's headline numbers (HEADLINE) from its metrics.json, as the parent run's metrics."""
+    found = _read_json(project / "artifacts" / stage / "metrics.json") or {}
+    out = {}
+    for path, name in HEADLINE.get(stage, {}).items():
+        value: Any = found
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def flow_run_over(flow_run_id: str) -> bool:
+    """This Prefect server knows the flow run and says it is over. A flow run it does not know (another server's, e.g.
+    a temporary one) or cannot be asked about counts as running: its MLflow runs are left alone."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 (not found, not a flow run id, or the server is away: end nothing)
+        return False
+    return state is not None and state.is_final()
+
+
+def end_stale_runs(client: Any, experiment_id: str, over: Callable[[str], bool]) -> list[str]:
+    """End FAILED the pipeline runs left RUNNING by a flow that is over (its process was killed, or MLflow was away
+    when it ended) and their stage runs, so the runs table says no pipeline runs when none does; returns their ids."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    parents = {r.info.run_id: r for r in running if r.data.tags.get("rlhf.stage") == PARENT_STAGE_TAG}
+    stale = {i for i, r in parents.items() if over(r.data.tags.get("prefect.flow_run_id", ""))}
+    for run in running:
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if parent_id and parent_id not in parents and client.get_run(parent_id).info.status != "RUNNING":
+            stale.add(run.info.run_id)  # a stage run whose pipeline already ended
+        elif parent_id in stale:
+            stale.add(run.info.run_id)
+    for run_id in stale:
+        client.set_tag(run_id, "rlhf.ended_by", "a later pipeline run: this run's flow was over")
+        client.set_terminated(run_id, "FAILED")
+    return sorted(stale)
+
+
+def _end_orphans(tracking_uri: str, parent_run_id: str) -> list[str]:
+    """End FAILED any stage run still RUNNING under the parent: its stage was killed, or the tracking server was
+    away when it ended. The flow runs its stages one after another, so none is still working."""
     import mlflow
 
-    mlflow.MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, f"seconds.{result.stage}", result.seconds)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    parent = client.get_run(parent_run_id)
+    orphans = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                 "attributes.status = 'RUNNING'")  # fmt: skip
+    for run in orphans:
+        client.set_tag(run.info.run_id, "rlhf.ended_by", "the pipeline flow: the stage left its run RUNNING")
+        client.set_terminated(run.info.run_id, "FAILED")
+    return [r.info.run_id for r in orphans]
+
+
+def _quietly(what: str, record: Callable[..., Any], *args: Any) -> Any:
+    """Bookkeeping on the parent run that must not end the flow when the tracking server is away (the stages' own
+    runs say what they did): a warning in the flow's log instead."""
+    try:
+        return record(*args)
+    except Exception as e:
+        if not server_unreachable(e):
+            raise
+        get_run_logger().warning("MLflow did not answer: %s not recorded (%s)", what, str(e).splitlines()[0][:300])
+        return None
+
+
+def _log_stage_numbers(tracking_uri: str, run_id: str, project: Path, result: StageResult) -> None:
+    """On the parent run: the stage's wall time in the flow (`dvc repro --single-item`, start-up included) as
+    `seconds.<stage>`, and its headline metrics (also when DVC skipped it: they describe this pipeline's outputs)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    metrics = [mlflow.entities.Metric(f"seconds.{result.stage}", result.seconds, int(time.time() * 1000), 0)]
+    metrics += [mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+                for k, v in headline_metrics(project, result.stage).items()]  # fmt: skip
+    client.log_batch(run_id, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,21 +413,22 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
                                            "prefect.flow_run_name": str(flow_run.name), "rlhf.runner": runner}  # fmt: skip
     if runner == "docker":
         tags["rlhf.image"] = image
-    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags)
+    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags, pipeline_params(project))
     logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, redact_uri(tracking_uri), experiment)
 
     artifacts: list[str] = []
 
     def after(result: StageResult) -> None:
         """The flow's hooks: the stage's Prefect artifact (a gate's report says why it stopped: published then
-        too), its dvc.lock hash and wall time on the parent run."""
+        too), its dvc.lock hash, wall time and headline metrics on the parent run."""
         publish = PUBLISHERS.get(result.stage)
         if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
             artifacts.append(key)
         if not result.stopped:
             if digest := stage_hash(project, result.stage):
-                _tag_parent(tracking_uri, parent_run_id, {f"dvc.stage.{result.stage}": digest})
-            _log_seconds(tracking_uri, parent_run_id, result)
+                _quietly("the stage's dvc.lock hash", _tag_parent, tracking_uri, parent_run_id,
+                         {f"dvc.stage.{result.stage}": digest})  # fmt: skip
+            _quietly("the stage's numbers", _log_stage_numbers, tracking_uri, parent_run_id, project, result)
 
     status = "FAILED"
     try:
@@ -291,14 +439,16 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
                    "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results}}  # fmt: skip
         if (stop := pipeline.stopped) is not None:
             outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
-            _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage,
-                                                      "rlhf.reason": stop.reason})  # fmt: skip
+            _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
+                     {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason})
             return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
-        _tag_parent(tracking_uri, parent_run_id, {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
+        _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
+                 {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
         status = "FINISHED"
         logger.info(pipeline.summary())
         return summary
-    finally:
-        _tag_parent(tracking_uri, parent_run_id, {}, status=status)
+    finally:  # a parent left RUNNING here (MLflow away) is ended by the next pipeline run (end_stale_runs)
+        _quietly("ending stage runs left RUNNING", _end_orphans, tracking_uri, parent_run_id)
+        _quietly("the parent run's status", _tag_parent, tracking_uri, parent_run_id, {}, status)
 

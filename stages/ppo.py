@@ -617,6 +617,7 @@ def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpoi
         tracker.set_tags({"rlhf.outcome": outcome, "rlhf.reason": reason, "rlhf.kept": f"step {kept}: {why}"})
         for name in ("metrics.json", "kl.csv", "monitor.csv", "samples.jsonl", "curves.png", "model"):
             tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
+        tracker.log_table(state.samples, "ppo_samples.json")  # the UI shows how the replies changed, step by step
     accelerator.wait_for_everyone()
     return result
 

@@ -9,6 +9,8 @@ import pytest
 
 from stages.lib.environment import quiet
 
+pytest_plugins = ["tests.stack_fixtures"]  # the session's stack for tests/test_stack.py and tests/test_ui.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 quiet()

@@ -238,6 +238,26 @@ def test_whole_flow_with_the_docker_runner(image, tmp_path):
     assert again.stdout.count("didn't change, skipping") == len(stages)  # DVC in the container skips them all
 
 
+@pytest.mark.stack
+def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
+    """`--runner docker` against the stack (tests/stack_fixtures.py): each container's stage logs to the stack's MLflow
+    server on the host's loopback (`--network host`), its artifacts go through the server's proxy."""
+    project = make_project(tmp_path / "p", _overrides(PASSING))
+    proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image, "--stack-dir",
+                str(stack.config.home), "sft"], project, timeout=1800)  # fmt: skip
+    assert "ran: validate, sft;" in proc.stdout, proc.stdout
+    parent = next(p for p in stack.parents() if p.data.tags.get("rlhf.runner") == "docker")
+    assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.image"] == image
+    children = stack.children(parent.info.run_id)
+    assert sorted(children) == ["sft", "validate"]
+    for child in children.values():  # run in a container of the image (on the host's network: its hostname too)
+        assert child.data.tags["rlhf.image"] == image
+        assert child.info.status == "FINISHED" and child.info.artifact_uri.startswith("mlflow-artifacts:/")
+    served = stack.mlflow.download_artifacts(children["sft"].info.run_id, "model/model.safetensors", str(tmp_path))
+    assert Path(served).read_bytes() == (project / "artifacts/sft/model/model.safetensors").read_bytes()
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+
 def test_docker_work_pool_deployment_runs_the_flow_in_the_image(image, tmp_path):
     """prefect.yaml's rlhf-docker deployment on a real server, served by a real Docker worker: the flow run itself
     runs in the stage image, with the checkout mounted at /workspace."""

@@ -133,7 +133,7 @@ def test_plan_has_no_hard_coded_stages(tmp_path):
 def test_prefect_yaml_deploys_the_flow():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"rlhf-process", "rlhf-docker", "rlhf-docker-gpu"}
+    assert set(deployments) == {"rlhf-process", "rlhf-docker", "rlhf-docker-gpu", "rlhf-kubernetes-gpu"}
     assert {d["entrypoint"] for d in deployments.values()} == {"flows/pipeline.py:rlhf_pipeline"}
     path, name = deployments["rlhf-process"]["entrypoint"].split(":")
     assert (ROOT / path).exists() and getattr(__import__("flows.pipeline", fromlist=[name]), name) is rlhf_pipeline

@@ -18,9 +18,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stages.lib.environment import quiet
+from stages.lib.outcome import Unavailable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rlhf"
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces overview ("Traces 0"), as if nothing had been
+# logged. The value is the UI's ExperimentKind for classic training ("Machine learning"); its "..._inferred" values and
+# "no_inferred_type" are the UI's own guesses, which we overwrite, while a kind someone chose is left alone.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 class Tracker(Protocol):
@@ -32,6 +38,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
 
 
 class NullTracker:
@@ -52,6 +59,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        pass
+
 
 class MlflowTracker:
     """A `Tracker` writing to the active MLflow run."""
@@ -62,8 +72,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 
-        flat = {k: (str(v)[:6000]) for k, v in _flatten(params).items()}
-        mlflow.log_params(flat)
+        mlflow.log_params(flat_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
@@ -86,6 +95,38 @@ class MlflowTracker:
 
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (a JSON artifact the UI shows as a table and can compare across runs)."""
+        import mlflow
+
+        if rows:
+            mlflow.log_table({key: [row.get(key) for row in rows] for key in rows[0]}, artifact_file=artifact_file)
+
+
+def flat_params(params: dict[str, Any]) -> dict[str, str]:
+    """Nested params as MLflow params: dotted keys (`ppo.kl_coef`), values as strings within MLflow's 6000 chars.
+    The stages' runs and the pipeline's parent run log them alike, so their columns line up in the UI."""
+    return {k: str(v)[:6000] for k, v in _flatten(params).items()}
+
+
+def ensure_experiment(name: str, artifact_root: str | None = None, client: Any = None) -> str:
+    """The id of experiment `name`, created if missing, with the kind that makes MLflow's UI open it on its runs."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_root, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another stage or pipeline
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    kind = found.tags.get(EXPERIMENT_KIND_TAG, "")
+    if kind != TRAINING_KIND and (not kind or kind.endswith("_inferred") or kind == "no_inferred_type"):
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
+
 
 def redact_uri(uri: str) -> str:
     """`uri` as it may be printed or logged: a password in `user:password@host` shown as ***."""
@@ -105,20 +146,62 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextmanager
 def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-    """Open this stage's MLflow run (nested under RLHF_PARENT_RUN_ID when set); it ends FAILED on an exception."""
+    """Open this stage's MLflow run (nested under RLHF_PARENT_RUN_ID when set); it ends FAILED on an exception.
+
+    A tracking server that goes away is waited for: MLflow retries every call with exponential backoff (about 4 min
+    by default; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR set it). If it is still away,
+    the stage stops as Unavailable (exit 69) with one line, and a rerun records it afresh."""
     import mlflow
 
     quiet()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    mlflow.set_tracking_uri(uri := os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
     # host and pid: a run left RUNNING by a killed process is found and ended by the next pipeline (flows/lifecycle.py)
     where = {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}
     if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/runners.py)
         where["rlhf.image"] = image
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
-                          tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
-        yield MlflowTracker(run.info.run_id)
+    try:
+        mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
+                              tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
+            yield MlflowTracker(run.info.run_id)
+    except Exception as e:
+        if not server_unreachable(e):
+            raise
+        raise Unavailable(f"the MLflow tracking server {uri} did not answer ({_cause(e)}), even after MLflow's "
+                          f"retries: {stage}'s results are not all recorded there; run it again when the server is "
+                          "back") from e  # fmt: skip
+
+
+def _cause(error: BaseException) -> str:
+    """A few words for why a request failed (MLflow's own message repeats the URL and urllib3's retry state)."""
+    text = str(error)
+    for needle, said in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                         ("RemoteDisconnected", "connection dropped"), ("Connection aborted", "connection dropped"),
+                         ("Connection reset", "connection reset")):  # fmt: skip
+        if needle in text:
+            return said
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """`error` says the tracking server (or the database behind it) did not answer after MLflow's own retries, rather
+    than that a request was wrong: a refused or dropped connection, a timeout, or a 5xx answer."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(error, requests.exceptions.HTTPError):  # artifact uploads and downloads
+        return error.response is not None and error.response.status_code >= 500
+    if isinstance(error, RestException):  # the server answered with an error of its own (its database is away)
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    if isinstance(error, MlflowException):  # raised by MLflow's REST client when its retries ran out
+        message = str(error.message)
+        return message.startswith("API request to") and ("failed with exception" in message
+                                                          or "failed with timeout" in message
+                                                          or "failed with error code 5" in message)  # fmt: skip
+    return False
 
 
 def trainer_callback(tracker: Tracker, prefix: str = ""):
