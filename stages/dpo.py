@@ -99,6 +99,9 @@ def run(config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker
             losses = [h["loss"] for h in history if "loss" in h]
             metrics |= {"train_seconds": round(seconds, 2), "n_train": len(rows), "precision": precision,
                         "train_loss": round(losses[-1], 5) if losses else None, **truncated}  # fmt: skip
+        else:  # DVC tracks model/ as the stage's output: say why it holds no policy
+            (tmp / "model").mkdir()
+            (tmp / "model/DISABLED.txt").write_text("dpo.enabled is false in params.yaml: no DPO policy was trained.\n")
         write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
     if config.enabled:

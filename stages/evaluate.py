@@ -122,7 +122,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
     metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n,
                                   res["sft"]["judge_scores"])  # fmt: skip
-    if inputs.dpo is not None and (inputs.dpo / "model").exists():  # the DPO baseline, graded the same way
+    if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
         metrics |= {k: v for k, v in res["dpo"].items() if "/" in k}

@@ -25,3 +25,14 @@ for key, value in {
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def fresh_mlflow_experiment():
+    """A test that ran a stage in process leaves MLflow's active experiment behind (a module global and the
+    MLFLOW_EXPERIMENT_ID variable, both set by mlflow.set_experiment); the next test's store does not have that id."""
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

@@ -30,7 +30,7 @@ from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project
 PASSING: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
     "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1,
-            "n_monitor": 4},
+            "n_monitor": 4, "keep": "last"},  # a trained policy, never step 0: the second run must promote
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
     "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
                 "block_on_overoptimisation": False},

@@ -200,8 +200,9 @@ def test_runner_mounts_the_project_at_its_own_path(tmp_path):
 
 
 def test_missing_image_is_a_clear_error(image, tmp_path):
+    project = make_project(tmp_path / "p", _overrides(PASSING))
     proc = subprocess.run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", "rlhf-stage:nosuch"],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+                          cwd=project, env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == ExitCode.UNAVAILABLE and "make images" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -243,6 +244,7 @@ def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
     """`--runner docker` against the stack (tests/stack_fixtures.py): each container's stage logs to the stack's MLflow
     server on the host's loopback (`--network host`), its artifacts go through the server's proxy."""
     project = make_project(tmp_path / "p", _overrides(PASSING))
+    subprocess.run(["chown", "-R", f"{UID}:{UID}", str(project)], check=True)  # containers never run as root
     proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image, "--stack-dir",
                 str(stack.config.home), "sft"], project, timeout=1800)  # fmt: skip
     assert "ran: validate, sft;" in proc.stdout, proc.stdout

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 OVERRIDES: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
     "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 16, "n_monitor": 4,
-            "checkpoint_every": 1, "threads": 1},
+            "checkpoint_every": 1, "threads": 1, "keep": "last"},  # a ppo param must change the policy (never step 0)
     "evaluate": {"n_prompts": 8, "max_new_tokens": 16},
     "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
                 "block_on_overoptimisation": False},

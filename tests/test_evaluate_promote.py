@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 PASSING = {"reward_gate": OPEN_GATE,
            "ppo": {"num_steps": 3, "batch_size": 16, "ppo_epochs": 2, "response_length": 16,
                    "n_monitor": 8, "checkpoint_every": 1, "learning_rate": 1e-4},
+           "dpo": {"enabled": True, "batch_size": 8, "max_length": 64, "learning_rate": 1e-4},
            "evaluate": {"n_prompts": 24, "max_new_tokens": 16},
            "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9,
                        "max_alignment_tax": 1e9, "block_on_overoptimisation": False}}  # fmt: skip
@@ -107,6 +109,32 @@ def test_pipeline_promotes_and_the_champion_generates_text(project):
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
 
 
+def test_dpo_is_trained_graded_by_the_same_judge_and_a_candidate(project):
+    sft = load_file(project / "artifacts/sft/model/model.safetensors")
+    dpo = load_file(project / "artifacts/dpo/model/model.safetensors")
+    assert any(not torch.equal(dpo[k], sft[k]) for k in sft)  # trained from the SFT model
+    m = json.loads((project / "artifacts/evaluate/metrics.json").read_text())
+    assert 0.0 <= m["dpo_win_rate_vs_sft"] <= 1.0 and m["dpo_win_rate_vs_sft_ci95"] >= 0
+    assert math.isfinite(m["dpo/kl_k1_seq"])  # k1 is an unbiased estimate: near SFT, it can be slightly negative
+    assert "| DPO |" in (project / "artifacts/evaluate/report.md").read_text()
+    result = json.loads((project / "artifacts/promote/metrics.json").read_text())
+    # the registry takes whichever trainer won on the judge's win-rate over SFT (ties go to PPO)
+    assert result["trainer"] == ("dpo" if m["dpo_win_rate_vs_sft"] > m["win_rate_vs_sft"] else "ppo")
+    version = _client(project).get_model_version("rlhf-policy", str(result["version"]))
+    assert version.tags["rlhf.trainer"] == result["trainer"]
+
+
+def test_promotion_candidate_is_the_trainer_that_won():
+    from stages.promote import candidate
+
+    m = {"win_rate_vs_sft": 0.6, "ppo/kl_k1_seq": 1.0, "alignment_tax": 0.1, "overoptimisation": False,
+         "overoptimisation_reason": "", "sft/perplexity": 2.0, "dpo/perplexity": 2.5, "dpo/kl_k1_seq": 3.0}  # fmt: skip
+    assert candidate(m)["trainer"] == "ppo"  # no DPO graded
+    assert candidate(m | {"dpo_win_rate_vs_sft": 0.6})["trainer"] == "ppo"  # a tie keeps PPO
+    won = candidate(m | {"dpo_win_rate_vs_sft": 0.7})
+    assert won["trainer"] == "dpo" and won["kl"] == 3.0 and won["alignment_tax"] == pytest.approx(0.5)
+
+
 def test_failed_criterion_leaves_the_champion_and_records_reasons(project, tmp_path):
     client = _client(project)
     champion = _alias(client, "champion")
@@ -173,7 +201,8 @@ def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_pa
                  "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 5e-4,
                          "num_steps": 10, "checkpoint_every": 2, "n_monitor": 24, "response_length": 32,
                          "threads": 1, "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9}, "keep": "last"},
-                 "promote": {**PASSING["promote"], "block_on_overoptimisation": True}}  # fmt: skip
+                 "promote": {**PASSING["promote"], "block_on_overoptimisation": True},
+                 "dpo": {"enabled": False}}  # fmt: skip  (a DPO policy that beat this PPO would be promoted instead)
     project = make_project(tmp_path / "proj", overrides)
     for name in ("preferences.jsonl", "preferences_test.jsonl"):  # the biased labeler: the longer reply wins
         path = project / "data" / name

@@ -38,7 +38,8 @@ pytestmark = pytest.mark.slow
 
 PASSING: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1},
+    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1,
+            "keep": "last"},  # a tiny run must output a trained policy, never step 0 (keep-best has its own test)
     # used only when params.yaml has these sections (the evaluate and promote stages)
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
     "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,

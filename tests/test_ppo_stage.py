@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 # threads 1: on a loaded 2-core machine torch's spinning worker threads made a run ~6x slower
 TINY_PPO: dict[str, Any] = {"num_steps": 4, "batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 2,
                             "response_length": 12, "checkpoint_every": 1, "sample_every": 2, "n_monitor": 8,
-                            "threads": 1}  # fmt: skip
+                            "threads": 1, "keep": "last"}  # fmt: skip  (keep-best has its own test)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                                         max_positions=64), texts, root / "policy", seed=0)  # fmt: skip
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_experiment("registry-test")
     client = mlflow.MlflowClient()
     with mlflow.start_run():
         ours = find_or_register(client, "rlhf-policy", hf, model_hash(hf), {"rlhf.source_run_id": "test"})

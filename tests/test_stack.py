@@ -282,7 +282,8 @@ def test_mlflow_away_too_long_fails_in_one_line_and_a_rerun_completes(first, tea
 
     rerun = team.run()
     assert "ran: ppo, evaluate, promote" in rerun.stdout, rerun.stdout
-    assert stack.mlflow.get_run(ppo).info.status == "FAILED"  # ended by the rerun, not left RUNNING
+    # ended by the rerun, not left RUNNING: KILLED by flows/lifecycle.py (its process is gone), or FAILED by the flow
+    assert stack.mlflow.get_run(ppo).info.status in ("KILLED", "FAILED")
     _consistent(stack, team)
 
 
