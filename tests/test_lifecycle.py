@@ -98,6 +98,7 @@ def test_kill_9_mid_stage_then_a_rerun_gives_the_uninterrupted_artifacts(tmp_pat
     done = subprocess.run([str(BIN / "rlhf"), "run", "--prefect"], cwd=a, env=e, capture_output=True, text=True,
                           timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Error logging to API" not in done.stdout + done.stderr  # its last logs reached the server before it stopped
 
     proc = subprocess.Popen([str(BIN / "rlhf"), "run", "--prefect"], cwd=b, env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
