@@ -28,6 +28,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"4x256": (4, 256, 4), "6x384": (6, 384, 6), "8x512": (8, 512, 8), "12x768": (12, 768, 12)}
 MULTIPLES = (1, 4, 16)
@@ -193,7 +195,8 @@ def _validate(multiple: int) -> dict:
     rows = sum(len(Path(s.path).read_bytes().splitlines()) for s in specs.values())
     out = Path(tempfile.mkdtemp(prefix="rlhf-scaling-validate-"))
     start = time.perf_counter()
-    validate.run(validate.ValidateConfig(), specs, out / "data", out / "reports", out / "metrics.json")
+    config = validate.ValidateConfig(**yaml.safe_load((ROOT / "params.yaml").read_text())["validate"])  # as make run
+    validate.run(config, specs, out / "data", out / "reports", out / "metrics.json")
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": seconds, "seconds_per_1k_rows": seconds * 1000 / rows}
 
@@ -225,6 +228,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--steps", type=int, default=5, help="training steps per measurement (the first is warm-up)")
     parser.add_argument("--multiples", type=int, nargs="+", default=list(MULTIPLES))
+    parser.add_argument("--sizes-from", metavar="JSON", help="take the model sizes' rows from an earlier results file "
+                        "(measure only the data multiples)")  # fmt: skip
     parser.add_argument("--worker"), parser.add_argument("--args")
     args = parser.parse_args()
     if args.worker:
@@ -233,7 +238,10 @@ def main() -> None:
         return
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
                      "load_before": Path("/proc/loadavg").read_text().split()[:3], "sizes": {}, "data": {}}  # fmt: skip
-    for size in args.sizes:
+    if args.sizes_from:
+        earlier = json.loads(Path(args.sizes_from).read_text())
+        results |= {"sizes": earlier["sizes"], "sizes_measured": earlier["date"]}
+    for size in [] if args.sizes_from else args.sizes:
         row = {"non_embedding_params": n_params(size)}
         for stage in ("sft", "reward", "ppo", "evaluate"):
             row[stage] = child(stage, {"size": size, "steps": args.steps})
