@@ -27,6 +27,27 @@ def root() -> Path:
     return ROOT
 
 
+_MLFLOW_ENV = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_mlflow_uris():
+    """A module that called mlflow.set_tracking_uri (even to put back the URI it found) leaves it pinned in a module
+    global and in MLFLOW_TRACKING_URI, which then beat a later module's environment: both are put back after each
+    module (its own module-scoped fixtures rely on them until then)."""
+    yield
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    tracking._tracking_uri = None
+    registry._registry_uri = None
+    for key, value in _MLFLOW_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def fresh_mlflow_experiment():
     """A test that ran a stage in process leaves MLflow's active experiment behind (a module global and the

@@ -245,12 +245,17 @@ def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
     server on the host's loopback (`--network host`), its artifacts go through the server's proxy."""
     project = make_project(tmp_path / "p", _overrides(PASSING))
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(project)], check=True)  # containers never run as root
-    proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image, "--stack-dir",
-                str(stack.config.home), "sft"], project, timeout=1800)  # fmt: skip
-    assert "ran: validate, sft;" in proc.stdout, proc.stdout
-    parent = next(p for p in stack.parents() if p.data.tags.get("rlhf.runner") == "docker")
+    # its own experiment: tests/test_stack.py expects the session stack's "rlhf" experiment to start with its own runs
+    proc = subprocess.run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image, "--stack-dir",
+                           str(stack.config.home), "sft"], cwd=project, env={**env(), "MLFLOW_EXPERIMENT_NAME": "rlhf-docker"},
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0 and "ran: validate, sft;" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    experiment = stack.mlflow.get_experiment_by_name("rlhf-docker").experiment_id
+    [parent] = stack.mlflow.search_runs([experiment], "tags.`rlhf.stage` = 'pipeline'")
     assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.image"] == image
-    children = stack.children(parent.info.run_id)
+    assert parent.data.tags["rlhf.runner"] == "docker"
+    children = {r.data.tags["rlhf.stage"]: r for r in
+                stack.mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}  # fmt: skip
     assert sorted(children) == ["sft", "validate"]
     for child in children.values():  # run in a container of the image (on the host's network: its hostname too)
         assert child.data.tags["rlhf.image"] == image
