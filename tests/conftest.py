@@ -41,11 +41,7 @@ def fresh_mlflow_uris():
 
     tracking._tracking_uri = None
     registry._registry_uri = None
-    for key, value in _MLFLOW_ENV.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    _put_back(*_MLFLOW_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -56,4 +52,13 @@ def fresh_mlflow_experiment():
     import mlflow.tracking.fluent as fluent
 
     fluent._active_experiment_id = None
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    _put_back("MLFLOW_EXPERIMENT_ID")
+
+
+def _put_back(*keys: str) -> None:
+    """These MLflow variables as they were when the session started."""
+    for key in keys:
+        if _MLFLOW_ENV[key] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = _MLFLOW_ENV[key]

@@ -81,19 +81,20 @@ class Stack:
         return self.prefect("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200,
                                                   "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
 
-    def experiment_id(self) -> str:
-        return self.mlflow.get_experiment_by_name("rlhf").experiment_id
+    def experiment_id(self, experiment: str = "rlhf") -> str:
+        return self.mlflow.get_experiment_by_name(experiment).experiment_id
 
-    def runs(self, query: str = "") -> list[Any]:
-        return self.mlflow.search_runs([self.experiment_id()], query, max_results=1000)
+    def runs(self, query: str = "", experiment: str = "rlhf") -> list[Any]:
+        return self.mlflow.search_runs([self.experiment_id(experiment)], query, max_results=1000)
 
-    def parents(self) -> list[Any]:
+    def parents(self, experiment: str = "rlhf") -> list[Any]:
         """Pipeline runs, newest first."""
-        return self.mlflow.search_runs([self.experiment_id()], "tags.`rlhf.stage` = 'pipeline'",
+        return self.mlflow.search_runs([self.experiment_id(experiment)], "tags.`rlhf.stage` = 'pipeline'",
                                        order_by=["attributes.start_time DESC"])  # fmt: skip
 
-    def children(self, parent_run_id: str) -> dict[str, Any]:
-        return {r.data.tags["rlhf.stage"]: r for r in self.runs(f"tags.mlflow.parentRunId = '{parent_run_id}'")}
+    def children(self, parent_run_id: str, experiment: str = "rlhf") -> dict[str, Any]:
+        return {r.data.tags["rlhf.stage"]: r for r in self.runs(f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                                                 experiment)}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

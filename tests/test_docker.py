@@ -250,12 +250,10 @@ def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
                            str(stack.config.home), "sft"], cwd=project, env={**env(), "MLFLOW_EXPERIMENT_NAME": "rlhf-docker"},
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0 and "ran: validate, sft;" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    experiment = stack.mlflow.get_experiment_by_name("rlhf-docker").experiment_id
-    [parent] = stack.mlflow.search_runs([experiment], "tags.`rlhf.stage` = 'pipeline'")
+    [parent] = stack.parents("rlhf-docker")
     assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.image"] == image
     assert parent.data.tags["rlhf.runner"] == "docker"
-    children = {r.data.tags["rlhf.stage"]: r for r in
-                stack.mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}  # fmt: skip
+    children = stack.children(parent.info.run_id, "rlhf-docker")
     assert sorted(children) == ["sft", "validate"]
     for child in children.values():  # run in a container of the image (on the host's network: its hostname too)
         assert child.data.tags["rlhf.image"] == image
