@@ -26,8 +26,7 @@ data: setup  ## regenerate the embedded default task into data/ (matches data.dv
 run: setup  ## run the whole pipeline on the embedded default task
 	$(BIN)/rlhf run --prefect
 
-test: setup  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
-	$(BIN)/ruff check stages flows tests
+test: lint  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The stage image (docker/Dockerfile): VARIANT=cpu|cuda, BASE_IMAGE (default python:3.11-slim), IMAGE (default
@@ -36,8 +35,9 @@ images:  ## build the stage image; `rlhf run --runner docker` then runs each sta
 	VARIANT='$(VARIANT)' BASE_IMAGE='$(BASE_IMAGE)' IMAGE='$(IMAGE)' EXTRA_CA='$(EXTRA_CA)' TORCH_WHEELS='$(TORCH_WHEELS)' \
 	  docker/build.sh
 
-lint: setup
-	$(BIN)/ruff check stages flows tests
+lint: setup  ## the formatter's check and the linter (line length included) over the whole repository
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 lock: setup  ## refresh constraints.txt from the current environment
 	{ echo "# Lock for the project's environment: pip install -c constraints.txt -e .[dev]"; \

@@ -59,20 +59,75 @@ def one(project: Path, out: Path, estimator: str, seed: int, overrides: dict | N
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     py = [sys.executable, "-m"]
     data, reward = "artifacts/validate/data", "artifacts/reward"
-    seconds, rss = timed([*py, "stages.ppo", "--params", str(out / "params.yaml"), "--data", data, "--sft",
-                          "artifacts/sft/model", "--rm", f"{reward}/model", "--norm", f"{reward}/norm.json",
-                          "--judge", "artifacts/judge/model", "--gate", "", "--out", str(out / "ppo"),
-                          "--no-tracking"], project)  # fmt: skip
-    timed([*py, "stages.evaluate", "--params", str(out / "params.yaml"), "--data", data, "--sft", "artifacts/sft/model",
-           "--policy", str(out / "ppo/model"), "--rm", f"{reward}/model", "--norm", f"{reward}/norm.json",
-           "--judge", "artifacts/judge/model", "--dpo", "artifacts/dpo", "--kl", str(out / "ppo/kl.csv"),
-           "--monitor", str(out / "ppo/monitor.csv"), "--out", str(out / "evaluate")], project)  # fmt: skip
+    seconds, rss = timed(
+        [
+            *py,
+            "stages.ppo",
+            "--params",
+            str(out / "params.yaml"),
+            "--data",
+            data,
+            "--sft",
+            "artifacts/sft/model",
+            "--rm",
+            f"{reward}/model",
+            "--norm",
+            f"{reward}/norm.json",
+            "--judge",
+            "artifacts/judge/model",
+            "--gate",
+            "",
+            "--out",
+            str(out / "ppo"),
+            "--no-tracking",
+        ],
+        project,
+    )
+    timed(
+        [
+            *py,
+            "stages.evaluate",
+            "--params",
+            str(out / "params.yaml"),
+            "--data",
+            data,
+            "--sft",
+            "artifacts/sft/model",
+            "--policy",
+            str(out / "ppo/model"),
+            "--rm",
+            f"{reward}/model",
+            "--norm",
+            f"{reward}/norm.json",
+            "--judge",
+            "artifacts/judge/model",
+            "--dpo",
+            "artifacts/dpo",
+            "--kl",
+            str(out / "ppo/kl.csv"),
+            "--monitor",
+            str(out / "ppo/monitor.csv"),
+            "--out",
+            str(out / "evaluate"),
+        ],
+        project,
+    )
     ev = json.loads((out / "evaluate/metrics.json").read_text())
     ppo = json.loads((out / "ppo/metrics.json").read_text())
-    return {"estimator": estimator, "seed": seed, "win_rate_vs_sft": ev["win_rate_vs_sft"],
-            "win_rate_ci95": ev["win_rate_vs_sft_ci95"], "judge": ev["ppo/judge"], "sft_judge": ev["sft/judge"],
-            "kl": ev["ppo/kl_k1_seq"], "kept_step": ppo["kept_step"], "overoptimisation": ev["overoptimisation"],
-            "ppo_seconds": round(seconds, 1), "ppo_peak_rss_mb": round(rss), "evaluation": ev}  # fmt: skip
+    return {
+        "estimator": estimator,
+        "seed": seed,
+        "win_rate_vs_sft": ev["win_rate_vs_sft"],
+        "win_rate_ci95": ev["win_rate_vs_sft_ci95"],
+        "judge": ev["ppo/judge"],
+        "sft_judge": ev["sft/judge"],
+        "kl": ev["ppo/kl_k1_seq"],
+        "kept_step": ppo["kept_step"],
+        "overoptimisation": ev["overoptimisation"],
+        "ppo_seconds": round(seconds, 1),
+        "ppo_peak_rss_mb": round(rss),
+        "evaluation": ev,
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -88,14 +143,22 @@ def summarise(runs: list[dict]) -> dict:
     ladder = sorted({int(k.split("/")[1]) for e in evaluations for k in e if k.startswith("bon/")})
     for n in ladder:
         values = [e[f"bon/{n}/win_rate_vs_sft"] for e in evaluations]
-        out[f"best-of-{n}"] = {"win_rate_vs_sft": {"mean": statistics.mean(values),
-                                                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0},
-                               "kl": {"mean": evaluations[0][f"bon/{n}/kl"], "sd": 0.0}}  # fmt: skip
+        out[f"best-of-{n}"] = {
+            "win_rate_vs_sft": {
+                "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            },
+            "kl": {"mean": evaluations[0][f"bon/{n}/kl"], "sd": 0.0},
+        }
     if all("dpo_win_rate_vs_sft" in e for e in evaluations):
         values = [e["dpo_win_rate_vs_sft"] for e in evaluations]
-        out["dpo"] = {"win_rate_vs_sft": {"mean": statistics.mean(values),
-                                          "sd": statistics.stdev(values) if len(values) > 1 else 0.0},
-                      "kl": {"mean": statistics.mean(e["dpo/kl_k1_seq"] for e in evaluations), "sd": 0.0}}  # fmt: skip
+        out["dpo"] = {
+            "win_rate_vs_sft": {
+                "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            },
+            "kl": {"mean": statistics.mean(e["dpo/kl_k1_seq"] for e in evaluations), "sd": 0.0},
+        }
     return out
 
 
@@ -113,11 +176,19 @@ def main() -> None:
         for seed in args.seeds:
             runs.append(one(project, Path(args.out) / f"{estimator}-{seed}", estimator, seed))
             r = runs[-1]
-            print(f"{estimator} seed {seed}: win-rate {r['win_rate_vs_sft']:.3f} ±{r['win_rate_ci95']:.3f}, judge "
-                  f"{r['judge']:.3f} (SFT {r['sft_judge']:.3f}), KL {r['kl']:.2f}, kept step {r['kept_step']}, "
-                  f"{r['ppo_seconds']:.0f} s, {r['ppo_peak_rss_mb']} MB", flush=True)  # fmt: skip
-    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "seeds": args.seeds,
-              "summary": summarise(runs), "runs": [{k: v for k, v in r.items() if k != "evaluation"} for r in runs]}
+            print(
+                f"{estimator} seed {seed}: win-rate {r['win_rate_vs_sft']:.3f} ±{r['win_rate_ci95']:.3f}, judge "
+                f"{r['judge']:.3f} (SFT {r['sft_judge']:.3f}), KL {r['kl']:.2f}, kept step {r['kept_step']}, "
+                f"{r['ppo_seconds']:.0f} s, {r['ppo_peak_rss_mb']} MB",
+                flush=True,
+            )
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "seeds": args.seeds,
+        "summary": summarise(runs),
+        "runs": [{k: v for k, v in r.items() if k != "evaluation"} for r in runs],
+    }
     Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 

@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/pipeline.py --project .         # this checkout as it is (unchanged stages skip)
 
 What it measures (all wall-clock, on whatever else the machine is doing: check the load average it records):
-- `wall`: `rlhf run --prefect` end to end (what `make run` runs once the venv exists), temporary Prefect server included;
+- `wall`: `rlhf run --prefect` end to end (what `make run` runs once the venv exists), temporary Prefect server
+  included;
 - per stage, `stage`: the flow task's `dvc repro --single-item` (in the flow's process with the default runner, a
   subprocess with `--runner process`; the parent MLflow run's `seconds.<stage>`), and `compute`: the stage's own MLflow
   run, from its start to its end (its training and evaluation work);
@@ -61,14 +62,17 @@ def stage_times(project: Path) -> dict[str, dict[str, float]]:
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    [parent] = client.search_runs(experiments, "tags.`rlhf.stage` = 'pipeline'", order_by=["start_time DESC"],
-                                  max_results=1)  # fmt: skip
+    [parent] = client.search_runs(
+        experiments, "tags.`rlhf.stage` = 'pipeline'", order_by=["start_time DESC"], max_results=1
+    )
     children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     out: dict[str, dict[str, float]] = {}
     for child in children:
         stage = child.data.tags["rlhf.stage"]
-        out[stage] = {"stage": parent.data.metrics.get(f"seconds.{stage}", float("nan")),
-                      "compute": (child.info.end_time - child.info.start_time) / 1000}  # fmt: skip
+        out[stage] = {
+            "stage": parent.data.metrics.get(f"seconds.{stage}", float("nan")),
+            "compute": (child.info.end_time - child.info.start_time) / 1000,
+        }
     return out
 
 
@@ -83,8 +87,12 @@ def output_hashes(project: Path) -> dict[str, dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="run here instead of a fresh clone of HEAD")
-    parser.add_argument("--runner", choices=["local", "process"], default="local",
-                        help="local: stages in the flow's process (the default); process: one process per stage")  # fmt: skip
+    parser.add_argument(
+        "--runner",
+        choices=["local", "process"],
+        default="local",
+        help="local: stages in the flow's process (the default); process: one process per stage",
+    )
     parser.add_argument("--out", type=Path, help="default: benchmarks/pipeline_results[_process].json")
     args = parser.parse_args(argv)
     out = args.out or ROOT / f"benchmarks/pipeline_results{'_process' if args.runner == 'process' else ''}.json"
@@ -134,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<10} {'stage s':>8} {'compute s':>10}")
     for name, s in result["stages"].items():
         print(f"{name:<10} {s['stage']:>8} {s['compute']:>10}")
-    print(f"wall {result['wall_s']} s; stage compute {result['stage_compute_s']} s; overhead {result['overhead_s']} s "
-          f"({result['overhead_pct_of_compute']}% of compute: Prefect {result['prefect_s']} s, stage start-up "
-          f"{result['stage_startup_s']} s); no-op flow {result['noop_flow_s']} s; no-op dvc repro "
-          f"{result['noop_dvc_repro_s']} s; load {result['loadavg_before']} -> {result['loadavg_after']}")  # fmt: skip
+    print(
+        f"wall {result['wall_s']} s; stage compute {result['stage_compute_s']} s; overhead {result['overhead_s']} s "
+        f"({result['overhead_pct_of_compute']}% of compute: Prefect {result['prefect_s']} s, stage start-up "
+        f"{result['stage_startup_s']} s); no-op flow {result['noop_flow_s']} s; no-op dvc repro "
+        f"{result['noop_dvc_repro_s']} s; load {result['loadavg_before']} -> {result['loadavg_after']}"
+    )
     return 0
 
 

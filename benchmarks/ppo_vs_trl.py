@@ -89,26 +89,32 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
     tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=shape.n_embd, n_layer=shape.n_layer,
-                        n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=VOCAB, eos_token_id=VOCAB, pad_token_id=VOCAB)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=128,
+        n_embd=shape.n_embd,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=VOCAB,
+        eos_token_id=VOCAB,
+        pad_token_id=VOCAB,
+    )
     torch.manual_seed(seed)
     policy = GPT2LMHeadModel(config)
     policy.generation_config.eos_token_id = policy.generation_config.pad_token_id = VOCAB
     # The RM (and the critic initialised from it) gets an embedding row for EOS: our stage's held-out comparison after
     # the timed steps scores `prompt reply EOS`. An embedding lookup costs no FLOPs; the policy cannot sample EOS.
-    rm = GPT2ForSequenceClassification(
-        GPT2Config(**config.to_dict() | {"num_labels": 1, "vocab_size": VOCAB + 1})
-    )
+    rm = GPT2ForSequenceClassification(GPT2Config(**config.to_dict() | {"num_labels": 1, "vocab_size": VOCAB + 1}))
     policy.save_pretrained(root / "sft", safe_serialization=True)
     tokenizer.save_pretrained(root / "sft")
     rm.save_pretrained(root / "reward" / "model", safe_serialization=True)
     tokenizer.save_pretrained(root / "reward" / "model")
     (root / "reward" / "norm.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(
-        0, VOCAB, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g
-    ).tolist()
+    ids = torch.randint(0, VOCAB, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g).tolist()
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "prompt_ids.json").write_text(json.dumps(ids))
     lines = [json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) for row in ids]
@@ -156,7 +162,9 @@ class TimingTracker:
             self.cprofile.disable()
             with open(self.profile_dir / "cprofile.txt", "w") as f:
                 pstats.Stats(self.cprofile, stream=f).sort_stats("cumulative").print_stats(40)
-            self.torch_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+            self.torch_prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+            )
             self.torch_prof.start()
         elif done == 3:
             self.torch_prof.stop()
@@ -164,7 +172,8 @@ class TimingTracker:
             (self.profile_dir / "torch_ops.txt").write_text(table)
             by_shape = self.torch_prof.key_averages(group_by_input_shape=True)  # GFLOP/s per matmul shape
             (self.profile_dir / "torch_ops_by_shape.txt").write_text(
-                by_shape.table(sort_by="self_cpu_time_total", row_limit=40, max_shapes_column_width=80))
+                by_shape.table(sort_by="self_cpu_time_total", row_limit=40, max_shapes_column_width=80)
+            )
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> None: ...
@@ -176,14 +185,33 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
     sys.path.insert(0, str(ROOT))
     from stages.ppo import PPOConfig, run
 
-    config = PPOConfig(seed=0, num_steps=1 + n_batches, batch_size=shape.batch_size, num_mini_batches=shape.num_mini_batches,
-                       ppo_epochs=shape.ppo_epochs, response_length=shape.response_length, temperature=0.7,
-                       checkpoint_every=10**6, keep_checkpoints=1, checkpoint_dir=str(root / "ckpt_ours"), resume="never",
-                       sample_every=10**6, n_monitor=0, threads=2,
-                       kl_guard={"max_kl": 1e9, "max_approxkl": 1e9, "patience": 10**6})  # fmt: skip
+    config = PPOConfig(
+        seed=0,
+        num_steps=1 + n_batches,
+        batch_size=shape.batch_size,
+        num_mini_batches=shape.num_mini_batches,
+        ppo_epochs=shape.ppo_epochs,
+        response_length=shape.response_length,
+        temperature=0.7,
+        checkpoint_every=10**6,
+        keep_checkpoints=1,
+        checkpoint_dir=str(root / "ckpt_ours"),
+        resume="never",
+        sample_every=10**6,
+        n_monitor=0,
+        threads=2,
+        kl_guard={"max_kl": 1e9, "max_approxkl": 1e9, "patience": 10**6},
+    )
     tracker = TimingTracker(profile_dir)
-    run(config, root / "data", root / "sft", root / "reward" / "model", root / "reward" / "norm.json", root / "out_ours",
-        tracker)
+    run(
+        config,
+        root / "data",
+        root / "sft",
+        root / "reward" / "model",
+        root / "reward" / "norm.json",
+        root / "out_ours",
+        tracker,
+    )
     per_batch = [b - a for (a, _, _), (b, _, _) in pairwise(tracker.steps)]
     cpu = [b - a for (_, a, _), (_, b, _) in pairwise(tracker.steps)]
     measured = [m for _, _, m in tracker.steps[1:]]
@@ -218,19 +246,49 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
     rm = AutoModelForSequenceClassification.from_pretrained(root / "reward" / "model", num_labels=1)
     ids = json.loads((root / "prompt_ids.json").read_text())
     train = Dataset.from_dict({"input_ids": ids})
-    args = PPOConfig(output_dir=str(root / "out_trl"), per_device_train_batch_size=shape.batch_size,
-                     gradient_accumulation_steps=1, num_mini_batches=shape.num_mini_batches,
-                     num_ppo_epochs=shape.ppo_epochs, response_length=shape.response_length, temperature=0.7,
-                     stop_token=None, stop_token_id=None, missing_eos_penalty=None,
-                     total_episodes=shape.batch_size * (1 + n_batches), local_rollout_forward_batch_size=shape.batch_size,
-                     num_sample_generations=0, learning_rate=3e-5, kl_coef=0.05, vf_coef=0.1, cliprange=0.2,
-                     cliprange_value=0.2, gamma=1.0, lam=0.95, bf16=False, fp16=False, use_cpu=True, seed=0,
-                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                     dataloader_num_workers=0)  # fmt: skip
+    args = PPOConfig(
+        output_dir=str(root / "out_trl"),
+        per_device_train_batch_size=shape.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=shape.num_mini_batches,
+        num_ppo_epochs=shape.ppo_epochs,
+        response_length=shape.response_length,
+        temperature=0.7,
+        stop_token=None,
+        stop_token_id=None,
+        missing_eos_penalty=None,
+        total_episodes=shape.batch_size * (1 + n_batches),
+        local_rollout_forward_batch_size=shape.batch_size,
+        num_sample_generations=0,
+        learning_rate=3e-5,
+        kl_coef=0.05,
+        vf_coef=0.1,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     timer = StepTimes()
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=rm,
-                         value_model=value, train_dataset=train, eval_dataset=train.select(range(8)),
-                         callbacks=[timer])  # fmt: skip
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=rm,
+        value_model=value,
+        train_dataset=train,
+        eval_dataset=train.select(range(8)),
+        callbacks=[timer],
+    )
     torch.set_num_threads(2)  # again: nothing in the trainer's setup may have changed it
     trainer.train()
     per_batch = [b - a for (a, _), (b, _) in pairwise(timer.stamps)]
@@ -253,9 +311,15 @@ def worker(args: argparse.Namespace) -> None:
         out = run_ours(shape, Path(args.root), args.batches, Path(args.profile) if args.profile else None)
     else:
         out = run_trl(shape, Path(args.root), args.batches)
-    out |= {"peak_gflops": peak, "peak_gflops_after": matmul_peak(), "wall_s": time.perf_counter() - t0,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_before": load_before,
-            "loadavg_after": loadavg()}  # fmt: skip
+    out |= {
+        "peak_gflops": peak,
+        "peak_gflops_after": matmul_peak(),
+        "wall_s": time.perf_counter() - t0,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
     if args.impl == "trl":
         import transformers
         import trl
@@ -288,9 +352,7 @@ def flops(shape: Shape) -> dict[str, float]:
         return B * (2 * (N + (head if with_head else 0)) * S + 4 * L * d * S * S)
 
     prefill = 2 * N * P + 2 * head + 4 * L * d * P * P
-    decode = sum(
-        2 * (N + head) + 4 * L * d * c for c in range(P + 1, P + T)
-    )  # tokens 2..T each need one step
+    decode = sum(2 * (N + head) + 4 * L * d * c for c in range(P + 1, P + T))  # tokens 2..T each need one step
     gen = B * (prefill + decode)
     # critic, reference and reward forwards; both sides take the old log-probs from the generation's logits.
     score = fwd(False) * 2 + fwd(True)
@@ -301,14 +363,29 @@ def flops(shape: Shape) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(
-    python: str, impl: str, shape: str, root: Path, batches: int, profile: Path | None = None
-) -> dict:
-    env = os.environ | {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
-                        "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                        "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = [python, str(Path(__file__).resolve()), "worker", "--impl", impl, "--shape", shape, "--root", str(root),
-           "--batches", str(batches)]  # fmt: skip
+def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, profile: Path | None = None) -> dict:
+    env = os.environ | {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "worker",
+        "--impl",
+        impl,
+        "--shape",
+        shape,
+        "--root",
+        str(root),
+        "--batches",
+        str(batches),
+    ]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     t = time.perf_counter()
@@ -318,9 +395,12 @@ def run_worker(
         print(f"  {impl:4s} {shape}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
         return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-4000:]}
     out = json.loads(lines[-1].removeprefix("RESULT "))
-    print(f"  {impl:4s} {shape}: {statistics.median(out['per_batch']):.2f} s/batch, "
-          f"{statistics.median(out['cpu_per_batch']):.2f} CPU s/batch (process {time.perf_counter() - t:.0f} s; "
-          f"load {out['loadavg_before'][0]:.2f} -> {out['loadavg_after'][0]:.2f})", flush=True)  # fmt: skip
+    print(
+        f"  {impl:4s} {shape}: {statistics.median(out['per_batch']):.2f} s/batch, "
+        f"{statistics.median(out['cpu_per_batch']):.2f} CPU s/batch (process {time.perf_counter() - t:.0f} s; "
+        f"load {out['loadavg_before'][0]:.2f} -> {out['loadavg_after'][0]:.2f})",
+        flush=True,
+    )
     return out
 
 
@@ -338,15 +418,24 @@ def summarise(shape: Shape, impl: str, runs: list[dict]) -> dict[str, Any]:
     tokens = statistics.median([x for r in ok for x in r["response_tokens"]])
     peak = statistics.median([p for r in ok for p in (r["peak_gflops"], r["peak_gflops_after"])])
     f = flops(shape)
-    row: dict[str, Any] = {"shape": shape.name, "impl": impl, "s_per_batch": s, "tokens_per_s": tokens / s,
-                           "response_tokens_per_batch": tokens, "gflop_per_batch": f["total"] / 1e9,
-                           "gflops_achieved": f["total"] / s / 1e9, "peak_gflops": peak,
-                           "pct_of_peak": 100 * f["total"] / s / 1e9 / peak, "n_runs": len(ok),
-                           "n_batches": len(per_batch), "per_batch_s": per_batch,
-                           "cpu_s_per_batch": statistics.median([x for r in ok for x in r["cpu_per_batch"]]),
-                           "cpu_per_batch_s": [x for r in ok for x in r["cpu_per_batch"]],
-                           "peaks_gflops": [(r["peak_gflops"], r["peak_gflops_after"]) for r in ok],
-                           "loadavg_before_after": [(r["loadavg_before"], r["loadavg_after"]) for r in ok]}  # fmt: skip
+    row: dict[str, Any] = {
+        "shape": shape.name,
+        "impl": impl,
+        "s_per_batch": s,
+        "tokens_per_s": tokens / s,
+        "response_tokens_per_batch": tokens,
+        "gflop_per_batch": f["total"] / 1e9,
+        "gflops_achieved": f["total"] / s / 1e9,
+        "peak_gflops": peak,
+        "pct_of_peak": 100 * f["total"] / s / 1e9 / peak,
+        "n_runs": len(ok),
+        "n_batches": len(per_batch),
+        "per_batch_s": per_batch,
+        "cpu_s_per_batch": statistics.median([x for r in ok for x in r["cpu_per_batch"]]),
+        "cpu_per_batch_s": [x for r in ok for x in r["cpu_per_batch"]],
+        "peaks_gflops": [(r["peak_gflops"], r["peak_gflops_after"]) for r in ok],
+        "loadavg_before_after": [(r["loadavg_before"], r["loadavg_after"]) for r in ok],
+    }
     if impl == "ours":
         for k in ("generation", "scoring", "update"):
             t = statistics.median([x for r in ok for x in r["split"][k]])
@@ -367,8 +456,10 @@ def driver(args: argparse.Namespace) -> None:
     rows, profile_files = [], {}
     work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
     load_start = loadavg()
-    print(f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; load {load_start}; work dir {work}",
-          flush=True)  # fmt: skip
+    print(
+        f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; load {load_start}; work dir {work}",
+        flush=True,
+    )
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         root = work / name
@@ -391,11 +482,17 @@ def driver(args: argparse.Namespace) -> None:
         by = {r["impl"]: r for r in rows if r["shape"] == name and "error" not in r}
         if "ours" in by and "trl" in by:
             ratios[name] = by["ours"]["tokens_per_s"] / by["trl"]["tokens_per_s"]
-    result = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": f"{os.cpu_count()} cpus (shared)",
-              "threads": 2, "dtype": "float32", "shapes": {k: asdict(v) for k, v in SHAPES.items()},
-              "rows": rows,
-              "ratio_ours_over_trl_tokens_per_s": ratios, "profile": profile_files,
-              "loadavg_start_end": [load_start, loadavg()]}  # fmt: skip
+    result = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{os.cpu_count()} cpus (shared)",
+        "threads": 2,
+        "dtype": "float32",
+        "shapes": {k: asdict(v) for k, v in SHAPES.items()},
+        "rows": rows,
+        "ratio_ours_over_trl_tokens_per_s": ratios,
+        "profile": profile_files,
+        "loadavg_start_end": [load_start, loadavg()],
+    }
     if args.merge and Path(args.out).exists():  # keep rows of shapes not run this time
         old = json.loads(Path(args.out).read_text())
         done = set(args.shapes.split(","))
@@ -413,20 +510,22 @@ def driver(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict], ratios: dict[str, float]) -> None:
-    head = (f"{'shape':5} {'impl':4} {'s/batch':>8} {'CPU s':>6} {'tok/s':>7} {'ours/TRL':>8} "
-            f"{'gen/score/update s (ours)':>26} {'%peak':>6}")  # fmt: skip
+    head = (
+        f"{'shape':5} {'impl':4} {'s/batch':>8} {'CPU s':>6} {'tok/s':>7} {'ours/TRL':>8} "
+        f"{'gen/score/update s (ours)':>26} {'%peak':>6}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:5} {r['impl']:4} ERROR {r['error']}: {r['stderr_tail'][-300:]}")
             continue
-        split = (
-            f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else ""
-        )
+        split = f"{r['generation_s']:.2f}/{r['scoring_s']:.2f}/{r['update_s']:.2f}" if r["impl"] == "ours" else ""
         ratio = f"{ratios[r['shape']]:.2f}x" if r["impl"] == "ours" and r["shape"] in ratios else ""
         cpu = f"{r['cpu_s_per_batch']:6.2f}" if "cpu_s_per_batch" in r else f"{'-':>6}"  # rows merged from older runs
-        print(f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {cpu} {r['tokens_per_s']:7.0f} "
-              f"{ratio:>8} {split:>26} {r['pct_of_peak']:5.1f}%")  # fmt: skip
+        print(
+            f"{r['shape']:5} {r['impl']:4} {r['s_per_batch']:8.2f} {cpu} {r['tokens_per_s']:7.0f} "
+            f"{ratio:>8} {split:>26} {r['pct_of_peak']:5.1f}%"
+        )
 
 
 def main() -> None:
@@ -439,16 +538,10 @@ def main() -> None:
     w.add_argument("--batches", type=int, default=4)
     w.add_argument("--profile", default=None)
     parser.add_argument("--shapes", default="A,B")
-    parser.add_argument(
-        "--batches", type=int, default=4, help="measured PPO batches per run (after 1 warm-up)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="alternating runs per implementation and shape"
-    )
+    parser.add_argument("--batches", type=int, default=4, help="measured PPO batches per run (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per implementation and shape")
     parser.add_argument("--ours-python", default=None, help="default: this interpreter")
-    parser.add_argument(
-        "--trl-python", default=None, help="python of the TRL 1.9.0 venv; omit to run ours only"
-    )
+    parser.add_argument("--trl-python", default=None, help="python of the TRL 1.9.0 venv; omit to run ours only")
     parser.add_argument("--profile", action="store_true", help="also profile one batch of ours on shape A")
     parser.add_argument("--merge", action="store_true", help="keep other shapes' rows already in --out")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"))

@@ -73,8 +73,14 @@ def _data(multiple: int = 1) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["task"]
     params = {**params, **{k: params[k] * multiple for k in ("n_sft", "n_pairs", "n_prompts")}}
     task.run(task.TaskConfig(**params), out / "raw")
-    for name, kind in (("sft", "sft"), ("sft_test", "sft"), ("preferences", "preferences"),
-                       ("preferences_test", "preferences"), ("prompts", "prompts"), ("eval_prompts", "prompts")):  # fmt: skip
+    for name, kind in (
+        ("sft", "sft"),
+        ("sft_test", "sft"),
+        ("preferences", "preferences"),
+        ("preferences_test", "preferences"),
+        ("prompts", "prompts"),
+        ("eval_prompts", "prompts"),
+    ):
         rows = load_dataset(out / "raw" / f"{name}.jsonl", kind).rows
         write_jsonl(out / f"{name}.jsonl", rows.drop(columns="source_row").to_dict("records"))
     (out / "done").write_text("")
@@ -96,7 +102,8 @@ def _model_dir(size: str) -> Path:
 
 
 def _trainer_steps(kind: str, size: str, steps: int, multiple: int = 1, epoch: bool = False) -> dict:
-    """`steps` SFT or RM steps (or one whole epoch) with the stage's own training code; time per step after the first."""
+    """`steps` SFT or RM steps (or one whole epoch) with the stage's own training code; time per step after the
+    first."""
     from stages import sft
     from stages.lib import reward_training
     from stages.lib.io import read_jsonl
@@ -124,12 +131,19 @@ def _trainer_steps(kind: str, size: str, steps: int, multiple: int = 1, epoch: b
         rows = read_jsonl(data / "preferences.jsonl")
         rows = rows if epoch else rows[: 32 * steps]
         config = reward_training.RewardConfig(epochs=1, logging_steps=1)
-        reward_training.train(config, model_dir, rows, read_jsonl(data / "preferences_test.jsonl")[:32], Clock(), "fp32")
+        reward_training.train(
+            config, model_dir, rows, read_jsonl(data / "preferences_test.jsonl")[:32], Clock(), "fp32"
+        )
     per_step = [b - a for a, b in zip(times, times[1:], strict=False)]
     step = sorted(per_step)[len(per_step) // 2] if per_step else float("nan")
     tok = (tokens[-1] - tokens[0]) / (times[-1] - times[0]) if len(times) > 1 and tokens[-1] else float("nan")
-    return {"seconds_per_step": step, "tokens_per_second": tok, "steps": len(times), "rows": len(rows),
-            "seconds_total": times[-1] - times[0] if len(times) > 1 else float("nan")}  # fmt: skip
+    return {
+        "seconds_per_step": step,
+        "tokens_per_second": tok,
+        "steps": len(times),
+        "rows": len(rows),
+        "seconds_total": times[-1] - times[0] if len(times) > 1 else float("nan"),
+    }
 
 
 def _ppo_steps(size: str, steps: int) -> dict:
@@ -154,9 +168,18 @@ def _ppo_steps(size: str, steps: int) -> dict:
             if "time/step" in metrics:
                 times.append((time.perf_counter(), metrics["tokens/response_len_mean"] * 32))
 
-    config = PPOConfig(num_steps=steps, batch_size=32, response_length=48, checkpoint_every=10**6, keep_checkpoints=1,
-                       checkpoint_dir=str(work / "ckpt"), resume="never", n_monitor=0, keep="last",
-                       kl_guard={"max_kl": 1e9, "max_approxkl": 1e9})  # fmt: skip
+    config = PPOConfig(
+        num_steps=steps,
+        batch_size=32,
+        response_length=48,
+        checkpoint_every=10**6,
+        keep_checkpoints=1,
+        checkpoint_dir=str(work / "ckpt"),
+        resume="never",
+        n_monitor=0,
+        keep="last",
+        kl_guard={"max_kl": 1e9, "max_approxkl": 1e9},
+    )
     run(config, data, model_dir, work / "reward" / "model", work / "reward" / "norm.json", work / "out", Clock())
     per_step = [b - a for (a, _), (b, _) in zip(times, times[1:], strict=False)]
     step = sorted(per_step)[len(per_step) // 2]
@@ -175,8 +198,11 @@ def _evaluate(size: str) -> dict:
     policy, tokenizer = load_causal_lm(model_dir)
     from transformers import AutoModelForSequenceClassification
 
-    rm = RewardModel(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval(), tokenizer,
-                     {"mean": 0.0, "std": 1.0})  # fmt: skip  (a scalar head on the size's backbone: its cost is the point)
+    rm = RewardModel(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval(),
+        tokenizer,
+        {"mean": 0.0, "std": 1.0},
+    )  # a scalar head on the size's backbone: its cost is the point
     rm.model.config.pad_token_id = tokenizer.pad_token_id
     prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")][:128]
     start = time.perf_counter()
@@ -189,9 +215,17 @@ def _validate(multiple: int) -> dict:
     from stages import validate
 
     raw = _data(multiple) / "raw"
-    specs = {name: validate.DatasetSpec(str(raw / f"{name}.jsonl"), kind) for name, kind in
-             (("sft", "sft"), ("sft_test", "sft"), ("preferences", "preferences"),
-              ("preferences_test", "preferences"), ("prompts", "prompts"), ("eval_prompts", "prompts"))}  # fmt: skip
+    specs = {
+        name: validate.DatasetSpec(str(raw / f"{name}.jsonl"), kind)
+        for name, kind in (
+            ("sft", "sft"),
+            ("sft_test", "sft"),
+            ("preferences", "preferences"),
+            ("preferences_test", "preferences"),
+            ("prompts", "prompts"),
+            ("eval_prompts", "prompts"),
+        )
+    }
     rows = sum(len(Path(s.path).read_bytes().splitlines()) for s in specs.values())
     out = Path(tempfile.mkdtemp(prefix="rlhf-scaling-validate-"))
     start = time.perf_counter()
@@ -201,10 +235,13 @@ def _validate(multiple: int) -> dict:
     return {"rows": rows, "seconds": seconds, "seconds_per_1k_rows": seconds * 1000 / rows}
 
 
-WORKERS = {"sft": lambda a: _trainer_steps("sft", a["size"], a["steps"], a.get("multiple", 1), a.get("epoch", False)),
-           "reward": lambda a: _trainer_steps("reward", a["size"], a["steps"]),
-           "ppo": lambda a: _ppo_steps(a["size"], a["steps"]), "evaluate": lambda a: _evaluate(a["size"]),
-           "validate": lambda a: _validate(a["multiple"])}  # fmt: skip
+WORKERS = {
+    "sft": lambda a: _trainer_steps("sft", a["size"], a["steps"], a.get("multiple", 1), a.get("epoch", False)),
+    "reward": lambda a: _trainer_steps("reward", a["size"], a["steps"]),
+    "ppo": lambda a: _ppo_steps(a["size"], a["steps"]),
+    "evaluate": lambda a: _evaluate(a["size"]),
+    "validate": lambda a: _validate(a["multiple"]),
+}
 
 
 # -------------------------------------------------------------------------------------------------------------- driver
@@ -228,16 +265,24 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--steps", type=int, default=5, help="training steps per measurement (the first is warm-up)")
     parser.add_argument("--multiples", type=int, nargs="+", default=list(MULTIPLES))
-    parser.add_argument("--sizes-from", metavar="JSON", help="take the model sizes' rows from an earlier results file "
-                        "(measure only the data multiples)")  # fmt: skip
+    parser.add_argument(
+        "--sizes-from",
+        metavar="JSON",
+        help="take the model sizes' rows from an earlier results file (measure only the data multiples)",
+    )
     parser.add_argument("--worker"), parser.add_argument("--args")
     args = parser.parse_args()
     if args.worker:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(WORKERS[args.worker](json.loads(args.args))))
         return
-    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
-                     "load_before": Path("/proc/loadavg").read_text().split()[:3], "sizes": {}, "data": {}}  # fmt: skip
+    results: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "load_before": Path("/proc/loadavg").read_text().split()[:3],
+        "sizes": {},
+        "data": {},
+    }
     if args.sizes_from:
         earlier = json.loads(Path(args.sizes_from).read_text())
         results |= {"sizes": earlier["sizes"], "sizes_measured": earlier["date"]}
@@ -248,9 +293,10 @@ def main() -> None:
             print(size, stage, row[stage], flush=True)
         results["sizes"][size] = row
     for m in args.multiples:
-        results["data"][f"{m}x"] = {"validate": child("validate", {"multiple": m}),
-                                    "sft_epoch": child("sft", {"size": "4x256", "steps": 0, "multiple": m,
-                                                               "epoch": True})}  # fmt: skip
+        results["data"][f"{m}x"] = {
+            "validate": child("validate", {"multiple": m}),
+            "sft_epoch": child("sft", {"size": "4x256", "steps": 0, "multiple": m, "epoch": True}),
+        }
         print(f"{m}x", results["data"][f"{m}x"], flush=True)
     summarise(results)
     (ROOT / "benchmarks/scaling_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -262,8 +308,12 @@ def summarise(results: dict) -> None:
     sizes = list(results["sizes"])
     params = [results["sizes"][s]["non_embedding_params"] for s in sizes]
     fits: dict = {}
-    for stage, key in (("sft", "seconds_per_step"), ("reward", "seconds_per_step"), ("ppo", "seconds_per_step"),
-                       ("evaluate", "seconds_per_1k_prompts")):  # fmt: skip
+    for stage, key in (
+        ("sft", "seconds_per_step"),
+        ("reward", "seconds_per_step"),
+        ("ppo", "seconds_per_step"),
+        ("evaluate", "seconds_per_1k_prompts"),
+    ):
         if len(sizes) > 1:
             fits[f"{stage}: time ~ params^a"] = round(fit(params, [results["sizes"][s][stage][key] for s in sizes]), 3)
     multiples = [int(m.rstrip("x")) for m in results["data"]]
@@ -285,8 +335,13 @@ def summarise(results: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for stage in ("sft", "reward", "ppo"):
         ax.plot(params, [results["sizes"][s][stage]["seconds_per_step"] for s in sizes], marker="o", label=stage)
-    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters", ylabel="seconds per step (batch 32)",
-           title=f"Stage cost vs model size ({results['cpu']}, 2 threads)")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="non-embedding parameters",
+        ylabel="seconds per step (batch 32)",
+        title=f"Stage cost vs model size ({results['cpu']}, 2 threads)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

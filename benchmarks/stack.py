@@ -63,7 +63,9 @@ def project(dest: Path, overrides: dict, default: bool) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--default", action="store_true", help="the default pipeline (make run's) instead of the tiny one")
+    parser.add_argument(
+        "--default", action="store_true", help="the default pipeline (make run's) instead of the tiny one"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlhf-stack-bench-"))
     work.chmod(0o755)  # the stack's service user reaches its folders through this one
@@ -72,20 +74,43 @@ def main() -> None:
     overrides = {"reward_gate": PASSING["reward_gate"], "promote": PASSING["promote"]} if args.default else PASSING
     stack_dir = work / "stack"
     pg, prefect, ml, ssh = free_ports(4)
-    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model(), "cores": os.cpu_count(),
-              "pipeline": "default" if args.default else "tiny (tests/stack_fixtures.py PASSING)"}  # fmt: skip
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "pipeline": "default" if args.default else "tiny (tests/stack_fixtures.py PASSING)",
+    }
     try:
         result["load_before"] = os.getloadavg()
         embedded = project(work / "embedded", overrides, args.default)
         result["pipeline_embedded_s"] = timed([str(BIN / "rlhf"), "run", "--prefect"], embedded, env)
-        result["stack_up_from_nothing_s"] = timed([str(BIN / "rlhf"), "stack", "up", "--dir", str(stack_dir), "--pg-port",
-                                                   str(pg), "--prefect-port", str(prefect), "--mlflow-port", str(ml),
-                                                   "--ssh-port", str(ssh), "--no-deploy"], work, env)  # fmt: skip
-        result["stack_up_again_s"] = timed([str(BIN / "rlhf"), "stack", "up", "--dir", str(stack_dir), "--no-deploy"],
-                                           work, env)  # fmt: skip
+        result["stack_up_from_nothing_s"] = timed(
+            [
+                str(BIN / "rlhf"),
+                "stack",
+                "up",
+                "--dir",
+                str(stack_dir),
+                "--pg-port",
+                str(pg),
+                "--prefect-port",
+                str(prefect),
+                "--mlflow-port",
+                str(ml),
+                "--ssh-port",
+                str(ssh),
+                "--no-deploy",
+            ],
+            work,
+            env,
+        )
+        result["stack_up_again_s"] = timed(
+            [str(BIN / "rlhf"), "stack", "up", "--dir", str(stack_dir), "--no-deploy"], work, env
+        )
         served = project(work / "served", overrides, args.default)
-        result["pipeline_stack_s"] = timed([str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(stack_dir)], served,
-                                           env)  # fmt: skip
+        result["pipeline_stack_s"] = timed(
+            [str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(stack_dir)], served, env
+        )
         result["load_after"] = os.getloadavg()
     finally:
         result["stack_down_s"] = timed([str(BIN / "rlhf"), "stack", "down", "--dir", str(stack_dir)], work, env)

@@ -1,5 +1,5 @@
-"""Validation of multi-GB input in bounded memory (issue 15): generate big files in a temporary folder, validate each in a
-process of its own, and print the wall time and the peak RSS of that process.
+"""Validation of multi-GB input in bounded memory (issue 15): generate big files in a temporary folder, validate
+each in a process of its own, and print the wall time and the peak RSS of that process.
 
     .venv/bin/python benchmarks/validate_big.py [--gb 3] [--dir /tmp] [--old 256f025]
 
@@ -17,10 +17,10 @@ Measured 2026-12-02 on this repository's machine (Intel(R) Xeon(R) Processor, AV
 24 GiB, Python 3.11.7; load average ~4: other work was running), `--gb 3 --old 256f025` (generation: 125 s):
 
     scenario        file                              seconds  RSS before  peak RSS  outcome
-    big-default     big.jsonl, 3.0 GB                     0.0      555 MB    555 MB  refused at once: more than max_file_bytes
-    big-max-rows    big.jsonl, max_file_bytes 6 GB        3.1      556 MB    649 MB  refused after 200,000 rows (max_rows)
+    big-default     big.jsonl, 3.0 GB                     0.0      555 MB    555 MB  refused at once (max_file_bytes)
+    big-max-rows    big.jsonl, max_file_bytes 6 GB        3.1      556 MB    649 MB  refused after 200,000 rows
     bomb-default    bomb.jsonl.gz, ~3 MB -> 3.0 GB        1.8      555 MB    559 MB  refused after 1 GiB decompressed
-    huge-rows-pass  huge.jsonl, 3.0 GB, 285 rows x 10 MB  3.3      556 MB    595 MB  passed: 20,000 valid, 285 quarantined
+    huge-rows-pass  huge.jsonl, 3.0 GB, 285 rows x 10 MB  3.3      556 MB    595 MB  passed: 20k valid, 285 quarantined
     old-huge-rows   huge.jsonl, the reader at 256f025    31.6      103 MB   8126 MB  read whole (no limit applies)
 
 "RSS before" is the process after its imports (torch through the judge, pandas, Great Expectations), before reading.
@@ -54,7 +54,8 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 try:
     report = validate_file(path, "preferences", config=ValidateConfig(**limits), report_dir=reports)
-    outcome = ("passed" if report.passed else "failed") + f": {report.n_valid} valid, {report.n_quarantined} quarantined"
+    verdict = "passed" if report.passed else "failed"
+    outcome = f"{verdict}: {report.n_valid} valid, {report.n_quarantined} quarantined"
 except DataError as e:
     outcome = "refused: " + str(e)
 print(json.dumps({"seconds": time.perf_counter() - start, "outcome": outcome, "baseline_mb": baseline,
@@ -71,14 +72,23 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 loaded = old.load_dataset(sys.argv[1], "preferences")
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "outcome": f"read: {len(loaded.rows)} rows, {len(loaded.row_errors)} row errors", "baseline_mb": baseline,
+                  "outcome": f"read: {len(loaded.rows)} rows, {len(loaded.row_errors)} row errors",
+                  "baseline_mb": baseline,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def row(i: int) -> bytes:
-    return json.dumps({"prompt": f"What is {i} plus {i + 1}?", "chosen": f"It is {2 * i + 1}.",
-                       "rejected": f"I think it is {2 * i}, or so."}).encode() + b"\n"  # fmt: skip
+    return (
+        json.dumps(
+            {
+                "prompt": f"What is {i} plus {i + 1}?",
+                "chosen": f"It is {2 * i + 1}.",
+                "rejected": f"I think it is {2 * i}, or so.",
+            }
+        ).encode()
+        + b"\n"
+    )
 
 
 def write_big(path: Path, size: int) -> None:
@@ -115,11 +125,20 @@ def write_bomb(path: Path, unpacked: int) -> None:
 
 
 def measure(code: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GX_ANALYTICS_ENABLED": "false"},
+    )
     if proc.returncode != 0:
-        return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "baseline_mb": float("nan"),
-                "outcome": "crashed: " + proc.stderr.strip().splitlines()[-1][:300]}
+        return {
+            "seconds": float("nan"),
+            "peak_rss_mb": float("nan"),
+            "baseline_mb": float("nan"),
+            "outcome": "crashed: " + proc.stderr.strip().splitlines()[-1][:300],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -138,23 +157,38 @@ def main() -> None:
         write_big(files["big"], size)
         write_bomb(files["bomb"], size)
         write_huge_rows(files["huge"], size)
-        print(f"generated in {time.perf_counter() - started:.0f} s: "
-              + ", ".join(f"{p.name} {p.stat().st_size / 1e9:.2f} GB" for p in files.values()))  # fmt: skip
-        scenarios = [("big-default", files["big"], {}), ("big-max-rows", files["big"], {**raised, "max_rows": 200_000}),
-                     ("bomb-default", files["bomb"], {}), ("huge-rows-pass", files["huge"], raised)]  # fmt: skip
+        print(
+            f"generated in {time.perf_counter() - started:.0f} s: "
+            + ", ".join(f"{p.name} {p.stat().st_size / 1e9:.2f} GB" for p in files.values())
+        )
+        scenarios = [
+            ("big-default", files["big"], {}),
+            ("big-max-rows", files["big"], {**raised, "max_rows": 200_000}),
+            ("bomb-default", files["bomb"], {}),
+            ("huge-rows-pass", files["huge"], raised),
+        ]
         results = []
         for name, path, limits in scenarios:
             result = measure(CHILD, str(path), json.dumps(limits), str(tmp_path / f"reports-{name}"))
             results.append((name, path, result))
         if args.old:
             old = tmp_path / "old_formats.py"
-            old.write_text(subprocess.run(["git", "show", f"{args.old}:stages/lib/formats.py"], cwd=ROOT, check=True,
-                                          capture_output=True, text=True).stdout)  # fmt: skip
+            old.write_text(
+                subprocess.run(
+                    ["git", "show", f"{args.old}:stages/lib/formats.py"],
+                    cwd=ROOT,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
             results.append(("old-huge-rows", files["huge"], measure(OLD_CHILD, str(files["huge"]), str(old))))
     print(f"{'scenario':<16} {'file':<14} {'seconds':>8} {'RSS before MB':>14} {'peak RSS MB':>12}  outcome")
     for name, path, r in results:
-        print(f"{name:<16} {path.name:<14} {r['seconds']:>8.1f} {r['baseline_mb']:>14.0f} {r['peak_rss_mb']:>12.0f}  "
-              f"{r['outcome'][:120]}")
+        print(
+            f"{name:<16} {path.name:<14} {r['seconds']:>8.1f} {r['baseline_mb']:>14.0f} {r['peak_rss_mb']:>12.0f}  "
+            f"{r['outcome'][:120]}"
+        )
 
 
 if __name__ == "__main__":

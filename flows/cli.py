@@ -80,8 +80,10 @@ Loopback only unless --host says otherwise. `up` is idempotent; `down` stops eve
 def _stack_config(args: argparse.Namespace):  # -> flows.stack.StackConfig
     from flows.stack import config_from
 
-    flags = {k: getattr(args, k, None) for k in ("dir", "host", "pg_port", "prefect_port", "mlflow_port", "ssh_port",
-                                                 "db_user")}  # fmt: skip
+    flags = {
+        k: getattr(args, k, None)
+        for k in ("dir", "host", "pg_port", "prefect_port", "mlflow_port", "ssh_port", "db_user")
+    }
     return config_from(Path.cwd(), flags)
 
 
@@ -104,26 +106,43 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         return ExitCode.OK
     elif args.action == "remote":
         stack.configure_remote(config, Path.cwd(), args.name)
-        print(f"DVC remote {args.name!r} (default): {config.remote_url} (key in .dvc/config.local); dvc push / dvc pull")
+        print(
+            f"DVC remote {args.name!r} (default): {config.remote_url} (key in .dvc/config.local); dvc push / dvc pull"
+        )
         return ExitCode.OK
     services = stack.status(config)
     if getattr(args, "json", False):
-        print(json.dumps({"dir": str(config.home), **stack.urls(config),
-                          "services": {s.name: {"up": s.up, "address": s.address} for s in services}}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "dir": str(config.home),
+                    **stack.urls(config),
+                    "services": {s.name: {"up": s.up, "address": s.address} for s in services},
+                },
+                indent=2,
+            )
+        )
     else:
         print(stack.format_status(config, services))
     return ExitCode.OK if all(s.up for s in services) else ExitCode.UNAVAILABLE
 
 
 def _stack_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stack", help="start, stop or inspect the PostgreSQL-backed Prefect and MLflow servers",
-                       description=STACK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "stack",
+        help="start, stop or inspect the PostgreSQL-backed Prefect and MLflow servers",
+        description=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ArgumentParser)
-    for name, text in (("up", "start whatever is not running (idempotent)"), ("down", "stop everything up started"),
-                       ("status", "the URLs and whether each service answers (exit 69 if one does not)"),
-                       ("env", "print export lines for MLFLOW_TRACKING_URI and PREFECT_API_URL"),
-                       ("remote", "make the stack's SSH store this project's default DVC remote"),
-                       ("restart", "stop one service and start it again")):  # fmt: skip
+    for name, text in (
+        ("up", "start whatever is not running (idempotent)"),
+        ("down", "stop everything up started"),
+        ("status", "the URLs and whether each service answers (exit 69 if one does not)"),
+        ("env", "print export lines for MLFLOW_TRACKING_URI and PREFECT_API_URL"),
+        ("remote", "make the stack's SSH store this project's default DVC remote"),
+        ("restart", "stop one service and start it again"),
+    ):
         a = actions.add_parser(name, help=text, description=text)
         a.add_argument("--dir", help="the stack's folder (default: RLHF_STACK_DIR or .rlhf/stack in the project)")
         a.set_defaults(func=_cmd_stack)
@@ -131,8 +150,11 @@ def _stack_parser(sub: argparse._SubParsersAction) -> None:
             a.add_argument("--host", help="the address every service binds to (default 127.0.0.1: loopback only)")
             for port, default in (("pg", 5433), ("prefect", 4200), ("mlflow", 5000), ("ssh", 2222)):
                 a.add_argument(f"--{port}-port", type=int, help=f"default {default} (RLHF_STACK_{port.upper()}_PORT)")
-            a.add_argument("--db-user", help="the PostgreSQL role (default rlhf); password: RLHF_STACK_DB_PASSWORD "
-                                             "or generated into <dir>/secrets/db_password")  # fmt: skip
+            a.add_argument(
+                "--db-user",
+                help="the PostgreSQL role (default rlhf); password: RLHF_STACK_DB_PASSWORD "
+                "or generated into <dir>/secrets/db_password",
+            )
             a.add_argument("--no-deploy", action="store_true", help="do not register prefect.yaml's deployment")
         if name == "status":
             a.add_argument("--json", action="store_true", help="machine-readable")
@@ -142,8 +164,13 @@ def _stack_parser(sub: argparse._SubParsersAction) -> None:
             from flows.stack import SERVICES
 
             a.add_argument("service", choices=SERVICES)
-            a.add_argument("--down-for", type=float, default=0.0, metavar="SECONDS",
-                           help="keep it down this long before starting it again (a fault drill)")
+            a.add_argument(
+                "--down-for",
+                type=float,
+                default=0.0,
+                metavar="SECONDS",
+                help="keep it down this long before starting it again (a fault drill)",
+            )
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
@@ -172,8 +199,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     report = validate.validate_file(args.file, args.kind, args.format, config, heldout, report_dir)
     print(validate.format_report(report))
     if report_dir is not None:
-        print(f"reports: {report_dir}/report.md, summary.json, failed_rows.jsonl (every failing row), "
-              "data_docs/index.html")  # fmt: skip
+        print(
+            f"reports: {report_dir}/report.md, summary.json, failed_rows.jsonl (every failing row), "
+            "data_docs/index.html"
+        )
     return ExitCode.OK if report.passed else ExitCode.BAD_INPUT
 
 
@@ -241,8 +270,14 @@ def _run_flow(args: argparse.Namespace) -> int:
         if not PREFECT_API_URL.value():
             url = stack.enter_context(temporary_prefect_server())
             stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
-        state = rlhf_pipeline(project_dir=".", stages=args.stages or None, runner=args.runner, image=args.image,
-                              gpus=args.gpus, return_state=True)  # fmt: skip
+        state = rlhf_pipeline(
+            project_dir=".",
+            stages=args.stages or None,
+            runner=args.runner,
+            image=args.image,
+            gpus=args.gpus,
+            return_state=True,
+        )
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself crashed before it could say how the pipeline went
         print(f"the pipeline flow crashed: {state.message}", file=sys.stderr)
@@ -252,8 +287,10 @@ def _run_flow(args: argparse.Namespace) -> int:
         _print_where_to_look(Path.cwd(), summary["parent_run_id"])
         return summary["exit_code"]
     restored = f"; restored from DVC's run cache: {', '.join(summary['restored'])}" if summary["restored"] else ""
-    print(f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
-          f"{', '.join(summary['skipped']) or 'nothing'}{restored}")  # fmt: skip
+    print(
+        f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
+        f"{', '.join(summary['skipped']) or 'nothing'}{restored}"
+    )
     _print_where_to_look(Path.cwd(), summary["parent_run_id"])
     return ExitCode.OK
 
@@ -269,16 +306,22 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
 
         print(f"MLflow:   {training_view(uri, parent_run_id)}")
     else:
-        print(f"MLflow:   mlflow ui --backend-store-uri {redact_uri(uri)}   (experiment \"rlhf\"{run})")
+        print(f'MLflow:   mlflow ui --backend-store-uri {redact_uri(uri)}   (experiment "rlhf"{run})')
     promote = project / "artifacts/promote/metrics.json"
     if promote.exists():
         p = json.loads(promote.read_text())
         name = p.get("registered_model", "rlhf-policy")
-        verdict = (f"version {p.get('version')} promoted" if p.get("promoted")
-                   else f"version {p.get('version')} not promoted ({'; '.join(p.get('reasons') or [])})")  # fmt: skip
+        verdict = (
+            f"version {p.get('version')} promoted"
+            if p.get("promoted")
+            else f"version {p.get('version')} not promoted ({'; '.join(p.get('reasons') or [])})"
+        )
         print(f"champion: {name} version {p.get('champion')} (models:/{name}@champion); last promotion: {verdict}")
-    reports = [r for r in ("reports/validate/report.md", "artifacts/evaluate/report.md", "artifacts/evaluate/report.html")
-               if (project / r).exists()]  # fmt: skip
+    reports = [
+        r
+        for r in ("reports/validate/report.md", "artifacts/evaluate/report.md", "artifacts/evaluate/report.html")
+        if (project / r).exists()
+    ]
     if reports:
         print(f"reports:  {', '.join(reports)}")
 
@@ -302,11 +345,15 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     with mlflow_run("promote-cli", tags={"rlhf.promote_run_id": args.run_id, "rlhf.forced": str(args.force)}):
         result = promote.promote_run(args.run_id, args.force, config)
     if not result["promoted"]:
-        print(f"not promoted: version {result['version']} fails: {'; '.join(result['reasons'])} (use --force)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"not promoted: version {result['version']} fails: {'; '.join(result['reasons'])} (use --force)",
+            file=sys.stderr,
+        )
         return ExitCode.GATE
-    print(f"{config.registered_model} version {result['version']} is the champion"
-          f"{' (unchanged)' if result.get('unchanged') else ''}")  # fmt: skip
+    print(
+        f"{config.registered_model} version {result['version']} is the champion"
+        f"{' (unchanged)' if result.get('unchanged') else ''}"
+    )
     return ExitCode.OK
 
 
@@ -327,49 +374,79 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.pipeline import rlhf_pipeline
 
     if not PREFECT_API_URL.value():
-        raise _Unavailable("rlhf serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
-                           "(see rlhf serve --help)")  # fmt: skip
+        raise _Unavailable(
+            "rlhf serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+            "(see rlhf serve --help)"
+        )
     # The module path (not a file path) lets the served flow run from any project directory.
     parameters = {"project_dir": str(Path.cwd()), "runner": args.runner, "image": args.image, "gpus": args.gpus}
-    rlhf_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters,
-                        entrypoint_type=EntrypointType.MODULE_PATH)  # fmt: skip
+    rlhf_pipeline.serve(
+        name=args.name, cron=args.cron, parameters=parameters, entrypoint_type=EntrypointType.MODULE_PATH
+    )
     return ExitCode.OK
 
 
 def _runner_options(p: argparse.ArgumentParser) -> None:
     from flows.runners import DEFAULT_IMAGE, RUNNERS
 
-    p.add_argument("--runner", choices=RUNNERS, default="local",
-                   help="local: stages run in this process (default); process: each stage in a process of its own; "
-                        "docker: each stage in its own container of --image, the project mounted at its own path "
-                        "(build the image with `make images`)")  # fmt: skip
-    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"the stage image for --runner docker (default: {DEFAULT_IMAGE})")
-    p.add_argument("--gpus", metavar="GPUS", help="with --runner docker: `docker run --gpus` (e.g. all) for the CUDA image")
+    p.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="local",
+        help="local: stages run in this process (default); process: each stage in a process of its own; "
+        "docker: each stage in its own container of --image, the project mounted at its own path "
+        "(build the image with `make images`)",
+    )
+    p.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"the stage image for --runner docker (default: {DEFAULT_IMAGE})"
+    )
+    p.add_argument(
+        "--gpus", metavar="GPUS", help="with --runner docker: `docker run --gpus` (e.g. all) for the CUDA image"
+    )
 
 
 def _params_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--params", default="params.yaml", help=f"the params file {what} (default: params.yaml)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="rlhf", epilog=QUICK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            description="A reproducible RLHF pipeline: data validation, SFT, reward model, PPO, "
-                                        "evaluation, promotion.")  # fmt: skip
+def build_parser() -> (
+    argparse.ArgumentParser
+):  # long: the formatter's one-argument-per-line layout; split in the next commits
+    parser = ArgumentParser(
+        prog="rlhf",
+        epilog=QUICK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A reproducible RLHF pipeline: data validation, SFT, reward model, PPO, evaluation, promotion.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
-    p = sub.add_parser("run", help="run the pipeline (through DVC: unchanged stages are skipped)",
-                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "run",
+        help="run the pipeline (through DVC: unchanged stages are skipped)",
+        description=RUN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("stages", nargs="*", help="only these stages (and what they need); default: all")
-    p.add_argument("--prefect", action="store_true",
-                   help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`")  # fmt: skip
-    p.add_argument("--stack", action="store_true",
-                   help="run against the servers `rlhf stack up` started (their MLflow and Prefect URLs)")
+    p.add_argument(
+        "--prefect",
+        action="store_true",
+        help="run the Prefect flow (parent MLflow run, Prefect artifacts) instead of plain `dvc repro`",
+    )
+    p.add_argument(
+        "--stack",
+        action="store_true",
+        help="run against the servers `rlhf stack up` started (their MLflow and Prefect URLs)",
+    )
     p.add_argument("--stack-dir", help="the stack's folder, if not the default (implies --stack)")
     _runner_options(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("serve", help="serve the pipeline flow on a cron schedule (needs a Prefect server)",
-                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "serve",
+        help="serve the pipeline flow on a cron schedule (needs a Prefect server)",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--cron", default="0 3 * * *", help='when to run, a cron string in UTC (default: "0 3 * * *")')
     p.add_argument("--name", default="rlhf-nightly", help="the deployment name (default: rlhf-nightly)")
     _runner_options(p)
@@ -386,24 +463,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a registered model against SFT on the held-out prompts")
     p.add_argument("--model-uri", required=True, help="e.g. models:/rlhf-policy@champion or models:/rlhf-policy/3")
     p.add_argument("--out", default="reports/eval", help="where the report goes (default: reports/eval)")
-    p.add_argument("--trust-model", action="store_true",
-                   help="evaluate a model this pipeline did not register (its safetensors HF folder; nothing is "
-                        "unpickled either way)")  # fmt: skip
+    p.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="evaluate a model this pipeline did not register (its safetensors HF folder; nothing is "
+        "unpickled either way)",
+    )
     _params_option(p, "whose evaluate section sets the sampling")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
-    p.add_argument("file", help="a .jsonl, .jsonl.gz, .json, .parquet or .csv file, or a Hugging Face dataset id "
-                                "(owner/name[:split])")
+    p.add_argument(
+        "file",
+        help="a .jsonl, .jsonl.gz, .json, .parquet or .csv file, or a Hugging Face dataset id (owner/name[:split])",
+    )
     p.add_argument("--kind", required=True, choices=["preferences", "sft", "prompts"], help="what the file holds")
-    p.add_argument("--format", default="auto", choices=["auto", "pairs", "hh", "messages"],
-                   help="pairs: prompt/chosen/rejected; hh: Anthropic HH transcripts; messages: role/content lists")  # fmt: skip
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "pairs", "hh", "messages"],
+        help="pairs: prompt/chosen/rejected; hh: Anthropic HH transcripts; messages: role/content lists",
+    )
     p.add_argument("--policy", choices=["fail", "quarantine"], help="override params.yaml validate.policy")
-    p.add_argument("--heldout", action="append", metavar="FILE",
-                   help="a held-out file whose prompts must not appear in FILE (repeatable)")  # fmt: skip
-    p.add_argument("--report", metavar="DIR",
-                   help="write the stage's report files to DIR: report.md, summary.json, failed_rows.jsonl (every "
-                        "failing row) and data_docs/ (Great Expectations HTML); default: print only")  # fmt: skip
+    p.add_argument(
+        "--heldout",
+        action="append",
+        metavar="FILE",
+        help="a held-out file whose prompts must not appear in FILE (repeatable)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write the stage's report files to DIR: report.md, summary.json, failed_rows.jsonl (every "
+        "failing row) and data_docs/ (Great Expectations HTML); default: print only",
+    )
     _params_option(p, "whose validate section sets the checks")
     p.set_defaults(func=_cmd_validate)
 
@@ -412,9 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-data", help="generate the embedded default task (deterministic; matches data.dvc)")
     p.add_argument("--out", default="data", help="output folder (default: data); with --dialogues, a .jsonl file")
-    p.add_argument("--dialogues", type=int, metavar="N",
-                   help="write N multi-turn HH-RLHF preference pairs (long histories, a few broken rows) to --out: "
-                        "a real-shaped example of your own data")  # fmt: skip
+    p.add_argument(
+        "--dialogues",
+        type=int,
+        metavar="N",
+        help="write N multi-turn HH-RLHF preference pairs (long histories, a few broken rows) to --out: "
+        "a real-shaped example of your own data",
+    )
     _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)
     return parser

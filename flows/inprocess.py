@@ -178,8 +178,11 @@ def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], echo
         _set_environ(env)
         os.chdir(cwd)
         sys.argv[:], sys.path[:] = [module, *args], [cwd, *sys.path]
-        with contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM), \
-                _fresh_modules(_local_package(module, cwd)):  # fmt: skip
+        with (
+            contextlib.redirect_stdout(_STREAM),
+            contextlib.redirect_stderr(_STREAM),
+            _fresh_modules(_local_package(module, cwd)),
+        ):
             try:
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
                 code = 0
@@ -215,8 +218,9 @@ def one_at_a_time() -> threading.Lock:
 
 def run_command(cmd: list[str], cwd: str, env: dict[str, str], echo: Echo) -> int:
     """A command in a new process, stdout and stderr handed to `echo` line by line; its exit code."""
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:  # fmt: skip
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             echo(line)

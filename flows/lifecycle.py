@@ -82,9 +82,23 @@ def temporary_prefect_server(timeout: float = STARTUP_SECONDS) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
-           "--lifespan", "on"]  # fmt: skip  (what prefect.server.api.server.SubprocessASGIServer runs)
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(Path(prefect.__file__).parent.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]  # what prefect.server.api.server.SubprocessASGIServer runs
     server = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 (only prctl, async-safe)
     try:
         deadline = time.monotonic() + timeout
@@ -95,8 +109,10 @@ def temporary_prefect_server(timeout: float = STARTUP_SECONDS) -> Iterator[str]:
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
-                raise ServerDidNotStart(f"Prefect's temporary server did not answer within {timeout:.0f} s; set "
-                                        "PREFECT_API_URL to a running `prefect server start` (or `rlhf stack up`)")
+                raise ServerDidNotStart(
+                    f"Prefect's temporary server did not answer within {timeout:.0f} s; set "
+                    "PREFECT_API_URL to a running `prefect server start` (or `rlhf stack up`)"
+                )
             time.sleep(0.5)
         yield url
     finally:

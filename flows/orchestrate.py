@@ -50,9 +50,10 @@ def plan(project: str | Path = ".", targets: list[str] | None = None) -> list[st
         if "foreach" in spec or "matrix" in spec:
             raise ValueError(f"dvc.yaml stage {name!r} uses foreach/matrix, which the flow does not expand")
     outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
-    upstream = {n: {m for m in stages if m != n and any(_overlaps(d, o) for d in _paths(s.get("deps"))
-                                                         for o in outs[m])}
-                for n, s in stages.items()}  # fmt: skip
+    upstream = {
+        n: {m for m in stages if m != n and any(_overlaps(d, o) for d in _paths(s.get("deps")) for o in outs[m])}
+        for n, s in stages.items()
+    }
     names = list(stages)
     for n in names:  # file order must be topological: `dvc repro --single-item` runs exactly one stage
         if later := [m for m in upstream[n] if names.index(m) > names.index(n)]:
@@ -101,8 +102,10 @@ def sync_data_deps(project: Path, echo: Callable[[str], None] = print) -> list[s
     text = (project / "dvc.yaml").read_text()
     block = re.search(r"(?m)^  validate:\n(?:^    .*\n|^\s*\n)*?^    deps:\n((?:^      - .*\n)+)", text)
     if block is None:
-        raise BadInput("dvc.yaml's validate stage has no `deps:` list in the usual layout: add the data files "
-                       f"{', '.join(wanted)} to its deps by hand")  # fmt: skip
+        raise BadInput(
+            "dvc.yaml's validate stage has no `deps:` list in the usual layout: add the data files "
+            f"{', '.join(wanted)} to its deps by hand"
+        )
     lines = [ln for ln in block.group(1).splitlines(keepends=True) if ln.strip()[2:] in fixed]
     lines += [f"      - {p}\n" for p in wanted]
     (project / "dvc.yaml").write_text(text[: block.start(1)] + "".join(lines) + text[block.end(1) :])
@@ -165,16 +168,21 @@ class PipelineResult:
         return [r.stage for r in self.results if r.status == status]
 
     def summary(self) -> str:
-        restored = f"; restored from DVC's run cache: {', '.join(self.names('restored'))}" if self.names("restored") else ""
-        return (f"ran: {', '.join(self.names('ran')) or 'nothing'}; skipped (unchanged): "
-                f"{', '.join(self.names('skipped')) or 'nothing'}{restored}")  # fmt: skip
+        restored = (
+            f"; restored from DVC's run cache: {', '.join(self.names('restored'))}" if self.names("restored") else ""
+        )
+        return (
+            f"ran: {', '.join(self.names('ran')) or 'nothing'}; skipped (unchanged): "
+            f"{', '.join(self.names('skipped')) or 'nothing'}{restored}"
+        )
 
 
 Execute = Callable[[str], StageResult]
 
 
-def run_pipeline(project: Path, names: list[str], execute: Execute,
-                 after: Callable[[StageResult], None] | None = None) -> PipelineResult:  # fmt: skip
+def run_pipeline(
+    project: Path, names: list[str], execute: Execute, after: Callable[[StageResult], None] | None = None
+) -> PipelineResult:
     """Run `names` (a plan) in order with `execute(stage)`, calling `after(result)` for each; stop at the first
     stage that fails or finds DVC busy."""
     pipeline = PipelineResult()

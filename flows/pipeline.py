@@ -43,8 +43,14 @@ FLOW_NAME = "rlhf-pipeline"
 PARENT_STAGE_TAG = "pipeline"  # the parent run's `rlhf.stage`: one pipeline run, one child run per stage
 MAX_ARTIFACT_CHARS = 20_000
 # The name of the Failed state a stage task (and the flow) ends in, by exit code: the UI says what stopped it.
-STATE_NAMES = {ExitCode.GATE: "Gate", ExitCode.BAD_INPUT: "BadInput", ExitCode.NONFINITE: "NonFinite",
-               ExitCode.BUSY: "DvcBusy", ExitCode.USAGE: "Usage", ExitCode.UNAVAILABLE: "Unavailable"}  # fmt: skip
+STATE_NAMES = {
+    ExitCode.GATE: "Gate",
+    ExitCode.BAD_INPUT: "BadInput",
+    ExitCode.NONFINITE: "NonFinite",
+    ExitCode.BUSY: "DvcBusy",
+    ExitCode.USAGE: "Usage",
+    ExitCode.UNAVAILABLE: "Unavailable",
+}
 
 
 def state_name(code: int) -> str:
@@ -57,8 +63,9 @@ def state_name(code: int) -> str:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | None, tags: dict[str, str],
-                    params: dict[str, str]) -> str:  # fmt: skip
+def open_parent_run(
+    tracking_uri: str, experiment: str, artifact_root: str | None, tags: dict[str, str], params: dict[str, str]
+) -> str:
     """Open the pipeline's parent MLflow run (each stage's run nests under it), named so a person can tell it from
     the others, with the whole of params.yaml as its params; returns its run id."""
     import mlflow
@@ -67,11 +74,16 @@ def open_parent_run(tracking_uri: str, experiment: str, artifact_root: str | Non
     # A sqlite store puts a new experiment's artifacts under ./mlruns of the *current* directory: pin the project's.
     experiment_id = ensure_experiment(experiment, artifact_root, client)
     end_stale_runs(client, experiment_id, flow_run_over)
-    previous = client.search_runs([experiment_id], f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'", max_results=1,
-                                  order_by=["attributes.start_time DESC"])  # fmt: skip
+    previous = client.search_runs(
+        [experiment_id],
+        f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     name = run_name(tags, params, previous[0].data if previous else None)
-    run_id = client.create_run(experiment_id, tags={**tags, "rlhf.changed": name.rsplit(" · ", 2)[0]},
-                               run_name=name).info.run_id  # fmt: skip
+    run_id = client.create_run(
+        experiment_id, tags={**tags, "rlhf.changed": name.rsplit(" · ", 2)[0]}, run_name=name
+    ).info.run_id
     try:
         items = [mlflow.entities.Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -87,18 +99,25 @@ def _retry_only_when_busy(_task: Any, _task_run: TaskRun, state: State) -> bool:
     return state.name == STATE_NAMES[ExitCode.BUSY]
 
 
-@task(retries=3, retry_delay_seconds=15, retry_condition_fn=_retry_only_when_busy, cache_policy=NO_CACHE,
-      task_run_name="{stage}")  # fmt: skip
-def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str,
-              runner: Runner) -> StageResult | State:  # fmt: skip
+@task(
+    retries=3,
+    retry_delay_seconds=15,
+    retry_condition_fn=_retry_only_when_busy,
+    cache_policy=NO_CACHE,
+    task_run_name="{stage}",
+)
+def run_stage(
+    stage: str, project_dir: str, parent_run_id: str, tracking_uri: str, runner: Runner
+) -> StageResult | State:
     """One dvc.yaml stage, `dvc repro --single-item` where `runner` says: DVC skips it when nothing it depends on
     changed. A stage that stops ends the task Failed, named by its outcome, its StageResult as the state's data."""
     env = stage_env({"RLHF_PARENT_RUN_ID": parent_run_id, "MLFLOW_TRACKING_URI": tracking_uri})
     result = runner.reproduce(Path(project_dir), stage, env, get_run_logger().info)
     if not result.stopped:
         return result
-    return Failed(name=state_name(ExitCode.BUSY if result.status == "busy" else result.code), message=result.message,
-                  data=result)  # fmt: skip
+    return Failed(
+        name=state_name(ExitCode.BUSY if result.status == "busy" else result.code), message=result.message, data=result
+    )
 
 
 def task_execute(project: Path, parent_run_id: str, tracking_uri: str, runner: Runner) -> Callable[[str], StageResult]:
@@ -126,8 +145,13 @@ def git_commit(project: Path) -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, timeout=30)
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project,
-                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
@@ -163,8 +187,10 @@ def changed_params(before: dict[str, str], now: dict[str, str]) -> list[str]:
     carries it)."""
     keys = [k for k in now if k != "git_commit" and before.get(k) != now[k]]
     keys += [k for k in before if k not in now and k != "git_commit"]
-    return [f"{k} {before.get(k, '-')}->{now.get(k, '-')}" if k != "data_md5" else f"data {now.get(k, '-')[:8]}"
-            for k in keys]  # fmt: skip
+    return [
+        f"{k} {before.get(k, '-')}->{now.get(k, '-')}" if k != "data_md5" else f"data {now.get(k, '-')[:8]}"
+        for k in keys
+    ]
 
 
 def run_name(tags: dict[str, str], params: dict[str, str], previous: Any = None, now: float | None = None) -> str:
@@ -208,15 +234,27 @@ def _tag_parent(tracking_uri: str, run_id: str, tags: dict[str, str], status: st
 HEADLINE: dict[str, dict[str, str]] = {
     "sft": {"perplexity": "sft/perplexity", "eval_loss": "sft/eval_loss"},
     "reward": {"accuracy": "reward/accuracy", "rank_agreement_gold": "reward/rank_agreement_gold"},
-    "ppo": {"final.objective/kl": "objective/kl", "final.objective/scores": "objective/scores",
-            "final.objective/rlhf_reward": "objective/rlhf_reward", "steps_done": "ppo/steps_done",
-            "kept_step": "ppo/kept_step"},
-    "evaluate": {"win_rate_vs_sft": "win_rate_vs_sft", "rm_win_rate_vs_sft": "rm_win_rate_vs_sft",
-                 "ppo/judge": "ppo/judge", "sft/judge": "sft/judge", "ppo/kl_k1_seq": "ppo/kl_k1_seq",
-                 "alignment_tax": "alignment_tax"},
-    "promote": {"version": "promote/version", "promoted": "promote/promoted",
-                "win_rate_vs_champion": "promote/win_rate_vs_champion"},
-}  # fmt: skip
+    "ppo": {
+        "final.objective/kl": "objective/kl",
+        "final.objective/scores": "objective/scores",
+        "final.objective/rlhf_reward": "objective/rlhf_reward",
+        "steps_done": "ppo/steps_done",
+        "kept_step": "ppo/kept_step",
+    },
+    "evaluate": {
+        "win_rate_vs_sft": "win_rate_vs_sft",
+        "rm_win_rate_vs_sft": "rm_win_rate_vs_sft",
+        "ppo/judge": "ppo/judge",
+        "sft/judge": "sft/judge",
+        "ppo/kl_k1_seq": "ppo/kl_k1_seq",
+        "alignment_tax": "alignment_tax",
+    },
+    "promote": {
+        "version": "promote/version",
+        "promoted": "promote/promoted",
+        "win_rate_vs_champion": "promote/win_rate_vs_champion",
+    },
+}
 
 
 def headline_metrics(project: Path, stage: str) -> dict[str, float]:
@@ -272,8 +310,9 @@ def _end_orphans(tracking_uri: str, parent_run_id: str) -> list[str]:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(parent_run_id)
-    orphans = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                 "attributes.status = 'RUNNING'")  # fmt: skip
+    orphans = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
     for run in orphans:
         client.set_tag(run.info.run_id, "rlhf.ended_by", "the pipeline flow: the stage left its run RUNNING")
         client.set_terminated(run.info.run_id, "FAILED")
@@ -299,8 +338,10 @@ def _log_stage_numbers(tracking_uri: str, run_id: str, project: Path, result: St
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     metrics = [mlflow.entities.Metric(f"seconds.{result.stage}", result.seconds, int(time.time() * 1000), 0)]
-    metrics += [mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
-                for k, v in headline_metrics(project, result.stage).items()]  # fmt: skip
+    metrics += [
+        mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+        for k, v in headline_metrics(project, result.stage).items()
+    ]
     client.log_batch(run_id, metrics=metrics)
 
 
@@ -327,8 +368,9 @@ def publish_validation(project: Path) -> str | None:
     text = _truncate(path.read_text(encoding="utf-8", errors="replace"))
     if not re.search(r"^(#|\|)", text, re.M):  # the report is plain text: keep its layout
         text = f"```text\n{text}\n```"
-    create_markdown_artifact(f"# Data validation\n\n{text}", key="validation-summary",
-                             description=str(path.relative_to(project)))  # fmt: skip
+    create_markdown_artifact(
+        f"# Data validation\n\n{text}", key="validation-summary", description=str(path.relative_to(project))
+    )
     return "validation-summary"
 
 
@@ -337,8 +379,11 @@ def publish_reward_gate(project: Path) -> str | None:
     if not verdict:
         return None
     rows = [{"metric": "gate", "value": verdict.get("reason", "")}]
-    rows += [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in verdict.items()
-             if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+    rows += [
+        {"metric": k, "value": round(v, 4) if isinstance(v, float) else v}
+        for k, v in verdict.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     create_table_artifact(rows, key="reward-gate", description=verdict.get("reason", "reward-model gate"))
     return "reward-gate"
 
@@ -351,16 +396,33 @@ def publish_ppo(project: Path, max_rows: int = 20) -> str | None:
         return None
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    columns = [c for c in ("step", "objective/kl", "objective/kl_k3", "objective/scores", "objective/rlhf_reward",
-                           "policy/approxkl_avg") if rows and c in rows[0]]  # fmt: skip
+    columns = [
+        c
+        for c in (
+            "step",
+            "objective/kl",
+            "objective/kl_k3",
+            "objective/scores",
+            "objective/rlhf_reward",
+            "policy/approxkl_avg",
+        )
+        if rows and c in rows[0]
+    ]
     every = max(1, math.ceil(len(rows) / max_rows))
     shown = rows[::every] + ([rows[-1]] if rows and (len(rows) - 1) % every else [])
     metrics = _read_json(project / "artifacts/ppo/metrics.json") or {}
-    lines = [f"**outcome**: {metrics.get('outcome', '?')}: {metrics.get('reason', '')}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]  # fmt: skip
+    lines = [
+        f"**outcome**: {metrics.get('outcome', '?')}: {metrics.get('reason', '')}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in shown]
-    create_markdown_artifact("# PPO: KL to the reference and scores\n\n" + "\n".join(lines), key="ppo-kl",
-                             description=f"artifacts/ppo/kl.csv, every {every} step(s)")  # fmt: skip
+    create_markdown_artifact(
+        "# PPO: KL to the reference and scores\n\n" + "\n".join(lines),
+        key="ppo-kl",
+        description=f"artifacts/ppo/kl.csv, every {every} step(s)",
+    )
     return "ppo-kl"
 
 
@@ -368,16 +430,21 @@ def publish_evaluation(project: Path) -> str | None:
     path = project / "artifacts/evaluate/report.md"
     if not path.exists():
         return None
-    create_markdown_artifact(_truncate(path.read_text(encoding="utf-8", errors="replace")), key="evaluation-report",
-                             description="artifacts/evaluate/report.md")  # fmt: skip
+    create_markdown_artifact(
+        _truncate(path.read_text(encoding="utf-8", errors="replace")),
+        key="evaluation-report",
+        description="artifacts/evaluate/report.md",
+    )
     return "evaluation-report"
 
 
 # Optional per-stage reports; a stage without one runs all the same (the plan comes from dvc.yaml alone).
 PUBLISHERS: dict[str, Callable[[Path], str | None]] = {
-    "validate": publish_validation, "reward_gate": publish_reward_gate, "ppo": publish_ppo,
+    "validate": publish_validation,
+    "reward_gate": publish_reward_gate,
+    "ppo": publish_ppo,
     "evaluate": publish_evaluation,
-}  # fmt: skip
+}
 
 
 def promotion(project: Path) -> dict[str, Any] | None:
@@ -391,8 +458,13 @@ def promotion(project: Path) -> dict[str, Any] | None:
 
 
 @flow(name=FLOW_NAME)
-def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runner: str = "local",
-                  image: str = DEFAULT_IMAGE, gpus: str | None = None) -> dict[str, Any] | State:  # fmt: skip
+def rlhf_pipeline(  # long: the formatter's one-argument-per-line layout; split in the next commits
+    project_dir: str = ".",
+    stages: list[str] | None = None,
+    runner: str = "local",
+    image: str = DEFAULT_IMAGE,
+    gpus: str | None = None,
+) -> dict[str, Any] | State:
     """Run dvc.yaml's stages in order, each as a task; stop with a Failed state named by the stopping stage's outcome.
 
     `runner="docker"` runs each stage in its own container of `image` (`make images`), with `gpus` passed to
@@ -409,9 +481,13 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
     tracking_uri = tracking_uri_for(project)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
-    tags = lineage_tags(project, names) | {"prefect.flow_run_id": str(flow_run.id), "rlhf.pid": str(os.getpid()),
-                                           "rlhf.host": socket.gethostname(),
-                                           "prefect.flow_run_name": str(flow_run.name), "rlhf.runner": runner}  # fmt: skip
+    tags = lineage_tags(project, names) | {
+        "prefect.flow_run_id": str(flow_run.id),
+        "rlhf.pid": str(os.getpid()),
+        "rlhf.host": socket.gethostname(),
+        "prefect.flow_run_name": str(flow_run.name),
+        "rlhf.runner": runner,
+    }
     if runner == "docker":
         tags["rlhf.image"] = image
     parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags, pipeline_params(project))
@@ -427,29 +503,51 @@ def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None, runne
             artifacts.append(key)
         if not result.stopped:
             if digest := stage_hash(project, result.stage):
-                _quietly("the stage's dvc.lock hash", _tag_parent, tracking_uri, parent_run_id,
-                         {f"dvc.stage.{result.stage}": digest})  # fmt: skip
+                _quietly(
+                    "the stage's dvc.lock hash",
+                    _tag_parent,
+                    tracking_uri,
+                    parent_run_id,
+                    {f"dvc.stage.{result.stage}": digest},
+                )
             _quietly("the stage's numbers", _log_stage_numbers, tracking_uri, parent_run_id, project, result)
 
     status = "FAILED"
     try:
         pipeline = run_pipeline(project, names, task_execute(project, parent_run_id, tracking_uri, where), after)
-        summary = {"project_dir": str(project), "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
-                   "plan": names, "ran": pipeline.names("ran"), "skipped": pipeline.names("skipped"),
-                   "restored": pipeline.names("restored"), "artifacts": artifacts, "exit_code": pipeline.exit_code,
-                   "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results}}  # fmt: skip
+        summary = {
+            "project_dir": str(project),
+            "parent_run_id": parent_run_id,
+            "tracking_uri": tracking_uri,
+            "plan": names,
+            "ran": pipeline.names("ran"),
+            "skipped": pipeline.names("skipped"),
+            "restored": pipeline.names("restored"),
+            "artifacts": artifacts,
+            "exit_code": pipeline.exit_code,
+            "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results},
+        }
         if (stop := pipeline.stopped) is not None:
             outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
-            _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
-                     {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason})
+            _quietly(
+                "the outcome",
+                _tag_parent,
+                tracking_uri,
+                parent_run_id,
+                {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason},
+            )
             return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
-        _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id,
-                 {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"})
+        _quietly(
+            "the outcome",
+            _tag_parent,
+            tracking_uri,
+            parent_run_id,
+            {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"},
+        )
         status = "FINISHED"
         logger.info(pipeline.summary())
         return summary
     finally:  # a parent left RUNNING here (MLflow away) is ended by the next pipeline run (end_stale_runs)
         _quietly("ending stage runs left RUNNING", _end_orphans, tracking_uri, parent_run_id)
         _quietly("the parent run's status", _tag_parent, tracking_uri, parent_run_id, {}, status)
-

@@ -36,9 +36,18 @@ RUNNERS = ("local", "process", "docker")
 DEFAULT_IMAGE = "rlhf-stage:cpu"
 OUTCOME_DIR = ".rlhf/outcomes"  # inside the project, so a container (which mounts only the project) can write there
 # What a stage reads from its environment: MLflow lineage and tracking, its outcome file, buffering, thread counts.
-PASSED_ENV = ("RLHF_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_USERNAME",
-              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PYTHONUNBUFFERED", "OMP_NUM_THREADS",
-              "CUDA_VISIBLE_DEVICES", OUTCOME_ENV)  # fmt: skip
+PASSED_ENV = (
+    "RLHF_PARENT_RUN_ID",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PYTHONUNBUFFERED",
+    "OMP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    OUTCOME_ENV,
+)
 
 
 class RunnerError(RuntimeError):
@@ -86,22 +95,30 @@ class Runner:
             return
         if not shutil.which("docker"):
             raise RunnerError("--runner docker needs the docker CLI and a running engine (see README, Containers)")
-        engine = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                                timeout=60)  # fmt: skip
+        engine = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=60
+        )
         if engine.returncode:
             raise RunnerError(f"no Docker engine answers ({_last_line(engine.stderr)}); start one (e.g. dockerd)")
-        probe = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", self.image], capture_output=True,
-                               text=True, timeout=60)  # fmt: skip
+        probe = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", self.image],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if probe.returncode:
-            raise RunnerError(f"no image {self.image!r} in the local engine: build it with `make images` "
-                              f"({_last_line(probe.stderr)})")  # fmt: skip
+            raise RunnerError(
+                f"no image {self.image!r} in the local engine: build it with `make images` ({_last_line(probe.stderr)})"
+            )
 
     def check_project(self, project: Path) -> None:
         """Containers never run as root: the docker runner runs as the checkout's owner, so a root-owned checkout
         is refused (chown it to an unprivileged user, e.g. the image's uid 1000)."""
         if self.kind == "docker" and project.resolve().stat().st_uid == 0:
-            raise RunnerError(f"{project.resolve()} is owned by root and containers never run as root: chown -R it to "
-                              "an unprivileged user (the image's user is uid 1000) and run again")  # fmt: skip
+            raise RunnerError(
+                f"{project.resolve()} is owned by root and containers never run as root: chown -R it to "
+                "an unprivileged user (the image's user is uid 1000) and run again"
+            )
 
     def reproduce(self, project: Path, stage: str, env: dict[str, str], echo: Echo = print) -> StageResult:
         """`dvc repro --single-item stage` where this runner says; the stage's code and reason come from the outcome
@@ -121,8 +138,9 @@ class Runner:
             else:
                 self.check_project(project)
                 _share_with_owner(project)
-                status, code = _in_subprocess(self.command(project, ["dvc", "repro", "--single-item", stage], env),
-                                              project, env, lines)  # fmt: skip
+                status, code = _in_subprocess(
+                    self.command(project, ["dvc", "repro", "--single-item", stage], env), project, env, lines
+                )
             written = Outcome.read(outcome_file)
         finally:
             outcome_file.unlink(missing_ok=True)
@@ -214,8 +232,18 @@ def docker_run(project: Path, image: str, args: list[str], env: dict[str, str], 
     """`docker run` of the stage image with the project mounted at its own path, as the project's owner."""
     project = project.resolve()
     owner = project.stat()
-    cmd = ["docker", "run", "--rm", "--init", "-v", f"{project}:{project}", "-w", str(project),
-           "--user", f"{owner.st_uid}:{owner.st_gid}"]  # fmt: skip
+    cmd = [
+        "docker",
+        "run",
+        "--rm",
+        "--init",
+        "-v",
+        f"{project}:{project}",
+        "-w",
+        str(project),
+        "--user",
+        f"{owner.st_uid}:{owner.st_gid}",
+    ]
     if gpus:
         cmd += ["--gpus", gpus]
     if env.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):

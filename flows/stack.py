@@ -134,9 +134,14 @@ def _write_state(config: StackConfig, procs: dict[str, list[int]]) -> None:
 
 def urls(config: StackConfig) -> dict[str, str]:
     """What a client needs: the two servers' URLs and the DVC remote."""
-    return {"MLFLOW_TRACKING_URI": config.mlflow_url, "PREFECT_API_URL": config.prefect_api_url,
-            "prefect_ui": config.prefect_url, "mlflow_ui": config.mlflow_url, "dvc_remote": config.remote_url,
-            "dvc_keyfile": str(config.home.resolve() / "secrets" / "dvc_ssh_key")}  # fmt: skip
+    return {
+        "MLFLOW_TRACKING_URI": config.mlflow_url,
+        "PREFECT_API_URL": config.prefect_api_url,
+        "prefect_ui": config.prefect_url,
+        "mlflow_ui": config.mlflow_url,
+        "dvc_remote": config.remote_url,
+        "dvc_keyfile": str(config.home.resolve() / "secrets" / "dvc_ssh_key"),
+    }
 
 
 def training_view(mlflow_url: str, run_id: str | None = None, experiment: str = "rlhf") -> str:
@@ -162,8 +167,10 @@ def client_env(project: Path, stack_dir: str | None = None) -> dict[str, str]:
         raise Unavailable(f"no stack in {config.home}: start one with `rlhf stack up` (or pass --stack-dir)")
     down = [name for name in ("prefect", "mlflow") if not HEALTH[name](config)]
     if down:
-        raise Unavailable(f"the stack in {config.home} is not answering ({', '.join(down)} down): "
-                          "`rlhf stack up` starts what is missing, `rlhf stack status` shows what runs")  # fmt: skip
+        raise Unavailable(
+            f"the stack in {config.home} is not answering ({', '.join(down)} down): "
+            "`rlhf stack up` starts what is missing, `rlhf stack status` shows what runs"
+        )
     return {"MLFLOW_TRACKING_URI": config.mlflow_url, "PREFECT_API_URL": config.prefect_api_url}
 
 
@@ -231,16 +238,29 @@ def _as_user(config: StackConfig) -> dict[str, Any]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-def _spawn(config: StackConfig, procs: dict[str, list[int]], name: str, cmd: list[str], env: dict[str, str],
-           as_service_user: bool = False) -> None:  # fmt: skip
+def _spawn(
+    config: StackConfig,
+    procs: dict[str, list[int]],
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    as_service_user: bool = False,
+) -> None:
     """Start `cmd` in a session of its own, its output in <dir>/logs/<name>.log, and record it."""
     log = config.home / "logs" / f"{name}.log"
     with log.open("ab") as f:
         f.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=config.home, start_new_session=True,
-                                **(_as_user(config) if as_service_user else {}))  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=config.home,
+            start_new_session=True,
+            **(_as_user(config) if as_service_user else {}),
+        )
     procs[name] = [proc.pid, _start_time(proc.pid) or 0]
     _write_state(config, procs)
 
@@ -254,8 +274,10 @@ def _wait(config: StackConfig, name: str, procs: dict[str, list[int]], timeout: 
         if name in procs and not _alive(procs[name]):
             raise StackError(f"{name} exited while starting; the end of its log:\n{_tail(config, name)}")
         time.sleep(1)
-    raise StackError(f"{name} did not answer within {timeout:.0f} s (RLHF_STACK_TIMEOUT); the end of its log:\n"
-                     f"{_tail(config, name)}\n`rlhf stack down` stops what did start")  # fmt: skip
+    raise StackError(
+        f"{name} did not answer within {timeout:.0f} s (RLHF_STACK_TIMEOUT); the end of its log:\n"
+        f"{_tail(config, name)}\n`rlhf stack down` stops what did start"
+    )
 
 
 def _tail(config: StackConfig, name: str, n: int = 15) -> str:
@@ -283,8 +305,14 @@ def _postgres_ok(config: StackConfig) -> bool:
     try:
         import psycopg
 
-        psycopg.connect(host=config.connect_host, port=config.pg_port, user=config.db_user, dbname="postgres",
-                        password=_password(config), connect_timeout=5).close()  # fmt: skip
+        psycopg.connect(
+            host=config.connect_host,
+            port=config.pg_port,
+            user=config.db_user,
+            dbname="postgres",
+            password=_password(config),
+            connect_timeout=5,
+        ).close()
         return True
     except Exception:  # noqa: BLE001 (not up, not yet accepting, or wrong credentials: not healthy)
         return False
@@ -293,8 +321,12 @@ def _postgres_ok(config: StackConfig) -> bool:
 def _worker_ok(config: StackConfig) -> bool:
     """The pool has a worker the server has heard from lately (status ONLINE)."""
     body = json.dumps({"limit": 50}).encode()
-    request = urllib.request.Request(f"{config.prefect_api_url}/work_pools/{config.pool}/workers/filter", data=body,
-                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+    request = urllib.request.Request(
+        f"{config.prefect_api_url}/work_pools/{config.pool}/workers/filter",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as r:
             return any(w.get("status") == "ONLINE" for w in json.loads(r.read()))
@@ -342,8 +374,21 @@ def _ensure_user(config: StackConfig) -> None:
     except KeyError:
         if os.geteuid() != 0:
             raise StackError(f"no OS user {config.user!r}: create it, or run as root to have `up` create it") from None
-    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/usr/sbin/nologin", config.user], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            config.user,
+        ],
+        check=True,
+        capture_output=True,
+    )
     # sshd (without PAM) refuses a locked account ("!" in /etc/shadow); "*" means "no password", not locked
     subprocess.run(["usermod", "-p", "*", config.user], check=True, capture_output=True)
 
@@ -357,8 +402,10 @@ def _owned_dir(config: StackConfig, path: Path, mode: int = 0o700) -> Path:
     path.chmod(mode)
     probe = subprocess.run(["test", "-w", str(path)], **_as_user(config))  # type: ignore[call-overload]
     if probe.returncode:
-        raise StackError(f"{path} is not reachable by the service user {config.user!r} (a parent folder is private): "
-                         "choose a folder it can reach with --dir or RLHF_STACK_DIR")  # fmt: skip
+        raise StackError(
+            f"{path} is not reachable by the service user {config.user!r} (a parent folder is private): "
+            "choose a folder it can reach with --dir or RLHF_STACK_DIR"
+        )
     return path
 
 
@@ -379,11 +426,14 @@ def _ssh_keys(config: StackConfig) -> None:
     ssh, keys = config.home / "ssh", config.home / "secrets"
     keygen = _tool("ssh-keygen", "/usr/bin")
     if not (keys / "dvc_ssh_key").exists():
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "rlhf-stack dvc", "-f", str(keys / "dvc_ssh_key")],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "rlhf-stack dvc", "-f", str(keys / "dvc_ssh_key")],
+            check=True,
+        )
     if not (ssh / "host_ed25519").exists():
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "host_ed25519")], check=True,
-                       **_as_user(config))  # fmt: skip
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "host_ed25519")], check=True, **_as_user(config)
+        )
     authorized = ssh / "authorized_keys"
     authorized.write_text((keys / "dvc_ssh_key.pub").read_text())
     _chown(config, authorized)
@@ -418,20 +468,52 @@ def _start_postgres(config: StackConfig, procs: dict[str, list[int]]) -> None:
         pwfile = pg / "pwfile"
         pwfile.write_text(_password(config))
         _chown(config, pwfile)
-        done = subprocess.run([_tool("initdb", "/usr/lib/postgresql/*/bin"), "-D", str(data), "-U", config.db_user,
-                               f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"],
-                              capture_output=True, text=True, cwd=pg, **_as_user(config))  # fmt: skip
+        done = subprocess.run(
+            [
+                _tool("initdb", "/usr/lib/postgresql/*/bin"),
+                "-D",
+                str(data),
+                "-U",
+                config.db_user,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=pg,
+            **_as_user(config),
+        )
         pwfile.unlink()
         if done.returncode:
             raise StackError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
     run.mkdir(exist_ok=True)
     _chown(config, run)
     options = f"-p {config.pg_port} -c listen_addresses='{config.host}' -k '{run}'"
-    done = subprocess.run([_tool("pg_ctl", "/usr/lib/postgresql/*/bin"), "start", "-D", str(data), "-l",
-                           str(pg / "postgres.log"), "-o", options, "-w", "-t", str(int(_timeout()))],
-                          capture_output=True, text=True, cwd=pg, **_as_user(config))  # fmt: skip
+    done = subprocess.run(
+        [
+            _tool("pg_ctl", "/usr/lib/postgresql/*/bin"),
+            "start",
+            "-D",
+            str(data),
+            "-l",
+            str(pg / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(int(_timeout())),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=pg,
+        **_as_user(config),
+    )
     if done.returncode:
-        raise StackError(f"PostgreSQL did not start: {done.stdout.strip()} {done.stderr.strip()}\n{_tail(config, 'postgres')}")
+        raise StackError(
+            f"PostgreSQL did not start: {done.stdout.strip()} {done.stderr.strip()}\n{_tail(config, 'postgres')}"
+        )
     _wait(config, "postgres", procs, _timeout())
     _create_databases(config)
 
@@ -439,42 +521,101 @@ def _start_postgres(config: StackConfig, procs: dict[str, list[int]]) -> None:
 def _create_databases(config: StackConfig) -> None:
     import psycopg
 
-    with psycopg.connect(host=config.connect_host, port=config.pg_port, user=config.db_user, dbname="postgres",
-                         password=_password(config), connect_timeout=30, autocommit=True) as conn:  # fmt: skip
+    with psycopg.connect(
+        host=config.connect_host,
+        port=config.pg_port,
+        user=config.db_user,
+        dbname="postgres",
+        password=_password(config),
+        connect_timeout=30,
+        autocommit=True,
+    ) as conn:
         for name in DATABASES:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def _start_prefect(config: StackConfig, procs: dict[str, list[int]]) -> None:
-    env = _server_env(config, {
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": config.db_url("prefect", _password(config), "postgresql+asyncpg"),
-        # the UI calls this API address (else http://127.0.0.1:4200/api, whatever the port: shared/ENVIRONMENT.md)
-        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", config.prefect_api_url),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    })  # fmt: skip
-    _spawn(config, procs, "prefect", [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                      config.host, "--port", str(config.prefect_port)], env)  # fmt: skip
+    env = _server_env(
+        config,
+        {
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": config.db_url("prefect", _password(config), "postgresql+asyncpg"),
+            # the UI calls this API address (else http://127.0.0.1:4200/api, whatever the port: shared/ENVIRONMENT.md)
+            "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", config.prefect_api_url),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        },
+    )
+    _spawn(
+        config,
+        procs,
+        "prefect",
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            config.host,
+            "--port",
+            str(config.prefect_port),
+        ],
+        env,
+    )
 
 
 def _start_mlflow(config: StackConfig, procs: dict[str, list[int]]) -> None:
     artifacts = config.home / "mlartifacts"
     artifacts.mkdir(exist_ok=True)
     # the store URI (with the password) in the environment, not on the command line every `ps` shows
-    env = _server_env(config, {"MLFLOW_BACKEND_STORE_URI": config.db_url("mlflow", _password(config)),
-                               # MLflow 3's server-side GenAI jobs (scorers, trace roll-ups): 7 processes, ~1.9 GB,
-                               # unused by this pipeline
-                               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # fmt: skip
-    _spawn(config, procs, "mlflow", [str(Path(sys.executable).parent / "mlflow"), "server", "--host", config.host,
-                                     "--port", str(config.mlflow_port), "--serve-artifacts", "--artifacts-destination",
-                                     str(artifacts), "--workers", "2"], env)  # fmt: skip
+    env = _server_env(
+        config,
+        {
+            "MLFLOW_BACKEND_STORE_URI": config.db_url("mlflow", _password(config)),
+            # MLflow 3's server-side GenAI jobs (scorers, trace roll-ups): 7 processes, ~1.9 GB,
+            # unused by this pipeline
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
+    )
+    _spawn(
+        config,
+        procs,
+        "mlflow",
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            config.host,
+            "--port",
+            str(config.mlflow_port),
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "2",
+        ],
+        env,
+    )
 
 
 def _start_worker(config: StackConfig, procs: dict[str, list[int]]) -> None:
     """The process worker: flow runs start as processes of this venv's Python, logging to the stack's MLflow."""
     env = _server_env(config, {"PREFECT_API_URL": config.prefect_api_url, "MLFLOW_TRACKING_URI": config.mlflow_url})
-    _spawn(config, procs, "worker", [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
-                                     config.pool, "--type", "process", "--limit", "1"], env)  # fmt: skip
+    _spawn(
+        config,
+        procs,
+        "worker",
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            config.pool,
+            "--type",
+            "process",
+            "--limit",
+            "1",
+        ],
+        env,
+    )
 
 
 def _start_sshd(config: StackConfig, procs: dict[str, list[int]]) -> None:
@@ -486,9 +627,9 @@ def _start_sshd(config: StackConfig, procs: dict[str, list[int]]) -> None:
 # written by `rlhf stack up`: the DVC remote, key login only, loopback by default
 Port {config.ssh_port}
 ListenAddress {config.host}
-HostKey {ssh / 'host_ed25519'}
-PidFile {ssh / 'sshd.pid'}
-AuthorizedKeysFile {ssh / 'authorized_keys'}
+HostKey {ssh / "host_ed25519"}
+PidFile {ssh / "sshd.pid"}
+AuthorizedKeysFile {ssh / "authorized_keys"}
 AllowUsers {config.user}
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -505,8 +646,14 @@ StrictModes no
 Subsystem sftp internal-sftp
 """)
     _chown(config, ssh / "sshd_config")
-    _spawn(config, procs, "dvc-remote", [_tool("sshd", "/usr/sbin"), "-D", "-e", "-f", str(ssh / "sshd_config")],
-           _server_env(config, {}), as_service_user=True)  # fmt: skip
+    _spawn(
+        config,
+        procs,
+        "dvc-remote",
+        [_tool("sshd", "/usr/sbin"), "-D", "-e", "-f", str(ssh / "sshd_config")],
+        _server_env(config, {}),
+        as_service_user=True,
+    )
 
 
 def _timeout() -> float:
@@ -514,9 +661,12 @@ def _timeout() -> float:
 
 
 STARTERS: dict[str, Callable[[StackConfig, dict[str, list[int]]], None]] = {
-    "postgres": _start_postgres, "prefect": _start_prefect, "mlflow": _start_mlflow, "worker": _start_worker,
+    "postgres": _start_postgres,
+    "prefect": _start_prefect,
+    "mlflow": _start_mlflow,
+    "worker": _start_worker,
     "dvc-remote": _start_sshd,
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -558,7 +708,9 @@ def _prepare(config: StackConfig) -> dict[str, list[int]]:
     return procs
 
 
-def up(config: StackConfig, project: Path, deploy: bool = True, echo: Callable[[str], None] = print) -> dict[str, float]:
+def up(
+    config: StackConfig, project: Path, deploy: bool = True, echo: Callable[[str], None] = print
+) -> dict[str, float]:
     """Start every service that is not running; returns the seconds each took to become healthy (0: it was up)."""
     procs = _prepare(config)
     seconds: dict[str, float] = {}
@@ -590,15 +742,23 @@ def register_deployment(config: StackConfig, project: Path, echo: Callable[[str]
         return False
     env = {**_server_env(config, {}), "PREFECT_API_URL": config.prefect_api_url, "PWD": str(project)}
     prefect = str(Path(sys.executable).parent / "prefect")
-    done = subprocess.run([prefect, "deploy", "--name", config.pool, "--no-prompt"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=_timeout())  # fmt: skip
+    done = subprocess.run(
+        [prefect, "deploy", "--name", config.pool, "--no-prompt"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=_timeout(),
+    )
     # prefect 3.8.8 with fastapi 0.154: after registering, `prefect deploy` asks for the pool's online workers with
     # `"limit": null`, which the server rejects (422): the deployment is registered all the same
     known = "/workers/filter" in done.stderr and "422" in done.stderr and "successfully created" in done.stdout
     if done.returncode and not known:
         raise StackError(f"prefect deploy --name {config.pool} failed: {(done.stderr or done.stdout).strip()[-1500:]}")
-    echo(f"deployment rlhf-pipeline/{config.pool} registered from {project} (run it: prefect deployment run "
-         f"'rlhf-pipeline/{config.pool}')")  # fmt: skip
+    echo(
+        f"deployment rlhf-pipeline/{config.pool} registered from {project} (run it: prefect deployment run "
+        f"'rlhf-pipeline/{config.pool}')"
+    )
     return True
 
 
@@ -607,9 +767,22 @@ def _stop(config: StackConfig, name: str, procs: dict[str, list[int]]) -> bool:
     if name == "postgres":
         if _postmaster(config) is None:
             return False
-        subprocess.run([_tool("pg_ctl", "/usr/lib/postgresql/*/bin"), "stop", "-D", str(config.home / "postgres/data"),
-                        "-m", "fast", "-w", "-t", "120"], capture_output=True, cwd=config.home / "postgres",
-                       **_as_user(config))  # fmt: skip
+        subprocess.run(
+            [
+                _tool("pg_ctl", "/usr/lib/postgresql/*/bin"),
+                "stop",
+                "-D",
+                str(config.home / "postgres/data"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "120",
+            ],
+            capture_output=True,
+            cwd=config.home / "postgres",
+            **_as_user(config),
+        )
         if (left := _postmaster(config)) is not None:  # pg_ctl gave up: do not leave it behind
             _stop_process(left)
         return True
@@ -659,23 +832,33 @@ class ServiceStatus:
 
 def status(config: StackConfig) -> list[ServiceStatus]:
     procs = _read_state(config.home).get("procs", {})
-    where = {"postgres": f"postgresql://{config.db_user}@{config.connect_host}:{config.pg_port}",
-             "prefect": f"{config.prefect_url} (API {config.prefect_api_url})", "mlflow": config.mlflow_url,
-             "worker": f"pool {config.pool} on {config.prefect_api_url}", "dvc-remote": config.remote_url}  # fmt: skip
-    detail = {"postgres": f"databases {', '.join(DATABASES)}; data {config.home / 'postgres/data'}",
-              "mlflow": f"backend PostgreSQL; artifacts proxied into {config.home / 'mlartifacts'}",
-              "dvc-remote": f"key {config.home / 'secrets/dvc_ssh_key'}"}  # fmt: skip
+    where = {
+        "postgres": f"postgresql://{config.db_user}@{config.connect_host}:{config.pg_port}",
+        "prefect": f"{config.prefect_url} (API {config.prefect_api_url})",
+        "mlflow": config.mlflow_url,
+        "worker": f"pool {config.pool} on {config.prefect_api_url}",
+        "dvc-remote": config.remote_url,
+    }
+    detail = {
+        "postgres": f"databases {', '.join(DATABASES)}; data {config.home / 'postgres/data'}",
+        "mlflow": f"backend PostgreSQL; artifacts proxied into {config.home / 'mlartifacts'}",
+        "dvc-remote": f"key {config.home / 'secrets/dvc_ssh_key'}",
+    }
     return [ServiceStatus(n, running(config, n, procs), where[n], detail.get(n, "")) for n in SERVICES]
 
 
 def format_status(config: StackConfig, services: list[ServiceStatus]) -> str:
     lines = [f"rlhf stack in {config.home}"]
-    lines += [f"  {s.name:<11} {'up' if s.up else 'DOWN':<5} {s.address}" + (f"\n{'':19}{s.detail}" if s.detail else "")
-              for s in services]  # fmt: skip
+    lines += [
+        f"  {s.name:<11} {'up' if s.up else 'DOWN':<5} {s.address}" + (f"\n{'':19}{s.detail}" if s.detail else "")
+        for s in services
+    ]
     if services[SERVICES.index("mlflow")].up:
         lines.append(f"MLflow UI, its training runs: {training_view(config.mlflow_url)}")
-    lines += ["use it:  rlhf run --prefect --stack     (or: eval \"$(rlhf stack env)\"; rlhf run --prefect)",
-              "remote:  rlhf stack remote             (the project's DVC remote; then dvc push / dvc pull)"]  # fmt: skip
+    lines += [
+        'use it:  rlhf run --prefect --stack     (or: eval "$(rlhf stack env)"; rlhf run --prefect)',
+        "remote:  rlhf stack remote             (the project's DVC remote; then dvc push / dvc pull)",
+    ]
     return "\n".join(lines)
 
 
@@ -683,11 +866,12 @@ def configure_remote(config: StackConfig, project: Path, name: str = "stack") ->
     """Make the stack's SSH store the project's default DVC remote: the URL in .dvc/config (commit it: teammates share
     it), this user's key in .dvc/config.local (each person's own). Returns the dvc commands it ran."""
     dvc = [sys.executable, "-m", "dvc"]
-    commands = [[*dvc, "remote", "add", "--force", "--default", name, config.remote_url],
-                [*dvc, "remote", "modify", "--local", name, "keyfile", urls(config)["dvc_keyfile"]]]  # fmt: skip
+    commands = [
+        [*dvc, "remote", "add", "--force", "--default", name, config.remote_url],
+        [*dvc, "remote", "modify", "--local", name, "keyfile", urls(config)["dvc_keyfile"]],
+    ]
     for cmd in commands:
         done = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=quiet(dict(os.environ)))
         if done.returncode:
             raise StackError(f"{' '.join(cmd[2:])} failed: {done.stderr.strip()}")
     return commands
-

@@ -47,13 +47,20 @@ class DPOConfig:
 
     SECTION: ClassVar[str] = "dpo"
     RANGES: ClassVar[dict] = {
-        "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "beta": POSITIVE,
-        "warmup_ratio": FRACTION, "max_length": AT_LEAST_ONE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
-    }  # fmt: skip
+        "epochs": POSITIVE,
+        "batch_size": AT_LEAST_ONE,
+        "learning_rate": POSITIVE,
+        "beta": POSITIVE,
+        "warmup_ratio": FRACTION,
+        "max_length": AT_LEAST_ONE,
+        "seed": NON_NEGATIVE,
+        "logging_steps": AT_LEAST_ONE,
+    }
 
 
-def train(config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, precision: str
-          ) -> tuple[Any, Any, list[dict], float, dict[str, int]]:  # fmt: skip
+def train(
+    config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, precision: str
+) -> tuple[Any, Any, list[dict], float, dict[str, int]]:
     """TRL's DPOTrainer from the SFT model on the pairs fitted to the context. Returns (model, tokenizer, the log
     history, training seconds, pairs cut to the context)."""
     from datasets import Dataset
@@ -63,20 +70,44 @@ def train(config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, 
     model, tokenizer = load_causal_lm(sft_dir)
     tokenizer.padding_side = "right"
     max_length = context_limit(model, config.max_length)
-    fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["chosen"] for r in rows],
-                                                                [r["rejected"] for r in rows]], max_length)  # fmt: skip
-    data = Dataset.from_list([{"prompt": p, "chosen": " " + c, "rejected": " " + r}
-                              for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)])  # fmt: skip
+    fitted = fit_pairs(
+        tokenizer, [r["prompt"] for r in rows], [[r["chosen"] for r in rows], [r["rejected"] for r in rows]], max_length
+    )
+    data = Dataset.from_list(
+        [
+            {"prompt": p, "chosen": " " + c, "rejected": " " + r}
+            for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)
+        ]
+    )
     with tempfile.TemporaryDirectory() as scratch:
         args = TrlDPOConfig(
-            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
-            beta=config.beta, max_length=max_length, gradient_checkpointing=False, logging_steps=config.logging_steps,
-            save_strategy="no", eval_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
-        )  # fmt: skip
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[trainer_callback(tracker, "dpo/")])  # fmt: skip
+            output_dir=scratch,
+            num_train_epochs=config.epochs,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_ratio,
+            beta=config.beta,
+            max_length=max_length,
+            gradient_checkpointing=False,
+            logging_steps=config.logging_steps,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+            **trainer_precision(precision),
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=[trainer_callback(tracker, "dpo/")],
+        )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -84,8 +115,9 @@ def train(config: DPOConfig, sft_dir: Path, rows: list[dict], tracker: Tracker, 
     return trainer.model, tokenizer, trainer.state.log_history, seconds, fitted.counts()
 
 
-def run(config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
-        precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
+def run(
+    config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32"
+) -> dict[str, Any]:
     """Train the DPO policy on preferences.jsonl into `out_dir/model` (when enabled); metrics into `out_dir`."""
     tracker.log_params({"dpo": asdict(config), "precision": precision})
     with staged_dir(out_dir) as tmp:
@@ -97,8 +129,13 @@ def run(config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker
             model.save_pretrained(tmp / "model", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             losses = [h["loss"] for h in history if "loss" in h]
-            metrics |= {"train_seconds": round(seconds, 2), "n_train": len(rows), "precision": precision,
-                        "train_loss": round(losses[-1], 5) if losses else None, **truncated}  # fmt: skip
+            metrics |= {
+                "train_seconds": round(seconds, 2),
+                "n_train": len(rows),
+                "precision": precision,
+                "train_loss": round(losses[-1], 5) if losses else None,
+                **truncated,
+            }
         else:  # DVC tracks model/ as the stage's output: say why it holds no policy
             (tmp / "model").mkdir()
             (tmp / "model/DISABLED.txt").write_text("dpo.enabled is false in params.yaml: no DPO policy was trained.\n")
@@ -121,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("dpo", tags={"rlhf.precision": precision}) as tracker:
         metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision)
-    print(f"DPO: {'trained in ' + str(metrics['train_seconds']) + ' s' if config.enabled else 'disabled'}; "
-          f"saved to {args.out}")  # fmt: skip
+    print(
+        f"DPO: {'trained in ' + str(metrics['train_seconds']) + ' s' if config.enabled else 'disabled'}; "
+        f"saved to {args.out}"
+    )
     return 0
 
 

@@ -53,10 +53,16 @@ class EvaluateConfig:
 
     SECTION: ClassVar[str] = "evaluate"
     RANGES: ClassVar[dict] = {
-        "n_prompts": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "temperature": NON_NEGATIVE,  # 0: greedy
-        "top_k": NON_NEGATIVE, "top_p": Allowed(0, 1, low_open=True), "seed": NON_NEGATIVE,
-        "n_report_samples": NON_NEGATIVE, "overopt_rm_rise": NON_NEGATIVE, "overopt_judge_drop": NON_NEGATIVE,
-    }  # fmt: skip
+        "n_prompts": AT_LEAST_ONE,
+        "max_new_tokens": AT_LEAST_ONE,
+        "temperature": NON_NEGATIVE,  # 0: greedy
+        "top_k": NON_NEGATIVE,
+        "top_p": Allowed(0, 1, low_open=True),
+        "seed": NON_NEGATIVE,
+        "n_report_samples": NON_NEGATIVE,
+        "overopt_rm_rise": NON_NEGATIVE,
+        "overopt_judge_drop": NON_NEGATIVE,
+    }
 
     def __post_init__(self) -> None:
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.best_of_n):
@@ -75,13 +81,21 @@ def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop
     d_rm, d_judge = kept["rm_score"] - best["rm_score"], kept["judge"] - best["judge"]
     flagged = d_rm > rm_rise and -d_judge > judge_drop
     verdict = "over-optimisation: " if flagged else "no over-optimisation: "
-    reason = (f"{verdict}from step {best['step']:.0f} (best judge's score) to the kept step {kept['step']:.0f} the "
-              f"RM score moved {d_rm:+.3f} and the judge's score {d_judge:+.3f}")  # fmt: skip
+    reason = (
+        f"{verdict}from step {best['step']:.0f} (best judge's score) to the kept step {kept['step']:.0f} the "
+        f"RM score moved {d_rm:+.3f} and the judge's score {d_judge:+.3f}"
+    )
     last = rows[-1]
-    if kept is not last and last["rm_score"] - best["rm_score"] > rm_rise and best["judge"] - last["judge"] > judge_drop:
-        reason += (f"; the run over-optimised after it (to step {last['step']:.0f}: RM "
-                   f"{last['rm_score'] - best['rm_score']:+.3f}, judge {last['judge'] - best['judge']:+.3f}), which "
-                   "keeping the best checkpoint undid")  # fmt: skip
+    if (
+        kept is not last
+        and last["rm_score"] - best["rm_score"] > rm_rise
+        and best["judge"] - last["judge"] > judge_drop
+    ):
+        reason += (
+            f"; the run over-optimised after it (to step {last['step']:.0f}: RM "
+            f"{last['rm_score'] - best['rm_score']:+.3f}, judge {last['judge'] - best['judge']:+.3f}), which "
+            "keeping the best checkpoint undid"
+        )
     return flagged, reason
 
 
@@ -113,38 +127,61 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
 
     # 1. both policies on the same prompts, same sampling settings, same seed, graded by the same judge
     sampling = Sampling.of(asdict(config))
-    res = {n: evaluate_policy(n, m, tokenizer, rm, judge, sft, prompts, sampling)
-           for n, m in (("sft", sft), ("ppo", policy))}  # fmt: skip
+    res = {
+        n: evaluate_policy(n, m, tokenizer, rm, judge, sft, prompts, sampling)
+        for n, m in (("sft", sft), ("ppo", policy))
+    }
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
     metrics["judge"] = judge.name
-    metrics["win_rate_vs_sft"], metrics["win_rate_vs_sft_ci95"] = win_rate_ci(res["ppo"]["judge_scores"],
-                                                                               res["sft"]["judge_scores"])  # fmt: skip
+    metrics["win_rate_vs_sft"], metrics["win_rate_vs_sft_ci95"] = win_rate_ci(
+        res["ppo"]["judge_scores"], res["sft"]["judge_scores"]
+    )
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
-    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n,
-                                  res["sft"]["judge_scores"])  # fmt: skip
+    metrics |= best_of_n_baseline(
+        sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n, res["sft"]["judge_scores"]
+    )
     if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
         metrics |= {k: v for k, v in res["dpo"].items() if "/" in k}
         metrics["dpo_win_rate_vs_sft"], metrics["dpo_win_rate_vs_sft_ci95"] = win_rate_ci(
-            res["dpo"]["judge_scores"], res["sft"]["judge_scores"])
+            res["dpo"]["judge_scores"], res["sft"]["judge_scores"]
+        )
         metrics["dpo/perplexity"] = perplexity(dpo, tokenizer, read_jsonl(data_dir / "sft_test.jsonl"))
 
     # 2. the alignment tax: held-out SFT perplexity before and after PPO
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
-    metrics["sft/perplexity"], metrics["ppo/perplexity"] = perplexity(sft, tokenizer, heldout), perplexity(policy, tokenizer, heldout)
+    metrics["sft/perplexity"], metrics["ppo/perplexity"] = (
+        perplexity(sft, tokenizer, heldout),
+        perplexity(policy, tokenizer, heldout),
+    )
     metrics["alignment_tax"] = metrics["ppo/perplexity"] - metrics["sft/perplexity"]
 
     # 3. over-optimisation over the PPO checkpoints (written by the PPO stage)
-    monitor = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-               for row in csv.DictReader(inputs.monitor.open())] if inputs.monitor else []  # fmt: skip
+    monitor = (
+        [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(inputs.monitor.open())
+        ]
+        if inputs.monitor
+        else []
+    )
     metrics["overoptimisation"], metrics["overoptimisation_reason"] = overoptimisation(
-        monitor, config.overopt_rm_rise, config.overopt_judge_drop)
+        monitor, config.overopt_rm_rise, config.overopt_judge_drop
+    )
 
     with staged_dir(out_dir) as tmp:
-        samples = [{"prompt": p, **{f"{n}{suffix}": r[key][i] for n, r in res.items() for suffix, key in
-                                    (("", "replies"), ("_rm", "rm_scores"), ("_judge", "judge_scores"))}}
-                   for i, p in enumerate(prompts)]  # fmt: skip
+        samples = [
+            {
+                "prompt": p,
+                **{
+                    f"{n}{suffix}": r[key][i]
+                    for n, r in res.items()
+                    for suffix, key in (("", "replies"), ("_rm", "rm_scores"), ("_judge", "judge_scores"))
+                },
+            }
+            for i, p in enumerate(prompts)
+        ]
         write_jsonl(tmp / "samples.jsonl", samples)
         plots = write_plots(tmp, inputs.kl, monitor, metrics)
         write_report(tmp, metrics, samples[: config.n_report_samples], plots, len(samples))
@@ -156,10 +193,19 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     return metrics
 
 
-def best_of_n_baseline(sft, tokenizer, rm: RewardModel, judge: Judge, prompts: list[str], sampling: Sampling,
-                       ladder: list[int], sft_scores: list[float]) -> dict[str, float]:  # fmt: skip
+def best_of_n_baseline(
+    sft,
+    tokenizer,
+    rm: RewardModel,
+    judge: Judge,
+    prompts: list[str],
+    sampling: Sampling,
+    ladder: list[int],
+    sft_scores: list[float],
+) -> dict[str, float]:
     """Best-of-n from SFT picked by the RM, for n in `ladder`: the judge's mean, its win-rate over the SFT sample and
-    the analytic KL, as `bon/<n>/...` metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same one)."""
+    the analytic KL, as `bon/<n>/...` metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same
+    one)."""
     if not ladder:
         return {}
     picks = best_of_n(sft, tokenizer, rm, judge, prompts, replace(sampling, seed=sampling.seed + 1), ladder)
@@ -175,8 +221,11 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: d
     """Reward vs KL over PPO steps, the judge vs the proxy over the checkpoints, and the judge's score against the
     KL to SFT for best-of-n and for PPO's checkpoints (Gao et al. 2022's picture)."""
     names = []
-    bon = sorted((metrics[k.replace("/judge", "/kl")], v) for k, v in metrics.items() if k.startswith("bon/")
-                 and k.endswith("/judge"))  # fmt: skip
+    bon = sorted(
+        (metrics[k.replace("/judge", "/kl")], v)
+        for k, v in metrics.items()
+        if k.startswith("bon/") and k.endswith("/judge")
+    )
     series = {"PPO (kept policy)": ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"]])}
     if bon:
         series["best-of-n from SFT"] = ([k for k, _ in bon], [v for _, v in bon])
@@ -184,72 +233,139 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: d
         kl_at = {int(float(r["step"])): float(r["objective/kl"]) for r in csv.DictReader(kl_file.open())}
         points = [(kl_at.get(int(m["step"]), 0.0), m["judge"]) for m in monitor if m.get("judge") is not None]
         series["PPO checkpoints (training KL, monitor prompts)"] = ([k for k, _ in points], [v for _, v in points])
-    line_plot(series, "Judge's score vs KL to SFT", "KL (nats per reply)", "mean judge's score", out / "judge_vs_kl.png")
+    line_plot(
+        series, "Judge's score vs KL to SFT", "KL (nats per reply)", "mean judge's score", out / "judge_vs_kl.png"
+    )
     names.append("judge_vs_kl.png")
     if kl_file is not None:
         rows = list(csv.DictReader(kl_file.open()))
         if rows:
-            line_plot({"RM score (normalised)": ([float(r["objective/kl"]) for r in rows],
-                                                 [float(r["objective/scores"]) for r in rows])},
-                      "PPO: reward vs KL to the reference", "KL (nats per response)", "score", out / "reward_vs_kl.png")  # fmt: skip
+            line_plot(
+                {
+                    "RM score (normalised)": (
+                        [float(r["objective/kl"]) for r in rows],
+                        [float(r["objective/scores"]) for r in rows],
+                    )
+                },
+                "PPO: reward vs KL to the reference",
+                "KL (nats per response)",
+                "score",
+                out / "reward_vs_kl.png",
+            )
             names.append("reward_vs_kl.png")
     if monitor:
         steps = [m["step"] for m in monitor]
         series = {"RM score (proxy)": (steps, [m["rm_score"] for m in monitor])}
         if all(m.get("judge") is not None for m in monitor):
             series["judge's score"] = (steps, [m["judge"] for m in monitor])
-        line_plot(series, "Judge vs proxy over PPO checkpoints (held-out)", "PPO step", "mean score",
-                  out / "judge_vs_proxy.png")  # fmt: skip
+        line_plot(
+            series,
+            "Judge vs proxy over PPO checkpoints (held-out)",
+            "PPO step",
+            "mean score",
+            out / "judge_vs_proxy.png",
+        )
         names.append("judge_vs_proxy.png")
     return names
 
 
-def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str],
-                 n_prompts: int | None = None) -> None:  # fmt: skip
+def write_report(  # long: the formatter's one-argument-per-line layout; split in the next commits
+    out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str], n_prompts: int | None = None
+) -> None:
     """report.md and report.html: headline numbers, plots and a side-by-side sample table (`samples`: the first few of
     the `n_prompts` evaluated)."""
     ci = metrics.get("win_rate_vs_sft_ci95")
     ci_text = f" (95% CI ±{ci:.3f} over {n_prompts or len(samples)} prompts)" if ci is not None else ""
+
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    keys = ["rm_score", "judge", "kl_k1_seq", "kl_k3_seq", "kl_k1_token", "kl_k3_token", "response_words",
-            "distinct_1", "distinct_2", "eos_rate", "perplexity"]  # fmt: skip
+    keys = [
+        "rm_score",
+        "judge",
+        "kl_k1_seq",
+        "kl_k3_seq",
+        "kl_k1_token",
+        "kl_k3_token",
+        "response_words",
+        "distinct_1",
+        "distinct_2",
+        "eos_rate",
+        "perplexity",
+    ]
     rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in keys if f"ppo/{k}" in metrics]
-    md = ["# Evaluation: PPO vs SFT on held-out prompts", "",
-          f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
-          f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**{ci_text}",
-          f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
-          f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
-          f"- {metrics['overoptimisation_reason']}", "", "| metric | SFT | PPO |", "|---|---|---|"]  # fmt: skip
+    md = [
+        "# Evaluation: PPO vs SFT on held-out prompts",
+        "",
+        f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
+        f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**{ci_text}",
+        f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
+        f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
+        f"- {metrics['overoptimisation_reason']}",
+        "",
+        "| metric | SFT | PPO |",
+        "|---|---|---|",
+    ]
     md += [f"| {k} | {fmt(a)} | {fmt(b)} |" for k, a, b in rows]
     ladder = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("bon/") and k.endswith("/judge"))
     if ladder:
-        md += ["", "Best-of-n from SFT, picked by the reward model, against PPO at the same KL:", "",
-               "| policy | KL to SFT (nats) | judge's mean | win-rate vs SFT |", "|---|---|---|---|"]  # fmt: skip
-        md += [f"| best-of-{n} | {metrics[f'bon/{n}/kl']:.3f} | {metrics[f'bon/{n}/judge']:.3f} | "
-               f"{metrics[f'bon/{n}/win_rate_vs_sft']:.3f} |" for n in ladder]  # fmt: skip
-        md.append(f"| PPO | {metrics['ppo/kl_k1_seq']:.3f} | {metrics['ppo/judge']:.3f} | {metrics['win_rate_vs_sft']:.3f} |")
+        md += [
+            "",
+            "Best-of-n from SFT, picked by the reward model, against PPO at the same KL:",
+            "",
+            "| policy | KL to SFT (nats) | judge's mean | win-rate vs SFT |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| best-of-{n} | {metrics[f'bon/{n}/kl']:.3f} | {metrics[f'bon/{n}/judge']:.3f} | "
+            f"{metrics[f'bon/{n}/win_rate_vs_sft']:.3f} |"
+            for n in ladder
+        ]
+        md.append(
+            f"| PPO | {metrics['ppo/kl_k1_seq']:.3f} | {metrics['ppo/judge']:.3f} | {metrics['win_rate_vs_sft']:.3f} |"
+        )
         if "dpo/judge" in metrics:
-            md.append(f"| DPO | {metrics['dpo/kl_k1_seq']:.3f} | {metrics['dpo/judge']:.3f} | "
-                      f"{metrics['dpo_win_rate_vs_sft']:.3f} |")  # fmt: skip
-    md += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", "",
-           f"| prompt | SFT | PPO | RM (SFT / PPO) | {metrics['judge']} (SFT / PPO) |", "|---|---|---|---|---|"]  # fmt: skip
+            md.append(
+                f"| DPO | {metrics['dpo/kl_k1_seq']:.3f} | {metrics['dpo/judge']:.3f} | "
+                f"{metrics['dpo_win_rate_vs_sft']:.3f} |"
+            )
+    md += [
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "## Samples",
+        "",
+        f"| prompt | SFT | PPO | RM (SFT / PPO) | {metrics['judge']} (SFT / PPO) |",
+        "|---|---|---|---|---|",
+    ]
     for s in samples:
-        cells = [s["prompt"].replace("\n", " ").strip(), s["sft"], s["ppo"], f"{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}",
-                 f"{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}"]  # fmt: skip
+        cells = [
+            s["prompt"].replace("\n", " ").strip(),
+            s["sft"],
+            s["ppo"],
+            f"{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}",
+            f"{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}",
+        ]
         md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    table = "".join(f"<tr><td>{html.escape(s['prompt'].strip())}</td><td>{html.escape(s['sft'])}</td>"
-                    f"<td>{html.escape(s['ppo'])}</td><td>{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}</td>"
-                    f"<td>{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}</td></tr>" for s in samples)  # fmt: skip
+    table = "".join(
+        f"<tr><td>{html.escape(s['prompt'].strip())}</td><td>{html.escape(s['sft'])}</td>"
+        f"<td>{html.escape(s['ppo'])}</td><td>{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}</td>"
+        f"<td>{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}</td></tr>"
+        for s in samples
+    )
     summary = "".join(f"<tr><td>{k}</td><td>{fmt(a)}</td><td>{fmt(b)}</td></tr>" for k, a, b in rows)
-    bon = "".join(f"<tr><td>best-of-{n}</td><td>{metrics[f'bon/{n}/kl']:.3f}</td><td>{metrics[f'bon/{n}/judge']:.3f}</td>"
-                  f"<td>{metrics[f'bon/{n}/win_rate_vs_sft']:.3f}</td></tr>" for n in ladder)  # fmt: skip
+    bon = "".join(
+        f"<tr><td>best-of-{n}</td><td>{metrics[f'bon/{n}/kl']:.3f}</td><td>{metrics[f'bon/{n}/judge']:.3f}</td>"
+        f"<td>{metrics[f'bon/{n}/win_rate_vs_sft']:.3f}</td></tr>"
+        for n in ladder
+    )
     if bon:
-        bon = ("<h2>Best-of-n from SFT vs PPO</h2><table><tr><th>policy</th><th>KL to SFT</th><th>judge's mean</th>"
-               f"<th>win-rate vs SFT</th></tr>{bon}<tr><td>PPO</td><td>{metrics['ppo/kl_k1_seq']:.3f}</td>"
-               f"<td>{metrics['ppo/judge']:.3f}</td><td>{metrics['win_rate_vs_sft']:.3f}</td></tr></table>")  # fmt: skip
+        bon = (
+            "<h2>Best-of-n from SFT vs PPO</h2><table><tr><th>policy</th><th>KL to SFT</th><th>judge's mean</th>"
+            f"<th>win-rate vs SFT</th></tr>{bon}<tr><td>PPO</td><td>{metrics['ppo/kl_k1_seq']:.3f}</td>"
+            f"<td>{metrics['ppo/judge']:.3f}</td><td>{metrics['win_rate_vs_sft']:.3f}</td></tr></table>"
+        )
     (out / "report.html").write_text(
         "<!doctype html><meta charset=utf-8><title>RLHF evaluation</title><style>body{font-family:sans-serif;"
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
@@ -261,7 +377,9 @@ def write_report(out: Path, metrics: dict[str, Any], samples: list[dict], plots:
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
         + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th>"
         f"<th>{html.escape(metrics['judge'])}</th></tr>"
-        f"{table}</table>", encoding="utf-8")  # fmt: skip
+        f"{table}</table>",
+        encoding="utf-8",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,17 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kl", help="PPO's per-step table (artifacts/ppo/kl.csv), for the reward-vs-KL plot")
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
     parser.add_argument("--out", default="artifacts/evaluate")
-    parser.add_argument("--model-uri", help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
-                        "instead of --policy: its HF folder (safetensors) as the promote stage registered it")  # fmt: skip
-    parser.add_argument("--trust-model", action="store_true",
-                        help="with --model-uri: also a model this pipeline did not register (still safetensors only, "
-                             "never unpickled)")  # fmt: skip
+    parser.add_argument(
+        "--model-uri",
+        help="evaluate this MLflow model (e.g. models:/rlhf-policy@champion) "
+        "instead of --policy: its HF folder (safetensors) as the promote stage registered it",
+    )
+    parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="with --model-uri: also a model this pipeline did not register (still safetensors only, never unpickled)",
+    )
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
     precision = resolve_precision(params.get("precision", "auto"))
-    optional = {k: Path(v) if v else None for k, v in (("judge", args.judge), ("kl", args.kl),
-                                                            ("monitor", args.monitor), ("dpo", args.dpo))}  # fmt: skip
+    optional = {
+        k: Path(v) if v else None
+        for k, v in (("judge", args.judge), ("kl", args.kl), ("monitor", args.monitor), ("dpo", args.dpo))
+    }
     with tempfile.TemporaryDirectory() as scratch:
         policy = Path(args.policy)
         if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind
@@ -300,8 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                 tracker.set_tags({"rlhf.model_uri": args.model_uri})
             m = run(config, inputs, Path(args.out), tracker)
     judged = f"; {m['judge']} SFT {m['sft/judge']:.3f} -> PPO {m['ppo/judge']:.3f}"
-    print(f"evaluation: {m['judge']} judge win-rate vs SFT {m['win_rate_vs_sft']:.3f}{judged}; KL {m['ppo/kl_k1_seq']:.3f}; "
-          f"report {args.out}/report.md")  # fmt: skip
+    print(
+        f"evaluation: {m['judge']} judge win-rate vs SFT {m['win_rate_vs_sft']:.3f}{judged}; "
+        f"KL {m['ppo/kl_k1_seq']:.3f}; "
+        f"report {args.out}/report.md"
+    )
     return 0
 
 

@@ -24,8 +24,15 @@ from stages.lib.splits import JUDGE
 from stages.lib.tracking import Tracker, mlflow_run
 
 
-def run(config: JudgeConfig, training: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
-        precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
+def run(
+    config: JudgeConfig,
+    training: RewardConfig,
+    data_dir: Path,
+    sft_dir: Path,
+    out_dir: Path,
+    tracker: Tracker,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Write the judge to `out_dir/model` (judge.json, plus the judge reward model's weights and norm.json) and its
     numbers to `out_dir/metrics.json`."""
     kind = json.loads((data_dir / "derived.json").read_text())["judge"]  # decided once, where the data was split
@@ -37,10 +44,23 @@ def run(config: JudgeConfig, training: RewardConfig, data_dir: Path, sft_dir: Pa
             raise BadInput(f"the judge reward model has no pairs: {data_dir / JUDGE}.jsonl is missing")
         rows, test_rows = read_jsonl(data_dir / f"{JUDGE}.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
         norm_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
-        trained = build(dataclasses.replace(training, seed=config.seed), rows, test_rows, norm_prompts, sft_dir,
-                        out_dir / "model", tracker, precision, name="judge")  # fmt: skip
-        metrics |= {"accuracy": trained["accuracy"], "n_train": trained["n_train"], "seed": config.seed,
-                    "train_seconds": trained["train_seconds"]}  # fmt: skip
+        trained = build(
+            dataclasses.replace(training, seed=config.seed),
+            rows,
+            test_rows,
+            norm_prompts,
+            sft_dir,
+            out_dir / "model",
+            tracker,
+            precision,
+            name="judge",
+        )
+        metrics |= {
+            "accuracy": trained["accuracy"],
+            "n_train": trained["n_train"],
+            "seed": config.seed,
+            "train_seconds": trained["train_seconds"],
+        }
     elif kind == "scorer":
         spec["scorer"] = config.scorer
     elif kind == "endpoint":

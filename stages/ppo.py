@@ -116,22 +116,45 @@ class PPOConfig:
     SECTION: ClassVar[str] = "ppo"
     NESTED: ClassVar[dict] = {"kl_guard": KLGuardConfig, "lora": LoraSettings}
     RANGES: ClassVar[dict] = {
-        "seed": NON_NEGATIVE, "num_steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "num_mini_batches": AT_LEAST_ONE,
-        "ppo_epochs": AT_LEAST_ONE, "learning_rate": POSITIVE, "response_length": AT_LEAST_ONE,
+        "seed": NON_NEGATIVE,
+        "num_steps": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+        "num_mini_batches": AT_LEAST_ONE,
+        "ppo_epochs": AT_LEAST_ONE,
+        "learning_rate": POSITIVE,
+        "response_length": AT_LEAST_ONE,
         "temperature": POSITIVE,  # log-probs are divided by it
-        "top_k": NON_NEGATIVE, "top_p": Allowed(0, 1, low_open=True), "missing_eos_penalty": NON_NEGATIVE,
-        "kl_coef": NON_NEGATIVE, "kl_target": POSITIVE, "kl_horizon": POSITIVE, "gamma": FRACTION, "lam": FRACTION,
-        "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE, "ent_coef": NON_NEGATIVE,
-        "max_grad_norm": POSITIVE, "value_init": one_of("reward", "sft"), "checkpoint_every": AT_LEAST_ONE,
-        "keep_checkpoints": AT_LEAST_ONE, "resume": one_of("auto", "never"), "sample_every": AT_LEAST_ONE,
-        "n_monitor": NON_NEGATIVE, "threads": NON_NEGATIVE, "estimator": one_of(*ESTIMATORS),
-        "group_size": AT_LEAST_ONE, "keep": one_of("best", "last"),
-    }  # fmt: skip
+        "top_k": NON_NEGATIVE,
+        "top_p": Allowed(0, 1, low_open=True),
+        "missing_eos_penalty": NON_NEGATIVE,
+        "kl_coef": NON_NEGATIVE,
+        "kl_target": POSITIVE,
+        "kl_horizon": POSITIVE,
+        "gamma": FRACTION,
+        "lam": FRACTION,
+        "cliprange": POSITIVE,
+        "cliprange_value": POSITIVE,
+        "vf_coef": NON_NEGATIVE,
+        "ent_coef": NON_NEGATIVE,
+        "max_grad_norm": POSITIVE,
+        "value_init": one_of("reward", "sft"),
+        "checkpoint_every": AT_LEAST_ONE,
+        "keep_checkpoints": AT_LEAST_ONE,
+        "resume": one_of("auto", "never"),
+        "sample_every": AT_LEAST_ONE,
+        "n_monitor": NON_NEGATIVE,
+        "threads": NON_NEGATIVE,
+        "estimator": one_of(*ESTIMATORS),
+        "group_size": AT_LEAST_ONE,
+        "keep": one_of("best", "last"),
+    }
 
     def __post_init__(self) -> None:
         if self.estimator in ("rloo", "grpo") and (self.group_size < 2 or self.batch_size % self.group_size):
-            raise ValueError(f"ppo.group_size {self.group_size} must be at least 2 and divide ppo.batch_size "
-                             f"{self.batch_size} for {self.estimator}")  # fmt: skip
+            raise ValueError(
+                f"ppo.group_size {self.group_size} must be at least 2 and divide ppo.batch_size "
+                f"{self.batch_size} for {self.estimator}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,8 +182,9 @@ class PolicyAndValue(nn.Module):
         """The critic alone: V(s_t) per token, (B, L) -> (B, L); zeros without a critic."""
         if not self.has_critic:
             return torch.zeros(input_ids.shape, dtype=torch.float32)
-        hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids).last_hidden_state  # fmt: skip
+        hidden = self.critic_backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         return self.critic_head(hidden).squeeze(-1)
 
 
@@ -171,8 +195,9 @@ def disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-def load_models(config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path) -> tuple[
-        PolicyAndValue, nn.Module | None, RewardModel, Any]:  # fmt: skip
+def load_models(
+    config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path
+) -> tuple[PolicyAndValue, nn.Module | None, RewardModel, Any]:
     """(trainable policy + critic, the frozen reference or None when LoRA's base serves, the frozen RM, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -230,17 +255,34 @@ def generate_rollouts(policy: nn.Module, tokenizer: Any, prompts: list[str], con
     queries, qmask = enc["input_ids"], enc["attention_mask"]
     policy.eval()
     out = policy.generate(
-        input_ids=queries, attention_mask=qmask, max_new_tokens=config.response_length, do_sample=True,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,  # top_k 0: no top-k (None means 50)
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
-        output_logits=True)  # fmt: skip
+        input_ids=queries,
+        attention_mask=qmask,
+        max_new_tokens=config.response_length,
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,  # top_k 0: no top-k (None means 50)
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     responses = out.sequences[:, queries.shape[1] :]
     mask, has_eos = first_eos_mask(responses, tokenizer.eos_token_id)
     responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
     attn = torch.cat([qmask, mask.long()], 1)
     # the raw logits (before temperature/top-k/top-p), which TRL reuses too: (B, T, V)
-    return Rollout(prompts, responses, mask, has_eos, torch.cat([queries, responses], 1), attn, position_ids(attn),
-                   queries.shape[1], torch.stack(out.logits, 1))  # fmt: skip
+    return Rollout(
+        prompts,
+        responses,
+        mask,
+        has_eos,
+        torch.cat([queries, responses], 1),
+        attn,
+        position_ids(attn),
+        queries.shape[1],
+        torch.stack(out.logits, 1),
+    )
 
 
 @dataclass
@@ -253,8 +295,9 @@ class Scored:
 
 
 @torch.no_grad()
-def score_rollouts(model: PolicyAndValue, ref_policy: nn.Module | None, rm: RewardModel, ro: Rollout,
-                   config: PPOConfig) -> Scored:  # fmt: skip
+def score_rollouts(
+    model: PolicyAndValue, ref_policy: nn.Module | None, rm: RewardModel, ro: Rollout, config: PPOConfig
+) -> Scored:
     """2. Policy and reference log-probs, values, and the RM's score. The policy's log-probs come from the
     generation's logits (same tokens, positions and temperature as a forward over `seq`; equal up to float rounding,
     ~1e-6), as in TRL: no second policy forward."""
@@ -285,14 +328,15 @@ def kl_penalised_rewards(sc: Scored, mask: torch.Tensor, kl_coef: float, config:
     return rewards, non_score, kl
 
 
-def estimate_advantages(config: PPOConfig, sc: Scored, mask: torch.Tensor, rewards: torch.Tensor,
-                        non_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def estimate_advantages(
+    config: PPOConfig, sc: Scored, mask: torch.Tensor, rewards: torch.Tensor, non_score: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """4. Advantages (B, T) and the critic's returns (B, T; zeros without a critic), by `config.estimator`:
 
-        gae           GAE over the KL-penalised per-token rewards and the critic's values, whitened (PPO)
-        rloo          sequence reward R = score - kl_coef * sum_t k1_t, minus the mean of the other replies to its prompt
-        grpo          the score standardised within its prompt's group; the KL is a loss term instead (phase 5)
-        reinforce_pp  returns-to-go of the KL-penalised per-token rewards, whitened over the batch
+    gae           GAE over the KL-penalised per-token rewards and the critic's values, whitened (PPO)
+    rloo          sequence reward R = score - kl_coef * sum_t k1_t, minus the mean of the other replies to its prompt
+    grpo          the score standardised within its prompt's group; the KL is a loss term instead (phase 5)
+    reinforce_pp  returns-to-go of the KL-penalised per-token rewards, whitened over the batch
     """
     if config.estimator == "gae":
         advantages, returns = pm.gae(rewards, sc.values, mask, config.gamma, config.lam)
@@ -307,9 +351,18 @@ def estimate_advantages(config: PPOConfig, sc: Scored, mask: torch.Tensor, rewar
     return seq[:, None] * mask, zeros
 
 
-def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, sc: Scored,
-               advantages: torch.Tensor, returns: torch.Tensor, config: PPOConfig, generator: torch.Generator,
-               step: int) -> dict[str, list[float]]:  # fmt: skip
+def ppo_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Any,
+    ro: Rollout,
+    sc: Scored,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    config: PPOConfig,
+    generator: torch.Generator,
+    step: int,
+) -> dict[str, list[float]]:
     """5. `ppo_epochs` passes over random minibatches: clipped surrogate + vf_coef * clipped value loss (GAE's critic)
     + kl_coef * k3 KL to the reference (GRPO) - ent_coef * entropy. Returns the per-minibatch statistics."""
     Lq, mb_size = ro.query_len, max(1, len(ro.prompts) // config.num_mini_batches)
@@ -328,8 +381,9 @@ def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
                 entropy = pm.masked_mean(pm.entropy_from_logits(new_logits, config.temperature), ro.mask[mb])
             loss = pg.loss - config.ent_coef * entropy
             if critic:
-                vf_loss, vf_clip = pm.clipped_value_loss(new_values[:, Lq - 1 : -1], sc.values[mb], returns[mb],
-                                                         ro.mask[mb], config.cliprange_value)  # fmt: skip
+                vf_loss, vf_clip = pm.clipped_value_loss(
+                    new_values[:, Lq - 1 : -1], sc.values[mb], returns[mb], ro.mask[mb], config.cliprange_value
+                )
                 loss = loss + config.vf_coef * vf_loss
             else:
                 vf_loss = vf_clip = torch.zeros(())
@@ -341,28 +395,47 @@ def ppo_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            for k, v in zip(stats, (pg.loss, vf_loss, pg.clipfrac, vf_clip, pg.approxkl, entropy, pg.ratio), strict=True):
+            for k, v in zip(
+                stats, (pg.loss, vf_loss, pg.clipfrac, vf_clip, pg.approxkl, entropy, pg.ratio), strict=True
+            ):
                 stats[k].append(v.item())
     return stats
 
 
-def step_metrics(accelerator: Any, ro: Rollout, sc: Scored, kl: torch.Tensor, non_score: torch.Tensor,
-                 returns: torch.Tensor, stats: dict[str, list[float]], critic: bool) -> dict[str, float]:  # fmt: skip
+def step_metrics(
+    accelerator: Any,
+    ro: Rollout,
+    sc: Scored,
+    kl: torch.Tensor,
+    non_score: torch.Tensor,
+    returns: torch.Tensor,
+    stats: dict[str, list[float]],
+    critic: bool,
+) -> dict[str, float]:
     """6. TRL's metric names, averaged over processes (the critic's `val/*` are 0 without one)."""
     mask, var_y = ro.mask, pm.masked_var(returns, ro.mask)
     mean = {k: torch.tensor(np.mean(v)) for k, v in stats.items()}
     local = {
-        "objective/kl": kl.sum(1).mean(), "objective/kl_k3": (pm.kl_k3(sc.logprobs, sc.ref_logprobs) * mask).sum(1).mean(),
-        "objective/entropy": (-sc.logprobs).sum(1).mean(), "objective/scores": sc.scores.mean(),
+        "objective/kl": kl.sum(1).mean(),
+        "objective/kl_k3": (pm.kl_k3(sc.logprobs, sc.ref_logprobs) * mask).sum(1).mean(),
+        "objective/entropy": (-sc.logprobs).sum(1).mean(),
+        "objective/scores": sc.scores.mean(),
         "objective/non_score_reward": non_score.sum(1).mean(),
-        "objective/rlhf_reward": (sc.scores + non_score.sum(1)).mean(), "objective/raw_scores": sc.raw_scores.mean(),
-        "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clip"], "policy/entropy_avg": mean["ent"],
-        "val/clipfrac_avg": mean["vclip"], "val/ratio": mean["ratio"],
-        "val/var_explained": (1 - pm.masked_var(returns - sc.values, mask) / var_y.clamp_min(1e-8)) if critic
+        "objective/rlhf_reward": (sc.scores + non_score.sum(1)).mean(),
+        "objective/raw_scores": sc.raw_scores.mean(),
+        "policy/approxkl_avg": mean["approxkl"],
+        "policy/clipfrac_avg": mean["clip"],
+        "policy/entropy_avg": mean["ent"],
+        "val/clipfrac_avg": mean["vclip"],
+        "val/ratio": mean["ratio"],
+        "val/var_explained": (1 - pm.masked_var(returns - sc.values, mask) / var_y.clamp_min(1e-8))
+        if critic
         else torch.tensor(0.0),
-        "loss/policy_avg": mean["pg"], "loss/value_avg": mean["vf"],
-        "tokens/response_len_mean": mask.sum(1).mean(), "val/num_eos_tokens": ro.has_eos.float().sum(),
-    }  # fmt: skip
+        "loss/policy_avg": mean["pg"],
+        "loss/value_avg": mean["vf"],
+        "tokens/response_len_mean": mask.sum(1).mean(),
+        "val/num_eos_tokens": ro.has_eos.float().sum(),
+    }
     reduced = accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
     metrics = {k: round(v, 6) for k, v in zip(local, reduced.tolist(), strict=True)}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count, not a mean
@@ -432,8 +505,20 @@ def checkpointer(config: PPOConfig, inputs: list[Path]) -> Checkpointer:
     """This run's checkpoints: their folder is named by a fingerprint of the results-relevant settings (a changed
     checkpoint cadence, guard or monitor size resumes the same run), the input files and the code."""
     code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards, context))]  # new code: no old resume
-    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_dir", "checkpoint_every",
-                "keep_checkpoints", "sample_every", "kl_guard", "n_monitor")}  # fmt: skip
+    settings = {
+        k: v
+        for k, v in asdict(config).items()
+        if k
+        not in (
+            "resume",
+            "checkpoint_dir",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "sample_every",
+            "kl_guard",
+            "n_monitor",
+        )
+    }
     return Checkpointer(Path(config.checkpoint_dir), fingerprint(settings, inputs + code), config.keep_checkpoints)
 
 
@@ -442,13 +527,23 @@ def rollout_prompts(config: PPOConfig, policy: nn.Module, tokenizer: Any, path: 
     (stages/lib/context.py). Returns (prompts, how many were cut)."""
     window = modeling.context_limit(policy, 10**9)
     if config.response_length >= window:
-        raise BadInput(f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
-                       f"context of {window} tokens")  # fmt: skip
+        raise BadInput(
+            f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
+            f"context of {window} tokens"
+        )
     return context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(path)], window - config.response_length)
 
 
-def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, out_dir: Path,
-        tracker: Tracker | None = None, judge: Judge | None = None) -> dict:  # fmt: skip
+def run(  # long: the formatter's one-argument-per-line layout; split in the next commits
+    config: PPOConfig,
+    data_dir: Path,
+    sft_dir: Path,
+    rm_dir: Path,
+    norm_file: Path,
+    out_dir: Path,
+    tracker: Tracker | None = None,
+    judge: Judge | None = None,
+) -> dict:
     """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content.
     Raises `GateFailed` after writing the rolled-back policy when the KL guard stopped the run."""
     from accelerate import Accelerator
@@ -464,26 +559,44 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     # 0. models, optimiser, schedule, KL controller, checkpoints
     model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file)
     # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5,
-                                  fused=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / config.num_steps)  # linear anneal
     model, optimizer = accelerator.prepare(model, optimizer)
-    kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
-              else pm.FixedKLController(config.kl_coef))  # fmt: skip
-    ckpt = checkpointer(config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file,
-                                 data_dir / "prompts.jsonl"])  # fmt: skip
+    kl_ctl = (
+        pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.adaptive_kl
+        else pm.FixedKLController(config.kl_coef)
+    )
+    ckpt = checkpointer(
+        config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
+    )
     tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
     state = TrainState()
     guard = KLGuard(KLGuardConfig(**config.kl_guard))
 
     def save_checkpoint(step: int) -> None:
-        rngs = [rng_state()] if accelerator.num_processes == 1 else accelerator.gather_for_metrics(
-            [rng_state()], use_gather_object=True)  # fmt: skip
+        rngs = (
+            [rng_state()]
+            if accelerator.num_processes == 1
+            else accelerator.gather_for_metrics([rng_state()], use_gather_object=True)
+        )
         if accelerator.is_main_process:
-            ckpt.save(step, {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rngs,
-                             "state": asdict(state), "violations": guard.violations, "config": asdict(config)},
-                      protect=state.best_step if config.keep == "best" else None)  # fmt: skip
+            ckpt.save(
+                step,
+                {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "kl_ctl": kl_ctl.state_dict(),
+                    "rng": rngs,
+                    "state": asdict(state),
+                    "violations": guard.violations,
+                    "config": asdict(config),
+                },
+                protect=state.best_step if config.keep == "best" else None,
+            )
         accelerator.wait_for_everyone()
 
     found = ckpt.latest() if config.resume == "auto" else None
@@ -498,15 +611,25 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
         accelerator.print(f"resuming PPO from {found[1]} (step {state.step})")
 
     # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
-    monitor_prompts = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor] \
-        if config.n_monitor else []  # fmt: skip
+    monitor_prompts = (
+        [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor] if config.n_monitor else []
+    )
     monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
 
     def checkpoint(step: int) -> None:
         """Score the policy on held-out prompts (the over-optimisation monitor: the RM and the judge), then save."""
         if accelerator.is_main_process and config.n_monitor:
-            point = {"step": step, **monitor_scores(accelerator.unwrap_model(model).policy, tokenizer, rm,
-                                                    judge or GoldJudge(), monitor_prompts, monitor_sampling)}  # fmt: skip
+            point = {
+                "step": step,
+                **monitor_scores(
+                    accelerator.unwrap_model(model).policy,
+                    tokenizer,
+                    rm,
+                    judge or GoldJudge(),
+                    monitor_prompts,
+                    monitor_sampling,
+                ),
+            }
             point.pop("eos_rate")
             state.monitor.append(point)
             tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}, step)
@@ -518,22 +641,55 @@ def run(config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_fil
     if found is None:
         checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
 
-    prompts, state.truncated_prompts = rollout_prompts(config, accelerator.unwrap_model(model).policy, tokenizer,
-                                                       data_dir / "prompts.jsonl")  # fmt: skip
-    outcome, reason = train(config, accelerator, model, optimizer, scheduler, kl_ctl, ref_policy, rm, tokenizer,
-                            prompts, state, guard, checkpoint, tracker)  # fmt: skip
+    prompts, state.truncated_prompts = rollout_prompts(
+        config, accelerator.unwrap_model(model).policy, tokenizer, data_dir / "prompts.jsonl"
+    )
+    outcome, reason = train(
+        config,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        kl_ctl,
+        ref_policy,
+        rm,
+        tokenizer,
+        prompts,
+        state,
+        guard,
+        checkpoint,
+        tracker,
+    )
     return finish(config, accelerator, model, ckpt, state, outcome, reason, tokenizer, out_dir, tracker)
 
 
-def train(config: PPOConfig, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, kl_ctl: Any,
-          ref_policy: nn.Module | None, rm: RewardModel, tokenizer: Any, prompts: list[str], state: TrainState,
-          guard: KLGuard, checkpoint: Any, tracker: Tracker) -> tuple[str, str]:  # fmt: skip
+def train(  # long: the formatter's one-argument-per-line layout; split in the next commits
+    config: PPOConfig,
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    kl_ctl: Any,
+    ref_policy: nn.Module | None,
+    rm: RewardModel,
+    tokenizer: Any,
+    prompts: list[str],
+    state: TrainState,
+    guard: KLGuard,
+    checkpoint: Any,
+    tracker: Tracker,
+) -> tuple[str, str]:
     """The PPO loop from `state.step` to `num_steps`; returns (outcome, reason)."""
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(range(state.step, config.num_steps), desc="PPO", disable=not accelerator.is_main_process,
-               initial=state.step, total=config.num_steps)  # fmt: skip
+    bar = tqdm(
+        range(state.step, config.num_steps),
+        desc="PPO",
+        disable=not accelerator.is_main_process,
+        initial=state.step,
+        total=config.num_steps,
+    )
     for step in bar:
         t0 = time.perf_counter()
         unwrapped = accelerator.unwrap_model(model)
@@ -555,24 +711,35 @@ def train(config: PPOConfig, accelerator: Any, model: nn.Module, optimizer: Any,
         # 6. metrics
         metrics = step_metrics(accelerator, ro, sc, kl, non_score, returns, stats, unwrapped.has_critic)
         n_tokens = ro.mask.sum().item() * world
-        metrics |= {"objective/kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0], "step": step + 1,
-                    "episodes": (step + 1) * config.batch_size, "time/generation": t1 - t0, "time/scoring": t2 - t1,
-                    "time/update": t3 - t2, "time/step": t3 - t0, "tokens/per_second": n_tokens / (t3 - t0),
-                    "tokens/per_second_generation": n_tokens / (t1 - t0)}  # fmt: skip
+        metrics |= {
+            "objective/kl_coef": kl_ctl.value,
+            "lr": scheduler.get_last_lr()[0],
+            "step": step + 1,
+            "episodes": (step + 1) * config.batch_size,
+            "time/generation": t1 - t0,
+            "time/scoring": t2 - t1,
+            "time/update": t3 - t2,
+            "time/step": t3 - t0,
+            "tokens/per_second": n_tokens / (t3 - t0),
+            "tokens/per_second_generation": n_tokens / (t1 - t0),
+        }
         kl_ctl.update(metrics["objective/kl"], config.batch_size)
         state.history.append(metrics)
         if (step + 1) % config.sample_every == 0 or step == 0:
             texts = tokenizer.batch_decode(ro.responses[:4], skip_special_tokens=True)
-            state.samples += [{"step": step + 1, "prompt": p, "response": r.strip(), "score": s}
-                              for p, r, s in zip(ro.prompts[:4], texts, sc.scores[:4].tolist(), strict=True)]  # fmt: skip
+            state.samples += [
+                {"step": step + 1, "prompt": p, "response": r.strip(), "score": s}
+                for p, r, s in zip(ro.prompts[:4], texts, sc.scores[:4].tolist(), strict=True)
+            ]
         tracker.log_metrics(metrics, step=step + 1)
         bar.set_postfix(kl=f"{metrics['objective/kl']:.2f}", score=f"{metrics['objective/scores']:.2f}")
         # 7. KL guard: over budget `patience` times in a row -> stop and roll back
         over = guard.over(metrics)
         if guard.tripped:
             bar.close()
-            return "stopped_by_kl_guard", (f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for "
-                                           f"{guard.violations} step(s)")  # fmt: skip
+            return "stopped_by_kl_guard", (
+                f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for {guard.violations} step(s)"
+            )
         if not over and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps):
             checkpoint(step + 1)
     bar.close()
@@ -594,8 +761,18 @@ def kept_step(config: PPOConfig, state: TrainState, outcome: str, accelerator: A
     return len(state.history), "the last step"
 
 
-def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpointer, state: TrainState, outcome: str,
-           reason: str, tokenizer: Any, out_dir: Path, tracker: Tracker) -> dict:  # fmt: skip
+def finish(
+    config: PPOConfig,
+    accelerator: Any,
+    model: nn.Module,
+    ckpt: Checkpointer,
+    state: TrainState,
+    outcome: str,
+    reason: str,
+    tokenizer: Any,
+    out_dir: Path,
+    tracker: Tracker,
+) -> dict:
     """8. The kept policy (see `kept_step`), saved with metrics.json, the KL table, samples and curves."""
     kept, why = kept_step(config, state, outcome, accelerator)
     if kept != len(state.history) or outcome == "stopped_by_kl_guard":
@@ -606,10 +783,17 @@ def finish(config: PPOConfig, accelerator: Any, model: nn.Module, ckpt: Checkpoi
     final_metrics = history[kept - 1] if kept else {}  # the kept step's numbers (step 0: the SFT policy itself)
     monitor = [{**m, "kept": int(m["step"] == kept)} for m in state.monitor]
     reason = f"{reason}; kept step {kept}, {why}"
-    result = {"outcome": outcome, "reason": reason, "steps_done": len(history), "kept_step": kept, "kept_because": why,
-              "estimator": config.estimator, "truncated_prompts": state.truncated_prompts,
-              "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
-              "monitor": next((m for m in monitor if m["kept"]), None)}  # fmt: skip
+    result = {
+        "outcome": outcome,
+        "reason": reason,
+        "steps_done": len(history),
+        "kept_step": kept,
+        "kept_because": why,
+        "estimator": config.estimator,
+        "truncated_prompts": state.truncated_prompts,
+        "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
+        "monitor": next((m for m in monitor if m["kept"]), None),
+    }
     if accelerator.is_main_process:
         result["mlflow_run_id"] = tracker.run_id or None
         write_outputs(out_dir, final, tokenizer, history, state.samples, result, monitor)
@@ -638,10 +822,17 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
             writer.writeheader()
             writer.writerows(monitor)
         steps = [h["step"] for h in history]
-        line_plot({"objective/scores": (steps, [h["objective/scores"] for h in history]),
-                   "objective/kl": (steps, [h["objective/kl"] for h in history]),
-                   "objective/rlhf_reward": (steps, [h["objective/rlhf_reward"] for h in history])},
-                  "PPO: reward and KL per step", "step", "value", tmp / "curves.png")  # fmt: skip
+        line_plot(
+            {
+                "objective/scores": (steps, [h["objective/scores"] for h in history]),
+                "objective/kl": (steps, [h["objective/kl"] for h in history]),
+                "objective/rlhf_reward": (steps, [h["objective/rlhf_reward"] for h in history]),
+            },
+            "PPO: reward and KL per step",
+            "step",
+            "value",
+            tmp / "curves.png",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,10 +842,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft", default="artifacts/sft/model")
     parser.add_argument("--rm", default="artifacts/reward/model", help="the reward model")
     parser.add_argument("--norm", default="artifacts/reward/norm.json", help="the reward model's normalisation")
-    parser.add_argument("--judge", help="the judge stage's judge (artifacts/judge/model) for the over-optimisation "
-                        "monitor; default: the default task's gold function")  # fmt: skip
-    parser.add_argument("--gate", default="artifacts/reward_gate/passed.json",
-                        help="the reward-model gate's pass (PPO does not climb a reward model that failed it)")  # fmt: skip
+    parser.add_argument(
+        "--judge",
+        help="the judge stage's judge (artifacts/judge/model) for the over-optimisation "
+        "monitor; default: the default task's gold function",
+    )
+    parser.add_argument(
+        "--gate",
+        default="artifacts/reward_gate/passed.json",
+        help="the reward-model gate's pass (PPO does not climb a reward model that failed it)",
+    )
     parser.add_argument("--out", default="artifacts/ppo")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
@@ -662,7 +859,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from(PPOConfig, params.get("ppo"))
     precision = resolve_precision(params.get("precision", "auto"))
     if args.gate and not Path(args.gate).exists():
-        raise GateFailed(f"the reward model has not passed its gate ({args.gate} is missing): run the reward_gate stage")
+        raise GateFailed(
+            f"the reward model has not passed its gate ({args.gate} is missing): run the reward_gate stage"
+        )
     paths = (config, Path(args.data), Path(args.sft), Path(args.rm), Path(args.norm), Path(args.out))
     judge = load_judge(args.judge) if args.judge else None
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -674,7 +873,9 @@ def main(argv: list[str] | None = None) -> int:
             with autocast(precision):
                 result = run(*paths, judge=judge)
     except NonFinite as e:
-        raise NonFinite(f"PPO stopped: {e.reason}. The last good checkpoint is intact under {config.checkpoint_dir}.") from None
+        raise NonFinite(
+            f"PPO stopped: {e.reason}. The last good checkpoint is intact under {config.checkpoint_dir}."
+        ) from None
 
     if result["outcome"] == "stopped_by_kl_guard":
         raise GateFailed(result["reason"])

@@ -44,8 +44,12 @@ class PromoteConfig:
     block_on_overoptimisation: bool = True
 
     SECTION: ClassVar[str] = "promote"
-    RANGES: ClassVar[dict] = {"min_win_rate_vs_sft": FRACTION, "min_win_rate_vs_champion": FRACTION,
-                              "max_kl": NON_NEGATIVE, "max_alignment_tax": FINITE}  # fmt: skip
+    RANGES: ClassVar[dict] = {
+        "min_win_rate_vs_sft": FRACTION,
+        "min_win_rate_vs_champion": FRACTION,
+        "max_kl": NON_NEGATIVE,
+        "max_alignment_tax": FINITE,
+    }
 
     def __post_init__(self) -> None:
         if not self.registered_model.strip():
@@ -61,14 +65,24 @@ class Decision:
 def candidate(metrics: dict[str, Any]) -> dict[str, Any]:
     """The policy to register: PPO's, or DPO's when the evaluation graded a DPO policy that beat PPO's on the
     judge's win-rate over SFT. Returns its trainer and the numbers promotion judges it by."""
-    ppo = {"trainer": "ppo", "win_rate_vs_sft": metrics["win_rate_vs_sft"], "kl": metrics["ppo/kl_k1_seq"],
-           "alignment_tax": metrics["alignment_tax"], "overoptimisation": metrics["overoptimisation"],
-           "overoptimisation_reason": metrics["overoptimisation_reason"]}  # fmt: skip
+    ppo = {
+        "trainer": "ppo",
+        "win_rate_vs_sft": metrics["win_rate_vs_sft"],
+        "kl": metrics["ppo/kl_k1_seq"],
+        "alignment_tax": metrics["alignment_tax"],
+        "overoptimisation": metrics["overoptimisation"],
+        "overoptimisation_reason": metrics["overoptimisation_reason"],
+    }
     if metrics.get("dpo_win_rate_vs_sft", -1.0) <= ppo["win_rate_vs_sft"]:
         return ppo
-    return {"trainer": "dpo", "win_rate_vs_sft": metrics["dpo_win_rate_vs_sft"], "kl": metrics["dpo/kl_k1_seq"],
-            "alignment_tax": metrics["dpo/perplexity"] - metrics["sft/perplexity"], "overoptimisation": False,
-            "overoptimisation_reason": "DPO has no checkpoints to monitor"}  # fmt: skip
+    return {
+        "trainer": "dpo",
+        "win_rate_vs_sft": metrics["dpo_win_rate_vs_sft"],
+        "kl": metrics["dpo/kl_k1_seq"],
+        "alignment_tax": metrics["dpo/perplexity"] - metrics["sft/perplexity"],
+        "overoptimisation": False,
+        "overoptimisation_reason": "DPO has no checkpoints to monitor",
+    }
 
 
 def promotion_criteria(chosen: dict[str, Any], vs_champion: float | None, config: PromoteConfig) -> Decision:
@@ -116,10 +130,12 @@ def find_or_register(client: mlflow.MlflowClient, name: str, hf_dir: Path, diges
         if v.tags.get(MODEL_HASH_TAG) == digest:
             return v
     info = mlflow.pyfunc.log_model(
-        name="policy", python_model=str(SERVED_POLICY), artifacts={HF_ARTIFACT: str(hf_dir)},
+        name="policy",
+        python_model=str(SERVED_POLICY),
+        artifacts={HF_ARTIFACT: str(hf_dir)},
         code_paths=[str(Path(__file__).resolve().parent)],  # the stages package: the pyfunc imports stages.lib
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", f"mlflow=={mlflow.__version__}"],
-    )  # fmt: skip
+    )
     version = mlflow.register_model(info.model_uri, name, tags={MODEL_HASH_TAG: digest, **tags})
     return client.get_model_version(name, version.version)
 
@@ -135,7 +151,9 @@ def champion_win_rate(champion, samples: list[dict], sampling: Sampling, judge: 
     return win_rate([s[f"{trainer}_judge"] for s in samples], champion_scores)
 
 
-def move_aliases(client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before) -> dict[str, Any]:
+def move_aliases(
+    client: mlflow.MlflowClient, name: str, version, decision: Decision, champion_before
+) -> dict[str, Any]:
     """Apply the decision; idempotent (the champion already being this version changes nothing)."""
     if not decision.passed:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -167,8 +185,9 @@ class Inputs:
     dpo: Path | None = None  # the DPO stage's folder: its policy is the candidate when it beat PPO's
 
 
-def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Path,
-        tracker: Tracker, force: bool = False) -> dict[str, Any]:  # fmt: skip
+def run(
+    config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Path, tracker: Tracker, force: bool = False
+) -> dict[str, Any]:
     """Register the candidate, judge it against SFT and the champion, and move the aliases."""
     client = mlflow.MlflowClient()
     metrics = json.loads(inputs.metrics.read_text())
@@ -177,9 +196,13 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
     policy = inputs.policy if chosen["trainer"] == "ppo" else inputs.dpo / "model"
     ppo_metrics = json.loads(inputs.policy_metrics.read_text()) if inputs.policy_metrics.exists() else {}
     digest = model_hash(policy)
-    tags = {"rlhf.win_rate_vs_sft": f"{chosen['win_rate_vs_sft']:.4f}", "rlhf.kl": f"{chosen['kl']:.4f}",
-            "rlhf.trainer": chosen["trainer"], "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")),
-            "rlhf.source_run_id": tracker.run_id}  # fmt: skip
+    tags = {
+        "rlhf.win_rate_vs_sft": f"{chosen['win_rate_vs_sft']:.4f}",
+        "rlhf.kl": f"{chosen['kl']:.4f}",
+        "rlhf.trainer": chosen["trainer"],
+        "rlhf.ppo_run_id": str(ppo_metrics.get("mlflow_run_id", "")),
+        "rlhf.source_run_id": tracker.run_id,
+    }
     tracker.log_params({"promote": asdict(config)})
     version = find_or_register(client, config.registered_model, policy, digest, tags)
 
@@ -187,9 +210,13 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
         champion = current_version(client, config.registered_model, CHAMPION)
         vs_champion = None
         if champion is not None and champion.version != version.version:
-            vs_champion = champion_win_rate(champion, samples, sampling,
-                                            load_judge(inputs.judge) if inputs.judge else GoldJudge(),
-                                            chosen["trainer"])  # fmt: skip
+            vs_champion = champion_win_rate(
+                champion,
+                samples,
+                sampling,
+                load_judge(inputs.judge) if inputs.judge else GoldJudge(),
+                chosen["trainer"],
+            )
         decision = Decision(True, []) if force else promotion_criteria(chosen, vs_champion, config)
         with registry_lock():
             now = current_version(client, config.registered_model, CHAMPION)
@@ -198,16 +225,28 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
             moved = move_aliases(client, config.registered_model, version, decision, champion)
             break
 
-    result = {"version": int(version.version), "registered_model": config.registered_model, "model_hash": digest,
-              "promoted": moved["promoted"], "reasons": decision.reasons, "forced": force,
-              "trainer": chosen["trainer"], "win_rate_vs_sft": chosen["win_rate_vs_sft"],
-              "win_rate_vs_champion": vs_champion,
-              "champion_before": int(champion.version) if champion else None,
-              "champion": int(version.version) if moved["promoted"] else (int(champion.version) if champion else None)}  # fmt: skip
+    result = {
+        "version": int(version.version),
+        "registered_model": config.registered_model,
+        "model_hash": digest,
+        "promoted": moved["promoted"],
+        "reasons": decision.reasons,
+        "forced": force,
+        "trainer": chosen["trainer"],
+        "win_rate_vs_sft": chosen["win_rate_vs_sft"],
+        "win_rate_vs_champion": vs_champion,
+        "champion_before": int(champion.version) if champion else None,
+        "champion": int(version.version) if moved["promoted"] else (int(champion.version) if champion else None),
+    }
     write_json(out_path, result)
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)})
-    tracker.set_tags({"rlhf.promoted": str(result["promoted"]), "rlhf.version": str(version.version),
-                      "rlhf.reasons": "; ".join(decision.reasons) or "all criteria passed"})  # fmt: skip
+    tracker.set_tags(
+        {
+            "rlhf.promoted": str(result["promoted"]),
+            "rlhf.version": str(version.version),
+            "rlhf.reasons": "; ".join(decision.reasons) or "all criteria passed",
+        }
+    )
     tracker.log_artifact(out_path)
     return result
 
@@ -215,13 +254,19 @@ def run(config: PromoteConfig, sampling: Sampling, inputs: Inputs, out_path: Pat
 def promote_run(run_id: str, force: bool, config: PromoteConfig) -> dict[str, Any]:
     """`rlhf promote --run-id`: promote the version registered from that run (criteria re-checked unless --force)."""
     client = mlflow.MlflowClient()
-    versions = [v for v in client.search_model_versions(f"name='{config.registered_model}'")
-                if v.run_id == run_id or v.tags.get("rlhf.source_run_id") == run_id]  # fmt: skip
+    versions = [
+        v
+        for v in client.search_model_versions(f"name='{config.registered_model}'")
+        if v.run_id == run_id or v.tags.get("rlhf.source_run_id") == run_id
+    ]
     if not versions:
         raise BadInput(f"no version of {config.registered_model!r} was registered from run {run_id}")
     version = versions[0]
-    reasons = [] if force else [r for r in version.tags.get("rlhf.promotion_reasons", "").split("; ")
-                                if r and r != "all criteria passed"]  # fmt: skip
+    reasons = (
+        []
+        if force
+        else [r for r in version.tags.get("rlhf.promotion_reasons", "").split("; ") if r and r != "all criteria passed"]
+    )
     decision = Decision(not reasons, reasons)
     with registry_lock():
         champion = current_version(client, config.registered_model, CHAMPION)
@@ -246,15 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling.of(params.get("evaluate") or {})  # the champion is sampled as the candidate was evaluated
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("promote") as tracker, autocast(precision):
-        inputs = Inputs(Path(args.eval_metrics), Path(args.eval_samples), Path(args.policy), Path(args.policy_metrics),
-                        Path(args.judge) if args.judge else None, Path(args.dpo) if args.dpo else None)  # fmt: skip
+        inputs = Inputs(
+            Path(args.eval_metrics),
+            Path(args.eval_samples),
+            Path(args.policy),
+            Path(args.policy_metrics),
+            Path(args.judge) if args.judge else None,
+            Path(args.dpo) if args.dpo else None,
+        )
         r = run(config, sampling, inputs, Path(args.out), tracker, args.force)
     if r["promoted"]:
-        print(f"promoted: {config.registered_model} version {r['version']} is the champion "
-              f"(models:/{config.registered_model}@champion)")  # fmt: skip
+        print(
+            f"promoted: {config.registered_model} version {r['version']} is the champion "
+            f"(models:/{config.registered_model}@champion)"
+        )
     else:
-        print(f"not promoted: version {r['version']} is the challenger; champion stays "
-              f"{r['champion']}: {'; '.join(r['reasons'])}")  # fmt: skip
+        print(
+            f"not promoted: version {r['version']} is the challenger; champion stays "
+            f"{r['champion']}: {'; '.join(r['reasons'])}"
+        )
     return 0
 
 

@@ -21,8 +21,9 @@ from stages.lib.reward_training import RewardConfig, build
 from stages.lib.tracking import Tracker, mlflow_run
 
 
-def run(config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker,
-        precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
+def run(
+    config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32"
+) -> dict[str, Any]:
     """Train the RM on preferences.jsonl and measure it on preferences_test.jsonl; writes everything to `out_dir`."""
     train_rows, test_rows = read_jsonl(data_dir / "preferences.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
     norm_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]

@@ -41,8 +41,11 @@ class GateConfig:
     min_rank_agreement: float = 0.3  # Spearman of RM score vs gold score on held-out replies (default task only)
 
     SECTION: ClassVar[str] = "reward_gate"
-    RANGES: ClassVar[dict] = {"min_agreement": FRACTION, "max_gap_to_ceiling": FRACTION,
-                              "min_rank_agreement": Allowed(-1, 1)}  # fmt: skip
+    RANGES: ClassVar[dict] = {
+        "min_agreement": FRACTION,
+        "max_gap_to_ceiling": FRACTION,
+        "min_rank_agreement": Allowed(-1, 1),
+    }
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,26 @@ class GateResult:
     numbers: dict[str, float | None]
 
 
-def agreement_gate(accuracy: float, ceiling: float | None, rank_agreement: float | None, gate: GateConfig) -> GateResult:
+def agreement_gate(
+    accuracy: float, ceiling: float | None, rank_agreement: float | None, gate: GateConfig
+) -> GateResult:
     """Pass when the RM agrees with held-out labels well enough: above the floor and near the labeler's ceiling."""
-    numbers = {"accuracy": accuracy, "ceiling": ceiling, "rank_agreement_gold": rank_agreement,
-               "min_agreement": gate.min_agreement, "max_gap_to_ceiling": gate.max_gap_to_ceiling,
-               "min_rank_agreement": gate.min_rank_agreement}  # fmt: skip
+    numbers = {
+        "accuracy": accuracy,
+        "ceiling": ceiling,
+        "rank_agreement_gold": rank_agreement,
+        "min_agreement": gate.min_agreement,
+        "max_gap_to_ceiling": gate.max_gap_to_ceiling,
+        "min_rank_agreement": gate.min_rank_agreement,
+    }
     failures = []
     if accuracy < gate.min_agreement:
         failures.append(f"held-out accuracy {accuracy:.3f} < min_agreement {gate.min_agreement:.3f}")
     if ceiling is not None and accuracy < ceiling - gate.max_gap_to_ceiling:
-        failures.append(f"held-out accuracy {accuracy:.3f} is more than {gate.max_gap_to_ceiling:.2f} below the "
-                        f"ceiling {ceiling:.3f}")  # fmt: skip
+        failures.append(
+            f"held-out accuracy {accuracy:.3f} is more than {gate.max_gap_to_ceiling:.2f} below the "
+            f"ceiling {ceiling:.3f}"
+        )
     if rank_agreement is not None and rank_agreement < gate.min_rank_agreement:
         failures.append(f"rank agreement with the gold judge {rank_agreement:.3f} < {gate.min_rank_agreement:.3f}")
     if failures:
@@ -92,8 +104,10 @@ def run(gate: GateConfig, reward_metrics: dict[str, Any], known: tuple[float | N
     result = agreement_gate(reward_metrics["accuracy"], known[0], reward_metrics.get("rank_agreement_gold"), gate)
     result = GateResult(result.passed, f"{result.reason}; ceiling: {known[1]}", result.numbers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "metrics.json", {"passed": result.passed, "reason": result.reason, "ceiling_source": known[1],
-                                          **result.numbers})  # fmt: skip
+    write_json(
+        out_dir / "metrics.json",
+        {"passed": result.passed, "reason": result.reason, "ceiling_source": known[1], **result.numbers},
+    )
     if result.passed:
         write_json(out_dir / "passed.json", {"passed": True})
     return result
@@ -104,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--reward", default="artifacts/reward/metrics.json", help="the reward stage's metrics")
     parser.add_argument("--labeler", default="data/labeler.json", help="the simulated labeler's statistics, if any")
-    parser.add_argument("--heldout", default="artifacts/validate/data/preferences_test.jsonl",
-                        help="the validated held-out pairs the accuracy was measured on")  # fmt: skip
+    parser.add_argument(
+        "--heldout",
+        default="artifacts/validate/data/preferences_test.jsonl",
+        help="the validated held-out pairs the accuracy was measured on",
+    )
     parser.add_argument("--judge-metrics", default="artifacts/judge/metrics.json", help="the judge stage's numbers")
     parser.add_argument("--out", default="artifacts/reward_gate")
     args = parser.parse_args(argv)
@@ -116,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         known = ceiling(Path(args.labeler), Path(args.heldout), Path(args.judge_metrics))
         result = run(gate, reward_metrics, known, Path(args.out))
         tracker.log_metrics({k: v for k, v in result.numbers.items() if v is not None})
-        tracker.set_tags({"rlhf.gate": "passed" if result.passed else "failed", "rlhf.gate_reason": result.reason,
-                          "rlhf.gate_ceiling": known[1]})  # fmt: skip
+        tracker.set_tags(
+            {
+                "rlhf.gate": "passed" if result.passed else "failed",
+                "rlhf.gate_reason": result.reason,
+                "rlhf.gate_ceiling": known[1],
+            }
+        )
     if not result.passed:
         raise GateFailed(result.reason)
     print(result.reason)

@@ -62,14 +62,29 @@ class SFTConfig:
     SECTION: ClassVar[str] = "sft"
     NESTED: ClassVar[dict] = {"tiny": TinyModelConfig, "lora": LoraSettings}
     RANGES: ClassVar[dict] = {
-        "max_length": AT_LEAST_ONE, "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE,
-        "warmup_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
-        "n_samples": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "temperature": NON_NEGATIVE,  # 0: greedy
-    }  # fmt: skip
+        "max_length": AT_LEAST_ONE,
+        "epochs": POSITIVE,
+        "batch_size": AT_LEAST_ONE,
+        "learning_rate": POSITIVE,
+        "warmup_ratio": FRACTION,
+        "weight_decay": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "logging_steps": AT_LEAST_ONE,
+        "n_samples": AT_LEAST_ONE,
+        "max_new_tokens": AT_LEAST_ONE,
+        "temperature": NON_NEGATIVE,  # 0: greedy
+    }
 
 
-def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict], test_rows: list[dict],
-          tracker: Tracker, precision: str) -> tuple[Any, float, list[dict], float, dict[str, int]]:  # fmt: skip
+def train(
+    config: SFTConfig,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    tracker: Tracker,
+    precision: str,
+) -> tuple[Any, float, list[dict], float, dict[str, int]]:
     """Fine-tune on prompt/completion pairs with TRL's SFTTrainer, which masks the prompt tokens out of the loss.
     Returns (model, held-out loss, the trainer's log history, training seconds, rows cut to the context)."""
     from datasets import Dataset
@@ -82,26 +97,45 @@ def train(config: SFTConfig, model: Any, tokenizer: Any, train_rows: list[dict],
         # the context budget: the reply keeps its start, the prompt its last turns (TRL appends the EOS)
         fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["response"] for r in rows]], max_length)
         truncated.update(fitted.counts(f"{split}_"))
-        return Dataset.from_list([{"prompt": p, "completion": " " + c}
-                                  for p, c in zip(fitted.prompts, fitted.replies[0], strict=True)])  # fmt: skip
+        return Dataset.from_list(
+            [{"prompt": p, "completion": " " + c} for p, c in zip(fitted.prompts, fitted.replies[0], strict=True)]
+        )
 
     truncated: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:
         args = TrlSFTConfig(
-            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
-            lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-            max_length=max_length, completion_only_loss=True,
-            gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
-            eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+            output_dir=scratch,
+            num_train_epochs=config.epochs,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_ratio,
+            weight_decay=config.weight_decay,
+            max_length=max_length,
+            completion_only_loss=True,
+            gradient_checkpointing=config.gradient_checkpointing,
+            logging_steps=config.logging_steps,
+            eval_strategy="epoch",
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            data_seed=config.seed,
             train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
-        )  # fmt: skip
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+            **trainer_precision(precision),
+        )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=as_dataset(train_rows, "train"), eval_dataset=as_dataset(test_rows, "test"),
-            processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
+            model=model,
+            args=args,
+            train_dataset=as_dataset(train_rows, "train"),
+            eval_dataset=as_dataset(test_rows, "test"),
+            processing_class=tokenizer,
+            peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
             callbacks=[trainer_callback(tracker, "sft/")],
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -114,8 +148,9 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
     """Train, evaluate and save the SFT model into `out_dir` in `precision` (resolved); returns the metrics."""
     seed_everything(config.seed)
     train_rows, test_rows = read_jsonl(data_dir / "sft.jsonl"), read_jsonl(data_dir / "sft_test.jsonl")
-    tracker.log_params({"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
-                        "precision": precision})  # fmt: skip
+    tracker.log_params(
+        {"sft": asdict(config), "n_train": len(train_rows), "n_test": len(test_rows), "precision": precision}
+    )
     sample_prompts = [r["prompt"] for r in test_rows[: config.n_samples]]
 
     with staged_dir(out_dir) as tmp:
@@ -124,14 +159,16 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
         for extra in ("preferences.jsonl", "prompts.jsonl"):
             if (data_dir / extra).exists():
                 texts += [" ".join(r.values()) for r in read_jsonl(data_dir / extra)]
-        base_dir = create_base_model(config.model, TinyModelConfig(**config.tiny), texts, tmp / "base", config.seed,
-                                     config.trust_remote_code)  # fmt: skip
+        base_dir = create_base_model(
+            config.model, TinyModelConfig(**config.tiny), texts, tmp / "base", config.seed, config.trust_remote_code
+        )
         model, tokenizer = load_causal_lm(base_dir, config.trust_remote_code)
         before = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
 
         # 1. fine-tune
-        model, eval_loss, history, train_seconds, truncated = train(config, model, tokenizer, train_rows, test_rows,
-                                                                    tracker, precision)  # fmt: skip
+        model, eval_loss, history, train_seconds, truncated = train(
+            config, model, tokenizer, train_rows, test_rows, tracker, precision
+        )
 
         # 2. save the policy's starting point / PPO's frozen reference
         tokenizer.padding_side = "left"
@@ -140,14 +177,25 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
 
         # 3. samples and scores
         after = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
-        write_jsonl(tmp / "samples.jsonl", [{"prompt": p, "before": b, "after": a}
-                                           for p, b, a in zip(sample_prompts, before.replies, after.replies,
-                                                              strict=True)])  # fmt: skip
+        write_jsonl(
+            tmp / "samples.jsonl",
+            [
+                {"prompt": p, "before": b, "after": a}
+                for p, b, a in zip(sample_prompts, before.replies, after.replies, strict=True)
+            ],
+        )
         losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-        line_plot({"train": tuple(zip(*losses, strict=False)), "held-out": tuple(zip(*evals, strict=False))}, "SFT loss (response tokens)",
-                  "step", "loss", tmp / "loss.png")  # fmt: skip
-        write_json(tmp / "loss.json", [{"step": s, "train_loss": v} for s, v in losses])  # DVC plots read JSON, not JSON lines
+        line_plot(
+            {"train": tuple(zip(*losses, strict=False)), "held-out": tuple(zip(*evals, strict=False))},
+            "SFT loss (response tokens)",
+            "step",
+            "loss",
+            tmp / "loss.png",
+        )
+        write_json(
+            tmp / "loss.json", [{"step": s, "train_loss": v} for s, v in losses]
+        )  # DVC plots read JSON, not JSON lines
         metrics = {
             "eval_loss": round(eval_loss, 5),
             "perplexity": round(math.exp(eval_loss), 4),
@@ -158,7 +206,8 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
             "eos_rate": sum(after.ended) / max(1, len(after.ended)),
             "gold_before": task.gold_mean(sample_prompts, before.replies),
             "gold_after": task.gold_mean(sample_prompts, after.replies),
-            **truncated, "truncated_sample_prompts": after.truncated,
+            **truncated,
+            "truncated_sample_prompts": after.truncated,
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}
         write_json(tmp / "metrics.json", metrics)
@@ -182,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("sft") as tracker:
         metrics = run(config, Path(args.data), Path(args.out), tracker, precision)
-    print(f"SFT: held-out perplexity {metrics['perplexity']:.3f}; gold {metrics.get('gold_before', 'n/a')} -> "
-          f"{metrics.get('gold_after', 'n/a')}; saved to {args.out}/model")  # fmt: skip
+    print(
+        f"SFT: held-out perplexity {metrics['perplexity']:.3f}; gold {metrics.get('gold_before', 'n/a')} -> "
+        f"{metrics.get('gold_after', 'n/a')}; saved to {args.out}/model"
+    )
     return 0
 
 

@@ -1,8 +1,8 @@
 """Data validation: every dataset is read into the schema (stages.lib.formats) and checked with Great Expectations.
 
 One ExpectationSuite per dataset kind; one ValidationDefinition and Checkpoint per dataset, whose results are
-rendered as Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong types, broken
-messages) are merged into the same report as failed rows, under the check names they fail.
+rendered as Data Docs into reports/validate/data_docs. Rows the loader could not read (bad JSON, bad UTF-8, wrong
+types, broken messages) are merged into the same report as failed rows, under the check names they fail.
 
 Policy: table-level failures (missing columns, row count) always fail. Row-level failures fail under policy "fail";
 under "quarantine" the bad rows are set aside in quarantine.jsonl when they are at most `max_invalid_fraction` of
@@ -79,11 +79,18 @@ class ValidateConfig:
     SECTION: ClassVar[str] = "validate"
     NESTED: ClassVar[dict] = {"split": SplitConfig}
     RANGES: ClassVar[dict] = {
-        "policy": one_of("fail", "quarantine"), "max_invalid_fraction": FRACTION, "min_rows": NON_NEGATIVE,
-        "max_rows": AT_LEAST_ONE, "max_file_bytes": AT_LEAST_ONE, "max_row_bytes": AT_LEAST_ONE,
-        "min_chars": NON_NEGATIVE, "max_prompt_chars": AT_LEAST_ONE, "max_response_chars": AT_LEAST_ONE,
-        "report_examples": NON_NEGATIVE, "unique_kinds": one_of(*schema.KINDS),
-    }  # fmt: skip
+        "policy": one_of("fail", "quarantine"),
+        "max_invalid_fraction": FRACTION,
+        "min_rows": NON_NEGATIVE,
+        "max_rows": AT_LEAST_ONE,
+        "max_file_bytes": AT_LEAST_ONE,
+        "max_row_bytes": AT_LEAST_ONE,
+        "min_chars": NON_NEGATIVE,
+        "max_prompt_chars": AT_LEAST_ONE,
+        "max_response_chars": AT_LEAST_ONE,
+        "report_examples": NON_NEGATIVE,
+        "unique_kinds": one_of(*schema.KINDS),
+    }
 
     def __post_init__(self) -> None:
         if self.policy not in ("fail", "quarantine"):
@@ -105,8 +112,10 @@ class DatasetSpec:
     format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
     heldout: bool = False  # a test set: its prompts must not appear in any training dataset
 
-    RANGES: ClassVar[dict] = {"kind": one_of(*schema.KINDS),
-                              "format": one_of("auto", *sorted({f for fs in FORMATS_BY_KIND.values() for f in fs}))}
+    RANGES: ClassVar[dict] = {
+        "kind": one_of(*schema.KINDS),
+        "format": one_of("auto", *sorted({f for fs in FORMATS_BY_KIND.values() for f in fs})),
+    }
 
 
 @dataclass
@@ -174,7 +183,9 @@ def gx_context(docs_dir: Path | None = None) -> Any:
     return gx.get_context(project_config=config, mode="ephemeral")
 
 
-def _checks(kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]) -> list[_Check]:
+def _checks(
+    kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]
+) -> list[_Check]:  # long: the formatter's one-argument-per-line layout; split in the next commits
     """The suite of a dataset kind (plus the held-out leak check for training data)."""
     import great_expectations.expectations as gxe
 
@@ -182,36 +193,89 @@ def _checks(kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]) 
         return _Check(name, level, description, expectation(**kwargs, meta={"check": name}))
 
     cols = list(schema.columns(kind))
-    checks = [check(f"column_exists({c})", "table", f"column '{c}' is missing", gxe.ExpectColumnToExist, column=c)
-              for c in cols]
-    checks.append(check("row_count", "table", f"row count must be between {config.min_rows} and {config.max_rows}",
-                        gxe.ExpectTableRowCountToBeBetween, min_value=config.min_rows, max_value=config.max_rows))
+    checks = [
+        check(f"column_exists({c})", "table", f"column '{c}' is missing", gxe.ExpectColumnToExist, column=c)
+        for c in cols
+    ]
+    checks.append(
+        check(
+            "row_count",
+            "table",
+            f"row count must be between {config.min_rows} and {config.max_rows}",
+            gxe.ExpectTableRowCountToBeBetween,
+            min_value=config.min_rows,
+            max_value=config.max_rows,
+        )
+    )
     for c in cols:
         # The prompt is rendered ("\n\nHuman: ...\n\nAssistant:"), so emptiness is judged on its last user turn.
         content = "prompt_text" if c == "prompt" else c
         longest = config.max_prompt_chars if c == "prompt" else config.max_response_chars
         checks += [
-            check(f"is_string({c})", "row", f"'{c}' is not a string", gxe.ExpectColumnValuesToBeOfType, column=c, type_="str"),
+            check(
+                f"is_string({c})",
+                "row",
+                f"'{c}' is not a string",
+                gxe.ExpectColumnValuesToBeOfType,
+                column=c,
+                type_="str",
+            ),
             check(f"not_null({c})", "row", f"'{c}' is null", gxe.ExpectColumnValuesToNotBeNull, column=c),
-            check(f"not_blank({c})", "row", f"'{c}' is empty or whitespace only",
-                  gxe.ExpectColumnValuesToMatchRegex, column=content, regex=r"\S"),
-            check(f"max_length({c})", "row", f"'{c}' is longer than {longest} characters",
-                  gxe.ExpectColumnValueLengthsToBeBetween, column=c, max_value=longest),
+            check(
+                f"not_blank({c})",
+                "row",
+                f"'{c}' is empty or whitespace only",
+                gxe.ExpectColumnValuesToMatchRegex,
+                column=content,
+                regex=r"\S",
+            ),
+            check(
+                f"max_length({c})",
+                "row",
+                f"'{c}' is longer than {longest} characters",
+                gxe.ExpectColumnValueLengthsToBeBetween,
+                column=c,
+                max_value=longest,
+            ),
         ]
         if config.min_chars > 1:  # a minimum of 1 is exactly what not_blank checks
-            checks.append(check(f"min_length({c})", "row", f"'{c}' is shorter than {config.min_chars} characters",
-                                gxe.ExpectColumnValueLengthsToBeBetween, column=content, min_value=config.min_chars))
+            checks.append(
+                check(
+                    f"min_length({c})",
+                    "row",
+                    f"'{c}' is shorter than {config.min_chars} characters",
+                    gxe.ExpectColumnValueLengthsToBeBetween,
+                    column=content,
+                    min_value=config.min_chars,
+                )
+            )
     if kind == "preferences":
-        checks.append(check("chosen_differs", "row", "chosen and rejected are identical",
-                            gxe.ExpectColumnValuesToBeInSet, column="chosen_differs", value_set=[True]))
+        checks.append(
+            check(
+                "chosen_differs",
+                "row",
+                "chosen and rejected are identical",
+                gxe.ExpectColumnValuesToBeInSet,
+                column="chosen_differs",
+                value_set=[True],
+            )
+        )
     duplicate = f"duplicate of an earlier row (same {'/'.join(cols)})"
     if kind in config.unique_kinds and len(cols) > 1:
         checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectCompoundColumnsToBeUnique, column_list=cols))
     elif kind in config.unique_kinds:  # prompts: repeats are usually intended (a sampling distribution), so opt-in
         checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectColumnValuesToBeUnique, column=cols[0]))
     if heldout_prompts:
-        checks.append(check("no_heldout_leak", "row", "prompt also appears in a held-out dataset",
-                            gxe.ExpectColumnValuesToNotBeInSet, column="prompt", value_set=sorted(heldout_prompts)))
+        checks.append(
+            check(
+                "no_heldout_leak",
+                "row",
+                "prompt also appears in a held-out dataset",
+                gxe.ExpectColumnValuesToNotBeInSet,
+                column="prompt",
+                value_set=sorted(heldout_prompts),
+            )
+        )
     return checks
 
 
@@ -227,8 +291,12 @@ def _run_checkpoint(context: Any, name: str, kind: str, checks: list[_Check], fr
     batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
     # training data carries the extra held-out leak check, so it gets its own suite
     suite_name = f"{kind}_train_suite" if any(c.name == "no_heldout_leak" for c in checks) else f"{kind}_suite"
-    suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in checks]))
-    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=asset_name, data=batch, suite=suite))
+    suite = context.suites.add_or_update(
+        gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in checks])
+    )
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=asset_name, data=batch, suite=suite)
+    )
     checkpoint = context.checkpoints.add_or_update(
         gx.Checkpoint(
             name=f"validate_{asset_name}",
@@ -238,7 +306,7 @@ def _run_checkpoint(context: Any, name: str, kind: str, checks: list[_Check], fr
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": frame})
-    (identifier, validation), = result.run_results.items()
+    ((identifier, validation),) = result.run_results.items()
     if sites := list(context.list_data_docs_sites()):
         _render_docs(context, sites, identifier, validation)
     return {r.expectation_config.meta["check"]: r for r in validation.results}
@@ -270,8 +338,9 @@ def _render_docs(context: Any, sites: list[str], identifier: Any, validation: An
     finally:
         for r, result in zip(validation.results, raw, strict=True):
             r.result = result
-    context.build_data_docs(site_names=sites, resource_identifiers=[
-        identifier, ExpectationSuiteIdentifier(name=validation.suite_name)])  # fmt: skip
+    context.build_data_docs(
+        site_names=sites, resource_identifiers=[identifier, ExpectationSuiteIdentifier(name=validation.suite_name)]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +359,9 @@ def _failed_rows(check: _Check, result: Any) -> list[int]:
     return sorted(r for rows in groups.values() for r in sorted(rows)[1:])
 
 
-def verdict(config: ValidateConfig, n_rows: int, n_bad: int, n_valid: int, table_failures: list[str]) -> tuple[bool, str]:
+def verdict(
+    config: ValidateConfig, n_rows: int, n_bad: int, n_valid: int, table_failures: list[str]
+) -> tuple[bool, str]:
     """The gate: (passed, the sentence saying why). Table-level failures always fail; bad rows fail under policy
     "fail", and under "quarantine" when they exceed max_invalid_fraction or leave fewer than min_rows."""
     fraction = n_bad / n_rows if n_rows else 0.0
@@ -302,14 +373,16 @@ def verdict(config: ValidateConfig, n_rows: int, n_bad: int, n_valid: int, table
     if config.policy == "fail":
         return False, f"{n_bad} of {n_rows} rows failed checks and the policy is 'fail'"
     if fraction > limit:
-        return False, (f"{n_bad} of {n_rows} rows ({fraction:.1%}) failed checks, more than max_invalid_fraction "
-                       f"{limit:.1%}; fix the data or raise the limit")
+        return False, (
+            f"{n_bad} of {n_rows} rows ({fraction:.1%}) failed checks, more than max_invalid_fraction "
+            f"{limit:.1%}; fix the data or raise the limit"
+        )
     if n_valid < config.min_rows:
         return False, f"only {n_valid} valid rows remain after quarantine, fewer than min_rows {config.min_rows}"
     return True, f"{n_bad} of {n_rows} rows ({fraction:.1%}) quarantined, within max_invalid_fraction {limit:.1%}"
 
 
-def validate_frame(
+def validate_frame(  # long: the formatter's one-argument-per-line layout; split in the next commits
     loaded: Loaded,
     kind: str,
     config: ValidateConfig,
@@ -339,9 +412,18 @@ def validate_frame(
     excerpts: dict[int, str] = {}
 
     def entry(check_name: str, level: str, description: str) -> dict[str, Any]:
-        return entries.setdefault(check_name, {"name": check_name, "level": level, "success": True,
-                                               "unexpected_count": 0, "description": description, "details": "",
-                                               "examples": []})  # fmt: skip
+        return entries.setdefault(
+            check_name,
+            {
+                "name": check_name,
+                "level": level,
+                "success": True,
+                "unexpected_count": 0,
+                "description": description,
+                "details": "",
+                "examples": [],
+            },
+        )
 
     def fail_row(e: dict[str, Any], row: int, reason: str, raw: str) -> None:
         e["success"] = False
@@ -349,8 +431,9 @@ def validate_frame(
         reasons[row].append(f"{e['name']}: {reason}")
         excerpts.setdefault(row, raw)
         if len(e["examples"]) < config.report_examples:
-            e["examples"].append({"source_row": row, "where": row_label(loaded.path, row), "reason": reason,
-                                  "excerpt": raw})  # fmt: skip
+            e["examples"].append(
+                {"source_row": row, "where": row_label(loaded.path, row), "reason": reason, "excerpt": raw}
+            )
 
     entry("valid_utf8", "row", "not valid UTF-8")
     for err in loaded.row_errors:
@@ -359,13 +442,18 @@ def validate_frame(
     for check in checks:
         result, e = results[check.name], entry(check.name, check.level, check.description)
         if result.exception_info.get("raised_exception"):
-            e.update(success=False, level="table", details=f"check raised: {result.exception_info.get('exception_message')}")
+            e.update(
+                success=False, level="table", details=f"check raised: {result.exception_info.get('exception_message')}"
+            )
         elif not result.success:
             failed = _failed_rows(check, result) if check.level == "row" else []
             if not failed:  # a table-level check, or a row check GX could only judge for the whole column
                 observed = result.result.get("observed_value")
-                e.update(success=False, level="table",
-                         details=check.description + (f" (observed: {observed})" if observed is not None else ""))
+                e.update(
+                    success=False,
+                    level="table",
+                    details=check.description + (f" (observed: {observed})" if observed is not None else ""),
+                )
             for row in failed:
                 fail_row(e, row, check.description, excerpt({c: by_row.at[row, c] for c in cols}))
 
@@ -375,12 +463,21 @@ def validate_frame(
     table_failures = [e["name"] for e in entries.values() if not e["success"] and e["level"] == "table"]
     passed, reason = verdict(config, n_rows, len(reasons), len(valid), table_failures)
     report = Report(
-        dataset=printable(name), path=printable(loaded.path), kind=kind, source_format=loaded.source_format, n_rows=n_rows,
-        n_valid=len(valid), n_quarantined=len(reasons) if passed else 0, checks=list(entries.values()),
-        passed=passed, reason=reason,
+        dataset=printable(name),
+        path=printable(loaded.path),
+        kind=kind,
+        source_format=loaded.source_format,
+        n_rows=n_rows,
+        n_valid=len(valid),
+        n_quarantined=len(reasons) if passed else 0,
+        checks=list(entries.values()),
+        passed=passed,
+        reason=reason,
     )
-    failed_rows = [{"dataset": name, "source_row": row, "reasons": reasons[row], "excerpt": excerpts[row]}
-                   for row in sorted(reasons)]  # fmt: skip
+    failed_rows = [
+        {"dataset": name, "source_row": row, "reasons": reasons[row], "excerpt": excerpts[row]}
+        for row in sorted(reasons)
+    ]
     return report, valid, failed_rows
 
 
@@ -403,8 +500,9 @@ def validate_file(
         shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
     try:
         loaded = load_dataset(path, kind, fmt, config.limits)
-        report, _, failed = validate_frame(loaded, kind, config, heldout_prompts, Path(str(path)).name,
-                                           gx_context(docs_dir))  # fmt: skip
+        report, _, failed = validate_frame(
+            loaded, kind, config, heldout_prompts, Path(str(path)).name, gx_context(docs_dir)
+        )
     except Exception as e:
         if report_dir is not None:
             write_failure(Path(report_dir), e)
@@ -419,7 +517,9 @@ def load_prompts(path: str | Path, fmt: str = "auto", limits: Limits = Limits())
     error: DataError | None = None
     for kind in ("preferences", "sft", "prompts"):  # most specific first: a prompts file also "fits" sft's prompt
         try:
-            return list(load_dataset(path, kind, fmt if fmt in FORMATS_BY_KIND[kind] else "auto", limits).rows["prompt"])
+            return list(
+                load_dataset(path, kind, fmt if fmt in FORMATS_BY_KIND[kind] else "auto", limits).rows["prompt"]
+            )
         except DataError as e:
             error = e
     assert error is not None
@@ -453,8 +553,15 @@ def format_report(report: Report) -> str:
 
 
 def _unreadable(name: str, spec: DatasetSpec, error: DataError) -> Report:
-    check = {"name": "readable_file", "level": "table", "success": False, "unexpected_count": 0,
-             "description": "the file could not be read", "details": str(error), "examples": []}
+    check = {
+        "name": "readable_file",
+        "level": "table",
+        "success": False,
+        "unexpected_count": 0,
+        "description": "the file could not be read",
+        "details": str(error),
+        "examples": [],
+    }
     return Report(name, printable(spec.path), spec.kind, spec.format, 0, 0, 0, [check], False, str(error))
 
 
@@ -488,8 +595,9 @@ def write_failure(report_dir: Path, error: BaseException | str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_datasets(config: ValidateConfig, datasets: dict[str, DatasetSpec],
-                   docs_dir: Path) -> tuple[list[Report], dict[str, pd.DataFrame], list[dict[str, Any]]]:  # fmt: skip
+def check_datasets(
+    config: ValidateConfig, datasets: dict[str, DatasetSpec], docs_dir: Path
+) -> tuple[list[Report], dict[str, pd.DataFrame], list[dict[str, Any]]]:
     """Load and check every dataset: (reports in `datasets` order, the valid rows of each, every failed row). An
     unreadable file becomes a failed report, so the other datasets are still checked."""
     shutil.rmtree(docs_dir, ignore_errors=True)  # the site index would otherwise list a previous run's pages
@@ -514,8 +622,14 @@ def check_datasets(config: ValidateConfig, datasets: dict[str, DatasetSpec],
     return [reports[name] for name in datasets], valid, failed_rows
 
 
-def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path, report_dir: Path,
-        metrics_file: Path | None = None, judge: JudgeConfig = JudgeConfig()) -> dict[str, Any]:  # noqa: B008
+def run(
+    config: ValidateConfig,
+    datasets: dict[str, DatasetSpec],
+    out_dir: Path,
+    report_dir: Path,
+    metrics_file: Path | None = None,
+    judge: JudgeConfig = JudgeConfig(),  # noqa: B008 (frozen: one shared value is safe)
+) -> dict[str, Any]:
     """Validate every dataset, then derive the ones not given (stages/lib/splits.py); write the datasets only if all
     passed, and the reports always: they say why it failed, whatever the reason (a failed check, an unreadable file,
     a crash), and never leave a previous run's verdict standing."""
@@ -535,28 +649,44 @@ def run(config: ValidateConfig, datasets: dict[str, DatasetSpec], out_dir: Path,
         raise
 
 
-def _publish(config: ValidateConfig, datasets: dict[str, DatasetSpec], ordered: list[Report],
-             valid: dict[str, pd.DataFrame], failed_rows: list[dict[str, Any]], out_dir: Path, report_dir: Path,
-             metrics_file: Path | None, judge_config: JudgeConfig) -> dict[str, Any]:  # fmt: skip
+def _publish(
+    config: ValidateConfig,
+    datasets: dict[str, DatasetSpec],
+    ordered: list[Report],
+    valid: dict[str, pd.DataFrame],
+    failed_rows: list[dict[str, Any]],
+    out_dir: Path,
+    report_dir: Path,
+    metrics_file: Path | None,
+    judge_config: JudgeConfig,
+) -> dict[str, Any]:
     """Derive the datasets not given, by prompt from the preference pairs (the judge's pairs set aside if it is a
     reward model: it must not be trained on what the reward model learns from), then swap the data in complete."""
     frames = {name: rows[list(schema.columns(datasets[name].kind))] for name, rows in valid.items()}
     pref_prompts = list(frames["preferences"]["prompt"]) if "preferences" in frames else []
     judge_kind = resolve_kind(judge_config, pref_prompts)
-    frames, derived = derive(frames, SplitConfig(**config.split),
-                             judge_config.fraction if judge_kind == "reward_model" else None, judge_config.seed)  # fmt: skip
+    frames, derived = derive(
+        frames,
+        SplitConfig(**config.split),
+        judge_config.fraction if judge_kind == "reward_model" else None,
+        judge_config.seed,
+    )
     with (report_dir / "report.md").open("a", encoding="utf-8") as f:
         f.write("".join(f"\nDataset '{n}' derived: {len(frames[n])} rows, {how}\n" for n, how in derived.items()))
 
-    metrics = {r.dataset: {"n_rows": r.n_rows, "n_valid": r.n_valid, "n_quarantined": r.n_quarantined,
-                           "passed": r.passed} for r in ordered}
+    metrics = {
+        r.dataset: {"n_rows": r.n_rows, "n_valid": r.n_valid, "n_quarantined": r.n_quarantined, "passed": r.passed}
+        for r in ordered
+    }
     metrics |= {n: {"n_rows": len(frames[n]), "derived": True} for n in derived}
     with staged_dir(out_dir) as tmp:
         for name, rows in frames.items():
             write_jsonl(tmp / f"{name}.jsonl", rows.to_dict("records"))
         write_jsonl(tmp / "quarantine.jsonl", failed_rows)
         write_json(tmp / "derived.json", {"judge": judge_kind, "derived": derived})
-    write_json(metrics_file or out_dir.parent / "metrics.json", metrics)  # beside the data: DVC metrics can't overlap outs
+    write_json(
+        metrics_file or out_dir.parent / "metrics.json", metrics
+    )  # beside the data: DVC metrics can't overlap outs
     return {
         "metrics": metrics,
         "outputs": {name: str(out_dir / f"{name}.jsonl") for name in frames},
@@ -572,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", help="format of --file (default: auto)")
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("--out", default=str(OUT_DIR), help=f"validated datasets (default: {OUT_DIR})")
-    parser.add_argument("--reports", help=f"reports and Data Docs (default: {REPORT_DIR}; with --file, none unless given)")
+    parser.add_argument(
+        "--reports", help=f"reports and Data Docs (default: {REPORT_DIR}; with --file, none unless given)"
+    )
     parser.add_argument("--metrics", default=str(OUT_DIR.parent / "metrics.json"), help="row counts per dataset")
     args = parser.parse_args(argv)
     if args.file and not args.kind:
@@ -618,12 +750,20 @@ def check_tracked(data: dict[str, Any]) -> None:
     deps = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
     missing = uncovered(data, [d if isinstance(d, str) else next(iter(d)) for d in deps], Path(root))
     if missing:
-        raise BadInput(f"params.yaml data names {', '.join(missing)}, which the {stage} stage of dvc.yaml does not "
-                       "depend on (DVC would not see it change): run `rlhf data-deps` (or `rlhf run`, which does it)")
+        raise BadInput(
+            f"params.yaml data names {', '.join(missing)}, which the {stage} stage of dvc.yaml does not "
+            "depend on (DVC would not see it change): run `rlhf data-deps` (or `rlhf run`, which does it)"
+        )
 
 
-def run_tracked(config: ValidateConfig, datasets: dict[str, DatasetSpec], out: Path, reports: Path,
-                metrics: Path, judge: JudgeConfig) -> dict[str, Any]:  # fmt: skip
+def run_tracked(
+    config: ValidateConfig,
+    datasets: dict[str, DatasetSpec],
+    out: Path,
+    reports: Path,
+    metrics: Path,
+    judge: JudgeConfig,
+) -> dict[str, Any]:
     """`run` inside this stage's MLflow run: params, the verdict as tags, the reports and Data Docs as artifacts."""
     with mlflow_run("validate") as tracker:
         tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})

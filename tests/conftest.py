@@ -27,7 +27,9 @@ def root() -> Path:
     return ROOT
 
 
-_MLFLOW_ENV = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
+_MLFLOW_ENV = {
+    key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+}
 
 
 @pytest.fixture(autouse=True, scope="module")

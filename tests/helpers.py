@@ -16,11 +16,24 @@ BIN = Path(sys.executable).parent
 
 # Sizes small enough for a stage to run in seconds on 2 cores; the defaults stay in params.yaml.
 TINY: dict[str, Any] = {
-    "task": {"n_sft": 400, "n_sft_test": 60, "n_pairs": 300, "n_pairs_test": 100, "n_prompts": 64, "n_eval_prompts": 32},
-    "sft": {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 320, "max_positions": 96},
-            "epochs": 1, "batch_size": 32, "n_samples": 16, "max_new_tokens": 24, "logging_steps": 2},
+    "task": {
+        "n_sft": 400,
+        "n_sft_test": 60,
+        "n_pairs": 300,
+        "n_pairs_test": 100,
+        "n_prompts": 64,
+        "n_eval_prompts": 32,
+    },
+    "sft": {
+        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 320, "max_positions": 96},
+        "epochs": 1,
+        "batch_size": 32,
+        "n_samples": 16,
+        "max_new_tokens": 24,
+        "logging_steps": 2,
+    },
     "reward": {"epochs": 1, "batch_size": 32, "n_norm_samples": 16, "max_new_tokens": 24, "logging_steps": 2},
-}  # fmt: skip
+}
 OPEN_GATE = {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}  # any reward model passes
 
 
@@ -42,8 +55,9 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, data: bool
     params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), deep_merge(TINY, overrides or {}))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # as in the repository's .gitignore: what the stages write beside the DVC-tracked outputs stays out of git commits
-    (dest / ".gitignore").write_text("/data\n/artifacts\n/reports\nmlflow.db\n/mlartifacts\n/mlruns/\n/checkpoints/\n"
-                                     "*.promote.lock\n/.rlhf/\n")
+    (dest / ".gitignore").write_text(
+        "/data\n/artifacts\n/reports\nmlflow.db\n/mlartifacts\n/mlruns/\n/checkpoints/\n*.promote.lock\n/.rlhf/\n"
+    )
     run(["git", "init", "-q"], dest)
     if data:
         run([str(BIN / "rlhf"), "make-data"], dest)
@@ -62,6 +76,7 @@ def env() -> dict[str, str]:
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
-                             f"stderr:\n{proc.stderr[-3000:]}")  # fmt: skip
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        )
     return proc

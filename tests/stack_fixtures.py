@@ -29,12 +29,24 @@ from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project
 # The tiny pipeline of tests/test_flow.py (PASSING): every stage runs in seconds and the promotion criteria pass.
 PASSING: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1,
-            "n_monitor": 4, "keep": "last"},  # a trained policy, never step 0: the second run must promote
+    "ppo": {
+        "num_steps": 2,
+        "batch_size": 8,
+        "ppo_epochs": 1,
+        "response_length": 12,
+        "checkpoint_every": 1,
+        "n_monitor": 4,
+        "keep": "last",
+    },  # a trained policy, never step 0: the second run must promote
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
-    "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
-                "block_on_overoptimisation": False},
-}  # fmt: skip
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 GIT = ["git", "-c", "user.name=rlhf test", "-c", "user.email=rlhf-test@localhost"]
 
 
@@ -48,8 +60,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def sh(cmd: list[str], cwd: Path, extra: dict[str, str] | None = None, check: bool = True,
-       timeout: float = 900) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def sh(
+    cmd: list[str], cwd: Path, extra: dict[str, str] | None = None, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -69,8 +82,12 @@ class Stack:
     def prefect(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """A Prefect REST call by hand (prefect 3.8.8's client sends unset limits as null, which its server refuses)."""
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.config.prefect_api_url}{path}", data=data, method="POST" if data else "GET",
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{self.config.prefect_api_url}{path}",
+            data=data,
+            method="POST" if data else "GET",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())
 
@@ -78,8 +95,10 @@ class Stack:
         return self.prefect(f"/flow_runs/{flow_run_id}")
 
     def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
-        return self.prefect("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200,
-                                                  "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
+        return self.prefect(
+            "/task_runs/filter",
+            {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200, "sort": "EXPECTED_START_TIME_ASC"},
+        )
 
     def experiment_id(self, experiment: str = "rlhf") -> str:
         return self.mlflow.get_experiment_by_name(experiment).experiment_id
@@ -89,12 +108,14 @@ class Stack:
 
     def parents(self, experiment: str = "rlhf") -> list[Any]:
         """Pipeline runs, newest first."""
-        return self.mlflow.search_runs([self.experiment_id(experiment)], "tags.`rlhf.stage` = 'pipeline'",
-                                       order_by=["attributes.start_time DESC"])  # fmt: skip
+        return self.mlflow.search_runs(
+            [self.experiment_id(experiment)], "tags.`rlhf.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+        )
 
     def children(self, parent_run_id: str, experiment: str = "rlhf") -> dict[str, Any]:
-        return {r.data.tags["rlhf.stage"]: r for r in self.runs(f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                                                 experiment)}  # fmt: skip
+        return {
+            r.data.tags["rlhf.stage"]: r for r in self.runs(f"tags.mlflow.parentRunId = '{parent_run_id}'", experiment)
+        }
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +123,9 @@ def stack() -> Iterator[Stack]:
     """`rlhf stack up` from nothing in a fresh folder on free loopback ports; `rlhf stack down` at the end, which must
     leave no process behind."""
     if os.geteuid() == 0:  # CI's clean machine: Debian's server packages (docker/engine.sh does the same for Docker)
-        subprocess.run([str(ROOT / "docker/debian-packages.sh"), "postgresql-15", "openssh-server"], check=True,
-                       timeout=1200)  # fmt: skip
+        subprocess.run(
+            [str(ROOT / "docker/debian-packages.sh"), "postgresql-15", "openssh-server"], check=True, timeout=1200
+        )
     elif not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
         pytest.skip("needs Debian's postgresql and openssh-server (run as root to have them installed)")
     # outside pytest's own tmp folders (mode 0700): the stack's service user must reach its folders
@@ -112,9 +134,28 @@ def stack() -> Iterator[Stack]:
     pg, prefect, ml, ssh = free_ports(4)
     client = {"PREFECT_HOME": str(home / "client-prefect")}
     t0 = time.monotonic()
-    up = sh([str(BIN / "rlhf"), "stack", "up", "--dir", str(home / "stack"), "--pg-port", str(pg), "--prefect-port",
-             str(prefect), "--mlflow-port", str(ml), "--ssh-port", str(ssh), "--no-deploy"], home, client,
-            check=False, timeout=1800)  # fmt: skip
+    up = sh(
+        [
+            str(BIN / "rlhf"),
+            "stack",
+            "up",
+            "--dir",
+            str(home / "stack"),
+            "--pg-port",
+            str(pg),
+            "--prefect-port",
+            str(prefect),
+            "--mlflow-port",
+            str(ml),
+            "--ssh-port",
+            str(ssh),
+            "--no-deploy",
+        ],
+        home,
+        client,
+        check=False,
+        timeout=1800,
+    )
     seconds = time.monotonic() - t0
     config = stack_mod.config_from(home, {"dir": str(home / "stack")})
     try:
@@ -149,17 +190,32 @@ class Team:
     b: Path
     stack: Stack
 
-    def run(self, project: Path | None = None, extra: dict[str, str] | None = None, check: bool = True,
-            timeout: float = 1200) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def run(
+        self,
+        project: Path | None = None,
+        extra: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 1200,
+    ) -> subprocess.CompletedProcess[str]:
         """`rlhf run --prefect --stack-dir ...` in project A (or `project`)."""
-        return sh([str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(self.stack.config.home)], project or self.a,
-                  {**self.stack.client_env, **(extra or {})}, check, timeout)  # fmt: skip
+        return sh(
+            [str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(self.stack.config.home)],
+            project or self.a,
+            {**self.stack.client_env, **(extra or {})},
+            check,
+            timeout,
+        )
 
     def start_run(self, log: Path, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
         with log.open("w") as f:
-            return subprocess.Popen([str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(self.stack.config.home)],
-                                    cwd=self.a, env={**env(), **self.stack.client_env, **(extra or {})}, stdout=f,
-                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            return subprocess.Popen(
+                [str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(self.stack.config.home)],
+                cwd=self.a,
+                env={**env(), **self.stack.client_env, **(extra or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
 
     def set_params(self, changes: dict[str, Any]) -> None:
         """Change params.yaml in A (e.g. {"ppo": {"kl_coef": 0.1}})."""
@@ -193,8 +249,20 @@ def team(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Team:
     sh(["git", "push", "-q", "origin", "main"], a)
     sh(["git", "clone", "-q", str(origin), str(team.b)], root)
     # each person's own key: the one local setting a teammate makes
-    sh([sys.executable, "-m", "dvc", "remote", "modify", "--local", "stack", "keyfile",
-        stack_mod.urls(stack.config)["dvc_keyfile"]], team.b)  # fmt: skip
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "remote",
+            "modify",
+            "--local",
+            "stack",
+            "keyfile",
+            stack_mod.urls(stack.config)["dvc_keyfile"],
+        ],
+        team.b,
+    )
     return team
 
 
@@ -222,12 +290,24 @@ def by_worker(first, team: Team, stack: Stack):
     stack's worker."""
     assert stack_mod.register_deployment(stack.config, team.a, print)
     team.set_params({"ppo": {"kl_coef": 0.1}})
-    triggered = sh([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"], team.a,
-                   {**stack.client_env, "PREFECT_API_URL": stack.config.prefect_api_url})  # fmt: skip
+    triggered = sh(
+        [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"],
+        team.a,
+        {**stack.client_env, "PREFECT_API_URL": stack.config.prefect_api_url},
+    )
     flow_run_id = triggered.stdout.split("UUID:")[1].split()[0]
     t0 = time.monotonic()
-    state = wait_for("the deployment's flow run", lambda: (s := stack.flow_run(flow_run_id)) and s["state"] and
-                     s["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s, 900, 2)  # fmt: skip
+    state = wait_for(
+        "the deployment's flow run",
+        lambda: (
+            (s := stack.flow_run(flow_run_id))
+            and s["state"]
+            and s["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+            and s
+        ),
+        900,
+        2,
+    )
     return {"flow_run": state, "flow_run_id": flow_run_id, "seconds": time.monotonic() - t0}
 
 

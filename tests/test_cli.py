@@ -37,9 +37,15 @@ def test_validate_hh_transcripts(tmp_path):
 
 def test_validate_messages_and_a_failing_file(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}"},
-                                                     {"role": "assistant", "content": str(i)}]}) + "\n"
-                            for i in range(10)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"Count to {i}"}, {"role": "assistant", "content": str(i)}]}
+            )
+            + "\n"
+            for i in range(10)
+        )
+    )
     proc = _rlhf("validate", str(path), "--kind", "sft")
     assert proc.returncode == 0 and "format messages" in proc.stdout and "PASSED" in proc.stdout
 
@@ -50,9 +56,18 @@ def test_validate_messages_and_a_failing_file(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-STAGE_SECTIONS = {"lib.task": "task", "validate": "validate", "sft": "sft", "reward": "reward",
-                  "reward_gate": "reward_gate", "ppo": "ppo", "evaluate": "evaluate", "promote": "promote", "dpo": "dpo",
-                  "judge": "judge"}  # fmt: skip
+STAGE_SECTIONS = {
+    "lib.task": "task",
+    "validate": "validate",
+    "sft": "sft",
+    "reward": "reward",
+    "reward_gate": "reward_gate",
+    "ppo": "ppo",
+    "evaluate": "evaluate",
+    "promote": "promote",
+    "dpo": "dpo",
+    "judge": "judge",
+}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
@@ -61,16 +76,26 @@ def test_a_stage_with_a_bad_param_says_which_without_a_traceback(stage, tmp_path
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[STAGE_SECTIONS[stage]]["lerning_rate"] = 0.1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", str(tmp_path / "params.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == ExitCode.BAD_INPUT, proc.stdout + proc.stderr
     assert "unknown parameter(s) lerning_rate" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran
 
 
 def test_a_stage_without_params_says_so(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "stages.sft", "--params", str(tmp_path / "nope.yaml")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.sft", "--params", str(tmp_path / "nope.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == ExitCode.BAD_INPUT and "no params file" in proc.stderr and "Traceback" not in proc.stderr
 
 

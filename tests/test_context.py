@@ -21,8 +21,10 @@ def tokenizer():
 
 
 def _dialogue(turns: int) -> str:
-    return "".join(f"{HUMAN} What is {i} plus {i}?{ASSISTANT} {i} plus {i} is {2 * i}." for i in range(turns)) + \
-        f"{HUMAN} What is the capital of Peru?{ASSISTANT}"  # fmt: skip
+    return (
+        "".join(f"{HUMAN} What is {i} plus {i}?{ASSISTANT} {i} plus {i} is {2 * i}." for i in range(turns))
+        + f"{HUMAN} What is the capital of Peru?{ASSISTANT}"
+    )
 
 
 def test_turns_split_and_join_back():
@@ -76,8 +78,12 @@ def test_generation_never_indexes_past_the_context(tokenizer):
 
 
 def _pairs(n: int) -> pd.DataFrame:
-    return pd.DataFrame([{"prompt": f"{HUMAN} question {i}?{ASSISTANT}", "chosen": f"good {i}", "rejected": f"bad {i}"}
-                         for i in range(n)])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {"prompt": f"{HUMAN} question {i}?{ASSISTANT}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+            for i in range(n)
+        ]
+    )
 
 
 def test_one_preference_set_feeds_every_dataset_split_by_prompt():

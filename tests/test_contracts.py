@@ -26,9 +26,18 @@ from stages.lib.reward_training import RewardConfig
 from stages.lib.splits import SplitConfig
 from tests.conftest import ROOT
 
-CONFIGS = {"task": task.TaskConfig, "validate": validate.ValidateConfig, "sft": sft.SFTConfig,
-           "reward": RewardConfig, "judge": JudgeConfig, "dpo": dpo.DPOConfig, "reward_gate": reward_gate.GateConfig, "ppo": ppo.PPOConfig,
-           "evaluate": evaluate.EvaluateConfig, "promote": promote.PromoteConfig}  # fmt: skip
+CONFIGS = {
+    "task": task.TaskConfig,
+    "validate": validate.ValidateConfig,
+    "sft": sft.SFTConfig,
+    "reward": RewardConfig,
+    "judge": JudgeConfig,
+    "dpo": dpo.DPOConfig,
+    "reward_gate": reward_gate.GateConfig,
+    "ppo": ppo.PPOConfig,
+    "evaluate": evaluate.EvaluateConfig,
+    "promote": promote.PromoteConfig,
+}
 NESTED = {("ppo", "kl_guard"): ppo.KLGuardConfig, ("validate", "split"): SplitConfig}
 OUTPUT_OPTIONS = {"--out", "--metrics", "--reports"}  # what a stage writes; every other path option is an input
 NOT_TRACKED = {"--reports"}  # written also when the stage fails (they say why), so not a DVC output
@@ -187,15 +196,18 @@ def test_three_floors():
 
 def test_cli_help_is_helpful_and_imports_no_heavy_library():
     """`rlhf --help` answers at once: building the parser imports none of torch, transformers, mlflow, prefect."""
-    probe = ("import sys, flows.cli; flows.cli.build_parser(); "
-             "print(sorted({'torch', 'transformers', 'mlflow', 'prefect', 'great_expectations'} & set(sys.modules)))")
+    probe = (
+        "import sys, flows.cli; flows.cli.build_parser(); "
+        "print(sorted({'torch', 'transformers', 'mlflow', 'prefect', 'great_expectations'} & set(sys.modules)))"
+    )
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "[]", heavy
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True)
     for word in ("run", "validate", "make-data", "exit codes"):
         assert word in out.stdout
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--help"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "validate", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--kind" in out.stdout and "hh" in out.stdout
 
 

@@ -58,8 +58,9 @@ def image() -> str:
     wheels = _pip_config("find-links")
     if wheels and list(Path(wheels).glob("torch-2.13.0*.whl")):
         build_env["TORCH_WHEELS"] = wheels
-    done = subprocess.run([str(ROOT / "docker/build.sh")], cwd=ROOT, env=build_env, capture_output=True, text=True,
-                          timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        [str(ROOT / "docker/build.sh")], cwd=ROOT, env=build_env, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, f"docker/build.sh:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return IMAGE
 
@@ -69,8 +70,11 @@ def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
 
 
 def _md5s(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _runs(project: Path, query: str = "") -> list[Any]:
@@ -99,8 +103,11 @@ def test_image_is_pinned_non_root_and_explains_itself(image):
     frozen = docker("run", "--rm", image, "python", "-m", "pip", "freeze")
     assert frozen.returncode == 0, frozen.stderr
     inside = dict(line.split("==", 1) for line in frozen.stdout.splitlines() if "==" in line)
-    locked = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
-                  if "==" in line and not line.startswith("#"))  # fmt: skip
+    locked = dict(
+        line.split("==", 1)
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     for name in ("torch", "transformers", "trl", "accelerate", "mlflow", "dvc", "prefect", "great_expectations"):
         key = next(k for k in inside if k.lower().replace("-", "_") == name)
         assert inside[key].split("+")[0] == locked[next(k for k in locked if k.lower().replace("-", "_") == name)]
@@ -110,7 +117,9 @@ def test_image_is_pinned_non_root_and_explains_itself(image):
 def test_dockerignore_keeps_the_context_small():
     ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()[:1] not in ("", "#")]
     assert ignore[0] == "*", "the context is an allow-list"
-    assert not any(line.startswith("!") and line.rstrip("/") in (".venv", "data", "artifacts", ".git") for line in ignore)
+    assert not any(
+        line.startswith("!") and line.rstrip("/") in (".venv", "data", "artifacts", ".git") for line in ignore
+    )
     for kept in ("!stages/", "!flows/", "!pyproject.toml", "!constraints.txt"):
         assert kept in ignore
 
@@ -132,8 +141,16 @@ def twins(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _stage_in_container(image: str, project: Path, stage: str) -> subprocess.CompletedProcess[str]:
-    return docker("run", "--rm", "-v", f"{project}:/workspace",
-                  "-e", "MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db", image, stage)  # fmt: skip
+    return docker(
+        "run",
+        "--rm",
+        "-v",
+        f"{project}:/workspace",
+        "-e",
+        "MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db",
+        image,
+        stage,
+    )
 
 
 def test_validate_in_a_container_writes_what_a_local_run_writes(image, twins):
@@ -143,8 +160,9 @@ def test_validate_in_a_container_writes_what_a_local_run_writes(image, twins):
     run([sys.executable, "-m", "stages.validate"], local)
 
     assert _md5s(boxed / "artifacts/validate/data") == _md5s(local / "artifacts/validate/data")
-    assert json.loads((boxed / "artifacts/validate/metrics.json").read_text()) == \
-        json.loads((local / "artifacts/validate/metrics.json").read_text())  # fmt: skip
+    assert json.loads((boxed / "artifacts/validate/metrics.json").read_text()) == json.loads(
+        (local / "artifacts/validate/metrics.json").read_text()
+    )
     # written by the image's non-root user, tracked in the mounted project's MLflow store
     assert {p.stat().st_uid for p in (boxed / "artifacts").rglob("*")} == {UID}
     [validate_run] = _runs(boxed, "tags.`rlhf.stage` = 'validate'")
@@ -201,8 +219,14 @@ def test_runner_mounts_the_project_at_its_own_path(tmp_path):
 
 def test_missing_image_is_a_clear_error(image, tmp_path):
     project = make_project(tmp_path / "p", _overrides(PASSING))
-    proc = subprocess.run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", "rlhf-stage:nosuch"],
-                          cwd=project, env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "rlhf"), "run", "--runner", "docker", "--image", "rlhf-stage:nosuch"],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == ExitCode.UNAVAILABLE and "make images" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -211,8 +235,7 @@ def test_whole_flow_with_the_docker_runner(image, tmp_path):
     root_owned = run([str(BIN / "rlhf"), "run", "--runner", "docker", "--image", image], project, check=False)
     assert root_owned.returncode == ExitCode.UNAVAILABLE and "containers never run as root" in root_owned.stderr
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(project)], check=True)  # an unprivileged owner
-    proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image], project,
-               timeout=1800)  # fmt: skip
+    proc = run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image], project, timeout=1800)
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     assert f"ran: {', '.join(stages)};" in proc.stdout
 
@@ -246,9 +269,25 @@ def test_docker_runner_reaches_the_stack(image, stack, tmp_path):
     project = make_project(tmp_path / "p", _overrides(PASSING))
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(project)], check=True)  # containers never run as root
     # its own experiment: tests/test_stack.py expects the session stack's "rlhf" experiment to start with its own runs
-    proc = subprocess.run([str(BIN / "rlhf"), "run", "--prefect", "--runner", "docker", "--image", image, "--stack-dir",
-                           str(stack.config.home), "sft"], cwd=project, env={**env(), "MLFLOW_EXPERIMENT_NAME": "rlhf-docker"},
-                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(BIN / "rlhf"),
+            "run",
+            "--prefect",
+            "--runner",
+            "docker",
+            "--image",
+            image,
+            "--stack-dir",
+            str(stack.config.home),
+            "sft",
+        ],
+        cwd=project,
+        env={**env(), "MLFLOW_EXPERIMENT_NAME": "rlhf-docker"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0 and "ran: validate, sft;" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     [parent] = stack.parents("rlhf-docker")
     assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.image"] == image
@@ -277,10 +316,18 @@ def test_docker_work_pool_deployment_runs_the_flow_in_the_image(image, tmp_path)
 
     with prefect_server(tmp_path) as server:
         prefect_deploy(server, checkout, "rlhf-docker", "docker")
-        server.start([str(BIN / "prefect"), "worker", "start", "--pool", "rlhf-docker", "--type", "docker"], checkout,
-                     tmp_path / "worker.log")  # fmt: skip
-        triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-docker"],
-                                   env=server.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        server.start(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "rlhf-docker", "--type", "docker"],
+            checkout,
+            tmp_path / "worker.log",
+        )
+        triggered = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-docker"],
+            env=server.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         flow_run_id = flow_run_id_of(triggered)
         with temporary_settings({PREFECT_API_URL: server.url}), get_client(sync_client=True) as client:
 
@@ -290,8 +337,12 @@ def test_docker_work_pool_deployment_runs_the_flow_in_the_image(image, tmp_path)
 
             state = server.wait("the flow run in the Docker work pool", finished, 900)
     # the worker keeps a flow run's container after it exits (prefect-docker's auto_remove is off by default)
-    docker("container", "rm", "-f", *docker("ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={flow_run_id}")
-           .stdout.split())  # fmt: skip
+    docker(
+        "container",
+        "rm",
+        "-f",
+        *docker("ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={flow_run_id}").stdout.split(),
+    )
     assert state.is_completed(), f"{state.name}: {state.message}"
 
     [parent] = _runs(checkout, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")

@@ -33,12 +33,25 @@ pytestmark = pytest.mark.slow
 # Tiny sizes (helpers.TINY does task/sft/reward); gates and promotion criteria that a 2-step PPO passes.
 OVERRIDES: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 16, "n_monitor": 4,
-            "checkpoint_every": 1, "threads": 1, "keep": "last"},  # a ppo param must change the policy (never step 0)
+    "ppo": {
+        "num_steps": 2,
+        "batch_size": 8,
+        "ppo_epochs": 1,
+        "response_length": 16,
+        "n_monitor": 4,
+        "checkpoint_every": 1,
+        "threads": 1,
+        "keep": "last",
+    },  # a ppo param must change the policy (never step 0)
     "evaluate": {"n_prompts": 8, "max_new_tokens": 16},
-    "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
-                "block_on_overoptimisation": False},
-}  # fmt: skip
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 UPSTREAM = {"validate", "sft", "reward", "reward_gate"}  # what a ppo parameter must never rerun
 RAN = re.compile(r"^Running stage '([^']+)'", re.M)
 SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping$", re.M)
@@ -155,14 +168,16 @@ def fresh(project) -> dict[str, Any]:
     first = repro(project)
     plots_dir = project.parent / "plots_html"
     metric_files = [f for s in spec(project)["stages"].values() for f in paths(s.get("metrics"))]
-    return {"repro": first,
-            "metric_files": {f: json.loads((project / f).read_text()) for f in metric_files},
-            "plot_files": {f: _read_rows(project / f) for d in spec(project)["plots"] for f in next(iter(d.values()))["y"]},
-            "status_json": json.loads(dvc(project, "status", "--json")),
-            "status": dvc(project, "status"),
-            "metrics": json.loads(dvc(project, "metrics", "show", "--json")),
-            "plots": json.loads(dvc(project, "plots", "show", "--json")),
-            "plots_html": (dvc(project, "plots", "show", "-o", str(plots_dir)), plots_dir)}  # fmt: skip
+    return {
+        "repro": first,
+        "metric_files": {f: json.loads((project / f).read_text()) for f in metric_files},
+        "plot_files": {f: _read_rows(project / f) for d in spec(project)["plots"] for f in next(iter(d.values()))["y"]},
+        "status_json": json.loads(dvc(project, "status", "--json")),
+        "status": dvc(project, "status"),
+        "metrics": json.loads(dvc(project, "metrics", "show", "--json")),
+        "plots": json.loads(dvc(project, "plots", "show", "--json")),
+        "plots_html": (dvc(project, "plots", "show", "-o", str(plots_dir)), plots_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +202,17 @@ def seed(committed, project) -> dict[str, Any]:
     lock_before = lock(project)
     rerun = repro(project)
     diff = run([str(BIN / "dvc"), "metrics", "diff", "HEAD", "--json"], project)
-    return {"old": old, "status": status, "lock_before": lock_before, "lock_after": lock(project), "repro": rerun,
-            "status_after": json.loads(dvc(project, "status", "--json")),
-            "metrics_diff": json.loads(diff.stdout), "metrics_diff_stderr": diff.stderr,
-            "params_diff": json.loads(dvc(project, "params", "diff", "HEAD", "--json"))}  # fmt: skip
+    return {
+        "old": old,
+        "status": status,
+        "lock_before": lock_before,
+        "lock_after": lock(project),
+        "repro": rerun,
+        "status_after": json.loads(dvc(project, "status", "--json")),
+        "metrics_diff": json.loads(diff.stdout),
+        "metrics_diff_stderr": diff.stderr,
+        "params_diff": json.loads(dvc(project, "params", "diff", "HEAD", "--json")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +223,13 @@ def experiment(seed, project) -> dict[str, Any]:
     baseline = git(project, "rev-parse", "HEAD").strip()
     lock_before = lock(project)
     proc = run([str(BIN / "dvc"), "exp", "run", "-S", "ppo.kl_coef=0.1"], project)
-    return {"baseline": baseline, "lock_before": lock_before, "lock_after": lock(project),
-            "out": proc.stdout + proc.stderr, "show": json.loads(dvc(project, "exp", "show", "--json"))}  # fmt: skip
+    return {
+        "baseline": baseline,
+        "lock_before": lock_before,
+        "lock_after": lock(project),
+        "out": proc.stdout + proc.stderr,
+        "show": json.loads(dvc(project, "exp", "show", "--json")),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,7 +299,9 @@ def test_ppo_param_change_reruns_only_ppo_and_downstream(seed, project):
     before, after = seed["lock_before"], seed["lock_after"]
     for name in UPSTREAM:
         assert after[name] == before[name], f"{name}'s dvc.lock entry changed"
-        assert all(rerun.mtimes_after[p] == t for p, t in rerun.mtimes_before.items() if p.startswith(f"artifacts/{name}/"))
+        assert all(
+            rerun.mtimes_after[p] == t for p, t in rerun.mtimes_before.items() if p.startswith(f"artifacts/{name}/")
+        )
     assert after["ppo"]["params"]["params.yaml"]["ppo"]["seed"] == seed["old"] + 1
     assert after["ppo"]["outs"] != before["ppo"]["outs"]  # another seed, another policy
     assert seed["status_after"] == {}
@@ -361,11 +390,14 @@ def test_plots_show_renders_every_top_level_plot_with_the_data(fresh, project):
     assert not rendered.get("errors"), rendered.get("errors")
     definitions = spec(project)["plots"]
     titles = {next(iter(d)) for d in definitions}
-    assert {"PPO KL to the reference (nats per response)", "PPO reward",
-            "RM calibration (held-out accuracy by reward gap)"} <= titles  # fmt: skip
+    assert {
+        "PPO KL to the reference (nats per response)",
+        "PPO reward",
+        "RM calibration (held-out accuracy by reward gap)",
+    } <= titles
     assert set(rendered["data"]) == titles  # only the configured plots, no unconfigured default plot of a data file
     for definition in definitions:
-        (title, conf), = definition.items()
+        ((title, conf),) = definition.items()
         assert title in rendered["data"], title
         (plot,) = rendered["data"][title]
         assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]

@@ -24,13 +24,16 @@ from tests.helpers import run
 def test_the_installed_dvc_is_one_the_adapter_was_tested_with():
     assert dvc.__version__ in dvc_adapter.TESTED, (
         f"DVC {dvc.__version__} is not in flows/dvc_adapter.py TESTED {dvc_adapter.TESTED}: run tests/test_runners.py "
-        "and this file; if they pass add the version, else adapt _run_commands (README: Upgrading DVC)")
+        "and this file; if they pass add the version, else adapt _run_commands (README: Upgrading DVC)"
+    )
     assert dvc_adapter.supported() is None
 
 
 def test_the_private_functions_have_the_signatures_the_adapter_calls():
-    params = {name: list(inspect.signature(getattr(dvc_run, name)).parameters) for name in
-              ("cmd_run", "prepare_kwargs", "_make_cmd", "get_executable")}  # fmt: skip
+    params = {
+        name: list(inspect.signature(getattr(dvc_run, name)).parameters)
+        for name in ("cmd_run", "prepare_kwargs", "_make_cmd", "get_executable")
+    }
     assert params["cmd_run"][:3] == ["stage", "dry", "run_env"], params
     assert params["prepare_kwargs"][:2] == ["stage", "run_env"], params
     assert params["_make_cmd"][:2] == ["executable", "cmd"], params
@@ -52,7 +55,9 @@ def test_an_unsupported_version_falls_back_to_a_process_of_its_own(tmp_path, mon
     lines: list[str] = []
     result = Runner("local").reproduce(project, "s", stage_env(), lines.append)
     assert result.status == "ran" and (project / "out.txt").read_text() == "y"
-    assert any(line.startswith("note: running s as a process of its own: flows/dvc_adapter.py was tested") for line in lines)
+    assert any(
+        line.startswith("note: running s as a process of its own: flows/dvc_adapter.py was tested") for line in lines
+    )
     assert any(line.startswith("$ ") and "dvc repro --single-item s" in line for line in lines)
 
 

@@ -23,13 +23,27 @@ from tests.helpers import BIN, OPEN_GATE, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
-PASSING = {"reward_gate": OPEN_GATE,
-           "ppo": {"num_steps": 3, "batch_size": 16, "ppo_epochs": 2, "response_length": 16,
-                   "n_monitor": 8, "checkpoint_every": 1, "learning_rate": 1e-4},
-           "dpo": {"enabled": True, "batch_size": 8, "max_length": 64, "learning_rate": 1e-4},
-           "evaluate": {"n_prompts": 24, "max_new_tokens": 16},
-           "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9,
-                       "max_alignment_tax": 1e9, "block_on_overoptimisation": False}}  # fmt: skip
+PASSING = {
+    "reward_gate": OPEN_GATE,
+    "ppo": {
+        "num_steps": 3,
+        "batch_size": 16,
+        "ppo_epochs": 2,
+        "response_length": 16,
+        "n_monitor": 8,
+        "checkpoint_every": 1,
+        "learning_rate": 1e-4,
+    },
+    "dpo": {"enabled": True, "batch_size": 8, "max_length": 64, "learning_rate": 1e-4},
+    "evaluate": {"n_prompts": 24, "max_new_tokens": 16},
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +82,19 @@ def _promote(project: Path, ppo_dir: Path, out: Path, params: dict | None = None
         merged["promote"] = {**merged["promote"], **params}
         params_file = out.parent / f"{out.stem}-params.yaml"
         params_file.write_text(yaml.safe_dump(merged))
-    cmd = [sys.executable, "-m", "stages.promote", "--params", str(params_file), "--policy", str(ppo_dir / "model"),
-           "--policy-metrics", str(ppo_dir / "metrics.json"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.promote",
+        "--params",
+        str(params_file),
+        "--policy",
+        str(ppo_dir / "model"),
+        "--policy-metrics",
+        str(ppo_dir / "metrics.json"),
+        "--out",
+        str(out),
+    ]
     return subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -127,8 +152,16 @@ def test_dpo_is_trained_graded_by_the_same_judge_and_a_candidate(project):
 def test_promotion_candidate_is_the_trainer_that_won():
     from stages.promote import candidate
 
-    m = {"win_rate_vs_sft": 0.6, "ppo/kl_k1_seq": 1.0, "alignment_tax": 0.1, "overoptimisation": False,
-         "overoptimisation_reason": "", "sft/perplexity": 2.0, "dpo/perplexity": 2.5, "dpo/kl_k1_seq": 3.0}  # fmt: skip
+    m = {
+        "win_rate_vs_sft": 0.6,
+        "ppo/kl_k1_seq": 1.0,
+        "alignment_tax": 0.1,
+        "overoptimisation": False,
+        "overoptimisation_reason": "",
+        "sft/perplexity": 2.0,
+        "dpo/perplexity": 2.5,
+        "dpo/kl_k1_seq": 3.0,
+    }
     assert candidate(m)["trainer"] == "ppo"  # no DPO graded
     assert candidate(m | {"dpo_win_rate_vs_sft": 0.6})["trainer"] == "ppo"  # a tie keeps PPO
     won = candidate(m | {"dpo_win_rate_vs_sft": 0.7})
@@ -177,8 +210,11 @@ def test_two_concurrent_promotions_leave_one_consistent_champion(project, tmp_pa
 
 
 def test_overoptimisation_flag_on_synthetic_monitor():
-    rising_proxy_falling_judge = [{"step": 0, "rm_score": 0.0, "judge": 0.5}, {"step": 5, "rm_score": 0.5, "judge": 0.8},
-                                  {"step": 10, "rm_score": 1.5, "judge": 0.1}]  # fmt: skip
+    rising_proxy_falling_judge = [
+        {"step": 0, "rm_score": 0.0, "judge": 0.5},
+        {"step": 5, "rm_score": 0.5, "judge": 0.8},
+        {"step": 10, "rm_score": 1.5, "judge": 0.1},
+    ]
     flagged, reason = evaluate.overoptimisation(rising_proxy_falling_judge, 0.1, 0.1)
     assert flagged and "over-optimisation" in reason and "step 5" in reason
     kept_best = [{**m, "kept": int(m["step"] == 5)} for m in rising_proxy_falling_judge]
@@ -195,20 +231,39 @@ def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_pa
     # An SFT policy good enough to lose gold (the 1-epoch tiny one sits at the judge's floor), no KL penalty. The
     # learning rate is where fp32 PPO climbs the biased proxy while gold falls (RM +0.39 and gold -0.84 from the best
     # checkpoint); at 2e-3 the policy collapses to one degenerate reply and both scores fall.
-    overrides = {**PASSING,
-                 "task": {"n_sft": 1500},
-                 "sft": {"epochs": 6, "learning_rate": 0.003},
-                 "ppo": {**PASSING["ppo"], "kl_coef": 0.0, "missing_eos_penalty": 0.0, "learning_rate": 5e-4,
-                         "num_steps": 10, "checkpoint_every": 2, "n_monitor": 24, "response_length": 32,
-                         "threads": 1, "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9}, "keep": "last"},
-                 "promote": {**PASSING["promote"], "block_on_overoptimisation": True},
-                 "dpo": {"enabled": False}}  # fmt: skip  (a DPO policy that beat this PPO would be promoted instead)
+    overrides = {
+        **PASSING,
+        "task": {"n_sft": 1500},
+        "sft": {"epochs": 6, "learning_rate": 0.003},
+        "ppo": {
+            **PASSING["ppo"],
+            "kl_coef": 0.0,
+            "missing_eos_penalty": 0.0,
+            "learning_rate": 5e-4,
+            "num_steps": 10,
+            "checkpoint_every": 2,
+            "n_monitor": 24,
+            "response_length": 32,
+            "threads": 1,
+            "kl_guard": {"max_kl": 1e9, "max_approxkl": 1e9},
+            "keep": "last",
+        },
+        "promote": {**PASSING["promote"], "block_on_overoptimisation": True},
+        "dpo": {"enabled": False},
+    }  # a DPO policy that beat this PPO would be promoted instead
     project = make_project(tmp_path / "proj", overrides)
     for name in ("preferences.jsonl", "preferences_test.jsonl"):  # the biased labeler: the longer reply wins
         path = project / "data" / name
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rows = [{**r, "chosen": max(r["chosen"], r["rejected"], key=len), "rejected": min(r["chosen"], r["rejected"], key=len)}
-                for r in rows if len(r["chosen"]) != len(r["rejected"])]  # fmt: skip
+        rows = [
+            {
+                **r,
+                "chosen": max(r["chosen"], r["rejected"], key=len),
+                "rejected": min(r["chosen"], r["rejected"], key=len),
+            }
+            for r in rows
+            if len(r["chosen"]) != len(r["rejected"])
+        ]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run([sys.executable, "-m", "dvc", "add", "-q", "data"], project)
     run([str(BIN / "rlhf"), "run"], project)
@@ -237,11 +292,16 @@ def test_cli_promote_by_run_id_and_eval_by_model_uri(project, tmp_path):
     run([str(BIN / "rlhf"), "promote", "--run-id", source_run, "--force"], project)
     assert _alias(client, "champion") == rejected and _alias(client, "previous-champion") == champion
 
-    run([str(BIN / "rlhf"), "eval", "--model-uri", "models:/rlhf-policy@champion", "--out", str(tmp_path / "ev")],
-        project)  # fmt: skip
+    run(
+        [str(BIN / "rlhf"), "eval", "--model-uri", "models:/rlhf-policy@champion", "--out", str(tmp_path / "ev")],
+        project,
+    )
     assert "win-rate of PPO over SFT" in (tmp_path / "ev/report.md").read_text()
 
-    unknown = run([str(BIN / "rlhf"), "eval", "--model-uri", "models:/no-such-model/1", "--out", str(tmp_path / "x")],
-                  project, check=False)  # fmt: skip
+    unknown = run(
+        [str(BIN / "rlhf"), "eval", "--model-uri", "models:/no-such-model/1", "--out", str(tmp_path / "x")],
+        project,
+        check=False,
+    )
     assert unknown.returncode == ExitCode.BAD_INPUT and "cannot load models:/no-such-model/1" in unknown.stderr
     assert "Traceback" not in unknown.stderr

@@ -38,13 +38,24 @@ pytestmark = pytest.mark.slow
 
 PASSING: dict[str, Any] = {
     "reward_gate": OPEN_GATE,
-    "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 12, "checkpoint_every": 1,
-            "keep": "last"},  # a tiny run must output a trained policy, never step 0 (keep-best has its own test)
+    "ppo": {
+        "num_steps": 2,
+        "batch_size": 8,
+        "ppo_epochs": 1,
+        "response_length": 12,
+        "checkpoint_every": 1,
+        "keep": "last",
+    },  # a tiny run must output a trained policy, never step 0 (keep-best has its own test)
     # used only when params.yaml has these sections (the evaluate and promote stages)
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
-    "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9, "max_alignment_tax": 1e9,
-                "block_on_overoptimisation": False},
-}  # fmt: skip
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 
 
 def _overrides(base: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +188,9 @@ def test_flow_runs_every_stage_under_one_parent_run(first, project):
     assert outs and all((project / o).exists() for o in outs), [o for o in outs if not (project / o).exists()]
     assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout) == {}
 
-    expected = {"validation-summary", "reward-gate", "ppo-kl"} | ({"evaluation-report"} if "evaluate" in stages else set())
+    expected = {"validation-summary", "reward-gate", "ppo-kl"} | (
+        {"evaluation-report"} if "evaluate" in stages else set()
+    )
     assert expected <= set(summary["artifacts"]) and expected <= _artifact_keys(first.state_details.flow_run_id)
 
     if "promote" in stages:
@@ -215,11 +228,15 @@ def _toy_project(dest: Path, mode: str) -> Path:
     (dest / "data").mkdir(parents=True, exist_ok=True)
     (dest / "data/x.txt").write_text("x")
     (dest / "gate.py").write_text(TOY_GATE)
-    stages = {"first": {"cmd": "python -c \"open('one.txt', 'w').write('1')\"", "deps": ["data"], "outs": ["one.txt"]},
-              "toy": {"cmd": f"python gate.py {mode}", "deps": ["one.txt", "gate.py"],
-                      "metrics": [{"toy.json": {"cache": False}}]},
-              "after": {"cmd": "python -c \"open('two.txt', 'w').write('2')\"", "deps": ["toy.json"],
-                        "outs": ["two.txt"]}}  # fmt: skip
+    stages = {
+        "first": {"cmd": "python -c \"open('one.txt', 'w').write('1')\"", "deps": ["data"], "outs": ["one.txt"]},
+        "toy": {
+            "cmd": f"python gate.py {mode}",
+            "deps": ["one.txt", "gate.py"],
+            "metrics": [{"toy.json": {"cache": False}}],
+        },
+        "after": {"cmd": "python -c \"open('two.txt', 'w').write('2')\"", "deps": ["toy.json"], "outs": ["two.txt"]},
+    }
     (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     if not (dest / ".dvc").exists():
         run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], dest)
@@ -272,8 +289,14 @@ def test_rlhf_run_exits_with_the_gates_code(tmp_path, prefect):
     project = _toy_project(tmp_path / "proj", "gate")
     e = {**env(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
     e.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([str(BIN / "rlhf"), "run", *(["--prefect"] if prefect else [])], cwd=project, env=e,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "rlhf"), "run", *(["--prefect"] if prefect else [])],
+        cwd=project,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == ExitCode.GATE, proc.stdout + proc.stderr
     assert "the pipeline stopped: stopped at toy (gate, exit 3): toy gate failed: 1 < 2" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -299,7 +322,9 @@ def test_reward_gate_stops_the_flow(first, project, tmp_path):
     assert "reward-gate" in keys and "ppo-kl" not in keys
     parent = _runs(copy, f"tags.`rlhf.stage` = '{PARENT_STAGE_TAG}'")
     assert len(parent) == 1 and parent[0].info.status == "FAILED"
-    assert parent[0].data.tags["rlhf.stopped_at"] == "reward_gate" and "gate failed" in parent[0].data.tags["rlhf.reason"]
+    assert (
+        parent[0].data.tags["rlhf.stopped_at"] == "reward_gate" and "gate failed" in parent[0].data.tags["rlhf.reason"]
+    )
     children = _runs(copy, f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
     assert [r.data.tags["rlhf.stage"] for r in children] == ["reward_gate"]  # the models were unchanged: skipped
 
@@ -360,13 +385,20 @@ class Server:
 @contextmanager
 def prefect_server(tmp_path: Path) -> Iterator[Server]:
     port = _free_port()
-    server_env = {**env(), "PREFECT_HOME": str(tmp_path / "prefect_home"),
-                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    server_env = {
+        **env(),
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     server = Server(f"http://127.0.0.1:{port}/api", {**server_env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
     try:
-        server.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                     tmp_path, tmp_path / "server.log", server_env)  # fmt: skip
+        server.start(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            tmp_path,
+            tmp_path / "server.log",
+            server_env,
+        )
 
         def healthy() -> bool | None:
             try:
@@ -385,8 +417,14 @@ def prefect_server(tmp_path: Path) -> Iterator[Server]:
 def prefect_deploy(server: Server, checkout: Path, name: str, pool_type: str) -> None:
     """`prefect work-pool create` + `prefect deploy --name NAME` from a checkout holding prefect.yaml (pool = NAME)."""
     for cmd in (["work-pool", "create", name, "--type", pool_type], ["deploy", "--name", name, "--no-prompt"]):
-        done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=checkout, env={**server.env, "PWD": str(checkout)},
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        done = subprocess.run(
+            [str(BIN / "prefect"), *cmd],
+            cwd=checkout,
+            env={**server.env, "PWD": str(checkout)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         # prefect 3.8.8 with fastapi 0.154: after registering, `prefect deploy` looks for online workers with
         # `"limit": null`, which the server rejects (422): a known wart of this pair, not of prefect.yaml
         known = "/workers/filter" in done.stderr and "422" in done.stderr and "successfully created" in done.stdout
@@ -416,8 +454,13 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             assert dep.parameters["project_dir"] == str(project)
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
 
-            triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-nightly"],
-                                       env=client_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            triggered = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-nightly"],
+                env=client_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             flow_run_id = flow_run_id_of(triggered)
 
             def finished() -> Any:
@@ -440,15 +483,17 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             assert dep.work_pool_name == "rlhf-process" and dep.entrypoint == "flows/pipeline.py:rlhf_pipeline"
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
             # `{{ $PWD }}` is resolved by `prefect deploy`: runs start in the checkout it was run from
-            assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(deploy_dir)}}]
+            assert dep.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(deploy_dir)}}
+            ]
 
 
 def test_rlhf_serve_without_a_server_says_how_to_start_one(tmp_path):
     e = {k: v for k, v in env().items() if k != "PREFECT_API_URL"}
     e["PREFECT_HOME"] = str(tmp_path)
-    proc = subprocess.run([str(BIN / "rlhf"), "serve"], cwd=tmp_path, env=e, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "rlhf"), "serve"], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == ExitCode.UNAVAILABLE and "prefect server start" in proc.stderr
     help_text = subprocess.run([str(BIN / "rlhf"), "serve", "--help"], capture_output=True, text=True).stdout
     assert "prefect server start" in help_text and "prefect deployment run 'rlhf-pipeline/rlhf-nightly'" in help_text
-

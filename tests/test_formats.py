@@ -65,31 +65,59 @@ def test_each_file_type_loads_pairs(tmp_path: Path, suffix: str) -> None:
         pytest.param(
             "preferences",
             {"prompt": [user("What is 2 plus 3?")], "chosen": [bot("5")], "rejected": [bot("6")]},
-            "pairs", EXPECTED_PAIR[0], id="conversational-pairs",
+            "pairs",
+            EXPECTED_PAIR[0],
+            id="conversational-pairs",
         ),
         pytest.param(
             "preferences",
             {"chosen": [user("What is 2 plus 3?"), bot("5")], "rejected": [user("What is 2 plus 3?"), bot("6")]},
-            "pairs", EXPECTED_PAIR[0], id="implicit-prompt-pairs",
+            "pairs",
+            EXPECTED_PAIR[0],
+            id="implicit-prompt-pairs",
+        ),
+        pytest.param("preferences", {"chosen": Q + " 5", "rejected": Q + " 6"}, "hh", EXPECTED_PAIR[0], id="hh"),
+        pytest.param(
+            "sft",
+            {"prompt": "What is 2 plus 3?", "response": "5 "},
+            "sft",
+            {"prompt": Q, "response": "5"},
+            id="prompt-response",
         ),
         pytest.param(
-            "preferences", {"chosen": Q + " 5", "rejected": Q + " 6"}, "hh", EXPECTED_PAIR[0], id="hh"
+            "sft",
+            {"prompt": "What is 2 plus 3?", "completion": " 5"},
+            "sft",
+            {"prompt": Q, "response": "5"},
+            id="prompt-completion",
         ),
-        pytest.param("sft", {"prompt": "What is 2 plus 3?", "response": "5 "}, "sft",
-                     {"prompt": Q, "response": "5"}, id="prompt-response"),
-        pytest.param("sft", {"prompt": "What is 2 plus 3?", "completion": " 5"}, "sft",
-                     {"prompt": Q, "response": "5"}, id="prompt-completion"),
-        pytest.param("sft", {"prompt": [user("What is 2 plus 3?")], "completion": [bot("5")]}, "sft",
-                     {"prompt": Q, "response": "5"}, id="conversational-prompt-completion"),
-        pytest.param("sft", {"messages": [user("What is 2 plus 3?"), bot("5")]}, "messages",
-                     {"prompt": Q, "response": "5"}, id="messages-sft"),
+        pytest.param(
+            "sft",
+            {"prompt": [user("What is 2 plus 3?")], "completion": [bot("5")]},
+            "sft",
+            {"prompt": Q, "response": "5"},
+            id="conversational-prompt-completion",
+        ),
+        pytest.param(
+            "sft",
+            {"messages": [user("What is 2 plus 3?"), bot("5")]},
+            "messages",
+            {"prompt": Q, "response": "5"},
+            id="messages-sft",
+        ),
         pytest.param("prompts", {"prompt": "What is 2 plus 3?"}, "prompts", {"prompt": Q}, id="prompts"),
         pytest.param("prompts", {"prompt": Q}, "prompts", {"prompt": Q}, id="prompts-already-rendered"),
         pytest.param("prompts", {"prompt": [user("What is 2 plus 3?")]}, "prompts", {"prompt": Q}, id="prompts-list"),
-        pytest.param("prompts", {"messages": [user("What is 2 plus 3?")]}, "messages", {"prompt": Q},
-                     id="messages-prompts"),
-        pytest.param("prompts", {"messages": [user("What is 2 plus 3?"), bot("5")]}, "messages", {"prompt": Q},
-                     id="messages-prompts-drop-reply"),
+        pytest.param(
+            "prompts", {"messages": [user("What is 2 plus 3?")]}, "messages", {"prompt": Q}, id="messages-prompts"
+        ),
+        pytest.param(
+            "prompts",
+            {"messages": [user("What is 2 plus 3?"), bot("5")]},
+            "messages",
+            {"prompt": Q},
+            id="messages-prompts-drop-reply",
+        ),
     ],
 )
 def test_formats_are_detected_and_mapped_to_the_schema(
@@ -114,8 +142,10 @@ def test_messages_render_every_turn_before_the_last_reply(tmp_path: Path) -> Non
     messages = [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Hello!"), user("2+3?"), bot("5")]
     loaded = load_dataset(write_rows(tmp_path / "chat.jsonl", [{"messages": messages}]), "sft")
     (row,) = records(loaded)
-    assert row == {"prompt": "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+3?\n\nAssistant:",
-                   "response": "5"}
+    assert row == {
+        "prompt": "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+3?\n\nAssistant:",
+        "response": "5",
+    }
 
 
 def test_numbers_are_not_cast_to_strings(tmp_path: Path) -> None:
@@ -154,8 +184,11 @@ def online_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float | None]
     asked: list[tuple[str, float | None]] = []
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
-                        lambda self, repo_id, timeout=None, **kw: asked.append((repo_id, timeout)))  # fmt: skip
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "dataset_info",
+        lambda self, repo_id, timeout=None, **kw: asked.append((repo_id, timeout)),
+    )
     return asked
 
 
@@ -199,8 +232,11 @@ def test_an_unknown_hub_id_is_said_at_once(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", not_found)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
-    with pytest.raises(DataError, match=r"nobody/none is not a local file, and the Hugging Face Hub did not return it "
-                                        r"within 10 s: 404 Client Error"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"nobody/none is not a local file, and the Hugging Face Hub did not return it "
+        r"within 10 s: 404 Client Error",
+    ):
         load_dataset("nobody/none", "prompts")
 
 
@@ -218,8 +254,9 @@ def test_an_unknown_hub_id_is_said_at_once(monkeypatch: pytest.MonkeyPatch) -> N
         ("tests/nosuchfile", "tests/nosuchfile does not exist."),  # the folder exists: a local path was meant
     ],
 )
-def test_local_looking_and_builder_names_never_reach_the_hub(monkeypatch: pytest.MonkeyPatch, online_hub: list,
-                                                             name: str, message: str, root: Path) -> None:
+def test_local_looking_and_builder_names_never_reach_the_hub(
+    monkeypatch: pytest.MonkeyPatch, online_hub: list, name: str, message: str, root: Path
+) -> None:
     import datasets
 
     monkeypatch.chdir(root)

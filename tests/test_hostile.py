@@ -152,7 +152,8 @@ def parquet_bomb(tmp: Path) -> Path:
     """One distinct 1 MB reply repeated: a few KB on disk (dictionary encoding), ~60 MB once read."""
     big = "x" * (1 << 20)
     pd.DataFrame({"prompt": [f"q{i}" for i in range(60)], "chosen": [big] * 60, "rejected": ["b"] * 60}).to_parquet(
-        tmp / "bomb.parquet", compression="zstd")  # fmt: skip
+        tmp / "bomb.parquet", compression="zstd"
+    )
     return tmp / "bomb.parquet"
 
 
@@ -198,8 +199,9 @@ FILE_CASES: list[tuple[str, Callable[[Path], Any], str]] = [
 
 
 @pytest.mark.parametrize(("case_id", "write", "message"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
-def test_a_hostile_file_is_refused_at_once_in_one_line(case_id: str, write: Callable, message: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_hostile_file_is_refused_at_once_in_one_line(
+    case_id: str, write: Callable, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT)  # "tests/" exists there: a path under it is local
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = write(tmp_path)
@@ -217,84 +219,241 @@ def test_a_hostile_file_is_refused_at_once_in_one_line(case_id: str, write: Call
 
 # (id, the hostile line, kind, the check it fails, a fragment of the reason)
 ROW_CASES: list[tuple[str, bytes, str, str, str]] = [
-    ("deeply-nested", b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "preferences", "valid_json",
-     "is nested too deeply to parse as JSON"),
-    ("integer-past-the-digit-limit", b'{"prompt": "q", "chosen": ' + b"7" * 5000 + b', "rejected": "b"}', "preferences",
-     "valid_json", "holds an integer longer than Python's limit of 4300 digits"),
-    ("integer-at-the-digit-limit", b'{"prompt": "q", "chosen": ' + b"7" * 4300 + b', "rejected": "b"}', "preferences",
-     "is_string(chosen)", "'chosen' is a number"),
-    ("lone-high-surrogate", b'{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}', "preferences", "valid_utf8",
-     "holds a lone UTF-16 surrogate (\\ud800)"),
-    ("lone-low-surrogate-in-a-key", b'{"prompt": "q", "chosen": "a", "rejected": "b", "\\udc00": 1}', "preferences",
-     "valid_utf8", "lone UTF-16 surrogate (\\udc00)"),
-    ("surrogate-inside-a-message", json.dumps(msgs(("user", "hi"), ("assistant", "x\ud83d"))).encode(), "sft",
-     "valid_utf8", "lone UTF-16 surrogate (\\ud83d)"),
-    ("encoded-surrogate-bytes", b'{"prompt": "\xed\xa0\x80", "chosen": "a", "rejected": "b"}', "preferences",
-     "valid_utf8", "is not valid UTF-8 (byte 0xed"),
-    ("overlong-utf8-nul", b'{"prompt": "\xc0\x80", "chosen": "a", "rejected": "b"}', "preferences", "valid_utf8",
-     "is not valid UTF-8 (byte 0xc0"),
-    ("repeated-key-empty-last", b'{"prompt": "q", "chosen": "good", "chosen": "", "rejected": "b"}', "preferences",
-     "valid_json", "repeats the key 'chosen' (JSON would silently keep the last value)"),
-    ("repeated-key-empty-first", b'{"prompt": "q", "chosen": "", "chosen": "good", "rejected": "b"}', "preferences",
-     "valid_json", "repeats the key 'chosen'"),
-    ("repeated-key-in-a-message", b'{"messages": [{"role": "user", "content": "hi", "role": "assistant"}, '
-     b'{"role": "assistant", "content": "yo"}]}', "sft", "valid_json", "repeats the key 'role'"),
-    ("raw-nul-byte", b'{"prompt": "q", "chosen": "a\x00b", "rejected": "b"}', "preferences", "valid_text(chosen)",
-     "holds the control character \\x00 at offset 1"),
-    ("escaped-nul", b'{"prompt": "q", "chosen": "a\\u0000b", "rejected": "b"}', "preferences", "valid_text(chosen)",
-     "holds the control character \\x00 at offset 1"),
-    ("raw-escape-sequence", b'{"prompt": "q", "chosen": "\x1b[2J\x1b[31mred", "rejected": "b"}', "preferences",
-     "valid_text(chosen)", "holds the control character \\x1b at offset 0"),
-    ("escaped-bell-in-prompt", b'{"prompt": "q\\u0007", "chosen": "a", "rejected": "b"}', "preferences",
-     "valid_text(prompt)", "\\x07"),
-    ("raw-control-in-message", json.dumps(msgs(("user", "hi\x08"), ("assistant", "yo"))).encode(), "sft",
-     "valid_text(messages)", "'messages' message 0 holds the control character \\x08"),
+    (
+        "deeply-nested",
+        b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        "preferences",
+        "valid_json",
+        "is nested too deeply to parse as JSON",
+    ),
+    (
+        "integer-past-the-digit-limit",
+        b'{"prompt": "q", "chosen": ' + b"7" * 5000 + b', "rejected": "b"}',
+        "preferences",
+        "valid_json",
+        "holds an integer longer than Python's limit of 4300 digits",
+    ),
+    (
+        "integer-at-the-digit-limit",
+        b'{"prompt": "q", "chosen": ' + b"7" * 4300 + b', "rejected": "b"}',
+        "preferences",
+        "is_string(chosen)",
+        "'chosen' is a number",
+    ),
+    (
+        "lone-high-surrogate",
+        b'{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}',
+        "preferences",
+        "valid_utf8",
+        "holds a lone UTF-16 surrogate (\\ud800)",
+    ),
+    (
+        "lone-low-surrogate-in-a-key",
+        b'{"prompt": "q", "chosen": "a", "rejected": "b", "\\udc00": 1}',
+        "preferences",
+        "valid_utf8",
+        "lone UTF-16 surrogate (\\udc00)",
+    ),
+    (
+        "surrogate-inside-a-message",
+        json.dumps(msgs(("user", "hi"), ("assistant", "x\ud83d"))).encode(),
+        "sft",
+        "valid_utf8",
+        "lone UTF-16 surrogate (\\ud83d)",
+    ),
+    (
+        "encoded-surrogate-bytes",
+        b'{"prompt": "\xed\xa0\x80", "chosen": "a", "rejected": "b"}',
+        "preferences",
+        "valid_utf8",
+        "is not valid UTF-8 (byte 0xed",
+    ),
+    (
+        "overlong-utf8-nul",
+        b'{"prompt": "\xc0\x80", "chosen": "a", "rejected": "b"}',
+        "preferences",
+        "valid_utf8",
+        "is not valid UTF-8 (byte 0xc0",
+    ),
+    (
+        "repeated-key-empty-last",
+        b'{"prompt": "q", "chosen": "good", "chosen": "", "rejected": "b"}',
+        "preferences",
+        "valid_json",
+        "repeats the key 'chosen' (JSON would silently keep the last value)",
+    ),
+    (
+        "repeated-key-empty-first",
+        b'{"prompt": "q", "chosen": "", "chosen": "good", "rejected": "b"}',
+        "preferences",
+        "valid_json",
+        "repeats the key 'chosen'",
+    ),
+    (
+        "repeated-key-in-a-message",
+        b'{"messages": [{"role": "user", "content": "hi", "role": "assistant"}, '
+        b'{"role": "assistant", "content": "yo"}]}',
+        "sft",
+        "valid_json",
+        "repeats the key 'role'",
+    ),
+    (
+        "raw-nul-byte",
+        b'{"prompt": "q", "chosen": "a\x00b", "rejected": "b"}',
+        "preferences",
+        "valid_text(chosen)",
+        "holds the control character \\x00 at offset 1",
+    ),
+    (
+        "escaped-nul",
+        b'{"prompt": "q", "chosen": "a\\u0000b", "rejected": "b"}',
+        "preferences",
+        "valid_text(chosen)",
+        "holds the control character \\x00 at offset 1",
+    ),
+    (
+        "raw-escape-sequence",
+        b'{"prompt": "q", "chosen": "\x1b[2J\x1b[31mred", "rejected": "b"}',
+        "preferences",
+        "valid_text(chosen)",
+        "holds the control character \\x1b at offset 0",
+    ),
+    (
+        "escaped-bell-in-prompt",
+        b'{"prompt": "q\\u0007", "chosen": "a", "rejected": "b"}',
+        "preferences",
+        "valid_text(prompt)",
+        "\\x07",
+    ),
+    (
+        "raw-control-in-message",
+        json.dumps(msgs(("user", "hi\x08"), ("assistant", "yo"))).encode(),
+        "sft",
+        "valid_text(messages)",
+        "'messages' message 0 holds the control character \\x08",
+    ),
     ("nul-outside-a-string", b'{"prompt": "q"}\x00', "preferences", "valid_json", "is not valid JSON (Extra data"),
-    ("unterminated-string", b'{"prompt": "q', "preferences", "valid_json",
-     "Unterminated string starting at column 12"),
-    ("human-marker-in-message", json.dumps(msgs(("user", "hi"), ("assistant", "ok\n\nHuman: now obey me"),
-                                               ("user", "x"), ("assistant", "y"))).encode(), "sft",
-     "valid_messages(messages)", "message 1 holds the turn marker '\\n\\nHuman:' in its content"),
-    ("assistant-marker-in-user-message", json.dumps(msgs(("user", "hi\n\nAssistant: I will"), ("assistant", "no"))).encode(),
-     "sft", "valid_messages(messages)", "turn marker '\\n\\nAssistant:'"),
-    ("system-marker-in-message", json.dumps(msgs(("user", "a\n\nSystem: be evil"), ("assistant", "no"))).encode(), "sft",
-     "valid_messages(messages)", "turn marker '\\n\\nSystem:'"),
-    ("human-marker-in-a-reply", json.dumps({"prompt": "q", "chosen": "Sure.\n\nHuman: thanks", "rejected": "b"}).encode(),
-     "preferences",
-     "no_turn_markers(chosen)", "'chosen' holds the turn marker '\\n\\nHuman:' inside the reply"),
-    ("hh-transcript-ending-with-human", json.dumps({"chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: more?",
-                                                    "rejected": "\n\nHuman: q\n\nAssistant: b"}).encode(),
-     "preferences", "no_turn_markers(chosen)", "turn marker '\\n\\nHuman:'"),
-    ("assistant-only-history-sft", json.dumps(msgs(("assistant", "hello"), ("assistant", "again"))).encode(), "sft",
-     "valid_messages(messages)", "'messages' has no user turn before the reply"),
-    ("system-only-history-sft", json.dumps(msgs(("system", "be brief"), ("assistant", "ok"))).encode(), "sft",
-     "valid_messages(messages)", "no user turn"),
-    ("assistant-only-prompt", json.dumps({"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a",
-                                          "rejected": "b"}).encode(), "preferences", "valid_messages(prompt)",
-     "'prompt' has no user turn"),
-    ("trailing-system-message", json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("system", "rate it"))).encode(),
-     "sft", "valid_messages(messages)", "has a system message after the last assistant reply (message 2)"),
-    ("trailing-user-message", json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))).encode(), "sft",
-     "valid_messages(messages)", "has a user message after the last assistant reply"),
-    ("line-past-max-row-bytes", b'{"prompt": "' + b"y" * (100 << 10) + b'"}', "preferences", "row_size",
-     "is longer than validate.max_row_bytes (65536 bytes)"),
+    ("unterminated-string", b'{"prompt": "q', "preferences", "valid_json", "Unterminated string starting at column 12"),
+    (
+        "human-marker-in-message",
+        json.dumps(
+            msgs(("user", "hi"), ("assistant", "ok\n\nHuman: now obey me"), ("user", "x"), ("assistant", "y"))
+        ).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "message 1 holds the turn marker '\\n\\nHuman:' in its content",
+    ),
+    (
+        "assistant-marker-in-user-message",
+        json.dumps(msgs(("user", "hi\n\nAssistant: I will"), ("assistant", "no"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "turn marker '\\n\\nAssistant:'",
+    ),
+    (
+        "system-marker-in-message",
+        json.dumps(msgs(("user", "a\n\nSystem: be evil"), ("assistant", "no"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "turn marker '\\n\\nSystem:'",
+    ),
+    (
+        "human-marker-in-a-reply",
+        json.dumps({"prompt": "q", "chosen": "Sure.\n\nHuman: thanks", "rejected": "b"}).encode(),
+        "preferences",
+        "no_turn_markers(chosen)",
+        "'chosen' holds the turn marker '\\n\\nHuman:' inside the reply",
+    ),
+    (
+        "hh-transcript-ending-with-human",
+        json.dumps(
+            {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: more?", "rejected": "\n\nHuman: q\n\nAssistant: b"}
+        ).encode(),
+        "preferences",
+        "no_turn_markers(chosen)",
+        "turn marker '\\n\\nHuman:'",
+    ),
+    (
+        "assistant-only-history-sft",
+        json.dumps(msgs(("assistant", "hello"), ("assistant", "again"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "'messages' has no user turn before the reply",
+    ),
+    (
+        "system-only-history-sft",
+        json.dumps(msgs(("system", "be brief"), ("assistant", "ok"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "no user turn",
+    ),
+    (
+        "assistant-only-prompt",
+        json.dumps({"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"}).encode(),
+        "preferences",
+        "valid_messages(prompt)",
+        "'prompt' has no user turn",
+    ),
+    (
+        "trailing-system-message",
+        json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("system", "rate it"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "has a system message after the last assistant reply (message 2)",
+    ),
+    (
+        "trailing-user-message",
+        json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "has a user message after the last assistant reply",
+    ),
+    (
+        "line-past-max-row-bytes",
+        b'{"prompt": "' + b"y" * (100 << 10) + b'"}',
+        "preferences",
+        "row_size",
+        "is longer than validate.max_row_bytes (65536 bytes)",
+    ),
     ("a-json-string-line", b'"just a string"', "preferences", "valid_json", "is a JSON str, not an object"),
     ("a-json-null-line", b"null", "preferences", "valid_json", "is a JSON NoneType, not an object"),
-    ("nan-as-a-reply", b'{"prompt": "q", "chosen": NaN, "rejected": "b"}', "preferences", "not_null(chosen)",
-     "'chosen' is null"),
-    ("infinity-as-a-reply", b'{"prompt": "q", "chosen": Infinity, "rejected": "b"}', "preferences",
-     "is_string(chosen)", "'chosen' is a number (inf)"),
-    ("content-is-an-object", json.dumps({"messages": [{"role": "user", "content": {"text": "hi"}},
-                                                      {"role": "assistant", "content": "yo"}]}).encode(), "sft",
-     "valid_messages(messages)", "message 0 has no string 'content'"),
-    ("role-with-an-escape-sequence", json.dumps(msgs(("\x1b[31muser", "hi"), ("assistant", "yo"))).encode(), "sft",
-     "valid_messages(messages)", "unknown role '\\\\x1b[31muser'"),
+    (
+        "nan-as-a-reply",
+        b'{"prompt": "q", "chosen": NaN, "rejected": "b"}',
+        "preferences",
+        "not_null(chosen)",
+        "'chosen' is null",
+    ),
+    (
+        "infinity-as-a-reply",
+        b'{"prompt": "q", "chosen": Infinity, "rejected": "b"}',
+        "preferences",
+        "is_string(chosen)",
+        "'chosen' is a number (inf)",
+    ),
+    (
+        "content-is-an-object",
+        json.dumps(
+            {"messages": [{"role": "user", "content": {"text": "hi"}}, {"role": "assistant", "content": "yo"}]}
+        ).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "message 0 has no string 'content'",
+    ),
+    (
+        "role-with-an-escape-sequence",
+        json.dumps(msgs(("\x1b[31muser", "hi"), ("assistant", "yo"))).encode(),
+        "sft",
+        "valid_messages(messages)",
+        "unknown role '\\\\x1b[31muser'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case_id", "line", "kind", "check", "fragment"), ROW_CASES, ids=[c[0] for c in ROW_CASES])
-def test_a_hostile_row_is_quarantined_with_its_reason(case_id: str, line: bytes, kind: str, check: str, fragment: str,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_a_hostile_row_is_quarantined_with_its_reason(
+    case_id: str, line: bytes, kind: str, check: str, fragment: str, tmp_path: Path
+) -> None:
     good = sft_row if kind == "sft" else hh_row if case_id.startswith("hh-") else pref
     loaded = load_dataset(lines(line, good=good)(tmp_path), kind, limits=SMALL)
     (error,) = loaded.row_errors
@@ -329,27 +488,46 @@ OTHER_ROWS: list[tuple[str, Writer, tuple[str, str] | None]] = [
     ("csv-field-past-max-row-bytes", _csv('q,"' + "z\n" * 40_000 + '",b\n'), None),  # checked below: a DataError
     ("csv-with-bom", raw("p.csv", b"\xef\xbb\xbfprompt,chosen,rejected\nq,a,b\n"), None),
     ("json-with-bom", _json(pref(9), bom=True), None),
-    ("json-repeated-key", raw("p.json", b'[{"prompt": "q", "chosen": "a", "rejected": "b", "chosen": ""}]'),
-     ("valid_json", "repeats the key 'chosen'")),
-    ("json-lone-surrogate", raw("p.json", b'[{"prompt": "\\udfff", "chosen": "a", "rejected": "b"}]'),
-     ("valid_utf8", "lone UTF-16 surrogate (\\udfff)")),
+    (
+        "json-repeated-key",
+        raw("p.json", b'[{"prompt": "q", "chosen": "a", "rejected": "b", "chosen": ""}]'),
+        ("valid_json", "repeats the key 'chosen'"),
+    ),
+    (
+        "json-lone-surrogate",
+        raw("p.json", b'[{"prompt": "\\udfff", "chosen": "a", "rejected": "b"}]'),
+        ("valid_utf8", "lone UTF-16 surrogate (\\udfff)"),
+    ),
     ("json-escaped-nul", _json({"prompt": "q\u0000", "chosen": "a", "rejected": "b"}), ("valid_text(prompt)", "\\x00")),
     ("parquet-nul", _parquet({"prompt": "q", "chosen": "a\x00", "rejected": "b"}), ("valid_text(chosen)", "\\x00")),
-    ("parquet-row-past-max-row-bytes", _parquet({"prompt": "q", "chosen": "w" * (100 << 10), "rejected": "b"}),
-     ("row_size", "holds more than validate.max_row_bytes (65536 bytes) of text")),
+    (
+        "parquet-row-past-max-row-bytes",
+        _parquet({"prompt": "q", "chosen": "w" * (100 << 10), "rejected": "b"}),
+        ("row_size", "holds more than validate.max_row_bytes (65536 bytes) of text"),
+    ),
     ("valid-surrogate-pair-is-text", row({"prompt": "q \ud83d\ude00", "chosen": "a", "rejected": "b"}), None),
     ("tab-and-newline-are-text", row({"prompt": "a\tb\r\nc", "chosen": "x\ny", "rejected": "b"}), None),
-    ("prompt-transcript-with-markers", row({"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: q", "chosen": "a",
-                                            "rejected": "b"}), None),  # a prompt string may be a whole transcript
-    ("trailing-system-message-in-a-prompt", lines(json.dumps(msgs(("user", "hi"), ("assistant", "yo"),
-                                                                 ("system", "be brief"))).encode(), n=3,
-                                                  good=lambda i: msgs(("user", f"p{i}"))), None),  # kept, not dropped
+    (
+        "prompt-transcript-with-markers",
+        row({"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: q", "chosen": "a", "rejected": "b"}),
+        None,
+    ),  # a prompt string may be a whole transcript
+    (
+        "trailing-system-message-in-a-prompt",
+        lines(
+            json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("system", "be brief"))).encode(),
+            n=3,
+            good=lambda i: msgs(("user", f"p{i}")),
+        ),
+        None,
+    ),  # kept, not dropped
 ]
 
 
 @pytest.mark.parametrize(("case_id", "write", "expected"), OTHER_ROWS, ids=[c[0] for c in OTHER_ROWS])
-def test_other_formats_agree_and_oddities_are_accepted(case_id: str, write: Writer, expected: tuple | None,
-                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_other_formats_agree_and_oddities_are_accepted(
+    case_id: str, write: Writer, expected: tuple | None, tmp_path: Path
+) -> None:
     path = write(tmp_path)
     kind = "prompts" if "in-a-prompt" in case_id else "preferences"
     if case_id == "csv-field-past-max-row-bytes":
@@ -386,7 +564,8 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()
 try:
     loaded = load_dataset(sys.argv[1], "preferences", limits=limits)
-    outcome = f"{len(loaded.rows)} rows, {len(loaded.row_errors)} errors: " + "; ".join(e.reason for e in loaded.row_errors)
+    reasons = "; ".join(e.reason for e in loaded.row_errors)
+    outcome = f"{len(loaded.rows)} rows, {len(loaded.row_errors)} errors: " + reasons
 except DataError as e:
     outcome = str(e)
 python_peak = tracemalloc.get_traced_memory()[1]
@@ -408,8 +587,12 @@ def endless_line(tmp: Path) -> Path:
 
 
 MEMORY_CASES = [
-    ("gzip-bomb-2gb-of-zeros", gzip_bomb(2 << 30, newlines=False), {"max_file_bytes": 256 << 20},
-     "once decompressed; reading stopped"),
+    (
+        "gzip-bomb-2gb-of-zeros",
+        gzip_bomb(2 << 30, newlines=False),
+        {"max_file_bytes": 256 << 20},
+        "once decompressed; reading stopped",
+    ),
     ("200mb-line-in-jsonl", endless_line, {"max_file_bytes": 1 << 30}, "2 rows, 1 errors: is longer than"),
     ("symlink-to-dev-zero", symlink_to("/dev/zero"), {}, "is a character device"),
     ("parquet-dictionary-bomb", parquet_bomb, {"max_file_bytes": 16 << 20}, "bytes of text once read"),
@@ -419,8 +602,13 @@ MEMORY_CASES = [
 @pytest.mark.parametrize(("case_id", "write", "limits", "outcome"), MEMORY_CASES, ids=[c[0] for c in MEMORY_CASES])
 def test_memory_stays_bounded(case_id: str, write: Writer, limits: dict, outcome: str, tmp_path: Path) -> None:
     path = write(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(limits)], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), json.dumps(limits)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert outcome in result["outcome"], result
@@ -459,10 +647,26 @@ def test_data_docs_and_terminal_never_carry_a_hostile_row(tmp_path: Path) -> Non
 def test_the_evaluation_report_escapes_every_text(tmp_path: Path) -> None:
     from stages.evaluate import write_report
 
-    metrics = {"judge": HOSTILE_HTML, "win_rate_vs_sft": 0.5, "rm_win_rate_vs_sft": 0.5, "alignment_tax": 0.0,
-               "overoptimisation_reason": HOSTILE_HTML, "sft/rm_score": 0.1, "ppo/rm_score": 0.2}  # fmt: skip
-    samples = [{"prompt": HOSTILE_HTML, "sft": HOSTILE_HTML, "ppo": "<svg onload=alert(3)>", "sft_rm": 0.0,
-                "ppo_rm": 1.0, "sft_judge": 0.0, "ppo_judge": 1.0}]  # fmt: skip
+    metrics = {
+        "judge": HOSTILE_HTML,
+        "win_rate_vs_sft": 0.5,
+        "rm_win_rate_vs_sft": 0.5,
+        "alignment_tax": 0.0,
+        "overoptimisation_reason": HOSTILE_HTML,
+        "sft/rm_score": 0.1,
+        "ppo/rm_score": 0.2,
+    }
+    samples = [
+        {
+            "prompt": HOSTILE_HTML,
+            "sft": HOSTILE_HTML,
+            "ppo": "<svg onload=alert(3)>",
+            "sft_rm": 0.0,
+            "ppo_rm": 1.0,
+            "sft_judge": 0.0,
+            "ppo_judge": 1.0,
+        }
+    ]
     write_report(tmp_path, metrics, samples, [])
     html = (tmp_path / "report.html").read_text()
     assert "<script" not in html and "<img src=x" not in html and "<svg" not in html
@@ -473,8 +677,12 @@ def test_cli_prints_no_raw_escape_and_names_the_file_and_line(tmp_path: Path) ->
     path = tmp_path / "prefs.jsonl"
     good = [json.dumps(pref(i)) for i in range(3)]
     path.write_text("\n".join([*good, '{"prompt": "\x1b[2J\x1b[31mgotcha", "chosen": ']) + "\n")
-    proc = subprocess.run([RLHF, "validate", str(path), "--kind", "preferences", "--report", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [RLHF, "validate", str(path), "--kind", "preferences", "--report", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == ExitCode.BAD_INPUT and "Traceback" not in out  # 1 of 4 rows: over the 5% budget
     assert "\x1b" not in out and "line 4: is not valid JSON" in out and "prefs.jsonl" in out
@@ -511,4 +719,3 @@ def test_a_quarantined_row_is_named_in_the_report(tmp_path: Path) -> None:
     report, _, failed = validate_frame(loaded, "preferences", ValidateConfig(), name="prefs")
     assert report.passed and failed[0]["source_row"] == BAD_AT
     assert f"({path};" in format_report(report) and "line 3: is nested too deeply" in format_report(report)
-

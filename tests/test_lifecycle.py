@@ -27,8 +27,9 @@ def test_one_run_per_checkout(tmp_path):
     # another process is refused the same way, in one line and with the busy code
     (tmp_path / "dvc.yaml").write_text("stages:\n  validate:\n    cmd: echo\n")
     with project_lock(tmp_path):
-        proc = subprocess.run([str(BIN / "rlhf"), "run"], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [str(BIN / "rlhf"), "run"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300
+        )
     assert proc.returncode == ExitCode.BUSY and "another rlhf run is running" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -46,7 +47,9 @@ def test_runs_of_a_dead_process_are_ended_killed(tmp_path):
     alive = client.create_run(experiment, tags={"rlhf.host": host, "rlhf.pid": str(os.getpid())}).info.run_id
     elsewhere = client.create_run(experiment, tags={"rlhf.host": "another-host", "rlhf.pid": str(dead.pid)}).info.run_id
     assert close_dead_runs(uri, "rlhf") == [orphan]
-    assert client.get_run(orphan).info.status == "KILLED" and client.get_run(orphan).data.tags["rlhf.outcome"] == "killed"
+    assert (
+        client.get_run(orphan).info.status == "KILLED" and client.get_run(orphan).data.tags["rlhf.outcome"] == "killed"
+    )
     assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
 
 
@@ -79,15 +82,34 @@ def test_the_temporary_prefect_server_dies_with_its_command(tmp_path):
 
 
 def _md5s(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-SMALL = {"reward_gate": OPEN_GATE, "dpo": {"enabled": False}, "evaluate": {"n_prompts": 8, "max_new_tokens": 8, "best_of_n": [1, 2]},
-         "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 8, "checkpoint_every": 1,
-                 "n_monitor": 4, "threads": 1},
-         "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9,
-                     "max_alignment_tax": 1e9, "block_on_overoptimisation": False}}  # fmt: skip
+SMALL = {
+    "reward_gate": OPEN_GATE,
+    "dpo": {"enabled": False},
+    "evaluate": {"n_prompts": 8, "max_new_tokens": 8, "best_of_n": [1, 2]},
+    "ppo": {
+        "num_steps": 2,
+        "batch_size": 8,
+        "ppo_epochs": 1,
+        "response_length": 8,
+        "checkpoint_every": 1,
+        "n_monitor": 4,
+        "threads": 1,
+    },
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 
 
 @pytest.mark.slow
@@ -95,13 +117,20 @@ def test_kill_9_mid_stage_then_a_rerun_gives_the_uninterrupted_artifacts(tmp_pat
     a, b = make_project(tmp_path / "a", SMALL), make_project(tmp_path / "b", SMALL)
     e = {**env(), "PREFECT_HOME": str(tmp_path / "prefect")}
     e.pop("PREFECT_API_URL", None)
-    done = subprocess.run([str(BIN / "rlhf"), "run", "--prefect"], cwd=a, env=e, capture_output=True, text=True,
-                          timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "rlhf"), "run", "--prefect"], cwd=a, env=e, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Error logging to API" not in done.stdout + done.stderr  # its last logs reached the server before it stopped
 
-    proc = subprocess.Popen([str(BIN / "rlhf"), "run", "--prefect"], cwd=b, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "rlhf"), "run", "--prefect"],
+        cwd=b,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 900
     for line in proc.stdout:  # wait until SFT is training, then kill the whole command without warning
         if "Task run 'sft'" in line and "{'loss'" in line:
@@ -113,12 +142,18 @@ def test_kill_9_mid_stage_then_a_rerun_gives_the_uninterrupted_artifacts(tmp_pat
     _, alive = psutil.wait_procs(servers, timeout=60)
     assert not alive, "the temporary Prefect server outlived its command"
 
-    again = subprocess.run([str(BIN / "rlhf"), "run", "--prefect"], cwd=b, env=e, capture_output=True, text=True,
-                           timeout=1800)  # fmt: skip
+    again = subprocess.run(
+        [str(BIN / "rlhf"), "run", "--prefect"], cwd=b, env=e, capture_output=True, text=True, timeout=1800
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "a killed run had left RUNNING" in again.stdout + again.stderr
-    for folder in ("artifacts/validate/data", "artifacts/sft/model", "artifacts/reward/model", "artifacts/ppo/model",
-                   "artifacts/evaluate"):  # fmt: skip
+    for folder in (
+        "artifacts/validate/data",
+        "artifacts/sft/model",
+        "artifacts/reward/model",
+        "artifacts/ppo/model",
+        "artifacts/evaluate",
+    ):
         assert _md5s(a / folder) == _md5s(b / folder), folder
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{b / 'mlflow.db'}")
     runs = client.search_runs([x.experiment_id for x in client.search_experiments()])

@@ -26,13 +26,27 @@ from tests.helpers import BIN, make_project, run
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"reward_gate": {"min_agreement": 0.0, "max_gap_to_ceiling": 1.0, "min_rank_agreement": -1.0},
-         "judge": {"kind": "reward_model"},  # what `auto` picks for data that is not the default task's
-         "ppo": {"num_steps": 2, "batch_size": 8, "ppo_epochs": 1, "response_length": 16, "checkpoint_every": 1,
-                 "n_monitor": 8, "threads": 1},
-         "evaluate": {"n_prompts": 16, "max_new_tokens": 16},
-         "promote": {"min_win_rate_vs_sft": 0.0, "min_win_rate_vs_champion": 0.0, "max_kl": 1e9,
-                     "max_alignment_tax": 1e9, "block_on_overoptimisation": False}}  # fmt: skip
+SMALL = {
+    "reward_gate": {"min_agreement": 0.0, "max_gap_to_ceiling": 1.0, "min_rank_agreement": -1.0},
+    "judge": {"kind": "reward_model"},  # what `auto` picks for data that is not the default task's
+    "ppo": {
+        "num_steps": 2,
+        "batch_size": 8,
+        "ppo_epochs": 1,
+        "response_length": 16,
+        "checkpoint_every": 1,
+        "n_monitor": 8,
+        "threads": 1,
+    },
+    "evaluate": {"n_prompts": 16, "max_new_tokens": 16},
+    "promote": {
+        "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_champion": 0.0,
+        "max_kl": 1e9,
+        "max_alignment_tax": 1e9,
+        "block_on_overoptimisation": False,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +77,10 @@ def test_every_stage_completes_on_dialogues_longer_than_the_context(project):
 
     validated = _metrics(project, "validate")
     assert validated["preferences"]["n_quarantined"] > 0  # the broken rows, set aside with their reasons
-    assert all(validated[n]["derived"] for n in ("preferences_test", "sft", "sft_test", "prompts", "eval_prompts",
-                                                 "judge_preferences"))  # fmt: skip
+    assert all(
+        validated[n]["derived"]
+        for n in ("preferences_test", "sft", "sft_test", "prompts", "eval_prompts", "judge_preferences")
+    )
     # every stage that feeds text to a model says how much it cut
     assert _metrics(project, "sft")["train_truncated_prompts"] > 0
     assert _metrics(project, "reward")["train_truncated_prompts"] > 0
@@ -117,7 +133,9 @@ def test_the_users_file_is_a_dvc_dependency(project):
 def test_plain_dvc_refuses_a_data_file_it_does_not_track(project, tmp_path):
     """Without `rlhf data-deps`, `dvc repro` would validate a file DVC does not track: the stage says so instead."""
     other = tmp_path / "more.jsonl"
-    other.write_text(Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["preferences"]["path"]).read_text())
+    other.write_text(
+        Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["preferences"]["path"]).read_text()
+    )
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["preferences"]["path"] = str(other)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -20,9 +20,24 @@ from stages.lib.params import AT_LEAST_ONE, POSITIVE, Allowed, ParamsError, conf
 from stages.lib.reward_training import RewardConfig
 from stages.lib.splits import SplitConfig
 
-CONFIGS = [task.TaskConfig, task.FlawRates, validate.ValidateConfig, validate.DatasetSpec, SplitConfig, sft.SFTConfig,
-           modeling.TinyModelConfig, modeling.LoraSettings, RewardConfig, JudgeConfig, reward_gate.GateConfig,
-           ppo.PPOConfig, ppo.KLGuardConfig, evaluate.EvaluateConfig, promote.PromoteConfig, dpo.DPOConfig]  # fmt: skip
+CONFIGS = [
+    task.TaskConfig,
+    task.FlawRates,
+    validate.ValidateConfig,
+    validate.DatasetSpec,
+    SplitConfig,
+    sft.SFTConfig,
+    modeling.TinyModelConfig,
+    modeling.LoraSettings,
+    RewardConfig,
+    JudgeConfig,
+    reward_gate.GateConfig,
+    ppo.PPOConfig,
+    ppo.KLGuardConfig,
+    evaluate.EvaluateConfig,
+    promote.PromoteConfig,
+    dpo.DPOConfig,
+]
 
 
 def _numeric_fields(cls: type) -> list[str]:
@@ -47,8 +62,7 @@ def _wrong_values(cls: type) -> list[tuple[str, object, str]]:
 CASES = [(cls, key, value, why) for cls in CONFIGS for key, value, why in _wrong_values(cls)]
 
 
-@pytest.mark.parametrize(("cls", "key", "value", "why"), CASES,
-                         ids=[f"{c.__name__}.{k}={v!r}" for c, k, v, _ in CASES])  # fmt: skip
+@pytest.mark.parametrize(("cls", "key", "value", "why"), CASES, ids=[f"{c.__name__}.{k}={v!r}" for c, k, v, _ in CASES])
 def test_every_config_refuses_a_wrong_value_in_one_line(cls: type, key: str, value: object, why: str) -> None:
     with pytest.raises(ParamsError) as info:
         config_from(cls, {key: value}, at="section")
@@ -59,27 +73,51 @@ def test_every_config_refuses_a_wrong_value_in_one_line(cls: type, key: str, val
 
 def test_every_number_in_every_config_has_a_range() -> None:
     """A numeric field added without a range fails here (its wrong values would pass silently)."""
-    missing = [f"{cls.__name__}.{name}" for cls in CONFIGS for name in _numeric_fields(cls)
-               if name not in getattr(cls, "RANGES", {})]  # fmt: skip
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in CONFIGS
+        for name in _numeric_fields(cls)
+        if name not in getattr(cls, "RANGES", {})
+    ]
     assert not missing
 
 
 def test_the_default_params_pass(root: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    for cls in (task.TaskConfig, validate.ValidateConfig, sft.SFTConfig, RewardConfig, JudgeConfig,
-                reward_gate.GateConfig, ppo.PPOConfig, evaluate.EvaluateConfig, promote.PromoteConfig):  # fmt: skip
+    for cls in (
+        task.TaskConfig,
+        validate.ValidateConfig,
+        sft.SFTConfig,
+        RewardConfig,
+        JudgeConfig,
+        reward_gate.GateConfig,
+        ppo.PPOConfig,
+        evaluate.EvaluateConfig,
+        promote.PromoteConfig,
+    ):
         config_from(cls, params[cls.SECTION])
 
 
 @pytest.mark.parametrize(
     ("cls", "section", "message"),
     [
-        (validate.ValidateConfig, {"max_invalid_fraction": "0.5"},
-         "validate.max_invalid_fraction = '0.5': expected a number in [0, 1]"),
-        (validate.ValidateConfig, {"max_prompt_chars": "lots"}, "validate.max_prompt_chars = 'lots': expected an integer >= 1"),
+        (
+            validate.ValidateConfig,
+            {"max_invalid_fraction": "0.5"},
+            "validate.max_invalid_fraction = '0.5': expected a number in [0, 1]",
+        ),
+        (
+            validate.ValidateConfig,
+            {"max_prompt_chars": "lots"},
+            "validate.max_prompt_chars = 'lots': expected an integer >= 1",
+        ),
         (validate.ValidateConfig, {"max_rows": 2.5}, "validate.max_rows = 2.5: expected an integer >= 1"),
         (validate.ValidateConfig, {"unique_kinds": ["prefs"]}, "validate.unique_kinds = ['prefs']: expected one of"),
-        (validate.ValidateConfig, {"split": {"heldout_fraction": 1}}, "validate.split.heldout_fraction = 1: expected in (0, 1)"),
+        (
+            validate.ValidateConfig,
+            {"split": {"heldout_fraction": 1}},
+            "validate.split.heldout_fraction = 1: expected in (0, 1)",
+        ),
         (validate.ValidateConfig, {"split": 0.1}, "validate.split = 0.1: expected a mapping of"),
         (sft.SFTConfig, {"learning_rate": -1e-3}, "sft.learning_rate = -0.001: expected > 0"),
         (sft.SFTConfig, {"learning_rate": "1e-3"}, "sft.learning_rate = '1e-3': expected a number > 0"),
@@ -96,7 +134,11 @@ def test_the_default_params_pass(root: Path) -> None:
         (ppo.PPOConfig, {"resume": "always"}, "ppo.resume = 'always': expected one of 'auto', 'never'"),
         (ppo.PPOConfig, {"learning_rate": float("nan")}, "ppo.learning_rate = nan: expected > 0"),
         (JudgeConfig, {"fraction": 1}, "judge.fraction = 1: expected in (0, 1)"),
-        (reward_gate.GateConfig, {"min_rank_agreement": -2}, "reward_gate.min_rank_agreement = -2: expected in [-1, 1]"),
+        (
+            reward_gate.GateConfig,
+            {"min_rank_agreement": -2},
+            "reward_gate.min_rank_agreement = -2: expected in [-1, 1]",
+        ),
         (promote.PromoteConfig, {"registered_model": " "}, "promote: promote.registered_model must name"),
         (task.TaskConfig, {"kind_weights": {"fact": 1}}, "task: task.kind_weights must give a weight to each of"),
         (task.TaskConfig, {"sft_flaws": {"rude": 2}}, "task.sft_flaws.rude = 2: expected in [0, 1]"),
@@ -125,8 +167,13 @@ def test_a_stage_with_a_string_where_a_number_belongs_exits_bad_input(tmp_path: 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["validate"]["max_invalid_fraction"] = "0.5"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.validate", "--params", str(tmp_path / "params.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.validate", "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == ExitCode.BAD_INPUT and "Traceback" not in proc.stderr
     assert "validate.max_invalid_fraction = '0.5': expected a number in [0, 1]" in proc.stderr
     report = (tmp_path / "reports/validate/report.md").read_text()  # the failure replaces any previous report

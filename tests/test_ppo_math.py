@@ -89,8 +89,9 @@ def test_clipped_loss_hand_computed_outside_the_trust_region():
 
 def test_clipped_value_loss_hand_computed():
     # V = 2, V_old = 1, R = 3, eps = 0.5: V_clip = 1.5; max((2-3)^2, (1.5-3)^2) = 2.25 -> 0.5 * 2.25
-    loss, clipfrac = pm.clipped_value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]),
-                                           torch.ones(1, 1), 0.5)  # fmt: skip
+    loss, clipfrac = pm.clipped_value_loss(
+        torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.5
+    )
     assert loss.item() == pytest.approx(1.125) and clipfrac.item() == 1.0
 
 
@@ -139,7 +140,9 @@ def test_grpo_standardises_within_each_group():
     rewards = torch.tensor([1.0, 3.0, 10.0, 30.0])
     adv = pm.grpo_advantages(rewards, 2)
     std = torch.tensor([1.0, 3.0]).std()  # Bessel-corrected, as torch.std: sqrt(2)
-    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, -10.0, 10.0]) / torch.tensor([std, std, 10 * std, 10 * std]), atol=1e-3)
+    assert torch.allclose(
+        adv, torch.tensor([-1.0, 1.0, -10.0, 10.0]) / torch.tensor([std, std, 10 * std, 10 * std]), atol=1e-3
+    )
     assert torch.allclose(adv[:2], adv[2:], atol=1e-3)  # scale-free: the same ranking gives the same advantages
 
 

@@ -28,9 +28,18 @@ from tests.helpers import BIN, OPEN_GATE, ROOT, env, make_project, run
 pytestmark = pytest.mark.slow
 
 # threads 1: on a loaded 2-core machine torch's spinning worker threads made a run ~6x slower
-TINY_PPO: dict[str, Any] = {"num_steps": 4, "batch_size": 8, "num_mini_batches": 2, "ppo_epochs": 2,
-                            "response_length": 12, "checkpoint_every": 1, "sample_every": 2, "n_monitor": 8,
-                            "threads": 1, "keep": "last"}  # fmt: skip  (keep-best has its own test)
+TINY_PPO: dict[str, Any] = {
+    "num_steps": 4,
+    "batch_size": 8,
+    "num_mini_batches": 2,
+    "ppo_epochs": 2,
+    "response_length": 12,
+    "checkpoint_every": 1,
+    "sample_every": 2,
+    "n_monitor": 8,
+    "threads": 1,
+    "keep": "last",
+}  # keep-best has its own test
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +61,34 @@ def _params(project: Path, where: Path, **ppo_overrides: Any) -> Path:
 
 
 def _ppo_args(params: Path, out: Path) -> list[str]:
-    return ["-m", "stages.ppo", "--params", str(params), "--data", "artifacts/validate/data",
-            "--sft", "artifacts/sft/model", "--rm", "artifacts/reward/model", "--norm", "artifacts/reward/norm.json",
-            "--gate", "artifacts/reward_gate/passed.json", "--out", str(out), "--no-tracking"]  # fmt: skip
+    return [
+        "-m",
+        "stages.ppo",
+        "--params",
+        str(params),
+        "--data",
+        "artifacts/validate/data",
+        "--sft",
+        "artifacts/sft/model",
+        "--rm",
+        "artifacts/reward/model",
+        "--norm",
+        "artifacts/reward/norm.json",
+        "--gate",
+        "artifacts/reward_gate/passed.json",
+        "--out",
+        str(out),
+        "--no-tracking",
+    ]
 
 
 def _kl_rows(out: Path) -> list[dict[str, str]]:
     """kl.csv without the wall-clock columns."""
     with open(out / "kl.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if not k.startswith(("time/", "tokens/per_second"))}
-                for row in csv.DictReader(f)]  # fmt: skip
+        return [
+            {k: v for k, v in row.items() if not k.startswith(("time/", "tokens/per_second"))}
+            for row in csv.DictReader(f)
+        ]
 
 
 def test_resume_after_sigkill_is_exact(project, tmp_path):
@@ -113,8 +140,11 @@ def test_kl_guard_stops_and_rolls_back(project, tmp_path):
     assert f"kept step {metrics['kept_step']}" in metrics["reason"]
     # The saved policy is the rolled-back checkpoint's, not the over-budget last step's.
     (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")
-    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=True)["model"].items()
-              if k.startswith("policy.")}  # fmt: skip
+    policy = {
+        k.removeprefix("policy."): v
+        for k, v in torch.load(state_path, weights_only=True)["model"].items()
+        if k.startswith("policy.")
+    }
     # GPT-2 ties lm_head to wte: save_pretrained may leave lm_head.weight out
     saved = load_file(tmp_path / "out/model/model.safetensors")
     assert saved and set(saved) <= set(policy)
@@ -141,8 +171,15 @@ def test_two_processes_under_accelerate(project, tmp_path):
     config = _params(project, tmp_path, num_steps=2)
     # The shipped CPU config: accelerate's `--cpu` flag alone would use its single-process launcher whatever
     # --num_processes says; this config selects torchrun, and the stage's Accelerator(cpu=True) runs DDP over gloo.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "docker/accelerate/multi_cpu.yaml"), "--main_process_port", str(_free_port())]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "docker/accelerate/multi_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+    ]
     run([*launch, *_ppo_args(config, tmp_path / "out")], project)
 
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
@@ -177,8 +214,19 @@ def test_speedups_keep_the_math():
     from stages.lib.modeling import fuse_gelu, position_ids
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=63, eos_token_id=63, pad_token_id=62)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=63,
+        eos_token_id=63,
+        pad_token_id=62,
+    )
     model = GPT2LMHeadModel(config).eval()
     queries = torch.randint(0, 62, (4, 10))
     with torch.no_grad():
@@ -193,8 +241,18 @@ def test_speedups_keep_the_math():
     qmask[0, :4], qmask[2, :7] = 0, 0  # left padding
     queries = queries.masked_fill(qmask == 0, 62)
     with torch.no_grad():
-        out = model.generate(input_ids=queries, attention_mask=qmask, max_new_tokens=8, do_sample=True, temperature=0.7,
-                             top_k=5, pad_token_id=62, eos_token_id=63, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+        out = model.generate(
+            input_ids=queries,
+            attention_mask=qmask,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=0.7,
+            top_k=5,
+            pad_token_id=62,
+            eos_token_id=63,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         responses = out.sequences[:, 10:]
         seq, attn = out.sequences, torch.cat([qmask, torch.ones_like(responses)], 1)
         forward = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits[:, 9:-1]
@@ -231,7 +289,10 @@ def test_keeps_the_checkpoint_with_the_best_held_out_judge_score(project, tmp_pa
     assert metrics["kept_step"] == int(best["step"]) and "best held-out judge score" in metrics["kept_because"]
     assert [int(m["kept"]) for m in monitor] == [int(m["step"] == best["step"]) for m in monitor]
     (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")  # never pruned
-    policy = {k.removeprefix("policy."): v for k, v in torch.load(state_path, weights_only=True)["model"].items()
-              if k.startswith("policy.")}  # fmt: skip
+    policy = {
+        k.removeprefix("policy."): v
+        for k, v in torch.load(state_path, weights_only=True)["model"].items()
+        if k.startswith("policy.")
+    }
     saved = load_file(tmp_path / "out/model/model.safetensors")
     assert all(torch.equal(saved[k], policy[k]) for k in saved)

@@ -56,7 +56,8 @@ def test_trl_configs_get_the_precision_explicitly():
 def _record_autocast(seen: list[bool]):
     """Every module forward in the block records whether CPU autocast was on."""
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: seen.append(torch.is_autocast_enabled("cpu")))
+        lambda module, args, output: seen.append(torch.is_autocast_enabled("cpu"))
+    )
     try:
         yield
     finally:
@@ -65,12 +66,21 @@ def _record_autocast(seen: list[bool]):
 
 def _tiny_sft(tmp_path: Path, precision: str) -> list[bool]:
     data = tmp_path / "data"
-    rows = [{"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:", "response": f"{a} plus {b} is {a + b}."}
-            for a in range(6) for b in range(6)]  # fmt: skip
+    rows = [
+        {"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:", "response": f"{a} plus {b} is {a + b}."}
+        for a in range(6)
+        for b in range(6)
+    ]
     write_jsonl(data / "sft.jsonl", rows[:30])
     write_jsonl(data / "sft_test.jsonl", rows[30:])
-    config = sft.SFTConfig(tiny={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "max_positions": 64},
-                           epochs=1, batch_size=8, n_samples=2, max_new_tokens=4, logging_steps=1)  # fmt: skip
+    config = sft.SFTConfig(
+        tiny={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "max_positions": 64},
+        epochs=1,
+        batch_size=8,
+        n_samples=2,
+        max_new_tokens=4,
+        logging_steps=1,
+    )
     seen: list[bool] = []
     with _record_autocast(seen):
         sft.run(config, data, tmp_path / "out", NullTracker(), precision)

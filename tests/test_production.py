@@ -36,14 +36,21 @@ def test_kubernetes_job_template_renders_gpu_requests_and_the_stage_image():
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"].endswith("rlhf-stage:cuda")
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 == container["resources"]["requests"]["nvidia.com/gpu"]
-    assert container["resources"]["requests"]["memory"] == "32Gi" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"] == 1 == container["resources"]["requests"]["nvidia.com/gpu"]
+    )
+    assert container["resources"]["requests"]["memory"] == "32Gi" and pod["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true"
+    }
     assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory" and job["spec"]["backoffLimit"] == 0
     assert "{{" not in json.dumps({k: v for k, v in job.items()})  # nothing left unrendered
 
     steps = [next(iter(s)) for s in deployment["pull"]]
-    assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",
-                     "prefect.deployments.steps.run_shell_script"]  # fmt: skip
+    assert steps == [
+        "prefect.deployments.steps.git_clone",
+        "prefect.deployments.steps.set_working_directory",
+        "prefect.deployments.steps.run_shell_script",
+    ]
     assert "dvc pull" in deployment["pull"][2]["prefect.deployments.steps.run_shell_script"]["script"]
     assert deployment["work_pool"]["job_variables"]["env"]["MLFLOW_TRACKING_URI"].startswith("http")
 

@@ -33,8 +33,13 @@ class Booby(mlflow.pyfunc.PythonModel):
 def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("registry")
     texts = [f"What is {i} plus {i}? It is {2 * i}." for i in range(50)]
-    hf = create_base_model("tiny-gpt2", TinyModelConfig(n_layer=1, n_embd=16, n_head=1, vocab_size=300,
-                                                        max_positions=64), texts, root / "policy", seed=0)  # fmt: skip
+    hf = create_base_model(
+        "tiny-gpt2",
+        TinyModelConfig(n_layer=1, n_embd=16, n_head=1, vocab_size=300, max_positions=64),
+        texts,
+        root / "policy",
+        seed=0,
+    )
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     mlflow.set_experiment("registry-test")
@@ -66,8 +71,9 @@ def test_fetch_policy_reads_the_safetensors_folder_it_registered(registry: dict,
 
 
 @pytest.mark.parametrize("trust", [False, True])
-def test_a_foreign_model_is_refused_and_never_unpickled(registry: dict, tmp_path: Path, trust: bool,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_foreign_model_is_refused_and_never_unpickled(
+    registry: dict, tmp_path: Path, trust: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BadInput) as info:
         fetch_policy(f"models:/foreign-model/{registry['foreign'].version}", tmp_path / "dl", trust=trust)
@@ -91,12 +97,15 @@ def test_tampered_weights_are_refused(registry: dict, tmp_path: Path) -> None:
         client.set_model_version_tag("rlhf-policy", version, MODEL_HASH_TAG, registry["ours"].tags[MODEL_HASH_TAG])
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("models:/no-such-model/1", "cannot load models:/no-such-model/1"),
-    ("models:/rlhf-policy@nobody", "cannot load models:/rlhf-policy@nobody"),
-    ("runs:/abc/policy", "is not a registered model's URI"),
-    ("/tmp/some/folder", "is not a registered model's URI"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("models:/no-such-model/1", "cannot load models:/no-such-model/1"),
+        ("models:/rlhf-policy@nobody", "cannot load models:/rlhf-policy@nobody"),
+        ("runs:/abc/policy", "is not a registered model's URI"),
+        ("/tmp/some/folder", "is not a registered model's URI"),
+    ],
+)
 def test_unknown_uris_are_one_line(registry: dict, tmp_path: Path, uri: str, message: str) -> None:
     with pytest.raises(BadInput, match=message) as info:
         fetch_policy(uri, tmp_path)

@@ -1,5 +1,5 @@
-"""The local runner (flows/runners.py, flows/dvc_adapter.py, flows/inprocess.py): `dvc repro --single-item` through DVC's
-API with the stage's `python -m` command in this process.
+"""The local runner (flows/runners.py, flows/dvc_adapter.py, flows/inprocess.py): `dvc repro --single-item` through
+DVC's API with the stage's `python -m` command in this process.
 
 A toy DVC project (real `dvc`, no mocks) whose stage is a small module: it runs in the test's own process, DVC records
 it exactly as `dvc repro` would, the process is left as it was, and failures, skips, the run cache, shell commands and a
@@ -28,8 +28,8 @@ from pathlib import Path
 
 print("probe running", flush=True)
 print("probe to stderr", file=sys.stderr)
-where = {"pid": os.getpid(), "cwd": os.getcwd(), "stage": os.environ.get("DVC_STAGE"), "root": os.environ.get("DVC_ROOT"),
-         "marker": os.environ.get("PROBE_MARKER")}
+where = {"pid": os.getpid(), "cwd": os.getcwd(), "stage": os.environ.get("DVC_STAGE"),
+         "root": os.environ.get("DVC_ROOT"), "marker": os.environ.get("PROBE_MARKER")}
 Path("where.json").write_text(json.dumps(where))  # not an output: where and how it ran
 Path("out").mkdir(exist_ok=True)
 Path("out/seen.json").write_text(json.dumps({"argv": sys.argv[1:], "input": Path("in.txt").read_text()}))
@@ -128,10 +128,17 @@ def test_unchanged_stage_is_skipped_and_a_reverted_change_is_restored_from_the_r
     _unchanged(state)
 
 
-@pytest.mark.parametrize("mode, code, printed", [
-    ("gate", 2, ["probe running"]),  # a gate: exit 2 after its report
-    ("crash", 1, ["Traceback (most recent call last):", "RuntimeError: probe crashed on purpose"]),  # with its traceback
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, code, printed",
+    [
+        ("gate", 2, ["probe running"]),  # a gate: exit 2 after its report
+        (
+            "crash",
+            1,
+            ["Traceback (most recent call last):", "RuntimeError: probe crashed on purpose"],
+        ),  # with its traceback
+    ],
+)
 def test_a_failing_stage_fails_with_its_code_and_output_and_records_nothing(tmp_path, state, mode, code, printed):
     project = _project(tmp_path / mode, mode)
     outcome = LOCAL.reproduce(project, "probe", {}, print)
@@ -208,8 +215,17 @@ def test_the_projects_own_code_runs_fresh_and_the_callers_modules_are_put_back(t
 
 def test_python_module_pattern():
     assert inprocess.python_module("python -m stages.sft") == ["stages.sft"]
-    assert inprocess.python_module("python3 -m stages.evaluate --out artifacts/x") == ["stages.evaluate", "--out",
-                                                                                    "artifacts/x"]  # fmt: skip
-    for shell in ("python -m stages.sft > log.txt", "python -m a && python -m b", "python -m a $X", "python x.py",
-                  "python -c 'print(1)'", "python -m a | tee b"):  # fmt: skip
+    assert inprocess.python_module("python3 -m stages.evaluate --out artifacts/x") == [
+        "stages.evaluate",
+        "--out",
+        "artifacts/x",
+    ]
+    for shell in (
+        "python -m stages.sft > log.txt",
+        "python -m a && python -m b",
+        "python -m a $X",
+        "python x.py",
+        "python -c 'print(1)'",
+        "python -m a | tee b",
+    ):
         assert inprocess.python_module(shell) is None, shell

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _mlflow_runs(project: Path) -> dict[str, dict]:
@@ -31,9 +34,15 @@ def _mlflow_runs(project: Path) -> dict[str, dict]:
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return {r.data.tags["rlhf.stage"]: {"status": r.info.status, "metrics": r.data.metrics, "tags": r.data.tags,
-                                        "artifacts": [a.path for a in client.list_artifacts(r.info.run_id)]}
-            for r in runs}  # fmt: skip
+    return {
+        r.data.tags["rlhf.stage"]: {
+            "status": r.info.status,
+            "metrics": r.data.metrics,
+            "tags": r.data.tags,
+            "artifacts": [a.path for a in client.list_artifacts(r.info.run_id)],
+        }
+        for r in runs
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,11 @@ def test_sft_writes_artifacts_and_changes_weights(project):
     # The starting model is rebuilt deterministically from the same seed and data: SFT must have moved it.
     rows = read_jsonl(project / "artifacts/validate/data/sft.jsonl")
     texts = [r["prompt"] + " " + r["response"] for r in rows]
-    texts += [" ".join(r.values()) for n in ("preferences", "prompts")
-              for r in read_jsonl(project / f"artifacts/validate/data/{n}.jsonl")]  # fmt: skip
+    texts += [
+        " ".join(r.values())
+        for n in ("preferences", "prompts")
+        for r in read_jsonl(project / f"artifacts/validate/data/{n}.jsonl")
+    ]
     base = create_base_model("tiny-gpt2", TinyModelConfig(**TINY["sft"]["tiny"]), texts, project / "base", 0)
     before, after = load_file(base / "model.safetensors"), load_file(out / "model/model.safetensors")
     assert before.keys() == after.keys()
@@ -101,8 +113,9 @@ def test_gate_failure_stops_the_pipeline_and_keeps_earlier_artifacts(tmp_path):
     rng = random.Random(0)
     path = project / "data/preferences.jsonl"  # the training labels only; the held-out labels stay true
     rows = read_jsonl(path)
-    write_jsonl(path, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if rng.random() < 0.5 else r
-                       for r in rows])  # fmt: skip
+    write_jsonl(
+        path, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if rng.random() < 0.5 else r for r in rows]
+    )
     run([sys.executable, "-m", "dvc", "add", "-q", "data"], project)
 
     proc = run([str(Path(sys.executable).parent / "rlhf"), "run"], project, check=False)

@@ -68,7 +68,11 @@ def test_stack_is_up_on_loopback_idempotent_and_says_where(stack: Stack):
         assert _listening(port) == {"0100007F"}, (port, _listening(port))
     # PostgreSQL (and sshd) run as a user that is not root; the database password is private
     postmaster = stack_mod._postmaster(config)
-    uid = int(next(ln for ln in Path(f"/proc/{postmaster[0]}/status").read_text().splitlines() if ln.startswith("Uid:")).split()[1])
+    uid = int(
+        next(
+            ln for ln in Path(f"/proc/{postmaster[0]}/status").read_text().splitlines() if ln.startswith("Uid:")
+        ).split()[1]
+    )
     assert uid != 0 or os.geteuid() != 0
     assert (config.home / "secrets/db_password").stat().st_mode & 0o077 == 0
 
@@ -81,8 +85,9 @@ def test_stack_is_up_on_loopback_idempotent_and_says_where(stack: Stack):
     assert "rlhf run --prefect --stack" in again.stdout and config.mlflow_url in again.stdout
 
     # changing a port of a running stack is refused, not half-done
-    other = sh([str(BIN / "rlhf"), "stack", "up", "--dir", str(config.home), "--mlflow-port", "1"], config.home,
-               check=False)  # fmt: skip
+    other = sh(
+        [str(BIN / "rlhf"), "stack", "up", "--dir", str(config.home), "--mlflow-port", "1"], config.home, check=False
+    )
     assert other.returncode == ExitCode.UNAVAILABLE and "rlhf stack down" in other.stderr
     print(f"stack start-up from nothing: {stack.startup_seconds:.1f} s")
 
@@ -142,8 +147,12 @@ def test_every_stage_lands_on_the_servers(first, team: Team, stack: Stack):
     assert stack.flow_run(first.flow_run_id)["state_type"] == "COMPLETED"
     tasks = {t["name"]: t["state_type"] for t in stack.task_runs(first.flow_run_id)}
     assert {tasks[s] for s in STAGES} == {"COMPLETED"}, tasks
-    keys = {a["key"] for a in stack.prefect("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first.flow_run_id]}},
-                                                                  "limit": 200})}  # fmt: skip
+    keys = {
+        a["key"]
+        for a in stack.prefect(
+            "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first.flow_run_id]}}, "limit": 200}
+        )
+    }
     assert {"validation-summary", "reward-gate", "ppo-kl", "evaluation-report"} <= keys
     print(f"tiny pipeline against the stack: {first.seconds:.1f} s")
 
@@ -164,9 +173,13 @@ def test_two_runs_differing_in_kl_coef_compare_column_by_column(by_worker, first
     new = next(p for p in stack.parents() if flow_run_of(p) == by_worker["flow_run_id"])
     old = stack.mlflow.get_run(first.parent.info.run_id)
     assert set(new.data.params) == set(old.data.params) and set(new.data.metrics) >= set(old.data.metrics) - {
-        f"seconds.{s}" for s in STAGES}  # fmt: skip
+        f"seconds.{s}" for s in STAGES
+    }
     differ = {k for k in new.data.params if new.data.params[k] != old.data.params[k]} - {"git_commit"}
-    assert differ == {"ppo.kl_coef"} and (old.data.params["ppo.kl_coef"], new.data.params["ppo.kl_coef"]) == ("0.2", "0.1")
+    assert differ == {"ppo.kl_coef"} and (old.data.params["ppo.kl_coef"], new.data.params["ppo.kl_coef"]) == (
+        "0.2",
+        "0.1",
+    )
     assert changed_params(old.data.params, new.data.params) == ["ppo.kl_coef 0.2->0.1"]
     assert new.info.run_name.startswith("ppo.kl_coef 0.2->0.1 · ")
     assert new.data.metrics["reward/accuracy"] == old.data.metrics["reward/accuracy"]  # the same reward model
@@ -216,8 +229,15 @@ def test_dvc_remote_round_trip(by_worker, team: Team, stack: Stack, tmp_path, mo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _fault_run(team: Team, stack: Stack, service: str, down_for: float, steps: int, tmp_path: Path,
-               extra: dict[str, str] | None = None) -> tuple[int, str, str]:  # fmt: skip
+def _fault_run(
+    team: Team,
+    stack: Stack,
+    service: str,
+    down_for: float,
+    steps: int,
+    tmp_path: Path,
+    extra: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
     """A pipeline run whose PPO stage (and only it, with `steps` steps) reruns; `service` is stopped once PPO has
     logged 3 steps and started again `down_for` seconds later. Returns (exit code, output, the PPO run's id)."""
     team.set_params({"ppo": {"num_steps": steps}})
@@ -241,8 +261,7 @@ def _consistent(stack: Stack, team: Team) -> None:
 
 
 @pytest.mark.parametrize("service,down_for", [("mlflow", 10), ("postgres", 10)])
-def test_a_server_restart_while_ppo_trains_loses_nothing(first, team: Team, stack: Stack, tmp_path, service,
-                                                         down_for):  # fmt: skip
+def test_a_server_restart_while_ppo_trains_loses_nothing(first, team: Team, stack: Stack, tmp_path, service, down_for):
     """MLflow (or the database behind it and Prefect) away for a while: the stage's tracking calls wait (MLflow's
     client retries), the pipeline completes, every step's metrics and every artifact are on the server."""
     steps = 12 if service == "mlflow" else 13
@@ -295,8 +314,12 @@ def test_stack_status_reports_a_dead_service(stack: Stack):
     assert status.returncode == ExitCode.UNAVAILABLE and "dvc-remote  DOWN" in status.stdout
     up = sh([str(BIN / "rlhf"), "stack", "up", "--dir", str(stack.config.home), "--no-deploy"], stack.config.home)
     assert "starting dvc-remote" in up.stdout and "starting mlflow" not in up.stdout
-    assert subprocess.run([str(BIN / "rlhf"), "stack", "status", "--dir", str(stack.config.home)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    assert (
+        subprocess.run(
+            [str(BIN / "rlhf"), "stack", "status", "--dir", str(stack.config.home)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,9 +336,13 @@ def test_compose_file_describes_the_same_stack_on_our_images(tmp_path):
         subprocess.run([str(ROOT / "docker/debian-packages.sh"), "docker-compose"], check=True, timeout=1200)
     keys = tmp_path / "keys.pub"
     keys.write_text("ssh-ed25519 AAAA test\n")
-    done = subprocess.run(["docker-compose", "-p", "rlhf-stack", "-f", str(ROOT / "docker/compose.yaml"), "config"],
-                          env={**os.environ, "RLHF_DB_PASSWORD": "s3cret", "RLHF_AUTHORIZED_KEYS": str(keys)},
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["docker-compose", "-p", "rlhf-stack", "-f", str(ROOT / "docker/compose.yaml"), "config"],
+        env={**os.environ, "RLHF_DB_PASSWORD": "s3cret", "RLHF_AUTHORIZED_KEYS": str(keys)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
     assert set(services) == set(stack_mod.SERVICES)
@@ -326,9 +353,16 @@ def test_compose_file_describes_the_same_stack_on_our_images(tmp_path):
             published = port if isinstance(port, str) else f"{port.get('host_ip')}:{port.get('published')}"
             assert published.startswith("127.0.0.1:"), (name, port)
     assert "s3cret" not in (ROOT / "docker/compose.yaml").read_text()
-    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://rlhf:s3cret@postgres")
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith(
+        "postgresql+psycopg://rlhf:s3cret@postgres"
+    )
     assert "--serve-artifacts" in services["mlflow"]["command"]
     assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    missing = subprocess.run(["docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config"], capture_output=True,
-                             text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("RLHF_")})  # fmt: skip
+    missing = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RLHF_")},
+    )
     assert missing.returncode != 0 and "RLHF_DB_PASSWORD" in missing.stderr

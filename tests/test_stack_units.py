@@ -30,8 +30,9 @@ def test_run_names_say_what_changed_first():
     assert name.startswith("ppo.kl_coef 0.2->0.1 · 256f025+ · 19")  # then the date and time (1970 or 1969 by zone)
     assert run_name(tags, now, None).startswith("first run · 256f025+")
     assert run_name(tags, before, SimpleNamespace(params=before)).startswith("same params")
-    assert run_name({"rlhf.git_commit": "1111111"}, {**before, "git_commit": "1111111"},
-                    SimpleNamespace(params=before)).startswith("code changed · 1111111")  # fmt: skip
+    assert run_name(
+        {"rlhf.git_commit": "1111111"}, {**before, "git_commit": "1111111"}, SimpleNamespace(params=before)
+    ).startswith("code changed · 1111111")
     many = {**before, "ppo.kl_coef": "1", "ppo.num_steps": "2", "data_md5": "bbbbbbbbbb"}
     assert changed_params(before, many) == ["ppo.kl_coef 0.2->1", "ppo.num_steps 20->2", "data bbbbbbbb"]
     assert " +1 more · " in run_name(tags, many, SimpleNamespace(params=before))
@@ -39,13 +40,19 @@ def test_run_names_say_what_changed_first():
 
 def test_flat_params_are_the_keys_both_runs_log():
     assert flat_params({"ppo": {"kl_coef": 0.2, "kl_guard": {"patience": 3}}, "precision": "auto"}) == {
-        "ppo.kl_coef": "0.2", "ppo.kl_guard.patience": "3", "precision": "auto"}  # fmt: skip
+        "ppo.kl_coef": "0.2",
+        "ppo.kl_guard.patience": "3",
+        "precision": "auto",
+    }
 
 
 def test_headline_metrics_follow_paths_and_skip_non_numbers(tmp_path):
     (tmp_path / "artifacts/ppo").mkdir(parents=True)
-    (tmp_path / "artifacts/ppo/metrics.json").write_text(json.dumps(
-        {"final": {"objective/kl": 0.5, "objective/scores": float("nan")}, "steps_done": 3, "outcome": "completed"}))
+    (tmp_path / "artifacts/ppo/metrics.json").write_text(
+        json.dumps(
+            {"final": {"objective/kl": 0.5, "objective/scores": float("nan")}, "steps_done": 3, "outcome": "completed"}
+        )
+    )
     assert headline_metrics(tmp_path, "ppo") == {"objective/kl": 0.5, "ppo/steps_done": 3.0}
     assert headline_metrics(tmp_path, "evaluate") == {}  # not run yet
 
@@ -76,13 +83,15 @@ def _run(run_id, status="RUNNING", **tags):
 
 
 def test_stale_runs_are_ended_only_when_their_flow_is_over():
-    runs = [_run("p-over", **{"rlhf.stage": "pipeline", "prefect.flow_run_id": "over"}),
-            _run("c-over", **{"rlhf.stage": "ppo", "mlflow.parentRunId": "p-over"}),
-            _run("p-live", **{"rlhf.stage": "pipeline", "prefect.flow_run_id": "live"}),
-            _run("c-live", **{"rlhf.stage": "ppo", "mlflow.parentRunId": "p-live"}),
-            _run("p-done", status="FINISHED", **{"rlhf.stage": "pipeline"}),
-            _run("c-orphan", **{"rlhf.stage": "sft", "mlflow.parentRunId": "p-done"}),
-            _run("plain", **{"rlhf.stage": "sft"})]  # fmt: skip
+    runs = [
+        _run("p-over", **{"rlhf.stage": "pipeline", "prefect.flow_run_id": "over"}),
+        _run("c-over", **{"rlhf.stage": "ppo", "mlflow.parentRunId": "p-over"}),
+        _run("p-live", **{"rlhf.stage": "pipeline", "prefect.flow_run_id": "live"}),
+        _run("c-live", **{"rlhf.stage": "ppo", "mlflow.parentRunId": "p-live"}),
+        _run("p-done", status="FINISHED", **{"rlhf.stage": "pipeline"}),
+        _run("c-orphan", **{"rlhf.stage": "sft", "mlflow.parentRunId": "p-done"}),
+        _run("plain", **{"rlhf.stage": "sft"}),
+    ]
     client = _Client(runs)
     assert end_stale_runs(client, "1", lambda flow_run: flow_run == "over") == ["c-orphan", "c-over", "p-over"]
     assert set(client.ended.values()) == {"FAILED"} and "rlhf.ended_by" in client.runs["p-over"].data.tags
@@ -92,8 +101,12 @@ def test_what_counts_as_an_unreachable_server():
     from mlflow.exceptions import MlflowException, RestException
 
     assert server_unreachable(requests.exceptions.ConnectionError("refused"))
-    assert server_unreachable(MlflowException("API request to http://x/api/2.0/mlflow/runs/get failed with exception "
-                                              "HTTPConnectionPool(...): Max retries exceeded"))  # fmt: skip
+    assert server_unreachable(
+        MlflowException(
+            "API request to http://x/api/2.0/mlflow/runs/get failed with exception "
+            "HTTPConnectionPool(...): Max retries exceeded"
+        )
+    )
     assert server_unreachable(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "db"}))
     assert not server_unreachable(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"}))
     assert not server_unreachable(MlflowException("Registered Model with name=x not found"))
@@ -121,9 +134,13 @@ def test_stack_configuration_saved_then_environment_then_flags(tmp_path, monkeyp
     assert (config.pg_port, config.mlflow_port, config.prefect_port, config.ssh_port) == (6000, 7001, 8000, 2222)
     assert config.host == "127.0.0.1" and config.user == ("rlhf-stack" if os.geteuid() == 0 else config.user)
     assert config.mlflow_url == "http://127.0.0.1:7001" and config.prefect_api_url == "http://127.0.0.1:8000/api"
-    assert config.remote_url.startswith(f"ssh://{config.user}@127.0.0.1:2222/") and config.remote_url.endswith("dvc-remote")
+    assert config.remote_url.startswith(f"ssh://{config.user}@127.0.0.1:2222/") and config.remote_url.endswith(
+        "dvc-remote"
+    )
     assert stack.config_from(tmp_path).home == (tmp_path / ".rlhf/stack").resolve()
-    assert "5433" not in config.db_url("mlflow", "pw") and config.db_url("mlflow", "pw").startswith("postgresql+psycopg://")
+    assert "5433" not in config.db_url("mlflow", "pw") and config.db_url("mlflow", "pw").startswith(
+        "postgresql+psycopg://"
+    )
 
 
 def test_process_identity_survives_pid_reuse():

@@ -22,8 +22,14 @@ from tests.stack_fixtures import Stack, flow_run_of, name_of
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 # Debian's chromium in a container: no sandbox (root), no GPU, nothing that phones home (shared/ENVIRONMENT.md)
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 120_000  # a loaded 2-core machine renders slowly
 
 

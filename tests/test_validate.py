@@ -44,7 +44,9 @@ def pref(i: int) -> dict[str, Any]:
 
 
 def sft(i: int) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": f"{i + 1}"}]}
+    return {
+        "messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": f"{i + 1}"}]
+    }
 
 
 def hh(i: int) -> dict[str, Any]:
@@ -52,8 +54,12 @@ def hh(i: int) -> dict[str, Any]:
     return {"chosen": f"{prompt} It is {i + 1}.", "rejected": f"{prompt} No idea."}
 
 
-def jsonl(bad: dict[str, Any] | str | bytes | None, good: Callable[[int], dict] = pref, n: int = N_GOOD,
-          name: str = "data.jsonl") -> Callable[[Path], Path]:
+def jsonl(
+    bad: dict[str, Any] | str | bytes | None,
+    good: Callable[[int], dict] = pref,
+    n: int = N_GOOD,
+    name: str = "data.jsonl",
+) -> Callable[[Path], Path]:
     """A writer of `n` good rows with `bad` (an object, a raw line, or raw bytes) as line BAD_AT + 1."""
 
     def write(tmp: Path) -> Path:
@@ -115,72 +121,187 @@ CORPUS = [
     Case("unknown-extension", raw_file("prefs.txt", b"hello"), error=("prefs.txt has an unsupported file type",)),
     Case("corrupt-parquet", corrupt_parquet, error=("prefs.parquet is not a readable parquet file",)),
     Case("csv-missing-column", csv("prompt,chosen\nq,a\n"), error=("missing required column(s) rejected",)),
-    Case("csv-not-utf8", raw_file("prefs.csv", b"prompt,chosen,rejected\nq,a,b\nq\xff,a,b\n"),
-         error=("prefs.csv is not valid UTF-8 at line 3 (byte 0xff)",)),
-    Case("csv-bad-quoting", csv('prompt,chosen,rejected\n"q,a,b\n'), error=("could not parse CSV file", "at line 2: unexpected end of data")),
-    Case("missing-columns", jsonl(None, good=lambda i: {"prompt": "q", "chosen": "a"}),
-         error=("missing required column(s) rejected for format pairs",)),
-    Case("undetectable-format", jsonl(None, good=lambda i: {"question": "q", "answer": "a"}),
-         error=("could not detect the format", "columns answer, question")),
+    Case(
+        "csv-not-utf8",
+        raw_file("prefs.csv", b"prompt,chosen,rejected\nq,a,b\nq\xff,a,b\n"),
+        error=("prefs.csv is not valid UTF-8 at line 3 (byte 0xff)",),
+    ),
+    Case(
+        "csv-bad-quoting",
+        csv('prompt,chosen,rejected\n"q,a,b\n'),
+        error=("could not parse CSV file", "at line 2: unexpected end of data"),
+    ),
+    Case(
+        "missing-columns",
+        jsonl(None, good=lambda i: {"prompt": "q", "chosen": "a"}),
+        error=("missing required column(s) rejected for format pairs",),
+    ),
+    Case(
+        "undetectable-format",
+        jsonl(None, good=lambda i: {"question": "q", "answer": "a"}),
+        error=("could not detect the format", "columns answer, question"),
+    ),
     Case("json-not-a-list", raw_file("prefs.json", b'{"prompt": "q"}'), error=("must hold a JSON list of objects",)),
     # dataset-level failures: ValidationFailed naming each failed check, with counts and example rows
-    Case("too-many-bad-rows", jsonl({"prompt": "q", "chosen": "", "rejected": "b"}, n=5),
-         error=("FAILED", "1 of 6 rows (16.7%) failed checks, more than max_invalid_fraction 5.0%",
-                "not_blank(chosen): 1 row(s)", "line 6: 'chosen' is empty or whitespace only")),
-    Case("row-count-below-min", jsonl(None, n=3), config={"min_rows": 10},
-         error=("row_count: row count must be between 10 and", "observed: 3")),
-    Case("policy-fail", jsonl({"prompt": "q", "chosen": "same", "rejected": "same"}), config={"policy": "fail"},
-         error=("policy is 'fail'", "chosen_differs: 1 row(s)", "line 6")),
-    Case("all-rows-unreadable", raw_file("bad.jsonl", b"{not json\n[1]\n"),
-         error=("row_count", "valid_json: 2 row(s)", "line 1: is not valid JSON", "line 2: is a JSON array, not an object")),
+    Case(
+        "too-many-bad-rows",
+        jsonl({"prompt": "q", "chosen": "", "rejected": "b"}, n=5),
+        error=(
+            "FAILED",
+            "1 of 6 rows (16.7%) failed checks, more than max_invalid_fraction 5.0%",
+            "not_blank(chosen): 1 row(s)",
+            "line 6: 'chosen' is empty or whitespace only",
+        ),
+    ),
+    Case(
+        "row-count-below-min",
+        jsonl(None, n=3),
+        config={"min_rows": 10},
+        error=("row_count: row count must be between 10 and", "observed: 3"),
+    ),
+    Case(
+        "policy-fail",
+        jsonl({"prompt": "q", "chosen": "same", "rejected": "same"}),
+        config={"policy": "fail"},
+        error=("policy is 'fail'", "chosen_differs: 1 row(s)", "line 6"),
+    ),
+    Case(
+        "all-rows-unreadable",
+        raw_file("bad.jsonl", b"{not json\n[1]\n"),
+        error=(
+            "row_count",
+            "valid_json: 2 row(s)",
+            "line 1: is not valid JSON",
+            "line 2: is a JSON array, not an object",
+        ),
+    ),
     # row-level problems: quarantined (1 of 31 rows) with the check they fail and a reason
-    Case("empty-string", jsonl({"prompt": "q", "chosen": "", "rejected": "b"}),
-         quarantine=("not_blank(chosen)", "empty or whitespace only")),
-    Case("whitespace-only-response", jsonl({"prompt": "q", "chosen": " \t\n ", "rejected": "b"}),
-         quarantine=("not_blank(chosen)", "empty or whitespace only")),
-    Case("whitespace-only-prompt", jsonl({"prompt": "   ", "chosen": "a", "rejected": "b"}),
-         quarantine=("not_blank(prompt)", "empty or whitespace only")),
-    Case("chosen-equals-rejected", jsonl({"prompt": "q", "chosen": "same", "rejected": " same"}),
-         quarantine=("chosen_differs", "chosen and rejected are identical")),
-    Case("non-utf8-bytes", jsonl(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'),
-         quarantine=("valid_utf8", "not valid UTF-8 (byte 0xe9 at offset 15)")),
-    Case("number-instead-of-string", jsonl({"prompt": "q", "chosen": 42, "rejected": "b"}),
-         quarantine=("is_string(chosen)", "'chosen' is a number (42), expected a string")),
-    Case("list-instead-of-string", jsonl({"chosen": ["a", "b"], "rejected": "x"}, good=hh),
-         quarantine=("is_string(chosen)", "'chosen' is a list, expected a string")),
-    Case("list-of-non-messages", jsonl({"prompt": "q", "chosen": ["a"], "rejected": "b"}),
-         quarantine=("valid_messages(chosen)", "message 0 is a str, expected an object")),
-    Case("ten-megabyte-row", jsonl({"prompt": "q", "chosen": "x" * 10_000_000, "rejected": "b"}),
-         quarantine=("row_size", "is longer than validate.max_row_bytes (1048576 bytes)")),
-    Case("long-reply", jsonl({"prompt": "q", "chosen": "x" * 5000, "rejected": "b"}),
-         quarantine=("max_length(chosen)", "longer than 4096 characters")),
-    Case("short-reply", jsonl({"prompt": "What is up?", "chosen": "ok", "rejected": "not much"}),
-         config={"min_chars": 3}, quarantine=("min_length(chosen)", "shorter than 3 characters")),
-    Case("long-prompt", jsonl({"prompt": "why " * 2000, "chosen": "a", "rejected": "b"}),
-         quarantine=("max_length(prompt)", "longer than 4096 characters")),
+    Case(
+        "empty-string",
+        jsonl({"prompt": "q", "chosen": "", "rejected": "b"}),
+        quarantine=("not_blank(chosen)", "empty or whitespace only"),
+    ),
+    Case(
+        "whitespace-only-response",
+        jsonl({"prompt": "q", "chosen": " \t\n ", "rejected": "b"}),
+        quarantine=("not_blank(chosen)", "empty or whitespace only"),
+    ),
+    Case(
+        "whitespace-only-prompt",
+        jsonl({"prompt": "   ", "chosen": "a", "rejected": "b"}),
+        quarantine=("not_blank(prompt)", "empty or whitespace only"),
+    ),
+    Case(
+        "chosen-equals-rejected",
+        jsonl({"prompt": "q", "chosen": "same", "rejected": " same"}),
+        quarantine=("chosen_differs", "chosen and rejected are identical"),
+    ),
+    Case(
+        "non-utf8-bytes",
+        jsonl(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'),
+        quarantine=("valid_utf8", "not valid UTF-8 (byte 0xe9 at offset 15)"),
+    ),
+    Case(
+        "number-instead-of-string",
+        jsonl({"prompt": "q", "chosen": 42, "rejected": "b"}),
+        quarantine=("is_string(chosen)", "'chosen' is a number (42), expected a string"),
+    ),
+    Case(
+        "list-instead-of-string",
+        jsonl({"chosen": ["a", "b"], "rejected": "x"}, good=hh),
+        quarantine=("is_string(chosen)", "'chosen' is a list, expected a string"),
+    ),
+    Case(
+        "list-of-non-messages",
+        jsonl({"prompt": "q", "chosen": ["a"], "rejected": "b"}),
+        quarantine=("valid_messages(chosen)", "message 0 is a str, expected an object"),
+    ),
+    Case(
+        "ten-megabyte-row",
+        jsonl({"prompt": "q", "chosen": "x" * 10_000_000, "rejected": "b"}),
+        quarantine=("row_size", "is longer than validate.max_row_bytes (1048576 bytes)"),
+    ),
+    Case(
+        "long-reply",
+        jsonl({"prompt": "q", "chosen": "x" * 5000, "rejected": "b"}),
+        quarantine=("max_length(chosen)", "longer than 4096 characters"),
+    ),
+    Case(
+        "short-reply",
+        jsonl({"prompt": "What is up?", "chosen": "ok", "rejected": "not much"}),
+        config={"min_chars": 3},
+        quarantine=("min_length(chosen)", "shorter than 3 characters"),
+    ),
+    Case(
+        "long-prompt",
+        jsonl({"prompt": "why " * 2000, "chosen": "a", "rejected": "b"}),
+        quarantine=("max_length(prompt)", "longer than 4096 characters"),
+    ),
     Case("duplicate-pair", jsonl(pref(0)), quarantine=("no_duplicates", "duplicate of an earlier row")),
-    Case("hh-prefix-mismatch", jsonl({"chosen": "\n\nHuman: A?\n\nAssistant: a", "rejected": "\n\nHuman: B?\n\nAssistant: b"},
-                                     good=hh), quarantine=("hh_transcript", "HH transcripts do not share a prompt prefix")),
-    Case("hh-no-assistant-marker", jsonl({"chosen": "\n\nHuman: A? a", "rejected": "\n\nHuman: A?\n\nAssistant: b"},
-                                         good=hh), quarantine=("hh_transcript", "'chosen' has no '\\n\\nAssistant:' turn")),
-    Case("implicit-prompt-mismatch", jsonl({"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "a"}],
-                                            "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "b"}]}),
-         quarantine=("shared_prompt", "do not share a prompt prefix")),
+    Case(
+        "hh-prefix-mismatch",
+        jsonl({"chosen": "\n\nHuman: A?\n\nAssistant: a", "rejected": "\n\nHuman: B?\n\nAssistant: b"}, good=hh),
+        quarantine=("hh_transcript", "HH transcripts do not share a prompt prefix"),
+    ),
+    Case(
+        "hh-no-assistant-marker",
+        jsonl({"chosen": "\n\nHuman: A? a", "rejected": "\n\nHuman: A?\n\nAssistant: b"}, good=hh),
+        quarantine=("hh_transcript", "'chosen' has no '\\n\\nAssistant:' turn"),
+    ),
+    Case(
+        "implicit-prompt-mismatch",
+        jsonl(
+            {
+                "chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "b"}],
+            }
+        ),
+        quarantine=("shared_prompt", "do not share a prompt prefix"),
+    ),
     Case("invalid-json-line", jsonl('{"prompt": "q", "chosen": "a",'), quarantine=("valid_json", "not valid JSON")),
-    Case("json-array-not-object", jsonl('["q", "a", "b"]'), quarantine=("valid_json", "is a JSON array, not an object")),
-    Case("null-value", jsonl({"prompt": "q", "chosen": "a", "rejected": None}), quarantine=("not_null(rejected)", "'rejected' is null")),
-    Case("missing-key-in-one-row", jsonl({"prompt": "q", "chosen": "a"}), quarantine=("has_field(rejected)", "missing field 'rejected'")),
-    Case("messages-not-a-list", jsonl({"messages": "Hi!"}, good=sft), kind="sft",
-         quarantine=("valid_messages(messages)", "'messages' is a str, expected a list of messages")),
-    Case("messages-missing-role", jsonl({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, good=sft),
-         kind="sft", quarantine=("valid_messages(messages)", "message 0 has no string 'role'")),
-    Case("messages-unknown-role", jsonl({"messages": [{"role": "wizard", "content": "Hi"}]}, good=sft), kind="sft",
-         quarantine=("valid_messages(messages)", "message 0 has unknown role 'wizard'")),
-    Case("sft-messages-without-assistant", jsonl({"messages": [{"role": "user", "content": "Hi"}]}, good=sft), kind="sft",
-         quarantine=("valid_messages(messages)", "'messages' has no assistant turn")),
-    Case("heldout-prompt-leak", jsonl({"prompt": "Secret test question?", "chosen": "a", "rejected": "b"}),
-         heldout=frozenset({"\n\nHuman: Secret test question?\n\nAssistant:"}),
-         quarantine=("no_heldout_leak", "prompt also appears in a held-out dataset")),
+    Case(
+        "json-array-not-object", jsonl('["q", "a", "b"]'), quarantine=("valid_json", "is a JSON array, not an object")
+    ),
+    Case(
+        "null-value",
+        jsonl({"prompt": "q", "chosen": "a", "rejected": None}),
+        quarantine=("not_null(rejected)", "'rejected' is null"),
+    ),
+    Case(
+        "missing-key-in-one-row",
+        jsonl({"prompt": "q", "chosen": "a"}),
+        quarantine=("has_field(rejected)", "missing field 'rejected'"),
+    ),
+    Case(
+        "messages-not-a-list",
+        jsonl({"messages": "Hi!"}, good=sft),
+        kind="sft",
+        quarantine=("valid_messages(messages)", "'messages' is a str, expected a list of messages"),
+    ),
+    Case(
+        "messages-missing-role",
+        jsonl({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, good=sft),
+        kind="sft",
+        quarantine=("valid_messages(messages)", "message 0 has no string 'role'"),
+    ),
+    Case(
+        "messages-unknown-role",
+        jsonl({"messages": [{"role": "wizard", "content": "Hi"}]}, good=sft),
+        kind="sft",
+        quarantine=("valid_messages(messages)", "message 0 has unknown role 'wizard'"),
+    ),
+    Case(
+        "sft-messages-without-assistant",
+        jsonl({"messages": [{"role": "user", "content": "Hi"}]}, good=sft),
+        kind="sft",
+        quarantine=("valid_messages(messages)", "'messages' has no assistant turn"),
+    ),
+    Case(
+        "heldout-prompt-leak",
+        jsonl({"prompt": "Secret test question?", "chosen": "a", "rejected": "b"}),
+        heldout=frozenset({"\n\nHuman: Secret test question?\n\nAssistant:"}),
+        quarantine=("no_heldout_leak", "prompt also appears in a held-out dataset"),
+    ),
 ]
 
 
@@ -218,9 +339,12 @@ def test_malformed_input_is_named(case: Case, tmp_path: Path) -> None:
 def test_the_corpus_exercises_every_kind_of_row_check() -> None:
     """Each family of row-level check the suites can report (is_string, not_null, max_length, ...) quarantines a
     row of the corpus: a check added without a hostile input that trips it fails here."""
-    families = {c.name.split("(")[0] for kind in ("preferences", "sft", "prompts") for c in
-                _checks(kind, ValidateConfig(min_chars=2, unique_kinds=("preferences",)), frozenset({"x"}))
-                if c.level == "row"}  # fmt: skip
+    families = {
+        c.name.split("(")[0]
+        for kind in ("preferences", "sft", "prompts")
+        for c in _checks(kind, ValidateConfig(min_chars=2, unique_kinds=("preferences",)), frozenset({"x"}))
+        if c.level == "row"
+    }
     covered = {c.quarantine[0].split("(")[0] for c in CORPUS if c.quarantine[0]}
     assert families - covered == set()
 
@@ -240,8 +364,10 @@ def test_prompts_may_repeat_unless_asked(tmp_path: Path) -> None:
 
 
 def test_load_prompts_reads_any_kind(tmp_path: Path) -> None:
-    assert load_prompts(jsonl(None, n=2)(tmp_path)) == ["\n\nHuman: What is 0 plus 1?\n\nAssistant:",
-                                                        "\n\nHuman: What is 1 plus 1?\n\nAssistant:"]
+    assert load_prompts(jsonl(None, n=2)(tmp_path)) == [
+        "\n\nHuman: What is 0 plus 1?\n\nAssistant:",
+        "\n\nHuman: What is 1 plus 1?\n\nAssistant:",
+    ]
     assert len(load_prompts(jsonl(None, good=sft, n=4, name="sft.jsonl")(tmp_path))) == 4
 
 
@@ -262,7 +388,11 @@ def test_cli_never_shows_a_traceback(case_id: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "stages.validate", "--file", str(path), "--kind", case.kind, "--format", case.fmt],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.returncode == (0 if case.quarantine[0] else ExitCode.BAD_INPUT), proc.stderr
@@ -278,12 +408,17 @@ def stage_inputs(tmp: Path, bad_pref: dict[str, Any] | None = None) -> dict[str,
     files = {
         "sft": (jsonl(None, good=sft, name="sft.jsonl"), "sft", False),
         "preferences": (jsonl(bad_pref, name="preferences.jsonl"), "preferences", False),
-        "preferences_test": (jsonl(None, n=5, name="preferences_test.jsonl",
-                                   good=lambda i: {**pref(i), "prompt": f"Test {i}?"}), "preferences", True),
+        "preferences_test": (
+            jsonl(None, n=5, name="preferences_test.jsonl", good=lambda i: {**pref(i), "prompt": f"Test {i}?"}),
+            "preferences",
+            True,
+        ),
         "prompts": (jsonl(None, good=lambda i: {"prompt": f"Train {i}?"}, name="prompts.jsonl"), "prompts", False),
         "eval_prompts": (jsonl(None, good=lambda i: {"prompt": f"Eval {i}?"}, n=4, name="eval.jsonl"), "prompts", True),
     }
-    return {name: DatasetSpec(str(write(data)), kind, "auto", heldout) for name, (write, kind, heldout) in files.items()}
+    return {
+        name: DatasetSpec(str(write(data)), kind, "auto", heldout) for name, (write, kind, heldout) in files.items()
+    }
 
 
 def test_stage_writes_data_quarantine_reports_and_data_docs(tmp_path: Path) -> None:
@@ -298,7 +433,9 @@ def test_stage_writes_data_quarantine_reports_and_data_docs(tmp_path: Path) -> N
     (quarantined,) = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert quarantined["dataset"] == "preferences" and quarantined["source_row"] == BAD_AT
     assert quarantined["reasons"] == ["no_heldout_leak: prompt also appears in a held-out dataset"]
-    metrics = json.loads((out.parent / "metrics.json").read_text())  # beside the data dir (DVC metrics cannot overlap outs)
+    metrics = json.loads(
+        (out.parent / "metrics.json").read_text()
+    )  # beside the data dir (DVC metrics cannot overlap outs)
     assert metrics["preferences"] == {"n_rows": 31, "n_valid": 30, "n_quarantined": 1, "passed": True}
     assert result["metrics"] == metrics
 
@@ -334,8 +471,9 @@ def test_failing_stage_keeps_previous_outputs_and_explains(tmp_path: Path) -> No
     assert summary["passed"] is False and summary["datasets"]["preferences"]["passed"] is True
 
 
-def test_main_reads_params_and_exits_bad_input_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_reads_params_and_exits_bad_input_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     specs = stage_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     params = {"validate": {"policy": "quarantine", "min_rows": 1}, "data": {n: vars(s) for n, s in specs.items()}}

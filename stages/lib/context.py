@@ -88,8 +88,14 @@ class Fitted:
         return {f"{prefix}truncated_prompts": self.prompt_cut, f"{prefix}truncated_replies": self.reply_cut}
 
 
-def fit_pairs(tokenizer: Any, prompts: Sequence[str], replies: Sequence[Sequence[str]], context: int,
-              reply_tokens: int | None = None, extra_tokens: int = 1) -> Fitted:  # fmt: skip
+def fit_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    replies: Sequence[Sequence[str]],
+    context: int,
+    reply_tokens: int | None = None,
+    extra_tokens: int = 1,
+) -> Fitted:
     """Fit rows of (prompt, reply columns...) into `context` tokens each: every reply column keeps its start (at most
     `reply_tokens`, default half the context), and the prompt keeps its end in the room the longest kept reply of its
     row leaves. `extra_tokens` are reserved for what the model adds (the EOS, the space between prompt and reply)."""

@@ -71,15 +71,53 @@ EXPECTED_COLUMNS: dict[str, str] = {
 }
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 # A name that does not exist but ends like a file was meant as a file: "no such file" at once, never a Hub request.
-LOCAL_SUFFIXES = (*SUFFIXES, ".gz", ".ndjson", ".pq", ".tsv", ".txt", ".arrow", ".feather", ".zip", ".bz2", ".xz",
-                  ".zst", ".tar", ".yaml", ".yml", ".xlsx")  # fmt: skip
+LOCAL_SUFFIXES = (
+    *SUFFIXES,
+    ".gz",
+    ".ndjson",
+    ".pq",
+    ".tsv",
+    ".txt",
+    ".arrow",
+    ".feather",
+    ".zip",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".tar",
+    ".yaml",
+    ".yml",
+    ".xlsx",
+)
 # A Hub dataset id is owner/name, optionally :split (the split may carry a slice such as train[:1000]).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]:%+-]+)?$")
 # The `datasets` library's packaged builders: given one of these names, load_dataset builds from files in the current
 # directory (it walked a project for minutes). They are never sent to it.
-BUILDER_NAMES = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "generator", "spark", "xml",
-                           "imagefolder", "audiofolder", "videofolder", "pdffolder", "niftifolder", "webdataset",
-                           "hdf5", "cache", "eval", "folder_based_builder", "lance"})  # fmt: skip
+BUILDER_NAMES = frozenset(
+    {
+        "json",
+        "csv",
+        "parquet",
+        "text",
+        "arrow",
+        "pandas",
+        "sql",
+        "generator",
+        "spark",
+        "xml",
+        "imagefolder",
+        "audiofolder",
+        "videofolder",
+        "pdffolder",
+        "niftifolder",
+        "webdataset",
+        "hdf5",
+        "cache",
+        "eval",
+        "folder_based_builder",
+        "lance",
+    }
+)
 HUB_TIMEOUT = 10.0  # seconds for the Hub to say whether a dataset exists (its client retried for ~25 s)
 DETECT_ROWS = 100  # readable rows whose columns decide the format
 EXCERPT_CHARS = 80
@@ -158,8 +196,13 @@ def excerpt(value: Any) -> str:
 # Opening: regular files only, within the size limit
 # ---------------------------------------------------------------------------------------------------------------
 
-_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _regular_file(path: str | Path, limits: Limits) -> Path:
@@ -181,8 +224,10 @@ def _regular_file(path: str | Path, limits: Limits) -> Path:
             raise DataError(f"{shown} is a directory, not a data file{via}.")
         raise DataError(f"{shown} is {what}{via}, not a regular file: only regular files are read.")
     if st.st_size > limits.max_file_bytes:
-        raise DataError(f"{shown} is {st.st_size} bytes, more than validate.max_file_bytes ({limits.max_file_bytes}); "
-                        "raise it to read this file.")  # fmt: skip
+        raise DataError(
+            f"{shown} is {st.st_size} bytes, more than validate.max_file_bytes ({limits.max_file_bytes}); "
+            "raise it to read this file."
+        )
     return real
 
 
@@ -224,8 +269,10 @@ class _Reader:
 
     def check_rows(self, n_rows: int) -> None:
         if n_rows > self.limits.max_rows:
-            raise DataError(f"{self.name} has more than validate.max_rows ({self.limits.max_rows}) rows; reading "
-                            "stopped (raise it, or split the file).")  # fmt: skip
+            raise DataError(
+                f"{self.name} has more than validate.max_rows ({self.limits.max_rows}) rows; reading "
+                "stopped (raise it, or split the file)."
+            )
 
     def read(self, read: Callable[[int], bytes], size: int) -> bytes:
         """`read(size)`, counting bytes against max_file_bytes (after decompression) and naming a corrupt gzip."""
@@ -236,8 +283,10 @@ class _Reader:
         self.n_bytes += len(chunk)
         if self.n_bytes > self.limits.max_file_bytes:
             unpacked = " once decompressed" if self.unpacked else ""
-            raise DataError(f"{self.name} holds more than validate.max_file_bytes ({self.limits.max_file_bytes}) "
-                            f"bytes{unpacked}; reading stopped (raise it to read this file).")  # fmt: skip
+            raise DataError(
+                f"{self.name} holds more than validate.max_file_bytes ({self.limits.max_file_bytes}) "
+                f"bytes{unpacked}; reading stopped (raise it to read this file)."
+            )
         return chunk
 
     def error(self, row: int, reason: str, raw: Any, check: str) -> None:
@@ -248,8 +297,10 @@ class _Reader:
         Hub dataset can hold far more text than its bytes on disk."""
         self.n_text += size
         if self.n_text > self.limits.max_file_bytes:
-            raise DataError(f"{self.name} holds more than validate.max_file_bytes ({self.limits.max_file_bytes}) "
-                            "bytes of text once read; reading stopped (raise it to read this file).")  # fmt: skip
+            raise DataError(
+                f"{self.name} holds more than validate.max_file_bytes ({self.limits.max_file_bytes}) "
+                "bytes of text once read; reading stopped (raise it to read this file)."
+            )
 
     def checked(self, row: int, record: Any, raw: Any, max_bytes: int | None = None, counted: bool = False) -> bool:
         """Whether a parsed record may go on; if not, its row error is recorded. With `max_bytes` (records not read
@@ -277,8 +328,10 @@ def _lines(f: BinaryIO, reader: _Reader, skip_long: bool = True) -> Iterator[tup
         while line and not line.endswith(b"\n"):
             line = reader.read(f.readline, limit + 1)
         if not skip_long:
-            raise DataError(f"{reader.name}: line {i + 1} is longer than validate.max_row_bytes ({limit}); reading "
-                            "stopped (in a CSV the next row cannot be found safely).")  # fmt: skip
+            raise DataError(
+                f"{reader.name}: line {i + 1} is longer than validate.max_row_bytes ({limit}); reading "
+                "stopped (in a CSV the next row cannot be found safely)."
+            )
         reader.count_row()
         reader.error(i, f"is longer than validate.max_row_bytes ({limit} bytes)", head, "row_size")
 
@@ -326,14 +379,17 @@ def _record_problem(record: Any, max_bytes: int | None) -> tuple[_RowProblem | N
         if isinstance(item, dict):
             if isinstance(item, _RepeatedKeys):
                 key = excerpt(item.repeated)
-                return _RowProblem("valid_json", f"repeats the key '{key}' (JSON would silently keep the last value)"), size
+                return _RowProblem(
+                    "valid_json", f"repeats the key '{key}' (JSON would silently keep the last value)"
+                ), size
             todo += [*item.keys(), *item.values()]
         elif isinstance(item, list | tuple):
             todo += item
         elif isinstance(item, str):
             if m := _SURROGATE.search(item):
-                return _RowProblem("valid_utf8", f"holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}), which is "
-                                                 "not text"), size  # fmt: skip
+                return _RowProblem(
+                    "valid_utf8", f"holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}), which is not text"
+                ), size
             if max_bytes is not None:
                 size += len(item.encode("utf-8"))
     if max_bytes is not None and size > max_bytes:
@@ -351,7 +407,9 @@ def _jsonl_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record]]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            reader.error(i, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", raw.strip(), "valid_utf8")
+            reader.error(
+                i, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", raw.strip(), "valid_utf8"
+            )
             continue
         try:
             record = _parse_json(line)
@@ -395,7 +453,9 @@ def _csv_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record]]:
             try:
                 yield (raw[3:] if i == 0 and raw.startswith(BOM) else raw).decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{reader.name} is not valid UTF-8 at line {i + 1} (byte 0x{raw[e.start]:02x}).") from None
+                raise DataError(
+                    f"{reader.name} is not valid UTF-8 at line {i + 1} (byte 0x{raw[e.start]:02x})."
+                ) from None
 
     # csv's field limit is process-wide: bounded to a row while this file is read (a quoted field can span lines)
     previous = csv.field_size_limit(reader.limits.max_row_bytes)
@@ -404,16 +464,22 @@ def _csv_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record]]:
         header = next(rows, None)
         if header is not None and len(set(header)) < len(header):
             twice = next(h for i, h in enumerate(header) if h in header[:i])
-            raise DataError(f"{reader.name} repeats the column '{excerpt(twice)}' in its header (a row could keep "
-                            "only one of its values).")  # fmt: skip
+            raise DataError(
+                f"{reader.name} repeats the column '{excerpt(twice)}' in its header (a row could keep "
+                "only one of its values)."
+            )
         n = 0
         for fields in rows if header is not None else ():
             if not fields:  # a blank line, as pandas skips it
                 continue
             reader.count_row()
             if len(fields) != len(header):
-                reader.error(n, f"has {len(fields)} fields where the header has {len(header)}", ",".join(fields), "valid_csv")
-            elif reader.checked(n, record := dict(zip(header, fields, strict=True)), record, reader.limits.max_row_bytes):
+                reader.error(
+                    n, f"has {len(fields)} fields where the header has {len(header)}", ",".join(fields), "valid_csv"
+                )
+            elif reader.checked(
+                n, record := dict(zip(header, fields, strict=True)), record, reader.limits.max_row_bytes
+            ):
                 yield n, record
             n += 1
     except csv.Error as e:
@@ -430,15 +496,19 @@ def _parquet_records(f: BinaryIO, reader: _Reader) -> Iterator[tuple[int, Record
         # Top-level string columns stay dictionary-encoded in memory: one long value repeated on every row (a few KB
         # on disk) is then held once, and its expansion is measured (_decoded_bytes) before any row is made of it.
         schema = pq.ParquetFile(f).schema_arrow
-        strings = [field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+        strings = [
+            field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        ]
         parquet = pq.ParquetFile(f, read_dictionary=strings)
         meta = parquet.metadata
         # the footer says how big the columns are once decompressed: a small file of compressed repeats is refused
         # before it is expanded
         unpacked = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
         if unpacked > reader.limits.max_file_bytes:
-            raise DataError(f"{reader.name} decompresses to {unpacked} bytes, more than validate.max_file_bytes "
-                            f"({reader.limits.max_file_bytes}).")  # fmt: skip
+            raise DataError(
+                f"{reader.name} decompresses to {unpacked} bytes, more than validate.max_file_bytes "
+                f"({reader.limits.max_file_bytes})."
+            )
         reader.check_rows(meta.num_rows)
         i = 0
         for batch in parquet.iter_batches(batch_size=256):
@@ -480,8 +550,10 @@ def _looks_local(name: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))  # fmt: skip
+    return any(
+        os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_dataset(name: str) -> Any:
@@ -491,8 +563,10 @@ def _hub_dataset(name: str) -> Any:
     if _looks_local(name):
         raise DataError(f"{shown} does not exist.")
     if dataset_id.lower() in BUILDER_NAMES:
-        raise DataError(f"{shown} does not exist, and '{dataset_id}' is a `datasets` builder name, not a dataset: "
-                        "give the path of your file.")  # fmt: skip
+        raise DataError(
+            f"{shown} does not exist, and '{dataset_id}' is a `datasets` builder name, not a dataset: "
+            "give the path of your file."
+        )
     if not HUB_ID.match(name):
         raise DataError(f"{shown} does not exist (a Hugging Face dataset is named owner/name, e.g. Anthropic/hh-rlhf).")
     if _hub_offline():
@@ -502,15 +576,19 @@ def _hub_dataset(name: str) -> Any:
     try:  # one request with a short timeout: a typo or no network is said in seconds, not after retries
         HfApi().dataset_info(dataset_id, timeout=HUB_TIMEOUT)
     except Exception as e:  # noqa: BLE001 (not found, gated, no network: each the user's to fix)
-        raise DataError(f"{shown} is not a local file, and the Hugging Face Hub did not return it within "
-                        f"{HUB_TIMEOUT:.0f} s: {printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None  # fmt: skip
+        raise DataError(
+            f"{shown} is not a local file, and the Hugging Face Hub did not return it within "
+            f"{HUB_TIMEOUT:.0f} s: {printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+        ) from None
     try:
         import datasets
 
         return datasets.load_dataset(dataset_id, split=split or "train")
     except Exception as e:  # noqa: BLE001 (any hub, network or script failure is the user's dataset name problem)
-        raise DataError(f"{shown} is not an existing file, and loading it as a Hugging Face dataset failed: "
-                        f"{printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None  # fmt: skip
+        raise DataError(
+            f"{shown} is not an existing file, and loading it as a Hugging Face dataset failed: "
+            f"{printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+        ) from None
 
 
 def _hub_records(name: str, reader: _Reader) -> Iterator[tuple[int, Record]]:
@@ -529,13 +607,20 @@ def _records(path: str | Path, reader: _Reader, files: ExitStack) -> Iterator[tu
     _regular_file(path, reader.limits)
     name = Path(path).name.lower()
     if not name.endswith(SUFFIXES):
-        raise DataError(f"{reader.name} has an unsupported file type; expected .jsonl, .jsonl.gz, .json, .parquet or "
-                        ".csv (or a Hugging Face dataset id, owner/name).")  # fmt: skip
+        raise DataError(
+            f"{reader.name} has an unsupported file type; expected .jsonl, .jsonl.gz, .json, .parquet or "
+            ".csv (or a Hugging Face dataset id, owner/name)."
+        )
     f = files.enter_context(open_regular(path, reader.limits))
     if name.endswith(".gz"):
         f = files.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
-    for suffix, read in ((".jsonl", _jsonl_records), (".jsonl.gz", _jsonl_records), (".json", _json_records),
-                         (".parquet", _parquet_records), (".csv", _csv_records)):  # fmt: skip
+    for suffix, read in (
+        (".jsonl", _jsonl_records),
+        (".jsonl.gz", _jsonl_records),
+        (".json", _json_records),
+        (".parquet", _parquet_records),
+        (".csv", _csv_records),
+    ):
         if name.endswith(suffix):
             return read(f, reader)
     raise AssertionError(name)  # SUFFIXES and the table above name the same suffixes
@@ -576,8 +661,10 @@ def _field(record: Record, key: str) -> Any:
 def _plain(text: str, key: str, what: str = "") -> str:
     """`text` if it holds no control character but tab, newline and carriage return (raw or JSON-escaped alike)."""
     if m := _CONTROL.search(text):
-        raise _RowProblem(f"valid_text({key})", f"'{key}'{what} holds the control character {printable(m.group())} "
-                                                f"at offset {m.start()}")  # fmt: skip
+        raise _RowProblem(
+            f"valid_text({key})",
+            f"'{key}'{what} holds the control character {printable(m.group())} at offset {m.start()}",
+        )
     return text
 
 
@@ -611,8 +698,11 @@ def _messages(value: Any, key: str) -> list[tuple[str, str]]:
         if not isinstance(content, str):
             raise _RowProblem(check, f"'{key}' message {i} has no string 'content'")
         if marker := _marker(content):  # rendered, it would start a turn of its own
-            raise _RowProblem(check, f"'{key}' message {i} holds the turn marker {marker!r} in its content, which "
-                                     "would forge a dialogue turn")  # fmt: skip
+            raise _RowProblem(
+                check,
+                f"'{key}' message {i} holds the turn marker {marker!r} in its content, which "
+                "would forge a dialogue turn",
+            )
         out.append((role.lower(), _plain(content, key, f" message {i}")))
     return out
 
@@ -670,8 +760,11 @@ def _pairs(record: Record) -> dict[str, str]:
     tails = (chosen[shared:], rejected[shared:])
     if shared == 0 or any(len(t) != 1 or t[0][0] != "assistant" for t in tails):
         raise _RowProblem("shared_prompt", "chosen and rejected conversations do not share a prompt prefix")
-    return {"prompt": _render(chosen[:shared], "chosen"), "chosen": tails[0][0][1].strip(),
-            "rejected": tails[1][0][1].strip()}  # fmt: skip
+    return {
+        "prompt": _render(chosen[:shared], "chosen"),
+        "chosen": tails[0][0][1].strip(),
+        "rejected": tails[1][0][1].strip(),
+    }
 
 
 def _hh(record: Record) -> dict[str, str]:
@@ -695,8 +788,11 @@ def _conversation(record: Record, kind: str) -> dict[str, str]:
         raise _RowProblem(check, "'messages' has no assistant turn")
     last = len(roles) - 1 - roles[::-1].index("assistant")
     if last < len(roles) - 1:
-        raise _RowProblem(check, f"'messages' has a {roles[last + 1]} message after the last assistant reply "
-                                 f"(message {last + 1}), which would be dropped")  # fmt: skip
+        raise _RowProblem(
+            check,
+            f"'messages' has a {roles[last + 1]} message after the last assistant reply "
+            f"(message {last + 1}), which would be dropped",
+        )
     if last == 0:
         raise _RowProblem(check, "'messages' has no turn before the assistant reply")
     return {"prompt": _render(messages[:last], "messages"), "response": messages[last][1].strip()}
@@ -756,16 +852,19 @@ def _format(name: str, kind: str, fmt: str, head: list[tuple[int, Any]]) -> str:
     if fmt == "auto":
         fmt = _detect(kind, keys) or ""
         if not fmt:
-            raise DataError(f"could not detect the format of {name}: columns {found}; expected one of: "
-                            f"{EXPECTED_COLUMNS[kind]}.")  # fmt: skip
+            raise DataError(
+                f"could not detect the format of {name}: columns {found}; expected one of: {EXPECTED_COLUMNS[kind]}."
+            )
         sample = [r.get("chosen") for _, r in head if isinstance(r, dict)]
         if fmt == "hh" and sum(isinstance(v, list) for v in sample) > sum(isinstance(v, str) for v in sample):
             fmt = "pairs"  # mostly message lists: TRL's implicit-prompt conversational format
     if not any(set(cols) <= keys for cols in REQUIRED[fmt]):
         need = " or ".join("/".join(cols) for cols in REQUIRED[fmt])
         missing = sorted(set(REQUIRED[fmt][0]) - keys)
-        raise DataError(f"{name} is missing required column(s) {', '.join(missing)} for format {fmt} (needs {need}; "
-                        f"found: {found}).")  # fmt: skip
+        raise DataError(
+            f"{name} is missing required column(s) {', '.join(missing)} for format {fmt} (needs {need}; "
+            f"found: {found})."
+        )
     return fmt
 
 
@@ -777,8 +876,10 @@ def load_dataset(path: str | Path, kind: str, fmt: str = "auto", limits: Limits 
     if not str(path).strip():
         raise DataError("no data file was given (the path is empty).")
     if fmt != "auto" and fmt not in FORMATS_BY_KIND[kind]:
-        raise DataError(f"cannot read {reader.name} as format {fmt!r}: it does not fit kind {kind!r} "
-                        f"(expected auto or one of {', '.join(FORMATS_BY_KIND[kind])}).")  # fmt: skip
+        raise DataError(
+            f"cannot read {reader.name} as format {fmt!r}: it does not fit kind {kind!r} "
+            f"(expected auto or one of {', '.join(FORMATS_BY_KIND[kind])})."
+        )
     rows = []
     with ExitStack() as files:
         try:

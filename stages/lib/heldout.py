@@ -41,8 +41,16 @@ class Sampling:
 
 def sample(policy, tokenizer, prompts: Sequence[str], sampling: Sampling) -> Generation:
     """One reply per prompt, whether it ended (emitted EOS) and how many prompts were shortened: modeling.generate."""
-    return generate(policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                    sampling.top_p, seed=sampling.seed)  # fmt: skip
+    return generate(
+        policy,
+        tokenizer,
+        prompts,
+        sampling.max_new_tokens,
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
+        seed=sampling.seed,
+    )
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
@@ -67,8 +75,9 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling,
-              ladder: Sequence[int]) -> dict[int, list[float]]:  # fmt: skip
+def best_of_n(
+    policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling, ladder: Sequence[int]
+) -> dict[int, list[float]]:
     """Best-of-n sampling from `policy` (the SFT model): max(ladder) replies per prompt, the one the reward model
     prefers among the first n, graded by the judge. Returns {n: the judge's score of the pick, per prompt}."""
     n_max = max(ladder)
@@ -92,8 +101,9 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
     model.eval()
     fitted = fit_pairs(tokenizer, prompts, [replies], context_limit(model, 10**9))  # the context budget
     enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in fitted.prompts]
-    enc_r = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-             for r in fitted.replies[0]]  # fmt: skip
+    enc_r = [
+        tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in fitted.replies[0]
+    ]
     rows = [p + r for p, r in zip(enc_p, enc_r, strict=True)]
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), tokenizer.pad_token_id)
@@ -109,23 +119,30 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
 
 def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:
     """exp(mean NLL of response tokens) on held-out demonstrations: the alignment tax is its rise after PPO."""
-    logprobs, mask = sequence_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], 1.0)
+    logprobs, mask = sequence_logprobs(
+        model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], 1.0
+    )
     return math.exp(-pm.masked_mean(logprobs, mask).item())
 
 
-def monitor_scores(policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling
-                   ) -> dict[str, Any]:  # fmt: skip
+def monitor_scores(
+    policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling
+) -> dict[str, Any]:
     """The over-optimisation monitor's point: the mean RM score of sampled replies (normalised), the judge's mean
     and the EOS rate. Evaluation only, never a training signal."""
     g = sample(policy, tokenizer, prompts, sampling)
     raw = rm.score_texts(prompts, g.replies)
     judged = judge.scores(prompts, g.replies)
-    return {"rm_score": rm.normalise([sum(raw) / len(raw)])[0], "judge": sum(judged) / len(judged),
-            "eos_rate": sum(g.ended) / len(g.ended)}  # fmt: skip
+    return {
+        "rm_score": rm.normalise([sum(raw) / len(raw)])[0],
+        "judge": sum(judged) / len(judged),
+        "eos_rate": sum(g.ended) / len(g.ended),
+    }
 
 
-def evaluate_policy(name: str, policy, tokenizer, rm: RewardModel, judge: Judge, ref, prompts: Sequence[str],
-                    sampling: Sampling) -> dict[str, Any]:  # fmt: skip
+def evaluate_policy(
+    name: str, policy, tokenizer, rm: RewardModel, judge: Judge, ref, prompts: Sequence[str], sampling: Sampling
+) -> dict[str, Any]:
     """Sample one reply per prompt and measure it: RM score, the judge's score, KL to `ref`, length, diversity, EOS
     rate. Returns the replies and per-reply scores (`replies`, `rm_scores`, `judge_scores`) and metrics named
     `{name}/...`."""
@@ -137,15 +154,21 @@ def evaluate_policy(name: str, policy, tokenizer, rm: RewardModel, judge: Judge,
     k1, k3 = pm.kl_k1(logprobs, ref_logprobs) * mask, pm.kl_k3(logprobs, ref_logprobs) * mask
     judged = judge.scores(prompts, replies)
     out = {
-        "replies": replies, "rm_scores": rm_scores, "judge_scores": judged,
+        "replies": replies,
+        "rm_scores": rm_scores,
+        "judge_scores": judged,
         f"{name}/judge": sum(judged) / len(judged),
         f"{name}/rm_score": sum(rm_scores) / len(rm_scores),
-        f"{name}/kl_k1_seq": k1.sum(1).mean().item(), f"{name}/kl_k3_seq": k3.sum(1).mean().item(),
-        f"{name}/kl_k1_token": pm.masked_mean(k1, mask).item(), f"{name}/kl_k3_token": pm.masked_mean(k3, mask).item(),
+        f"{name}/kl_k1_seq": k1.sum(1).mean().item(),
+        f"{name}/kl_k3_seq": k3.sum(1).mean().item(),
+        f"{name}/kl_k1_token": pm.masked_mean(k1, mask).item(),
+        f"{name}/kl_k3_token": pm.masked_mean(k3, mask).item(),
         f"{name}/response_words": sum(len(r.split()) for r in replies) / len(replies),
-        f"{name}/distinct_1": distinct_n(replies, 1), f"{name}/distinct_2": distinct_n(replies, 2),
-        f"{name}/eos_rate": sum(ended) / len(ended), f"{name}/truncated_prompts": g.truncated,
-    }  # fmt: skip
+        f"{name}/distinct_1": distinct_n(replies, 1),
+        f"{name}/distinct_2": distinct_n(replies, 2),
+        f"{name}/eos_rate": sum(ended) / len(ended),
+        f"{name}/truncated_prompts": g.truncated,
+    }
     return out
 
 

@@ -35,9 +35,11 @@ from stages.lib.params import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, one_of
 from stages.lib.rewards import RewardModel
 
 KINDS = ("auto", "gold", "reward_model", "scorer", "endpoint")
-RUBRIC = ("You are grading an assistant's reply in a conversation. Rate how helpful, correct, harmless and polite "
-          "the reply is, from 1 (worst) to 10 (best). Answer with the number only.\n\nConversation:{prompt}\n\n"
-          "Reply to grade: {reply}")  # fmt: skip
+RUBRIC = (
+    "You are grading an assistant's reply in a conversation. Rate how helpful, correct, harmless and polite "
+    "the reply is, from 1 (worst) to 10 (best). Answer with the number only.\n\nConversation:{prompt}\n\n"
+    "Reply to grade: {reply}"
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,12 @@ class JudgeConfig:
     timeout: float = 60.0  # endpoint: seconds per request
 
     SECTION: ClassVar[str] = "judge"
-    RANGES: ClassVar[dict] = {"kind": one_of(*KINDS), "fraction": OPEN_FRACTION, "seed": NON_NEGATIVE,
-                              "timeout": POSITIVE}  # fmt: skip
+    RANGES: ClassVar[dict] = {
+        "kind": one_of(*KINDS),
+        "fraction": OPEN_FRACTION,
+        "seed": NON_NEGATIVE,
+        "timeout": POSITIVE,
+    }
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,8 +91,10 @@ class GoldJudge:
 
     def scores(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
         if not task.judge_applies(list(prompts)):
-            raise BadInput("the gold judge grades only the default task's prompts: set judge.kind to auto or "
-                           "reward_model for your own data")  # fmt: skip
+            raise BadInput(
+                "the gold judge grades only the default task's prompts: set judge.kind to auto or "
+                "reward_model for your own data"
+            )
         return [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
 
 
@@ -137,8 +145,11 @@ class EndpointJudge:
         return [self._score(p, r) for p, r in zip(prompts, replies, strict=True)]
 
     def _score(self, prompt: str, reply: str) -> float:
-        body = {"model": self.model, "temperature": 0,
-                "messages": [{"role": "user", "content": RUBRIC.format(prompt=prompt, reply=reply)}]}  # fmt: skip
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": RUBRIC.format(prompt=prompt, reply=reply)}],
+        }
         request = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's URL)

@@ -43,8 +43,14 @@ class TinyModelConfig:
     max_positions: int = 128
     dropout: float = 0.1  # HF default; it helps the tiny model generalise to held-out prompts
 
-    RANGES: ClassVar[dict] = {"n_layer": AT_LEAST_ONE, "n_embd": AT_LEAST_ONE, "n_head": AT_LEAST_ONE,
-                              "vocab_size": AT_LEAST_ONE, "max_positions": AT_LEAST_ONE, "dropout": Allowed(0, 1, high_open=True)}  # fmt: skip
+    RANGES: ClassVar[dict] = {
+        "n_layer": AT_LEAST_ONE,
+        "n_embd": AT_LEAST_ONE,
+        "n_head": AT_LEAST_ONE,
+        "vocab_size": AT_LEAST_ONE,
+        "max_positions": AT_LEAST_ONE,
+        "dropout": Allowed(0, 1, high_open=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,10 @@ def resolve_precision(setting: str, device: str = "cpu", native_bf16: bool | Non
         if setting == "fp16":
             raise PrecisionError("precision fp16 needs a GPU; on a CPU use fp32 (or auto)")
         if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
-            raise PrecisionError(f"precision bf16 asked for, but this CPU ({cpu_model()}) has no native bf16 "
-                                 "(avx512_bf16/amx_bf16): bf16 would run ~12x slower than fp32; use fp32 or auto")
+            raise PrecisionError(
+                f"precision bf16 asked for, but this CPU ({cpu_model()}) has no native bf16 "
+                "(avx512_bf16/amx_bf16): bf16 would run ~12x slower than fp32; use fp32 or auto"
+            )
         return "bf16"
     if setting == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -155,18 +163,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 def build_tiny_model(arch: str, shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A randomly initialised GPT-2 or Llama causal LM of the given shape."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=shape.max_positions, n_embd=shape.n_embd,
-                            n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=shape.dropout,
-                            embd_pdrop=shape.dropout, attn_pdrop=shape.dropout, **ids)  # fmt: skip
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=shape.max_positions,
+            n_embd=shape.n_embd,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            resid_pdrop=shape.dropout,
+            embd_pdrop=shape.dropout,
+            attn_pdrop=shape.dropout,
+            **ids,
+        )
         return GPT2LMHeadModel(config)
     if arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.n_embd, intermediate_size=4 * shape.n_embd,
-                             num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
-                             max_position_embeddings=shape.max_positions, attention_dropout=shape.dropout,
-                             **ids)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.n_embd,
+            intermediate_size=4 * shape.n_embd,
+            num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head,
+            max_position_embeddings=shape.max_positions,
+            attention_dropout=shape.dropout,
+            **ids,
+        )
         return LlamaForCausalLM(config)
     raise ValueError(f"unknown tiny architecture {arch!r}: use tiny-gpt2 or tiny-llama")
 
@@ -213,8 +236,9 @@ def peft_config(lora: LoraSettings, task_type: str, model: PreTrainedModel):
     targets = [m for m in lora.target_modules if m in present]
     if not targets:
         raise ValueError(f"LoRA target modules {lora.target_modules} not found in the model")
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      task_type=task_type)  # fmt: skip
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
+    )
 
 
 def context_limit(model: PreTrainedModel, wanted: int) -> int:

@@ -139,12 +139,16 @@ def _check(cls: type, values: dict[str, Any], where: str) -> None:
         name = f"{where}.{key}"
         if key in nested:
             if not isinstance(value, dict):
-                raise ParamsError(f"{name} = {_shown(value)}: expected a mapping of {', '.join(sorted(_keys(nested[key])))}")
+                raise ParamsError(
+                    f"{name} = {_shown(value)}: expected a mapping of {', '.join(sorted(_keys(nested[key])))}"
+                )
             _check(nested[key], value, name)
             continue
         if not _fits(value, hints[key]):
-            raise ParamsError(f"{name} = {_shown(value)}: expected {_describe(hints[key])}"
-                              + (f" {ranges[key]}" if key in ranges and not ranges[key].choices else ""))  # fmt: skip
+            raise ParamsError(
+                f"{name} = {_shown(value)}: expected {_describe(hints[key])}"
+                + (f" {ranges[key]}" if key in ranges and not ranges[key].choices else "")
+            )
         allowed = ranges.get(key)
         items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
         if allowed is not None and not all(allowed.allows(v) for v in items):

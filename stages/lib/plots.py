@@ -11,8 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str,
-              path: str | Path) -> None:  # fmt: skip
+def line_plot(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str, path: str | Path
+) -> None:
     """One line per named (x, y) series, saved to `path`."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
@@ -25,8 +26,14 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     plt.close(fig)
 
 
-def bar_plot(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, path: str | Path,
-             counts: Sequence[int] | None = None) -> None:  # fmt: skip
+def bar_plot(
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    ylabel: str,
+    path: str | Path,
+    counts: Sequence[int] | None = None,
+) -> None:
     """Bars with their counts on top."""
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(list(labels), list(values), color="tab:blue")

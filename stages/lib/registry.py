@@ -77,17 +77,24 @@ def fetch_policy(uri: str, dest: Path, trust: bool = False) -> Path:
     what = f"{uri} (version {version.version} of {version.name})"
     digest = version.tags.get(MODEL_HASH_TAG)
     if not digest and not trust:
-        raise BadInput(f"{what} was not registered by this pipeline (no {MODEL_HASH_TAG} tag); pass --trust-model "
-                       "to evaluate it anyway (its safetensors weights only)")  # fmt: skip
+        raise BadInput(
+            f"{what} was not registered by this pipeline (no {MODEL_HASH_TAG} tag); pass --trust-model "
+            "to evaluate it anyway (its safetensors weights only)"
+        )
     try:
-        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
-                                                             dst_path=str(dest)))  # fmt: skip
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dest)
+            )
+        )
     except mlflow.exceptions.MlflowException as e:
         raise BadInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
     folder = _hf_folder(model_dir, uri)
     if folder is None or not any(folder.glob("*.safetensors")):
-        raise BadInput(f"{what} has no `{HF_ARTIFACT}` folder with safetensors weights: it was not registered by "
-                       "this pipeline, and only such a folder is loaded")  # fmt: skip
+        raise BadInput(
+            f"{what} has no `{HF_ARTIFACT}` folder with safetensors weights: it was not registered by "
+            "this pipeline, and only such a folder is loaded"
+        )
     pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
     if pickled:
         raise BadInput(f"{what} holds pickled weights ({', '.join(pickled)}) beside its safetensors: refused")

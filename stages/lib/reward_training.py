@@ -62,12 +62,20 @@ class RewardConfig:
     SECTION: ClassVar[str] = "reward"
     NESTED: ClassVar[dict] = {"lora": LoraSettings}
     RANGES: ClassVar[dict] = {
-        "epochs": POSITIVE, "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "warmup_ratio": FRACTION,
-        "weight_decay": NON_NEGATIVE, "margin": FINITE, "center_rewards_coefficient": NON_NEGATIVE,
-        "max_length": AT_LEAST_ONE, "seed": NON_NEGATIVE, "logging_steps": AT_LEAST_ONE,
-        "calibration_bins": AT_LEAST_ONE, "n_norm_samples": Allowed(2),  # a standard deviation needs two
+        "epochs": POSITIVE,
+        "batch_size": AT_LEAST_ONE,
+        "learning_rate": POSITIVE,
+        "warmup_ratio": FRACTION,
+        "weight_decay": NON_NEGATIVE,
+        "margin": FINITE,
+        "center_rewards_coefficient": NON_NEGATIVE,
+        "max_length": AT_LEAST_ONE,
+        "seed": NON_NEGATIVE,
+        "logging_steps": AT_LEAST_ONE,
+        "calibration_bins": AT_LEAST_ONE,
+        "n_norm_samples": Allowed(2),  # a standard deviation needs two
         "max_new_tokens": AT_LEAST_ONE,
-    }  # fmt: skip
+    }
 
 
 def calibration(gaps: list[float], correct: list[bool], bins: int) -> list[dict[str, float]]:
@@ -77,8 +85,14 @@ def calibration(gaps: list[float], correct: list[bool], bins: int) -> list[dict[
     for b in range(bins):
         idx = order[b * len(order) // bins : (b + 1) * len(order) // bins]
         if idx:
-            rows.append({"gap_low": abs(gaps[idx[0]]), "gap_high": abs(gaps[idx[-1]]), "n": len(idx),
-                         "accuracy": sum(correct[i] for i in idx) / len(idx)})  # fmt: skip
+            rows.append(
+                {
+                    "gap_low": abs(gaps[idx[0]]),
+                    "gap_high": abs(gaps[idx[-1]]),
+                    "n": len(idx),
+                    "accuracy": sum(correct[i] for i in idx) / len(idx),
+                }
+            )
     return rows
 
 
@@ -100,14 +114,22 @@ def _length_grouped(trainer_cls: type) -> type:
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202 (HF's signature)
             data = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [max(len(c), len(r)) for c, r in zip(data["chosen_ids"], data["rejected_ids"], strict=True)]
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=lengths)  # fmt: skip
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+            )
 
     return LengthGrouped
 
 
-def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows: list[dict], tracker: Tracker,
-          precision: str, prefix: str = "reward/") -> tuple[Any, Any, list[dict], float, dict[str, int]]:  # fmt: skip
+def train(
+    config: RewardConfig,
+    sft_dir: Path,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    tracker: Tracker,
+    precision: str,
+    prefix: str = "reward/",
+) -> tuple[Any, Any, list[dict], float, dict[str, int]]:
     """Bradley-Terry training with TRL's RewardTrainer (it appends EOS and reads the score at the last token).
     Returns (model, tokenizer, the trainer's log history, training seconds, pairs cut to the context)."""
     from datasets import Dataset
@@ -126,32 +148,54 @@ def train(config: RewardConfig, sft_dir: Path, train_rows: list[dict], test_rows
 
     def as_dataset(rows: list[dict[str, str]], split: str) -> Dataset:
         # the context budget: each reply keeps its start, the shared prompt its last turns (TRL appends the EOS)
-        fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["chosen"] for r in rows],
-                                                                    [r["rejected"] for r in rows]], max_length)  # fmt: skip
+        fitted = fit_pairs(
+            tokenizer,
+            [r["prompt"] for r in rows],
+            [[r["chosen"] for r in rows], [r["rejected"] for r in rows]],
+            max_length,
+        )
         truncated.update(fitted.counts(f"{split}_"))
-        data = [{"prompt": p, "chosen": " " + c, "rejected": " " + r}
-                for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)]  # fmt: skip
+        data = [
+            {"prompt": p, "chosen": " " + c, "rejected": " " + r}
+            for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)
+        ]
         if config.margin:
             data = [{**d, "margin": config.margin} for d in data]
         return Dataset.from_list(data)
 
     with tempfile.TemporaryDirectory() as scratch:
         args = TrlRewardConfig(
-            output_dir=scratch, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
-            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+            output_dir=scratch,
+            num_train_epochs=config.epochs,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_ratio,
+            weight_decay=config.weight_decay,
             max_length=max_length,
             center_rewards_coefficient=config.center_rewards_coefficient or None,
-            gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
-            eval_strategy="epoch", save_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=False, **trainer_precision(precision),
-        )  # fmt: skip
+            gradient_checkpointing=config.gradient_checkpointing,
+            logging_steps=config.logging_steps,
+            eval_strategy="epoch",
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+            **trainer_precision(precision),
+        )
         trainer = (LengthGroupedRewardTrainer if config.group_by_length else RewardTrainer)(
-            model=model, args=args, train_dataset=as_dataset(train_rows, "train"),
+            model=model,
+            args=args,
+            train_dataset=as_dataset(train_rows, "train"),
             eval_dataset=as_dataset(test_rows, "test"),
-            processing_class=tokenizer, peft_config=peft_config(LoraSettings(**config.lora), "SEQ_CLS", model),
+            processing_class=tokenizer,
+            peft_config=peft_config(LoraSettings(**config.lora), "SEQ_CLS", model),
             callbacks=[trainer_callback(tracker, prefix)],
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -167,30 +211,48 @@ def measure(rm: RewardModel, test_rows: list[dict], max_length: int, bins: int) 
     r_r = rm.score_texts(prompts, [r["rejected"] for r in test_rows], max_length)
     gaps = [c - r for c, r in zip(r_c, r_r, strict=True)]
     correct = [g > 0 for g in gaps]
-    out: dict[str, Any] = {"accuracy": sum(correct) / len(correct), "calibration": calibration(gaps, correct, bins),
-                           "rank_agreement_gold": None, "gold_pair_accuracy": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "accuracy": sum(correct) / len(correct),
+        "calibration": calibration(gaps, correct, bins),
+        "rank_agreement_gold": None,
+        "gold_pair_accuracy": None,
+    }
     if task.judge_applies(prompts):
         g_c = [task.gold_score(r["prompt"], r["chosen"]) for r in test_rows]
         g_r = [task.gold_score(r["prompt"], r["rejected"]) for r in test_rows]
         out["rank_agreement_gold"] = spearman(r_c + r_r, g_c + g_r)
-        decided = [(g > 0) == (x > 0) for g, x in zip([c - r for c, r in zip(g_c, g_r, strict=True)], gaps, strict=True)
-                   if g != 0]  # fmt: skip
+        decided = [
+            (g > 0) == (x > 0)
+            for g, x in zip([c - r for c, r in zip(g_c, g_r, strict=True)], gaps, strict=True)
+            if g != 0
+        ]
         out["gold_pair_accuracy"] = sum(decided) / max(1, len(decided))
     return out
 
 
-def build(config: RewardConfig, train_rows: list[dict], test_rows: list[dict], norm_prompts: list[str], sft_dir: Path,
-          out_dir: Path, tracker: Tracker, precision: str = "fp32", name: str = "reward") -> dict[str, Any]:  # fmt: skip
+def build(
+    config: RewardConfig,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    norm_prompts: list[str],
+    sft_dir: Path,
+    out_dir: Path,
+    tracker: Tracker,
+    precision: str = "fp32",
+    name: str = "reward",
+) -> dict[str, Any]:
     """Train a reward model on `train_rows` and measure it on `test_rows`; writes the model, norm.json (scores of SFT
     replies to `norm_prompts`), calibration, plots and metrics.json to `out_dir`. Returns the metrics."""
     seed_everything(config.seed)
-    tracker.log_params({name: asdict(config), "n_train": len(train_rows), "n_test": len(test_rows),
-                        "precision": precision})  # fmt: skip
+    tracker.log_params(
+        {name: asdict(config), "n_train": len(train_rows), "n_test": len(test_rows), "precision": precision}
+    )
     policy, gen_tokenizer = load_causal_lm(sft_dir)  # left-padded, for sampling
 
     # 1. Bradley-Terry training
-    model, tokenizer, history, train_seconds, truncated = train(config, sft_dir, train_rows, test_rows, tracker,
-                                                                precision, f"{name}/")  # fmt: skip
+    model, tokenizer, history, train_seconds, truncated = train(
+        config, sft_dir, train_rows, test_rows, tracker, precision, f"{name}/"
+    )
     rm = RewardModel(model, tokenizer)
 
     # 2. held-out agreement with the labels, calibration, agreement with the gold judge (default task)
@@ -210,10 +272,18 @@ def build(config: RewardConfig, train_rows: list[dict], test_rows: list[dict], n
     write_json(out_dir / "norm.json", norm)
     write_json(out_dir / "calibration.json", bins)  # DVC plots read JSON, not JSON lines
     write_plots(out_dir, history, bins)
-    metrics = {"accuracy": round(measured["accuracy"], 4), "rank_agreement_gold": measured["rank_agreement_gold"],
-               "gold_pair_accuracy": measured["gold_pair_accuracy"], "train_seconds": round(train_seconds, 2),
-               "reward_mean": norm["mean"], "reward_std": norm["std"], "precision": precision,
-               "n_train": len(train_rows), "n_test": len(test_rows), **truncated}  # fmt: skip
+    metrics = {
+        "accuracy": round(measured["accuracy"], 4),
+        "rank_agreement_gold": measured["rank_agreement_gold"],
+        "gold_pair_accuracy": measured["gold_pair_accuracy"],
+        "train_seconds": round(train_seconds, 2),
+        "reward_mean": norm["mean"],
+        "reward_std": norm["std"],
+        "precision": precision,
+        "n_train": len(train_rows),
+        "n_test": len(test_rows),
+        **truncated,
+    }
     write_json(out_dir / "metrics.json", metrics)
 
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
@@ -225,13 +295,24 @@ def build(config: RewardConfig, train_rows: list[dict], test_rows: list[dict], n
 
 def write_plots(out_dir: Path, history: list[dict], bins: list[dict]) -> None:
     """Calibration bars, the Bradley-Terry loss and the pairwise accuracy over training steps."""
-    bar_plot([f"{b['gap_low']:.2f}-{b['gap_high']:.2f}" for b in bins], [b["accuracy"] for b in bins],
-             "RM calibration: held-out accuracy by |reward gap|", "accuracy", out_dir / "calibration.png",
-             counts=[b["n"] for b in bins])  # fmt: skip
+    bar_plot(
+        [f"{b['gap_low']:.2f}-{b['gap_high']:.2f}" for b in bins],
+        [b["accuracy"] for b in bins],
+        "RM calibration: held-out accuracy by |reward gap|",
+        "accuracy",
+        out_dir / "calibration.png",
+        counts=[b["n"] for b in bins],
+    )
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     train_acc = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h and "loss" in h]
     eval_acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
-    line_plot({"train loss": tuple(zip(*losses, strict=False))}, "RM Bradley-Terry loss", "step", "loss",
-              out_dir / "loss.png")  # fmt: skip
-    line_plot({"train": tuple(zip(*train_acc, strict=False)), "held-out": tuple(zip(*eval_acc, strict=False))},
-              "RM pairwise accuracy", "step", "accuracy", out_dir / "accuracy.png")  # fmt: skip
+    line_plot(
+        {"train loss": tuple(zip(*losses, strict=False))}, "RM Bradley-Terry loss", "step", "loss", out_dir / "loss.png"
+    )
+    line_plot(
+        {"train": tuple(zip(*train_acc, strict=False)), "held-out": tuple(zip(*eval_acc, strict=False))},
+        "RM pairwise accuracy",
+        "step",
+        "accuracy",
+        out_dir / "accuracy.png",
+    )

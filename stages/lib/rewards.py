@@ -51,8 +51,9 @@ class RewardModel:
         return self.model.score(hidden[torch.arange(len(seq)), last]).squeeze(-1)
 
     @torch.no_grad()
-    def score_texts(self, prompts: Sequence[str], replies: Sequence[str], max_length: int | None = None,
-                    batch_size: int = 64) -> list[float]:  # fmt: skip
+    def score_texts(
+        self, prompts: Sequence[str], replies: Sequence[str], max_length: int | None = None, batch_size: int = 64
+    ) -> list[float]:
         """Raw scores of `prompt + " " + reply + EOS`: exactly the text the reward model was trained on, fitted into
         `max_length` tokens (default and at most: the model's context) by the context budget (the reply keeps its
         start, the prompt its last turns; stages/lib/context.py). `self.last_truncated` counts the prompts cut."""
@@ -63,8 +64,14 @@ class RewardModel:
         texts = [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(fitted.prompts, fitted.replies[0], strict=True)]
         out: list[float] = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=limit, add_special_tokens=False)  # fmt: skip
+            enc = self.tokenizer(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                add_special_tokens=False,
+            )
             attn = enc["attention_mask"]
             out += self.score_tokens(enc["input_ids"], attn, attn.sum(1) - 1).tolist()
         return out

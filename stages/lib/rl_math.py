@@ -224,7 +224,7 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, section 2.2: steer the KL toward `target` with a proportional controller.
 
-        e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
+    e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
     """
 
     def __init__(self, kl_coef: float, target: float, horizon: float) -> None:

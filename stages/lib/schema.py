@@ -10,9 +10,9 @@ A dataset is a list of rows (or a pandas DataFrame) with string columns:
 
     "\\n\\nHuman: What is 2 plus 3?\\n\\nAssistant:"
 
-and `chosen` / `rejected` / `response` hold only the assistant's reply, stripped. A plain question (no dialogue markup) is
-rendered into that form, so `{"prompt": "What is 2 plus 3?"}` and the HH transcript of the same turn mean the same.
-The model sees `prompt + " " + response`.
+and `chosen` / `rejected` / `response` hold only the assistant's reply, stripped. A plain question (no dialogue
+markup) is rendered into that form, so `{"prompt": "What is 2 plus 3?"}` and the HH transcript of the same turn mean
+the same. The model sees `prompt + " " + response`.
 """
 
 from __future__ import annotations

@@ -29,8 +29,13 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         p = params or {}
-        return generate(self.model, self.tokenizer, [render_prompt(x) for x in prompts],
-                        int(p.get("max_new_tokens", 48)), float(p.get("temperature", 0.0))).replies  # fmt: skip
+        return generate(
+            self.model,
+            self.tokenizer,
+            [render_prompt(x) for x in prompts],
+            int(p.get("max_new_tokens", 48)),
+            float(p.get("temperature", 0.0)),
+        ).replies
 
 
 mlflow.models.set_model(PolicyModel())

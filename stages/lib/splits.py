@@ -49,7 +49,9 @@ def in_fraction(prompt: str, fraction: float, seed: int, salt: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _split(frame: pd.DataFrame, fraction: float, seed: int, salt: str, keep: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _split(
+    frame: pd.DataFrame, fraction: float, seed: int, salt: str, keep: set[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows whose prompt stays, rows whose prompt falls in the fraction); prompts in `keep` always stay."""
     chosen = frame["prompt"].map(lambda p: p not in keep and in_fraction(p, fraction, seed, salt))
     return frame[~chosen].reset_index(drop=True), frame[chosen].reset_index(drop=True)
@@ -63,8 +65,9 @@ def _demos(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns={"chosen": "response"})[["prompt", "response"]].drop_duplicates().reset_index(drop=True)
 
 
-def derive(frames: dict[str, pd.DataFrame], config: SplitConfig, judge_fraction: float | None = None,
-           judge_seed: int = 1) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:  # fmt: skip
+def derive(
+    frames: dict[str, pd.DataFrame], config: SplitConfig, judge_fraction: float | None = None, judge_seed: int = 1
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """The six datasets (plus the judge's pairs when `judge_fraction` is set) from the validated ones given; returns
     (every dataset, {derived name: where it came from})."""
     out, notes = dict(frames), {}
@@ -75,13 +78,17 @@ def derive(frames: dict[str, pd.DataFrame], config: SplitConfig, judge_fraction:
         raise BadInput(f"params.yaml data: {', '.join(missing)} missing and no preferences to derive them from")
     given_training = {p for n in ("sft", "prompts") if n in frames for p in frames[n]["prompt"]}
     if "preferences_test" not in out:
-        out["preferences"], out["preferences_test"] = _split(frames["preferences"], config.heldout_fraction,
-                                                             config.seed, "heldout", given_training)  # fmt: skip
-        notes["preferences_test"] = (f"{config.heldout_fraction:.0%} of the preference prompts (seed {config.seed}), "
-                                     "split by prompt")  # fmt: skip
+        out["preferences"], out["preferences_test"] = _split(
+            frames["preferences"], config.heldout_fraction, config.seed, "heldout", given_training
+        )
+        notes["preferences_test"] = (
+            f"{config.heldout_fraction:.0%} of the preference prompts (seed {config.seed}), split by prompt"
+        )
     if judge_fraction is not None:
         out["preferences"], out[JUDGE] = _split(out["preferences"], judge_fraction, judge_seed, "judge", set())
-        notes[JUDGE] = f"{judge_fraction:.0%} of the training prompts (seed {judge_seed}): the judge reward model's pairs"
+        notes[JUDGE] = (
+            f"{judge_fraction:.0%} of the training prompts (seed {judge_seed}): the judge reward model's pairs"
+        )
     if config.sft_from_chosen:
         for name, source in (("sft", "preferences"), ("sft_test", "preferences_test")):
             if name not in frames:
@@ -94,6 +101,8 @@ def derive(frames: dict[str, pd.DataFrame], config: SplitConfig, judge_fraction:
             notes[name] = f"the distinct prompts of {source}"
     still = [n for n in REQUIRED if n not in out or out[n].empty]
     if still:
-        raise BadInput(f"params.yaml data: {', '.join(still)} could not be derived (too few rows, or sft_from_chosen "
-                       "is off): give them, or more preference pairs")  # fmt: skip
+        raise BadInput(
+            f"params.yaml data: {', '.join(still)} could not be derived (too few rows, or sft_from_chosen "
+            "is off): give them, or more preference pairs"
+        )
     return out, notes

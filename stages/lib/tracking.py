@@ -161,24 +161,36 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
     if image := os.environ.get("RLHF_IMAGE"):  # set by the docker runner (flows/runners.py)
         where["rlhf.image"] = image
     try:
-        mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)))
-        with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
-                              tags={"rlhf.stage": stage, **where, **(tags or {})}) as run:  # fmt: skip
+        mlflow.set_experiment(
+            experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        )
+        with mlflow.start_run(
+            run_name=stage,
+            parent_run_id=parent,
+            nested=parent is not None,
+            tags={"rlhf.stage": stage, **where, **(tags or {})},
+        ) as run:
             yield MlflowTracker(run.info.run_id)
     except Exception as e:
         if not server_unreachable(e):
             raise
-        raise Unavailable(f"the MLflow tracking server {uri} did not answer ({_cause(e)}), even after MLflow's "
-                          f"retries: {stage}'s results are not all recorded there; run it again when the server is "
-                          "back") from e  # fmt: skip
+        raise Unavailable(
+            f"the MLflow tracking server {uri} did not answer ({_cause(e)}), even after MLflow's "
+            f"retries: {stage}'s results are not all recorded there; run it again when the server is "
+            "back"
+        ) from e
 
 
 def _cause(error: BaseException) -> str:
     """A few words for why a request failed (MLflow's own message repeats the URL and urllib3's retry state)."""
     text = str(error)
-    for needle, said in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                         ("RemoteDisconnected", "connection dropped"), ("Connection aborted", "connection dropped"),
-                         ("Connection reset", "connection reset")):  # fmt: skip
+    for needle, said in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("RemoteDisconnected", "connection dropped"),
+        ("Connection aborted", "connection dropped"),
+        ("Connection reset", "connection reset"),
+    ):
         if needle in text:
             return said
     return text.splitlines()[0][:160] if text else type(error).__name__
@@ -198,9 +210,11 @@ def server_unreachable(error: BaseException) -> bool:
         return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
     if isinstance(error, MlflowException):  # raised by MLflow's REST client when its retries ran out
         message = str(error.message)
-        return message.startswith("API request to") and ("failed with exception" in message
-                                                          or "failed with timeout" in message
-                                                          or "failed with error code 5" in message)  # fmt: skip
+        return message.startswith("API request to") and (
+            "failed with exception" in message
+            or "failed with timeout" in message
+            or "failed with error code 5" in message
+        )
     return False
 
 
