@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run data test lint lock clean images
+.PHONY: setup run data test lint lock clean images docs
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: lint  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for th
 images:  ## build the stage image; `rlhf run --runner docker` then runs each stage in it
 	VARIANT='$(VARIANT)' BASE_IMAGE='$(BASE_IMAGE)' IMAGE='$(IMAGE)' EXTRA_CA='$(EXTRA_CA)' TORCH_WHEELS='$(TORCH_WHEELS)' \
 	  docker/build.sh
+
+docs: setup  ## check the docs' numbers against benchmarks/ and build the site into site/ (mkdocs-material, offline)
+	$(BIN)/python docs/fill_numbers.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: setup  ## the formatter's check and the linter (line length included) over the whole repository
 	$(BIN)/ruff format --check .
