@@ -183,9 +183,11 @@ class TimingTracker:
 def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None) -> dict[str, Any]:
     """Our stage, unchanged: `stages.ppo.run` for 1 + n_batches steps; no monitor, no mid-run checkpoints."""
     sys.path.insert(0, str(ROOT))
+    from stages.lib.params import defaults
     from stages.ppo import PPOConfig, run
 
-    config = PPOConfig(
+    config = defaults(
+        PPOConfig,
         seed=0,
         num_steps=1 + n_batches,
         batch_size=shape.batch_size,

@@ -30,16 +30,12 @@ from pathlib import Path
 
 import yaml
 
+from stages.lib.environment import cpu_model
+from stages.lib.params import defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"4x256": (4, 256, 4), "6x384": (6, 384, 6), "8x512": (8, 512, 8), "12x768": (12, 768, 12)}
 MULTIPLES = (1, 4, 16)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def child(code: str, args: dict) -> dict:
@@ -61,7 +57,6 @@ def child(code: str, args: dict) -> dict:
 
 def _data(multiple: int = 1) -> Path:
     """The default task at `multiple` times its rows, rendered as the validation stage writes it."""
-    import yaml
 
     from stages.lib import task
     from stages.lib.formats import load_dataset
@@ -96,7 +91,7 @@ def _model_dir(size: str) -> Path:
         n_layer, n_embd, n_head = SIZES[size]
         data = _data()
         texts = [r["prompt"] + " " + r["response"] for r in read_jsonl(data / "sft.jsonl")]
-        shape = TinyModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=512, dropout=0.0)
+        shape = defaults(TinyModelConfig, n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=512, dropout=0.0)
         create_base_model("tiny-gpt2", shape, texts, out, 0)
     return out
 
@@ -124,13 +119,13 @@ def _trainer_steps(kind: str, size: str, steps: int, multiple: int = 1, epoch: b
     if kind == "sft":
         rows = read_jsonl(data / "sft.jsonl")
         rows = rows if epoch else rows[: 32 * steps]
-        config = sft.SFTConfig(epochs=1, logging_steps=1)
+        config = defaults(sft.SFTConfig, epochs=1, logging_steps=1)
         model, tokenizer = load_causal_lm(model_dir)
         sft.train(config, model, tokenizer, rows, read_jsonl(data / "sft_test.jsonl")[:32], Clock(), "fp32")
     else:
         rows = read_jsonl(data / "preferences.jsonl")
         rows = rows if epoch else rows[: 32 * steps]
-        config = reward_training.RewardConfig(epochs=1, logging_steps=1)
+        config = defaults(reward_training.RewardConfig, epochs=1, logging_steps=1)
         reward_training.train(
             config, model_dir, rows, read_jsonl(data / "preferences_test.jsonl")[:32], Clock(), "fp32"
         )
@@ -168,7 +163,8 @@ def _ppo_steps(size: str, steps: int) -> dict:
             if "time/step" in metrics:
                 times.append((time.perf_counter(), metrics["tokens/response_len_mean"] * 32))
 
-    config = PPOConfig(
+    config = defaults(
+        PPOConfig,
         num_steps=steps,
         batch_size=32,
         response_length=48,
@@ -229,7 +225,7 @@ def _validate(multiple: int) -> dict:
     rows = sum(len(Path(s.path).read_bytes().splitlines()) for s in specs.values())
     out = Path(tempfile.mkdtemp(prefix="rlhf-scaling-validate-"))
     start = time.perf_counter()
-    config = validate.ValidateConfig(**yaml.safe_load((ROOT / "params.yaml").read_text())["validate"])  # as make run
+    config = defaults(validate.ValidateConfig)  # as make run
     validate.run(config, specs, out / "data", out / "reports", out / "metrics.json")
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": seconds, "seconds_per_1k_rows": seconds * 1000 / rows}

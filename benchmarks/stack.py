@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from stages.lib.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,13 +34,6 @@ from tests.helpers import deep_merge, make_project  # noqa: E402 (the tests' thr
 from tests.stack_fixtures import PASSING, free_ports  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:

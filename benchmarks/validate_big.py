@@ -48,12 +48,13 @@ import json, resource, sys, time
 from pathlib import Path
 from stages.lib.formats import DataError
 from stages.validate import ValidateConfig, validate_file
+from stages.lib.params import defaults
 path, limits, reports = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
 import great_expectations  # imported before the baseline: it is part of every validating process
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 try:
-    report = validate_file(path, "preferences", config=ValidateConfig(**limits), report_dir=reports)
+    report = validate_file(path, "preferences", config=defaults(ValidateConfig, **limits), report_dir=reports)
     verdict = "passed" if report.passed else "failed"
     outcome = f"{verdict}: {report.n_valid} valid, {report.n_quarantined} quarantined"
 except DataError as e:

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from stages.lib.outcome import ArgumentParser, ExitCode, StageStop
+from stages.lib.outcome import ArgumentParser, BadInput, ExitCode, StageStop
 
 QUICK_HELP = """\
 examples:
@@ -182,11 +183,12 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from stages import validate
-    from stages.lib.params import config_from, load_params
+    from stages.lib.params import PROJECT_PARAMS, config_from, load_params
 
     report_dir = Path(args.report) if args.report else None
     try:  # bad params or an unreadable held-out file: the report folder says so too, never a previous verdict
-        section = load_params(args.params).get("validate", {}) if Path(args.params).exists() else {}
+        params_file = args.params if Path(args.params).exists() else PROJECT_PARAMS  # outside a project: ours
+        section = load_params(params_file).get("validate")
         overrides = {"policy": args.policy} if args.policy else {}
         config = config_from(validate.ValidateConfig, section, **overrides)
         heldout: set[str] = set()
@@ -196,7 +198,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if report_dir is not None:
             validate.write_failure(report_dir, e)
         raise
-    report = validate.validate_file(args.file, args.kind, args.format, config, heldout, report_dir)
+    report = validate.validate_file(
+        args.file, args.kind, args.format, config=config, heldout_prompts=heldout, report_dir=report_dir
+    )
     print(validate.format_report(report))
     if report_dir is not None:
         print(
@@ -297,9 +301,9 @@ def _run_flow(args: argparse.Namespace) -> int:
 
 def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
     """Where the results are: the MLflow UI, the champion, the reports."""
-    from stages.lib.tracking import redact_uri
+    from stages.lib.tracking import redact_uri, tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = tracking_uri()
     run = f", parent run {parent_run_id}" if parent_run_id else ""
     if uri.startswith(("http://", "https://")):  # a tracking server: its UI is at the same address
         from flows.stack import training_view
@@ -326,13 +330,19 @@ def _print_where_to_look(project: Path, parent_run_id: str | None) -> None:
         print(f"reports:  {', '.join(reports)}")
 
 
-def _cmd_data_deps(args: argparse.Namespace) -> int:
-    """List params.yaml's data files as the validate stage's deps in dvc.yaml (what `rlhf run` does first)."""
-    from flows.orchestrate import sync_data_deps
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """Write dvc.yaml's deps from each stage's import closure and params.yaml's data files (flows/sync.py)."""
+    from flows import sync
 
-    if not sync_data_deps(Path.cwd()):
-        print("dvc.yaml already depends on every data file params.yaml names")
-    return ExitCode.OK
+    project = Path.cwd()
+    if not (project / "dvc.yaml").exists():
+        raise BadInput(f"no dvc.yaml in {project}: run rlhf from the project's directory")
+    said = sync.changes(project) if args.check else sync.sync(project)
+    for line in said:
+        print(f"dvc.yaml {'is out of date' if args.check else 'now'}: {line}")
+    if not said:
+        print("dvc.yaml is in sync with the code and params.yaml")
+    return ExitCode.GATE if args.check and said else ExitCode.OK
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -409,9 +419,7 @@ def _params_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--params", default="params.yaml", help=f"the params file {what} (default: params.yaml)")
 
 
-def build_parser() -> (
-    argparse.ArgumentParser
-):  # long: the formatter's one-argument-per-line layout; split in the next commits
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="rlhf",
         epilog=QUICK_HELP,
@@ -419,7 +427,15 @@ def build_parser() -> (
         description="A reproducible RLHF pipeline: data validation, SFT, reward model, PPO, evaluation, promotion.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
+    _pipeline_parsers(sub)
+    _stack_parser(sub)
+    _registry_parsers(sub)
+    _data_parsers(sub)
+    return parser
 
+
+def _pipeline_parsers(sub: Any) -> None:
+    """run, serve."""
     p = sub.add_parser(
         "run",
         help="run the pipeline (through DVC: unchanged stages are skipped)",
@@ -452,8 +468,9 @@ def build_parser() -> (
     _runner_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    _stack_parser(sub)
 
+def _registry_parsers(sub: Any) -> None:
+    """promote, eval: the MLflow Model Registry's side."""
     p = sub.add_parser("promote", help="promote the policy registered from an MLflow run (e.g. chosen in the UI)")
     p.add_argument("--run-id", required=True, help="the MLflow run that registered the version (the promote stage's)")
     p.add_argument("--force", action="store_true", help="promote even if the promotion criteria failed")
@@ -472,6 +489,9 @@ def build_parser() -> (
     _params_option(p, "whose evaluate section sets the sampling")
     p.set_defaults(func=_cmd_eval)
 
+
+def _data_parsers(sub: Any) -> None:
+    """validate, sync, make-data: the data and dvc.yaml's side."""
     p = sub.add_parser("validate", help="validate one data file and print the report the stage writes")
     p.add_argument(
         "file",
@@ -500,8 +520,15 @@ def build_parser() -> (
     _params_option(p, "whose validate section sets the checks")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("data-deps", help="make dvc.yaml's validate stage depend on params.yaml's data files")
-    p.set_defaults(func=_cmd_data_deps)
+    p = sub.add_parser(
+        "sync",
+        help="write dvc.yaml's deps: each stage's import closure and the data files params.yaml names "
+        "(rlhf run does it first)",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="only say what is out of date (exit 3 if anything is, as a gate)"
+    )
+    p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("make-data", help="generate the embedded default task (deterministic; matches data.dvc)")
     p.add_argument("--out", default="data", help="output folder (default: data); with --dialogues, a .jsonl file")
@@ -514,7 +541,6 @@ def build_parser() -> (
     )
     _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ and DVC decides what to skip.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,53 +83,24 @@ def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     return True
 
 
-def sync_data_deps(project: Path, echo: Callable[[str], None] = print) -> list[str]:
-    """Make the validate stage of dvc.yaml depend on every local data file params.yaml names (stages/lib/datadeps.py)
-    and on no data file it no longer names; returns the paths added. Only the validate stage's `deps` lines change:
-    the rest of dvc.yaml, comments and layout included, stays as written."""
-    from stages.lib.datadeps import covered, local_paths
-
-    if not (project / "params.yaml").exists() or "validate" not in dvc_stages(project):
-        return []  # not this pipeline's layout (a project of the user's own stages): nothing to keep in step
-    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages(project).get("validate", {}).get("deps", [])]
-    fixed = [d for d in deps if d == DATA_DIR or d.startswith("stages/")]
-    wanted = [p for p in local_paths(params.get("data") or {}, project) if not covered(p, fixed, project)]
-    current = [d for d in deps if d not in fixed]
-    if current == wanted:
-        return []
-    text = (project / "dvc.yaml").read_text()
-    block = re.search(r"(?m)^  validate:\n(?:^    .*\n|^\s*\n)*?^    deps:\n((?:^      - .*\n)+)", text)
-    if block is None:
-        raise BadInput(
-            "dvc.yaml's validate stage has no `deps:` list in the usual layout: add the data files "
-            f"{', '.join(wanted)} to its deps by hand"
-        )
-    lines = [ln for ln in block.group(1).splitlines(keepends=True) if ln.strip()[2:] in fixed]
-    lines += [f"      - {p}\n" for p in wanted]
-    (project / "dvc.yaml").write_text(text[: block.start(1)] + "".join(lines) + text[block.end(1) :])
-    added = [p for p in wanted if p not in current]
-    if added:
-        echo(f"dvc.yaml: the validate stage now depends on {', '.join(added)} (params.yaml data)")
-    return added
-
-
 def tracking_uri_for(project: Path) -> str:
     """MLFLOW_TRACKING_URI, else the project's own sqlite:///mlflow.db (absolute, so any working directory works)."""
-    from stages.lib.tracking import DEFAULT_TRACKING_URI
+    from stages.lib.tracking import DEFAULT_TRACKING_URI, tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    uri = tracking_uri()
     return f"sqlite:///{project / 'mlflow.db'}" if uri == DEFAULT_TRACKING_URI else uri
 
 
 def prepare(project: Path, echo: Callable[[str], None] = print) -> None:
-    """Before a pipeline run: the default task's data if there is none, the user's data files as DVC deps, and the
+    """Before a pipeline run: the default task's data if there is none, dvc.yaml in sync (flows/sync.py), and the
     MLflow runs a killed earlier run left RUNNING ended KILLED (flows/lifecycle.py)."""
     from flows.lifecycle import close_dead_runs
+    from flows.sync import sync
     from stages.lib.tracking import DEFAULT_EXPERIMENT
 
     ensure_data(project, echo)
-    sync_data_deps(project, echo)
+    for line in sync(project):
+        echo(f"dvc.yaml now: {line}")
     uri = tracking_uri_for(project)
     if not uri.startswith("sqlite:") or (project / "mlflow.db").exists():  # nothing to close in a store not yet made
         closed = close_dead_runs(uri, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))

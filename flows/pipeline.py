@@ -458,7 +458,7 @@ def promotion(project: Path) -> dict[str, Any] | None:
 
 
 @flow(name=FLOW_NAME)
-def rlhf_pipeline(  # long: the formatter's one-argument-per-line layout; split in the next commits
+def rlhf_pipeline(
     project_dir: str = ".",
     stages: list[str] | None = None,
     runner: str = "local",
@@ -469,52 +469,18 @@ def rlhf_pipeline(  # long: the formatter's one-argument-per-line layout; split 
 
     `runner="docker"` runs each stage in its own container of `image` (`make images`), with `gpus` passed to
     `docker run --gpus` (e.g. "all" for the CUDA image); the default runs them in this process."""
-    from prefect.runtime import flow_run
-
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     names = plan(project, stages)
     where = Runner(runner, image, gpus)
     where.check()
     prepare(project, logger.info)
-
-    tracking_uri = tracking_uri_for(project)
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
-    tags = lineage_tags(project, names) | {
-        "prefect.flow_run_id": str(flow_run.id),
-        "rlhf.pid": str(os.getpid()),
-        "rlhf.host": socket.gethostname(),
-        "prefect.flow_run_name": str(flow_run.name),
-        "rlhf.runner": runner,
-    }
-    if runner == "docker":
-        tags["rlhf.image"] = image
-    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags, pipeline_params(project))
-    logger.info("MLflow parent run %s (%s, experiment %r)", parent_run_id, redact_uri(tracking_uri), experiment)
-
+    tracking_uri, parent_run_id = _open_parent(project, names, runner, image)
     artifacts: list[str] = []
-
-    def after(result: StageResult) -> None:
-        """The flow's hooks: the stage's Prefect artifact (a gate's report says why it stopped: published then
-        too), its dvc.lock hash, wall time and headline metrics on the parent run."""
-        publish = PUBLISHERS.get(result.stage)
-        if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
-            artifacts.append(key)
-        if not result.stopped:
-            if digest := stage_hash(project, result.stage):
-                _quietly(
-                    "the stage's dvc.lock hash",
-                    _tag_parent,
-                    tracking_uri,
-                    parent_run_id,
-                    {f"dvc.stage.{result.stage}": digest},
-                )
-            _quietly("the stage's numbers", _log_stage_numbers, tracking_uri, parent_run_id, project, result)
-
     status = "FAILED"
     try:
-        pipeline = run_pipeline(project, names, task_execute(project, parent_run_id, tracking_uri, where), after)
+        execute = task_execute(project, parent_run_id, tracking_uri, where)
+        pipeline = run_pipeline(project, names, execute, _after_stage(project, tracking_uri, parent_run_id, artifacts))
         summary = {
             "project_dir": str(project),
             "parent_run_id": parent_run_id,
@@ -529,25 +495,57 @@ def rlhf_pipeline(  # long: the formatter's one-argument-per-line layout; split 
         }
         if (stop := pipeline.stopped) is not None:
             outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
-            _quietly(
-                "the outcome",
-                _tag_parent,
-                tracking_uri,
-                parent_run_id,
-                {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason},
-            )
+            said = {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason}
+            _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id, said)
             return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
-        _quietly(
-            "the outcome",
-            _tag_parent,
-            tracking_uri,
-            parent_run_id,
-            {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"},
-        )
+        said = {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"}
+        _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id, said)
         status = "FINISHED"
         logger.info(pipeline.summary())
         return summary
     finally:  # a parent left RUNNING here (MLflow away) is ended by the next pipeline run (end_stale_runs)
         _quietly("ending stage runs left RUNNING", _end_orphans, tracking_uri, parent_run_id)
         _quietly("the parent run's status", _tag_parent, tracking_uri, parent_run_id, {}, status)
+
+
+def _open_parent(project: Path, names: list[str], runner: str, image: str) -> tuple[str, str]:
+    """The flow's parent MLflow run, tagged with its lineage and this flow run: (tracking URI, parent run id)."""
+    from prefect.runtime import flow_run
+
+    tracking_uri = tracking_uri_for(project)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    artifact_root = str(project / "mlruns" / experiment) if tracking_uri.startswith("sqlite:") else None
+    tags = lineage_tags(project, names) | {
+        "prefect.flow_run_id": str(flow_run.id),
+        "rlhf.pid": str(os.getpid()),
+        "rlhf.host": socket.gethostname(),
+        "prefect.flow_run_name": str(flow_run.name),
+        "rlhf.runner": runner,
+    }
+    if runner == "docker":
+        tags["rlhf.image"] = image
+    parent_run_id = open_parent_run(tracking_uri, experiment, artifact_root, tags, pipeline_params(project))
+    get_run_logger().info(
+        "MLflow parent run %s (%s, experiment %r)", parent_run_id, redact_uri(tracking_uri), experiment
+    )
+    return tracking_uri, parent_run_id
+
+
+def _after_stage(
+    project: Path, tracking_uri: str, parent_run_id: str, artifacts: list[str]
+) -> Callable[[StageResult], None]:
+    """The flow's hook after each stage: its Prefect artifact (a gate's report says why it stopped: published then
+    too; its key appended to `artifacts`), its dvc.lock hash, wall time and headline metrics on the parent run."""
+
+    def after(result: StageResult) -> None:
+        publish = PUBLISHERS.get(result.stage)
+        if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
+            artifacts.append(key)
+        if not result.stopped:
+            if digest := stage_hash(project, result.stage):
+                tag = {f"dvc.stage.{result.stage}": digest}
+                _quietly("the stage's dvc.lock hash", _tag_parent, tracking_uri, parent_run_id, tag)
+            _quietly("the stage's numbers", _log_stage_numbers, tracking_uri, parent_run_id, project, result)
+
+    return after

@@ -35,15 +35,15 @@ from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 class DPOConfig:
     """params.yaml: dpo."""
 
-    enabled: bool = True
-    epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    beta: float = 0.1  # the KL leash: how far the implicit reward may pull the policy from the SFT reference
-    warmup_ratio: float = 0.05
-    max_length: int = 128
-    seed: int = 0
-    logging_steps: int = 10
+    enabled: bool
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    beta: float  # the KL leash: how far the implicit reward may pull the policy from the SFT reference
+    warmup_ratio: float
+    max_length: int
+    seed: int
+    logging_steps: int
 
     SECTION: ClassVar[str] = "dpo"
     RANGES: ClassVar[dict] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import html
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,17 +39,17 @@ from stages.lib.tracking import Tracker, mlflow_run
 class EvaluateConfig:
     """params.yaml: evaluate."""
 
-    n_prompts: int = 128
-    max_new_tokens: int = 48
-    temperature: float = 0.7  # the PPO sampling temperature: compare policies as they are used
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1
-    n_report_samples: int = 24
-    overopt_rm_rise: float = 0.1  # flag when the normalised RM score rose by more than this ...
-    overopt_judge_drop: float = 0.1  # ... while the judge's score fell by more than this, from its best checkpoint
-    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # best-of-n from SFT, picked by the RM: the
-    #   baseline PPO must beat at the same KL (log n - (n-1)/n nats); [] skips it
+    n_prompts: int
+    max_new_tokens: int
+    temperature: float  # the PPO sampling temperature: compare policies as they are used
+    top_k: int
+    top_p: float
+    seed: int
+    n_report_samples: int
+    overopt_rm_rise: float  # flag when the normalised RM score rose by more than this ...
+    overopt_judge_drop: float  # ... while the judge's score fell by more than this, from its best checkpoint
+    best_of_n: list[int]  # best-of-n from SFT, picked by the RM: the baseline PPO
+    #   must beat at the same KL (log n - (n-1)/n nats); [] skips it
 
     SECTION: ClassVar[str] = "evaluate"
     RANGES: ClassVar[dict] = {
@@ -269,31 +269,30 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: d
     return names
 
 
-def write_report(  # long: the formatter's one-argument-per-line layout; split in the next commits
-    out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str], n_prompts: int | None = None
-) -> None:
-    """report.md and report.html: headline numbers, plots and a side-by-side sample table (`samples`: the first few of
-    the `n_prompts` evaluated)."""
-    ci = metrics.get("win_rate_vs_sft_ci95")
-    ci_text = f" (95% CI ±{ci:.3f} over {n_prompts or len(samples)} prompts)" if ci is not None else ""
+REPORT_KEYS = [
+    "rm_score",
+    "judge",
+    "kl_k1_seq",
+    "kl_k3_seq",
+    "kl_k1_token",
+    "kl_k3_token",
+    "response_words",
+    "distinct_1",
+    "distinct_2",
+    "eos_rate",
+    "perplexity",
+]
 
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    keys = [
-        "rm_score",
-        "judge",
-        "kl_k1_seq",
-        "kl_k3_seq",
-        "kl_k1_token",
-        "kl_k3_token",
-        "response_words",
-        "distinct_1",
-        "distinct_2",
-        "eos_rate",
-        "perplexity",
-    ]
-    rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in keys if f"ppo/{k}" in metrics]
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ladder(metrics: dict[str, Any]) -> list[int]:
+    return sorted(int(k.split("/")[1]) for k in metrics if k.startswith("bon/") and k.endswith("/judge"))
+
+
+def _report_md(metrics: dict[str, Any], samples: list[dict], plots: list[str], ci_text: str, rows: list) -> str:
     md = [
         "# Evaluation: PPO vs SFT on held-out prompts",
         "",
@@ -306,9 +305,8 @@ def write_report(  # long: the formatter's one-argument-per-line layout; split i
         "| metric | SFT | PPO |",
         "|---|---|---|",
     ]
-    md += [f"| {k} | {fmt(a)} | {fmt(b)} |" for k, a, b in rows]
-    ladder = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("bon/") and k.endswith("/judge"))
-    if ladder:
+    md += [f"| {k} | {_fmt(a)} | {_fmt(b)} |" for k, a, b in rows]
+    if ladder := _ladder(metrics):
         md += [
             "",
             "Best-of-n from SFT, picked by the reward model, against PPO at the same KL:",
@@ -344,21 +342,24 @@ def write_report(  # long: the formatter's one-argument-per-line layout; split i
             s["sft"],
             s["ppo"],
             f"{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}",
-            f"{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}",
+            f"{_fmt(s['sft_judge'])} / {_fmt(s['ppo_judge'])}",
         ]
         md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return "\n".join(md) + "\n"
+
+
+def _report_html(metrics: dict[str, Any], samples: list[dict], plots: list[str], ci_text: str, rows: list) -> str:
     table = "".join(
         f"<tr><td>{html.escape(s['prompt'].strip())}</td><td>{html.escape(s['sft'])}</td>"
         f"<td>{html.escape(s['ppo'])}</td><td>{s['sft_rm']:.2f} / {s['ppo_rm']:.2f}</td>"
-        f"<td>{fmt(s['sft_judge'])} / {fmt(s['ppo_judge'])}</td></tr>"
+        f"<td>{_fmt(s['sft_judge'])} / {_fmt(s['ppo_judge'])}</td></tr>"
         for s in samples
     )
-    summary = "".join(f"<tr><td>{k}</td><td>{fmt(a)}</td><td>{fmt(b)}</td></tr>" for k, a, b in rows)
+    summary = "".join(f"<tr><td>{k}</td><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>" for k, a, b in rows)
     bon = "".join(
         f"<tr><td>best-of-{n}</td><td>{metrics[f'bon/{n}/kl']:.3f}</td><td>{metrics[f'bon/{n}/judge']:.3f}</td>"
         f"<td>{metrics[f'bon/{n}/win_rate_vs_sft']:.3f}</td></tr>"
-        for n in ladder
+        for n in _ladder(metrics)
     )
     if bon:
         bon = (
@@ -366,7 +367,7 @@ def write_report(  # long: the formatter's one-argument-per-line layout; split i
             f"<th>win-rate vs SFT</th></tr>{bon}<tr><td>PPO</td><td>{metrics['ppo/kl_k1_seq']:.3f}</td>"
             f"<td>{metrics['ppo/judge']:.3f}</td><td>{metrics['win_rate_vs_sft']:.3f}</td></tr></table>"
         )
-    (out / "report.html").write_text(
+    return (
         "<!doctype html><meta charset=utf-8><title>RLHF evaluation</title><style>body{font-family:sans-serif;"
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
         "table{border-collapse:collapse}</style><h1>PPO vs SFT on held-out prompts</h1>"
@@ -377,9 +378,20 @@ def write_report(  # long: the formatter's one-argument-per-line layout; split i
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
         + "<h2>Samples</h2><table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>RM</th>"
         f"<th>{html.escape(metrics['judge'])}</th></tr>"
-        f"{table}</table>",
-        encoding="utf-8",
+        f"{table}</table>"
     )
+
+
+def write_report(
+    out: Path, metrics: dict[str, Any], samples: list[dict], plots: list[str], n_prompts: int | None = None
+) -> None:
+    """report.md and report.html: headline numbers, plots and a side-by-side sample table (`samples`: the first few of
+    the `n_prompts` evaluated)."""
+    ci = metrics.get("win_rate_vs_sft_ci95")
+    ci_text = f" (95% CI ±{ci:.3f} over {n_prompts or len(samples)} prompts)" if ci is not None else ""
+    rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in REPORT_KEYS if f"ppo/{k}" in metrics]
+    (out / "report.md").write_text(_report_md(metrics, samples, plots, ci_text, rows), encoding="utf-8")
+    (out / "report.html").write_text(_report_html(metrics, samples, plots, ci_text, rows), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.lib import context, modeling, rewards
+from stages.lib import context, estimators, modeling, rewards
 from stages.lib import rl_math as pm
 from stages.lib.checkpoints import Checkpointer, fingerprint, rng_state, set_rng_state
+from stages.lib.estimators import ESTIMATORS, Batch, Estimator
 from stages.lib.heldout import Sampling, monitor_scores
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
@@ -58,17 +59,16 @@ from stages.lib.plots import line_plot
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import NullTracker, Tracker, mlflow_run
 
-ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
-
 
 @dataclass(frozen=True)
 class KLGuardConfig:
     """The KL budget: `patience` consecutive steps over it stop the run and restore the last step within it."""
 
-    max_kl: float = 30.0  # objective/kl: mean over rollouts of the summed per-token k1 KL (nats)
-    max_approxkl: float = 1.0  # policy/approxkl_avg: how far one update moved the policy
-    patience: int = 2
+    max_kl: float  # objective/kl: mean over rollouts of the summed per-token k1 KL (nats)
+    max_approxkl: float  # policy/approxkl_avg: how far one update moved the policy
+    patience: int
 
+    SECTION: ClassVar[str] = "ppo.kl_guard"
     RANGES: ClassVar[dict] = {"max_kl": POSITIVE, "max_approxkl": POSITIVE, "patience": AT_LEAST_ONE}
 
 
@@ -76,45 +76,44 @@ class KLGuardConfig:
 class PPOConfig:
     """params.yaml: ppo. Defaults follow the N implementation details, scaled to the tiny default task."""
 
-    seed: int = 0
-    num_steps: int = 20  # PPO batches: rollout, score, update
-    batch_size: int = 64  # rollouts per step, over all processes
-    num_mini_batches: int = 2
-    ppo_epochs: int = 4
-    learning_rate: float = 3e-5
-    response_length: int = 48
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
-    kl_coef: float = 0.2
-    adaptive_kl: bool = False
-    kl_target: float = 6.0  # adaptive controller (Ziegler et al. 2019)
-    kl_horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    whiten_rewards: bool = False
-    value_init: str = "reward"  # reward | sft: where the critic starts (gae only)
-    estimator: str = "gae"  # gae (PPO's critic) | rloo | grpo | reinforce_pp (critic-free: no value model at all)
-    group_size: int = 4  # rloo, grpo: replies sampled per prompt (the batch holds batch_size / group_size prompts)
-    keep: str = "best"  # best: the checkpoint with the best held-out judge score (all are within the KL budget); last
-    checkpoint_every: int = 5
-    keep_checkpoints: int = 2  # full checkpoints kept (policy, critic, optimiser); older ones are pruned
-    checkpoint_dir: str = "checkpoints/ppo"
-    resume: str = "auto"  # auto: continue from the last checkpoint of the same run; never: start over
-    sample_every: int = 10
-    n_monitor: int = 32  # held-out prompts scored by the RM and the judge at every checkpoint: over-optimisation
-    threads: int = 0  # torch threads per process (0: torch's default)
-    kl_guard: dict[str, float] = field(default_factory=dict)  # KLGuardConfig
-    lora: dict[str, Any] = field(default_factory=dict)  # LoRA policy; its frozen base is the reference
+    seed: int
+    num_steps: int  # PPO batches: rollout, score, update
+    batch_size: int  # rollouts per step, over all processes
+    num_mini_batches: int
+    ppo_epochs: int
+    learning_rate: float
+    response_length: int
+    temperature: float
+    top_k: int
+    top_p: float
+    missing_eos_penalty: float  # subtracted from the score of a response that never ends
+    kl_coef: float
+    adaptive_kl: bool
+    kl_target: float  # adaptive controller (Ziegler et al. 2019)
+    kl_horizon: float
+    gamma: float
+    lam: float
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    ent_coef: float
+    max_grad_norm: float
+    whiten_rewards: bool
+    value_init: str  # reward | sft: where the critic starts (gae only)
+    estimator: str  # gae (PPO's critic) | rloo | grpo | reinforce_pp (critic-free: no value model at all)
+    group_size: int  # rloo, grpo: replies sampled per prompt (the batch holds batch_size / group_size prompts)
+    keep: str  # best: the checkpoint with the best held-out judge score (all are within the KL budget); last
+    checkpoint_every: int
+    keep_checkpoints: int  # full checkpoints kept (policy, critic, optimiser); older ones are pruned
+    checkpoint_dir: str
+    resume: str  # auto: continue from the last checkpoint of the same run; never: start over
+    sample_every: int
+    n_monitor: int  # held-out prompts scored by the RM and the judge at every checkpoint: over-optimisation
+    threads: int  # torch threads per process (0: torch's default)
+    kl_guard: KLGuardConfig
+    lora: LoraSettings  # LoRA policy; its frozen base is the reference
 
     SECTION: ClassVar[str] = "ppo"
-    NESTED: ClassVar[dict] = {"kl_guard": KLGuardConfig, "lora": LoraSettings}
     RANGES: ClassVar[dict] = {
         "seed": NON_NEGATIVE,
         "num_steps": AT_LEAST_ONE,
@@ -150,7 +149,7 @@ class PPOConfig:
     }
 
     def __post_init__(self) -> None:
-        if self.estimator in ("rloo", "grpo") and (self.group_size < 2 or self.batch_size % self.group_size):
+        if ESTIMATORS[self.estimator].grouped and (self.group_size < 2 or self.batch_size % self.group_size):
             raise ValueError(
                 f"ppo.group_size {self.group_size} must be at least 2 and divide ppo.batch_size "
                 f"{self.batch_size} for {self.estimator}"
@@ -202,7 +201,7 @@ def load_models(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy, tokenizer = modeling.load_causal_lm(sft_dir)
-    lora = LoraSettings(**config.lora)
+    lora = config.lora
     if lora.enabled:  # the frozen base doubles as the reference: no second full copy
         from peft import get_peft_model
 
@@ -210,7 +209,7 @@ def load_models(
     else:
         ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).requires_grad_(False).eval()
     value_model = None
-    if config.estimator == "gae":
+    if ESTIMATORS[config.estimator].critic:
         value_src = rm_dir if config.value_init == "reward" else sft_dir
         value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
     rm = RewardModel.load(rm_dir, norm_file)
@@ -329,26 +328,17 @@ def kl_penalised_rewards(sc: Scored, mask: torch.Tensor, kl_coef: float, config:
 
 
 def estimate_advantages(
-    config: PPOConfig, sc: Scored, mask: torch.Tensor, rewards: torch.Tensor, non_score: torch.Tensor
+    estimator: Estimator,
+    config: PPOConfig,
+    sc: Scored,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    non_score: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """4. Advantages (B, T) and the critic's returns (B, T; zeros without a critic), by `config.estimator`:
-
-    gae           GAE over the KL-penalised per-token rewards and the critic's values, whitened (PPO)
-    rloo          sequence reward R = score - kl_coef * sum_t k1_t, minus the mean of the other replies to its prompt
-    grpo          the score standardised within its prompt's group; the KL is a loss term instead (phase 5)
-    reinforce_pp  returns-to-go of the KL-penalised per-token rewards, whitened over the batch
-    """
-    if config.estimator == "gae":
-        advantages, returns = pm.gae(rewards, sc.values, mask, config.gamma, config.lam)
-        return pm.masked_whiten(advantages, mask), returns
-    zeros = torch.zeros_like(rewards)
-    if config.estimator == "reinforce_pp":
-        return pm.reinforce_pp_advantages(rewards, mask, config.gamma), zeros
-    if config.estimator == "rloo":
-        seq = pm.rloo_advantages(sc.scores + non_score.sum(1), config.group_size)
-    else:
-        seq = pm.grpo_advantages(sc.scores, config.group_size)
-    return seq[:, None] * mask, zeros
+    """4. Advantages (B, T) and the critic's returns (B, T; zeros without a critic): the estimator's own
+    (stages/lib/estimators.py)."""
+    batch = Batch(rewards, non_score, sc.scores, sc.values, mask, config.gamma, config.lam, config.group_size)
+    return estimator.advantages(batch)
 
 
 def ppo_epochs(
@@ -387,7 +377,7 @@ def ppo_epochs(
                 loss = loss + config.vf_coef * vf_loss
             else:
                 vf_loss = vf_clip = torch.zeros(())
-            if config.estimator == "grpo":  # GRPO's KL: in the loss, k3 against the reference (Shao et al. 2024)
+            if ESTIMATORS[config.estimator].kl_in_loss:  # GRPO's KL: k3 against the reference (Shao et al. 2024)
                 loss = loss + config.kl_coef * pm.masked_mean(pm.kl_k3(new_logprobs, sc.ref_logprobs[mb]), ro.mask[mb])
             if not torch.isfinite(loss):
                 raise NonFinite(f"the PPO loss became {loss.item()} at step {step}")
@@ -485,7 +475,7 @@ class TrainState:
 
 def group_size(config: PPOConfig) -> int:
     """Replies sampled per prompt: the group estimators' G, else 1."""
-    return config.group_size if config.estimator in ("rloo", "grpo") else 1
+    return ESTIMATORS[config.estimator].replies_per_prompt(config.group_size)
 
 
 def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, world: int) -> list[str]:
@@ -504,7 +494,10 @@ def batch_prompts(prompts: list[str], step: int, config: PPOConfig, rank: int, w
 def checkpointer(config: PPOConfig, inputs: list[Path]) -> Checkpointer:
     """This run's checkpoints: their folder is named by a fingerprint of the results-relevant settings (a changed
     checkpoint cadence, guard or monitor size resumes the same run), the input files and the code."""
-    code = [Path(__file__), *(Path(m.__file__) for m in (pm, modeling, rewards, context))]  # new code: no old resume
+    code = [
+        Path(__file__),
+        *(Path(m.__file__) for m in (pm, estimators, modeling, rewards, context)),
+    ]  # new code: new run
     settings = {
         k: v
         for k, v in asdict(config).items()
@@ -534,7 +527,119 @@ def rollout_prompts(config: PPOConfig, policy: nn.Module, tokenizer: Any, path: 
     return context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(path)], window - config.response_length)
 
 
-def run(  # long: the formatter's one-argument-per-line layout; split in the next commits
+@dataclass
+class Session:
+    """Everything one PPO run holds: the models, the optimiser and its schedule, the KL controller, the checkpoints,
+    the progress, the guard and the over-optimisation monitor. The loop (`train`) reads and updates it."""
+
+    config: PPOConfig
+    accelerator: Any
+    model: nn.Module  # PolicyAndValue, prepared by accelerate (DDP over several processes)
+    ref_policy: nn.Module | None
+    rm: RewardModel
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: pm.FixedKLController
+    ckpt: Checkpointer
+    tracker: Tracker
+    judge: Judge
+    monitor_prompts: list[str]
+    state: TrainState = field(default_factory=TrainState)
+    guard: KLGuard | None = None
+
+    @property
+    def unwrapped(self) -> PolicyAndValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        rngs = (
+            [rng_state()] if acc.num_processes == 1 else acc.gather_for_metrics([rng_state()], use_gather_object=True)
+        )
+        if acc.is_main_process:
+            saved = {
+                "model": self.unwrapped.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "rng": rngs,
+                "state": asdict(self.state),
+                "violations": self.guard.violations,
+                "config": asdict(self.config),
+            }
+            self.ckpt.save(step, saved, protect=self.state.best_step if self.config.keep == "best" else None)
+        acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint of this run (resume: auto); False when there is none."""
+        found = self.ckpt.latest() if self.config.resume == "auto" else None
+        if found is None:
+            return False
+        saved = Checkpointer.load(found[1])
+        self.unwrapped.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.kl_ctl.load_state_dict(saved["kl_ctl"])
+        set_rng_state(saved["rng"][min(self.accelerator.process_index, len(saved["rng"]) - 1)])
+        self.state, self.guard.violations = TrainState(**saved["state"]), saved["violations"]
+        self.accelerator.print(f"resuming PPO from {found[1]} (step {self.state.step})")
+        return True
+
+    def checkpoint(self, step: int) -> None:
+        """Score the policy on held-out prompts (the over-optimisation monitor: the RM and the judge), then save."""
+        config, state = self.config, self.state
+        if self.accelerator.is_main_process and config.n_monitor:
+            sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
+            scores = monitor_scores(
+                self.unwrapped.policy, self.tokenizer, self.rm, self.judge, self.monitor_prompts, sampling
+            )
+            point = {"step": step, **scores}
+            point.pop("eos_rate")
+            state.monitor.append(point)
+            monitored = {f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}
+            self.tracker.log_metrics(monitored, step)
+            if state.best_judge is None or point["judge"] > state.best_judge:
+                state.best_step, state.best_judge = step, point["judge"]
+        state.step, state.last_good = step, step
+        self.save_checkpoint(step)
+
+
+def start(
+    config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, tracker: Tracker, judge: Judge
+) -> Session:
+    """0. Models, optimiser, schedule, KL controller and checkpoints; resumed when this run was interrupted."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(config.seed + accelerator.process_index)  # each process samples its own rollouts
+    model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file)
+    # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / config.num_steps)  # linear anneal
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kl_ctl = (
+        pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.adaptive_kl
+        else pm.FixedKLController(config.kl_coef)
+    )
+    inputs = [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
+    ckpt = checkpointer(config, inputs)
+    tracker = tracker if accelerator.is_main_process else NullTracker()
+    tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
+    # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
+    heldout = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor]
+    models = (model, ref_policy, rm, tokenizer)
+    monitor = heldout if config.n_monitor else []
+    session = Session(config, accelerator, *models, optimizer, scheduler, kl_ctl, ckpt, tracker, judge, monitor)
+    session.guard = KLGuard(config.kl_guard)
+    if not session.resume():
+        session.checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
+    return session
+
+
+def run(
     config: PPOConfig,
     data_dir: Path,
     sft_dir: Path,
@@ -546,202 +651,86 @@ def run(  # long: the formatter's one-argument-per-line layout; split in the nex
 ) -> dict:
     """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content.
     Raises `GateFailed` after writing the rolled-back policy when the KL guard stopped the run."""
-    from accelerate import Accelerator
-
     if config.threads:
         torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=True)
-    tracker = tracker if tracker is not None and accelerator.is_main_process else NullTracker()
     random.seed(config.seed)
     np.random.seed(config.seed)
-    torch.manual_seed(config.seed + accelerator.process_index)  # each process samples its own rollouts
-
-    # 0. models, optimiser, schedule, KL controller, checkpoints
-    model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file)
-    # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5, fused=True
+    tracker = tracker if tracker is not None else NullTracker()
+    s = start(config, data_dir, sft_dir, rm_dir, norm_file, tracker, judge or GoldJudge())
+    prompts, s.state.truncated_prompts = rollout_prompts(
+        config, s.unwrapped.policy, s.tokenizer, data_dir / "prompts.jsonl"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / config.num_steps)  # linear anneal
-    model, optimizer = accelerator.prepare(model, optimizer)
-    kl_ctl = (
-        pm.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        if config.adaptive_kl
-        else pm.FixedKLController(config.kl_coef)
-    )
-    ckpt = checkpointer(
-        config, [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
-    )
-    tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
-    state = TrainState()
-    guard = KLGuard(KLGuardConfig(**config.kl_guard))
-
-    def save_checkpoint(step: int) -> None:
-        rngs = (
-            [rng_state()]
-            if accelerator.num_processes == 1
-            else accelerator.gather_for_metrics([rng_state()], use_gather_object=True)
-        )
-        if accelerator.is_main_process:
-            ckpt.save(
-                step,
-                {
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "kl_ctl": kl_ctl.state_dict(),
-                    "rng": rngs,
-                    "state": asdict(state),
-                    "violations": guard.violations,
-                    "config": asdict(config),
-                },
-                protect=state.best_step if config.keep == "best" else None,
-            )
-        accelerator.wait_for_everyone()
-
-    found = ckpt.latest() if config.resume == "auto" else None
-    if found is not None:
-        saved = Checkpointer.load(found[1])
-        accelerator.unwrap_model(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        kl_ctl.load_state_dict(saved["kl_ctl"])
-        set_rng_state(saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)])
-        state, guard.violations = TrainState(**saved["state"]), saved["violations"]
-        accelerator.print(f"resuming PPO from {found[1]} (step {state.step})")
-
-    # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
-    monitor_prompts = (
-        [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor] if config.n_monitor else []
-    )
-    monitor_sampling = Sampling(config.response_length, config.temperature, config.top_k, config.top_p, config.seed)
-
-    def checkpoint(step: int) -> None:
-        """Score the policy on held-out prompts (the over-optimisation monitor: the RM and the judge), then save."""
-        if accelerator.is_main_process and config.n_monitor:
-            point = {
-                "step": step,
-                **monitor_scores(
-                    accelerator.unwrap_model(model).policy,
-                    tokenizer,
-                    rm,
-                    judge or GoldJudge(),
-                    monitor_prompts,
-                    monitor_sampling,
-                ),
-            }
-            point.pop("eos_rate")
-            state.monitor.append(point)
-            tracker.log_metrics({f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}, step)
-            if state.best_judge is None or point["judge"] > state.best_judge:
-                state.best_step, state.best_judge = step, point["judge"]
-        state.step, state.last_good = step, step
-        save_checkpoint(step)
-
-    if found is None:
-        checkpoint(0)  # the SFT policy: always a within-budget state to roll back to
-
-    prompts, state.truncated_prompts = rollout_prompts(
-        config, accelerator.unwrap_model(model).policy, tokenizer, data_dir / "prompts.jsonl"
-    )
-    outcome, reason = train(
-        config,
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        kl_ctl,
-        ref_policy,
-        rm,
-        tokenizer,
-        prompts,
-        state,
-        guard,
-        checkpoint,
-        tracker,
-    )
-    return finish(config, accelerator, model, ckpt, state, outcome, reason, tokenizer, out_dir, tracker)
+    outcome, reason = train(s, prompts)
+    return finish(config, s.accelerator, s.model, s.ckpt, s.state, outcome, reason, s.tokenizer, out_dir, s.tracker)
 
 
-def train(  # long: the formatter's one-argument-per-line layout; split in the next commits
-    config: PPOConfig,
-    accelerator: Any,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    kl_ctl: Any,
-    ref_policy: nn.Module | None,
-    rm: RewardModel,
-    tokenizer: Any,
-    prompts: list[str],
-    state: TrainState,
-    guard: KLGuard,
-    checkpoint: Any,
-    tracker: Tracker,
-) -> tuple[str, str]:
+def step_timing(
+    config: PPOConfig, s: Session, step: int, n_tokens: float, t: tuple[float, float, float, float]
+) -> dict[str, float]:
+    """The step's bookkeeping metrics beside TRL's: KL coefficient, learning rate, episodes, times, tokens/s."""
+    t0, t1, t2, t3 = t
+    return {
+        "objective/kl_coef": s.kl_ctl.value,
+        "lr": s.scheduler.get_last_lr()[0],
+        "step": step + 1,
+        "episodes": (step + 1) * config.batch_size,
+        "time/generation": t1 - t0,
+        "time/scoring": t2 - t1,
+        "time/update": t3 - t2,
+        "time/step": t3 - t0,
+        "tokens/per_second": n_tokens / (t3 - t0),
+        "tokens/per_second_generation": n_tokens / (t1 - t0),
+    }
+
+
+def train(s: Session, prompts: list[str]) -> tuple[str, str]:
     """The PPO loop from `state.step` to `num_steps`; returns (outcome, reason)."""
     from tqdm.auto import tqdm
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(
-        range(state.step, config.num_steps),
-        desc="PPO",
-        disable=not accelerator.is_main_process,
-        initial=state.step,
-        total=config.num_steps,
-    )
+    config, state, estimator = s.config, s.state, ESTIMATORS[s.config.estimator]
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    steps = range(state.step, config.num_steps)
+    bar = tqdm(steps, desc="PPO", disable=not s.accelerator.is_main_process, initial=state.step, total=config.num_steps)
     for step in bar:
         t0 = time.perf_counter()
-        unwrapped = accelerator.unwrap_model(model)
         # 1. generate                                                                             (B, T)
-        ro = generate_rollouts(unwrapped.policy, tokenizer, batch_prompts(prompts, step, config, rank, world), config)
+        ro = generate_rollouts(
+            s.unwrapped.policy, s.tokenizer, batch_prompts(prompts, step, config, rank, world), config
+        )
         t1 = time.perf_counter()
         # 2. score: log-probs, reference log-probs, values (B, T); RM scores (B,)
-        sc = score_rollouts(unwrapped, ref_policy, rm, ro, config)
+        sc = score_rollouts(s.unwrapped, s.ref_policy, s.rm, ro, config)
         t2 = time.perf_counter()
         # 3. KL-penalise: r_t = -kl_coef * k1_t, plus the score on the last token                (B, T)
-        rewards, non_score, kl = kl_penalised_rewards(sc, ro.mask, kl_ctl.value, config, step)
-        # 4. advantages (GAE, or a critic-free estimator) and the critic's returns                (B, T)
-        advantages, returns = estimate_advantages(config, sc, ro.mask, rewards, non_score)
+        rewards, non_score, kl = kl_penalised_rewards(sc, ro.mask, s.kl_ctl.value, config, step)
+        # 4. advantages (the estimator's: GAE or a critic-free one) and the critic's returns     (B, T)
+        advantages, returns = estimate_advantages(estimator, config, sc, ro.mask, rewards, non_score)
         # 5. PPO epochs over minibatches
         generator = torch.Generator().manual_seed(config.seed * 100_003 + step * world + rank)
-        stats = ppo_epochs(model, optimizer, accelerator, ro, sc, advantages, returns, config, generator, step)
-        scheduler.step()
+        stats = ppo_epochs(s.model, s.optimizer, s.accelerator, ro, sc, advantages, returns, config, generator, step)
+        s.scheduler.step()
         t3 = time.perf_counter()
         # 6. metrics
-        metrics = step_metrics(accelerator, ro, sc, kl, non_score, returns, stats, unwrapped.has_critic)
-        n_tokens = ro.mask.sum().item() * world
-        metrics |= {
-            "objective/kl_coef": kl_ctl.value,
-            "lr": scheduler.get_last_lr()[0],
-            "step": step + 1,
-            "episodes": (step + 1) * config.batch_size,
-            "time/generation": t1 - t0,
-            "time/scoring": t2 - t1,
-            "time/update": t3 - t2,
-            "time/step": t3 - t0,
-            "tokens/per_second": n_tokens / (t3 - t0),
-            "tokens/per_second_generation": n_tokens / (t1 - t0),
-        }
-        kl_ctl.update(metrics["objective/kl"], config.batch_size)
+        metrics = step_metrics(s.accelerator, ro, sc, kl, non_score, returns, stats, s.unwrapped.has_critic)
+        metrics |= step_timing(config, s, step, ro.mask.sum().item() * world, (t0, t1, t2, t3))
+        s.kl_ctl.update(metrics["objective/kl"], config.batch_size)
         state.history.append(metrics)
         if (step + 1) % config.sample_every == 0 or step == 0:
-            texts = tokenizer.batch_decode(ro.responses[:4], skip_special_tokens=True)
+            texts = s.tokenizer.batch_decode(ro.responses[:4], skip_special_tokens=True)
             state.samples += [
-                {"step": step + 1, "prompt": p, "response": r.strip(), "score": s}
-                for p, r, s in zip(ro.prompts[:4], texts, sc.scores[:4].tolist(), strict=True)
+                {"step": step + 1, "prompt": p, "response": r.strip(), "score": score}
+                for p, r, score in zip(ro.prompts[:4], texts, sc.scores[:4].tolist(), strict=True)
             ]
-        tracker.log_metrics(metrics, step=step + 1)
+        s.tracker.log_metrics(metrics, step=step + 1)
         bar.set_postfix(kl=f"{metrics['objective/kl']:.2f}", score=f"{metrics['objective/scores']:.2f}")
         # 7. KL guard: over budget `patience` times in a row -> stop and roll back
-        over = guard.over(metrics)
-        if guard.tripped:
+        over = s.guard.over(metrics)
+        if s.guard.tripped:
             bar.close()
-            return "stopped_by_kl_guard", (
-                f"stopped by the KL guard at step {step + 1}: {'; '.join(over)} for {guard.violations} step(s)"
-            )
+            why = f"{'; '.join(over)} for {s.guard.violations} step(s)"
+            return "stopped_by_kl_guard", f"stopped by the KL guard at step {step + 1}: {why}"
         if not over and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps):
-            checkpoint(step + 1)
+            s.checkpoint(step + 1)
     bar.close()
     return "completed", f"completed {config.num_steps} PPO steps"
 
@@ -778,7 +767,7 @@ def finish(
     if kept != len(state.history) or outcome == "stopped_by_kl_guard":
         accelerator.unwrap_model(model).load_state_dict(Checkpointer.load(ckpt.path(kept))["model"])
     final = accelerator.unwrap_model(model).policy
-    final = final.merge_and_unload() if LoraSettings(**config.lora).enabled else final
+    final = final.merge_and_unload() if config.lora.enabled else final
     history = state.history
     final_metrics = history[kept - 1] if kept else {}  # the kept step's numbers (step 0: the SFT policy itself)
     monitor = [{**m, "kept": int(m["step"] == kept)} for m in state.monitor]

@@ -36,12 +36,12 @@ CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 class PromoteConfig:
     """params.yaml: promote."""
 
-    registered_model: str = "rlhf-policy"
-    min_win_rate_vs_sft: float = 0.55
-    min_win_rate_vs_champion: float = 0.5
-    max_kl: float = 10.0  # ppo/kl_k1_seq: nats per response
-    max_alignment_tax: float = 0.5  # rise of held-out SFT perplexity
-    block_on_overoptimisation: bool = True
+    registered_model: str
+    min_win_rate_vs_sft: float
+    min_win_rate_vs_champion: float
+    max_kl: float  # ppo/kl_k1_seq: nats per response
+    max_alignment_tax: float  # rise of held-out SFT perplexity
+    block_on_overoptimisation: bool
 
     SECTION: ClassVar[str] = "promote"
     RANGES: ClassVar[dict] = {

@@ -36,9 +36,9 @@ from stages.lib.tracking import mlflow_run
 class GateConfig:
     """params.yaml: reward_gate."""
 
-    min_agreement: float = 0.6  # held-out pairwise accuracy against the labels
-    max_gap_to_ceiling: float = 0.05  # ... and at most this far below the labeler's own agreement with gold
-    min_rank_agreement: float = 0.3  # Spearman of RM score vs gold score on held-out replies (default task only)
+    min_agreement: float  # held-out pairwise accuracy against the labels
+    max_gap_to_ceiling: float  # ... and at most this far below the labeler's own agreement with gold
+    min_rank_agreement: float  # Spearman of RM score vs gold score on held-out replies (default task only)
 
     SECTION: ClassVar[str] = "reward_gate"
     RANGES: ClassVar[dict] = {

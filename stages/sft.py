@@ -11,11 +11,11 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.lib import task
+from stages.lib import gold
 from stages.lib.context import fit_pairs
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.modeling import (
@@ -41,26 +41,25 @@ from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 class SFTConfig:
     """params.yaml: sft."""
 
-    model: str = "tiny-gpt2"  # tiny-gpt2 | tiny-llama (built from `tiny`) | an HF folder or hub name
-    trust_remote_code: bool = False
-    tiny: dict[str, int] = field(default_factory=dict)  # TinyModelConfig overrides
-    max_length: int = 128  # tokens of prompt + response; longer examples are truncated
-    epochs: float = 3.0
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True  # batches of similar length (HF's LengthGroupedSampler): far less padding
-    lora: dict[str, Any] = field(default_factory=dict)  # LoraSettings; merged into the saved model
-    seed: int = 0
-    logging_steps: int = 10
-    n_samples: int = 64  # held-out prompts sampled for the saved generations and the gold score
-    max_new_tokens: int = 48
-    temperature: float = 1.0
+    model: str  # tiny-gpt2 | tiny-llama (built from `tiny`) | an HF folder or hub name
+    trust_remote_code: bool
+    tiny: TinyModelConfig
+    max_length: int  # tokens of prompt + response; longer examples are truncated
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    gradient_checkpointing: bool
+    group_by_length: bool  # batches of similar length (HF's LengthGroupedSampler): far less padding
+    lora: LoraSettings  # merged into the saved model
+    seed: int
+    logging_steps: int
+    n_samples: int  # held-out prompts sampled for the saved generations and the gold score
+    max_new_tokens: int
+    temperature: float
 
     SECTION: ClassVar[str] = "sft"
-    NESTED: ClassVar[dict] = {"tiny": TinyModelConfig, "lora": LoraSettings}
     RANGES: ClassVar[dict] = {
         "max_length": AT_LEAST_ONE,
         "epochs": POSITIVE,
@@ -133,14 +132,14 @@ def train(
             train_dataset=as_dataset(train_rows, "train"),
             eval_dataset=as_dataset(test_rows, "test"),
             processing_class=tokenizer,
-            peft_config=peft_config(LoraSettings(**config.lora), "CAUSAL_LM", model),
+            peft_config=peft_config(config.lora, "CAUSAL_LM", model),
             callbacks=[trainer_callback(tracker, "sft/")],
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
         eval_loss = trainer.evaluate()["eval_loss"]
-    model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
+    model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     return model, eval_loss, trainer.state.log_history, seconds, truncated
 
 
@@ -160,7 +159,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
             if (data_dir / extra).exists():
                 texts += [" ".join(r.values()) for r in read_jsonl(data_dir / extra)]
         base_dir = create_base_model(
-            config.model, TinyModelConfig(**config.tiny), texts, tmp / "base", config.seed, config.trust_remote_code
+            config.model, config.tiny, texts, tmp / "base", config.seed, config.trust_remote_code
         )
         model, tokenizer = load_causal_lm(base_dir, config.trust_remote_code)
         before = generate(model, tokenizer, sample_prompts, config.max_new_tokens, config.temperature, seed=config.seed)
@@ -204,8 +203,8 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
             "n_parameters": count_parameters(model),
             "precision": precision,
             "eos_rate": sum(after.ended) / max(1, len(after.ended)),
-            "gold_before": task.gold_mean(sample_prompts, before.replies),
-            "gold_after": task.gold_mean(sample_prompts, after.replies),
+            "gold_before": gold.gold_mean(sample_prompts, before.replies),
+            "gold_after": gold.gold_mean(sample_prompts, after.replies),
             **truncated,
             "truncated_sample_prompts": after.truncated,
         }

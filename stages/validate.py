@@ -24,7 +24,6 @@ Row text reaches the Data Docs HTML escaped, and the terminal with control chara
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -48,6 +47,7 @@ from stages.lib.params import (
     FRACTION,
     NON_NEGATIVE,
     PARAMS_FILE,
+    PROJECT_PARAMS,
     ParamsError,
     config_from,
     load_params,
@@ -63,21 +63,20 @@ DOCS_SITE = "rlhf_validation"
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    policy: str = "quarantine"  # "fail": any bad row fails; "quarantine": set bad rows aside (within the fraction)
-    max_invalid_fraction: float = 0.05  # quarantine at most this fraction of a dataset's rows, else fail
-    min_rows: int = 1  # fewest readable rows a dataset may have
-    max_rows: int = 10_000_000  # most rows a dataset may have: reading stops past it
-    max_file_bytes: int = 1 << 30  # largest file, and largest content once decompressed: reading stops past it
-    max_row_bytes: int = 1 << 20  # longest row (a line of .jsonl or .csv, the text of a record): quarantined
-    min_chars: int = 1  # shortest text (after stripping; for prompts, the last user turn)
-    max_prompt_chars: int = 4096  # longest rendered prompt
-    max_response_chars: int = 4096  # longest chosen/rejected/response
-    report_examples: int = 3  # example rows shown per failed check
-    unique_kinds: tuple[str, ...] = ("preferences", "sft")  # kinds whose repeated rows are failed after the first
-    split: dict[str, Any] = field(default_factory=dict)  # SplitConfig: datasets derived when `data` names only some
+    policy: str  # "fail": any bad row fails; "quarantine": set bad rows aside (within the fraction)
+    max_invalid_fraction: float  # quarantine at most this fraction of a dataset's rows, else fail
+    min_rows: int  # fewest readable rows a dataset may have
+    max_rows: int  # most rows a dataset may have: reading stops past it
+    max_file_bytes: int  # largest file, and largest content once decompressed: reading stops past it
+    max_row_bytes: int  # longest row (a line of .jsonl or .csv, the text of a record): quarantined
+    min_chars: int  # shortest text (after stripping; for prompts, the last user turn)
+    max_prompt_chars: int  # longest rendered prompt
+    max_response_chars: int  # longest chosen/rejected/response
+    report_examples: int  # example rows shown per failed check
+    unique_kinds: tuple[str, ...]  # kinds whose repeated rows are failed after the first
+    split: SplitConfig  # datasets derived when `data` names only some
 
     SECTION: ClassVar[str] = "validate"
-    NESTED: ClassVar[dict] = {"split": SplitConfig}
     RANGES: ClassVar[dict] = {
         "policy": one_of("fail", "quarantine"),
         "max_invalid_fraction": FRACTION,
@@ -91,13 +90,6 @@ class ValidateConfig:
         "report_examples": NON_NEGATIVE,
         "unique_kinds": one_of(*schema.KINDS),
     }
-
-    def __post_init__(self) -> None:
-        if self.policy not in ("fail", "quarantine"):
-            raise ValueError(f"validate.policy must be 'fail' or 'quarantine', not {self.policy!r}")
-        if not 0.0 <= self.max_invalid_fraction <= 1.0:
-            raise ValueError(f"validate.max_invalid_fraction must be in [0, 1], not {self.max_invalid_fraction}")
-        SplitConfig(**self.split)  # its own checks, when params.yaml is read
 
     @property
     def limits(self) -> Limits:
@@ -183,78 +175,74 @@ def gx_context(docs_dir: Path | None = None) -> Any:
     return gx.get_context(project_config=config, mode="ephemeral")
 
 
-def _checks(
-    kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]
-) -> list[_Check]:  # long: the formatter's one-argument-per-line layout; split in the next commits
+def _check(name: str, level: str, description: str, expectation: type, **kwargs: Any) -> _Check:
+    return _Check(name, level, description, expectation(**kwargs, meta={"check": name}))
+
+
+def _column_checks(c: str, config: ValidateConfig) -> list[_Check]:
+    """The row checks of one text column: a non-blank string within the length limits."""
+    import great_expectations.expectations as gxe
+
+    # The prompt is rendered ("\n\nHuman: ...\n\nAssistant:"), so emptiness is judged on its last user turn.
+    content = "prompt_text" if c == "prompt" else c
+    longest = config.max_prompt_chars if c == "prompt" else config.max_response_chars
+    checks = [
+        _check(
+            f"is_string({c})", "row", f"'{c}' is not a string", gxe.ExpectColumnValuesToBeOfType, column=c, type_="str"
+        ),
+        _check(f"not_null({c})", "row", f"'{c}' is null", gxe.ExpectColumnValuesToNotBeNull, column=c),
+        _check(
+            f"not_blank({c})",
+            "row",
+            f"'{c}' is empty or whitespace only",
+            gxe.ExpectColumnValuesToMatchRegex,
+            column=content,
+            regex=r"\S",
+        ),
+        _check(
+            f"max_length({c})",
+            "row",
+            f"'{c}' is longer than {longest} characters",
+            gxe.ExpectColumnValueLengthsToBeBetween,
+            column=c,
+            max_value=longest,
+        ),
+    ]
+    if config.min_chars > 1:  # a minimum of 1 is exactly what not_blank checks
+        checks.append(
+            _check(
+                f"min_length({c})",
+                "row",
+                f"'{c}' is shorter than {config.min_chars} characters",
+                gxe.ExpectColumnValueLengthsToBeBetween,
+                column=content,
+                min_value=config.min_chars,
+            )
+        )
+    return checks
+
+
+def _checks(kind: str, config: ValidateConfig, heldout_prompts: frozenset[str]) -> list[_Check]:
     """The suite of a dataset kind (plus the held-out leak check for training data)."""
     import great_expectations.expectations as gxe
 
-    def check(name: str, level: str, description: str, expectation: type, **kwargs: Any) -> _Check:
-        return _Check(name, level, description, expectation(**kwargs, meta={"check": name}))
-
     cols = list(schema.columns(kind))
     checks = [
-        check(f"column_exists({c})", "table", f"column '{c}' is missing", gxe.ExpectColumnToExist, column=c)
+        _check(f"column_exists({c})", "table", f"column '{c}' is missing", gxe.ExpectColumnToExist, column=c)
         for c in cols
     ]
-    checks.append(
-        check(
-            "row_count",
-            "table",
-            f"row count must be between {config.min_rows} and {config.max_rows}",
-            gxe.ExpectTableRowCountToBeBetween,
-            min_value=config.min_rows,
-            max_value=config.max_rows,
-        )
-    )
+    rows = f"row count must be between {config.min_rows} and {config.max_rows}"
+    bounds = {"min_value": config.min_rows, "max_value": config.max_rows}
+    checks.append(_check("row_count", "table", rows, gxe.ExpectTableRowCountToBeBetween, **bounds))
     for c in cols:
-        # The prompt is rendered ("\n\nHuman: ...\n\nAssistant:"), so emptiness is judged on its last user turn.
-        content = "prompt_text" if c == "prompt" else c
-        longest = config.max_prompt_chars if c == "prompt" else config.max_response_chars
-        checks += [
-            check(
-                f"is_string({c})",
-                "row",
-                f"'{c}' is not a string",
-                gxe.ExpectColumnValuesToBeOfType,
-                column=c,
-                type_="str",
-            ),
-            check(f"not_null({c})", "row", f"'{c}' is null", gxe.ExpectColumnValuesToNotBeNull, column=c),
-            check(
-                f"not_blank({c})",
-                "row",
-                f"'{c}' is empty or whitespace only",
-                gxe.ExpectColumnValuesToMatchRegex,
-                column=content,
-                regex=r"\S",
-            ),
-            check(
-                f"max_length({c})",
-                "row",
-                f"'{c}' is longer than {longest} characters",
-                gxe.ExpectColumnValueLengthsToBeBetween,
-                column=c,
-                max_value=longest,
-            ),
-        ]
-        if config.min_chars > 1:  # a minimum of 1 is exactly what not_blank checks
-            checks.append(
-                check(
-                    f"min_length({c})",
-                    "row",
-                    f"'{c}' is shorter than {config.min_chars} characters",
-                    gxe.ExpectColumnValueLengthsToBeBetween,
-                    column=content,
-                    min_value=config.min_chars,
-                )
-            )
+        checks += _column_checks(c, config)
     if kind == "preferences":
+        same = "chosen and rejected are identical"
         checks.append(
-            check(
+            _check(
                 "chosen_differs",
                 "row",
-                "chosen and rejected are identical",
+                same,
                 gxe.ExpectColumnValuesToBeInSet,
                 column="chosen_differs",
                 value_set=[True],
@@ -262,15 +250,16 @@ def _checks(
         )
     duplicate = f"duplicate of an earlier row (same {'/'.join(cols)})"
     if kind in config.unique_kinds and len(cols) > 1:
-        checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectCompoundColumnsToBeUnique, column_list=cols))
+        checks.append(_check("no_duplicates", "row", duplicate, gxe.ExpectCompoundColumnsToBeUnique, column_list=cols))
     elif kind in config.unique_kinds:  # prompts: repeats are usually intended (a sampling distribution), so opt-in
-        checks.append(check("no_duplicates", "row", duplicate, gxe.ExpectColumnValuesToBeUnique, column=cols[0]))
+        checks.append(_check("no_duplicates", "row", duplicate, gxe.ExpectColumnValuesToBeUnique, column=cols[0]))
     if heldout_prompts:
+        leak = "prompt also appears in a held-out dataset"
         checks.append(
-            check(
+            _check(
                 "no_heldout_leak",
                 "row",
-                "prompt also appears in a held-out dataset",
+                leak,
                 gxe.ExpectColumnValuesToNotBeInSet,
                 column="prompt",
                 value_set=sorted(heldout_prompts),
@@ -382,7 +371,59 @@ def verdict(
     return True, f"{n_bad} of {n_rows} rows ({fraction:.1%}) quarantined, within max_invalid_fraction {limit:.1%}"
 
 
-def validate_frame(  # long: the formatter's one-argument-per-line layout; split in the next commits
+@dataclass
+class _Failures:
+    """What failed, per check (the report's entries) and per source row (the quarantine's reasons and excerpts)."""
+
+    path: str
+    max_examples: int
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # check name -> its report entry
+    reasons: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))  # row -> "check: reason"
+    excerpts: dict[int, str] = field(default_factory=dict)
+
+    def entry(self, check_name: str, level: str, description: str) -> dict[str, Any]:
+        blank = {"name": check_name, "level": level, "success": True, "unexpected_count": 0}
+        return self.entries.setdefault(check_name, blank | {"description": description, "details": "", "examples": []})
+
+    def fail_row(self, e: dict[str, Any], row: int, reason: str, raw: str) -> None:
+        e["success"] = False
+        e["unexpected_count"] += 1
+        self.reasons[row].append(f"{e['name']}: {reason}")
+        self.excerpts.setdefault(row, raw)
+        if len(e["examples"]) < self.max_examples:
+            where = row_label(self.path, row)
+            e["examples"].append({"source_row": row, "where": where, "reason": reason, "excerpt": raw})
+
+    def fail_table(self, e: dict[str, Any], details: str) -> None:
+        e.update(success=False, level="table", details=details)
+
+
+def _collect(
+    loaded: Loaded, kind: str, checks: list[_Check], results: dict[str, Any], config: ValidateConfig
+) -> _Failures:
+    """Failures per check and per row; rows the loader could not read count as failures of the check they break
+    (valid_utf8, valid_json, is_string(chosen), ...)."""
+    failures = _Failures(loaded.path, config.report_examples)
+    failures.entry("valid_utf8", "row", "not valid UTF-8")
+    for err in loaded.row_errors:
+        failures.fail_row(failures.entry(err.check, "row", "row could not be read"), err.row, err.reason, err.excerpt)
+    cols = list(schema.columns(kind))
+    by_row = loaded.rows.set_index("source_row", drop=False)
+    for check in checks:
+        result, e = results[check.name], failures.entry(check.name, check.level, check.description)
+        if result.exception_info.get("raised_exception"):
+            failures.fail_table(e, f"check raised: {result.exception_info.get('exception_message')}")
+        elif not result.success:
+            failed = _failed_rows(check, result) if check.level == "row" else []
+            if not failed:  # a table-level check, or a row check GX could only judge for the whole column
+                observed = result.result.get("observed_value")
+                failures.fail_table(e, check.description + (f" (observed: {observed})" if observed is not None else ""))
+            for row in failed:
+                failures.fail_row(e, row, check.description, excerpt({c: by_row.at[row, c] for c in cols}))
+    return failures
+
+
+def validate_frame(
     loaded: Loaded,
     kind: str,
     config: ValidateConfig,
@@ -395,7 +436,6 @@ def validate_frame(  # long: the formatter's one-argument-per-line layout; split
     The failed-row entries (dataset, source_row, reasons, excerpt) are what quarantine.jsonl holds when the report
     passed. Pass one `context` (see gx_context) to collect several datasets into one Data Docs site.
     """
-    cols = list(schema.columns(kind))
     rows = loaded.rows
     # 1. run the suite on the rows plus the derived columns some checks read
     frame = rows.copy()
@@ -404,63 +444,13 @@ def validate_frame(  # long: the formatter's one-argument-per-line layout; split
         frame["chosen_differs"] = (frame["chosen"] != frame["rejected"]).astype(bool)
     checks = _checks(kind, config, frozenset(heldout_prompts))
     results = _run_checkpoint(context or gx_context(), name, kind, checks, frame)
-
-    # 2. collect failures per check and per row; rows the loader could not read count as failures of the check
-    #    they break (valid_utf8, valid_json, is_string(chosen), ...)
-    entries: dict[str, dict[str, Any]] = {}  # check name -> its report entry
-    reasons: dict[int, list[str]] = defaultdict(list)  # source row -> "check: reason" for each failure
-    excerpts: dict[int, str] = {}
-
-    def entry(check_name: str, level: str, description: str) -> dict[str, Any]:
-        return entries.setdefault(
-            check_name,
-            {
-                "name": check_name,
-                "level": level,
-                "success": True,
-                "unexpected_count": 0,
-                "description": description,
-                "details": "",
-                "examples": [],
-            },
-        )
-
-    def fail_row(e: dict[str, Any], row: int, reason: str, raw: str) -> None:
-        e["success"] = False
-        e["unexpected_count"] += 1
-        reasons[row].append(f"{e['name']}: {reason}")
-        excerpts.setdefault(row, raw)
-        if len(e["examples"]) < config.report_examples:
-            e["examples"].append(
-                {"source_row": row, "where": row_label(loaded.path, row), "reason": reason, "excerpt": raw}
-            )
-
-    entry("valid_utf8", "row", "not valid UTF-8")
-    for err in loaded.row_errors:
-        fail_row(entry(err.check, "row", "row could not be read"), err.row, err.reason, err.excerpt)
-    by_row = rows.set_index("source_row", drop=False)
-    for check in checks:
-        result, e = results[check.name], entry(check.name, check.level, check.description)
-        if result.exception_info.get("raised_exception"):
-            e.update(
-                success=False, level="table", details=f"check raised: {result.exception_info.get('exception_message')}"
-            )
-        elif not result.success:
-            failed = _failed_rows(check, result) if check.level == "row" else []
-            if not failed:  # a table-level check, or a row check GX could only judge for the whole column
-                observed = result.result.get("observed_value")
-                e.update(
-                    success=False,
-                    level="table",
-                    details=check.description + (f" (observed: {observed})" if observed is not None else ""),
-                )
-            for row in failed:
-                fail_row(e, row, check.description, excerpt({c: by_row.at[row, c] for c in cols}))
-
+    # 2. collect failures per check and per row
+    failures = _collect(loaded, kind, checks, results, config)
     # 3. the gate
+    reasons = failures.reasons
     valid = rows[~rows["source_row"].isin(list(reasons))].reset_index(drop=True)
     n_rows = len(rows) + len(loaded.row_errors)
-    table_failures = [e["name"] for e in entries.values() if not e["success"] and e["level"] == "table"]
+    table_failures = [e["name"] for e in failures.entries.values() if not e["success"] and e["level"] == "table"]
     passed, reason = verdict(config, n_rows, len(reasons), len(valid), table_failures)
     report = Report(
         dataset=printable(name),
@@ -470,12 +460,12 @@ def validate_frame(  # long: the formatter's one-argument-per-line layout; split
         n_rows=n_rows,
         n_valid=len(valid),
         n_quarantined=len(reasons) if passed else 0,
-        checks=list(entries.values()),
+        checks=list(failures.entries.values()),
         passed=passed,
         reason=reason,
     )
     failed_rows = [
-        {"dataset": name, "source_row": row, "reasons": reasons[row], "excerpt": excerpts[row]}
+        {"dataset": name, "source_row": row, "reasons": reasons[row], "excerpt": failures.excerpts[row]}
         for row in sorted(reasons)
     ]
     return report, valid, failed_rows
@@ -485,7 +475,8 @@ def validate_file(
     path: str | Path,
     kind: str,
     fmt: str = "auto",
-    config: ValidateConfig = ValidateConfig(),  # noqa: B008 (frozen, so a shared default is safe)
+    *,
+    config: ValidateConfig,
     heldout_prompts: frozenset[str] | set[str] = frozenset(),
     report_dir: Path | None = None,
 ) -> Report:
@@ -628,7 +619,8 @@ def run(
     out_dir: Path,
     report_dir: Path,
     metrics_file: Path | None = None,
-    judge: JudgeConfig = JudgeConfig(),  # noqa: B008 (frozen: one shared value is safe)
+    *,
+    judge: JudgeConfig,
 ) -> dict[str, Any]:
     """Validate every dataset, then derive the ones not given (stages/lib/splits.py); write the datasets only if all
     passed, and the reports always: they say why it failed, whatever the reason (a failed check, an unreadable file,
@@ -667,7 +659,7 @@ def _publish(
     judge_kind = resolve_kind(judge_config, pref_prompts)
     frames, derived = derive(
         frames,
-        SplitConfig(**config.split),
+        config.split,
         judge_config.fraction if judge_kind == "reward_model" else None,
         judge_config.seed,
     )
@@ -701,6 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=list(schema.KINDS), help="dataset kind of --file")
     parser.add_argument("--format", default="auto", help="format of --file (default: auto)")
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH",
+        help="a data file or folder this run may read (repeatable; dvc.yaml passes each, `rlhf sync` writes them): "
+        "a file of params.yaml's data outside every --data is refused, as DVC would not see it change",
+    )
     parser.add_argument("--out", default=str(OUT_DIR), help=f"validated datasets (default: {OUT_DIR})")
     parser.add_argument(
         "--reports", help=f"reports and Data Docs (default: {REPORT_DIR}; with --file, none unless given)"
@@ -711,15 +710,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kind is required with --file")
     reports = Path(args.reports) if args.reports else None if args.file else REPORT_DIR
     try:  # what stops validation before any data is judged still replaces the reports: they say why
-        # a single file can be checked outside the project, with the default config
-        params = load_params(args.params) if not args.file or Path(args.params).exists() else {}
+        # a single file can be checked outside a project, with this project's own params
+        outside = args.file and not Path(args.params).exists()
+        params = load_params(PROJECT_PARAMS if outside else args.params)
         config = config_from(ValidateConfig, params.get("validate"))
         if not args.file:
             data = params.get("data") or {}
             if not isinstance(data, dict):
                 raise ParamsError(f"data = {str(data)[:60]!r}: expected a mapping of dataset names to path and kind")
             datasets = {name: config_from(DatasetSpec, spec, at=f"data.{name}") for name, spec in data.items()}
-            check_tracked(data)
+            check_tracked(data, args.data)
             judge = config_from(JudgeConfig, params.get("judge"))
     except Exception as e:
         if reports is not None:
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         if args.file:
-            report = validate_file(args.file, args.kind, args.format, config, report_dir=reports)
+            report = validate_file(args.file, args.kind, args.format, config=config, report_dir=reports)
             if not report.passed:
                 raise ValidationFailed([report])
             print(format_report(report))
@@ -740,19 +740,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_tracked(data: dict[str, Any]) -> None:
-    """Under DVC, every local data file of params.yaml must be one of this stage's deps (stages/lib/datadeps.py)."""
-    root, stage = os.environ.get("DVC_ROOT"), os.environ.get("DVC_STAGE")
-    if not root or not stage:
-        return
-    import yaml
-
-    deps = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
-    missing = uncovered(data, [d if isinstance(d, str) else next(iter(d)) for d in deps], Path(root))
+def check_tracked(data: dict[str, Any], named: list[str] | None) -> None:
+    """Every local data file of params.yaml must be under a `--data` path of this run, which dvc.yaml's command
+    passes and so hashes (stages/lib/datadeps.py). Without --data (a run by hand), nothing is checked."""
+    missing = uncovered(data, named, Path.cwd()) if named is not None else []
     if missing:
         raise BadInput(
-            f"params.yaml data names {', '.join(missing)}, which the {stage} stage of dvc.yaml does not "
-            "depend on (DVC would not see it change): run `rlhf data-deps` (or `rlhf run`, which does it)"
+            f"params.yaml data names {', '.join(missing)}, which the validate stage's command does not pass "
+            "(--data), so DVC would not see it change: run `rlhf sync` (or `rlhf run`, which syncs first)"
         )
 
 
@@ -768,7 +763,7 @@ def run_tracked(
     with mlflow_run("validate") as tracker:
         tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
         try:
-            result = run(config, datasets, out, reports, metrics, judge)
+            result = run(config, datasets, out, reports, metrics, judge=judge)
         except ValidationFailed as e:
             tracker.set_tags({"rlhf.gate": "failed", "rlhf.gate_reason": e.reason[:500]})
             raise

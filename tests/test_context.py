@@ -9,14 +9,15 @@ import torch
 from stages.lib.context import fit_pairs, fit_prompt, fit_prompts, fit_reply, n_tokens, split_turns
 from stages.lib.modeling import TinyModelConfig, build_tiny_model, generate, train_tokenizer
 from stages.lib.outcome import BadInput
+from stages.lib.params import defaults
 from stages.lib.schema import ASSISTANT, HUMAN
 from stages.lib.splits import JUDGE, REQUIRED, SplitConfig, derive
-from stages.lib.task import make_dialogues
+from stages.lib.task import TaskConfig, make_dialogues
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [row["chosen"] for row in make_dialogues(200, seed=3)]
+    texts = [row["chosen"] for row in make_dialogues(200, defaults(TaskConfig, seed=3))]
     return train_tokenizer(texts, 400)
 
 
@@ -69,7 +70,9 @@ def test_replies_keep_their_start_and_pairs_fit_the_context(tokenizer):
 def test_generation_never_indexes_past_the_context(tokenizer):
     """A prompt several times the model's context: before the budget, GPT-2's position embedding raised IndexError."""
     torch.manual_seed(0)
-    model = build_tiny_model("gpt2", TinyModelConfig(n_layer=1, n_embd=32, n_head=2, max_positions=64), tokenizer)
+    model = build_tiny_model(
+        "gpt2", defaults(TinyModelConfig, n_layer=1, n_embd=32, n_head=2, max_positions=64), tokenizer
+    )
     prompts = [_dialogue(40), "\n\nHuman: Hi!\n\nAssistant:"]
     assert n_tokens(tokenizer, prompts[0]) > 5 * 64
     out = generate(model, tokenizer, prompts, max_new_tokens=16)
@@ -87,21 +90,21 @@ def _pairs(n: int) -> pd.DataFrame:
 
 
 def test_one_preference_set_feeds_every_dataset_split_by_prompt():
-    frames, notes = derive({"preferences": _pairs(400)}, SplitConfig(heldout_fraction=0.2, seed=0), 0.5, 1)
+    frames, notes = derive({"preferences": _pairs(400)}, defaults(SplitConfig, heldout_fraction=0.2, seed=0), 0.5, 1)
     assert set(REQUIRED) | {JUDGE} == set(frames) and set(notes) == set(frames) - {"preferences"}
     train, test, judge = (set(frames[n]["prompt"]) for n in ("preferences", "preferences_test", JUDGE))
     assert not train & test and not judge & test and not train & judge  # nothing leaks, the judge's pairs are apart
     assert 0.1 < len(test) / 400 < 0.3 and 0.3 < len(judge) / (400 - len(test)) < 0.7
     assert set(frames["eval_prompts"]["prompt"]) == test and set(frames["prompts"]["prompt"]) == train
     assert set(frames["sft_test"]["prompt"]) == test and set(frames["sft"]["prompt"]) == train | judge
-    again, _ = derive({"preferences": _pairs(500)}, SplitConfig(heldout_fraction=0.2, seed=0), 0.5, 1)
+    again, _ = derive({"preferences": _pairs(500)}, defaults(SplitConfig, heldout_fraction=0.2, seed=0), 0.5, 1)
     assert test <= set(again["preferences_test"]["prompt"])  # more rows never move an existing prompt
 
 
 def test_given_datasets_are_kept_and_their_prompts_stay_in_training():
     given_sft = pd.DataFrame([{"prompt": p, "response": "x"} for p in _pairs(400)["prompt"][:200]])
-    frames, notes = derive({"preferences": _pairs(400), "sft": given_sft}, SplitConfig(heldout_fraction=0.5))
+    frames, notes = derive({"preferences": _pairs(400), "sft": given_sft}, defaults(SplitConfig, heldout_fraction=0.5))
     assert frames["sft"] is given_sft and "sft" not in notes
     assert not set(given_sft["prompt"]) & set(frames["preferences_test"]["prompt"])  # a given training prompt stays
     with pytest.raises(BadInput, match="no preferences to derive them from"):
-        derive({"sft": given_sft}, SplitConfig())
+        derive({"sft": given_sft}, defaults(SplitConfig))

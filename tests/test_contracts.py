@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,29 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import dpo, evaluate, ppo, promote, reward_gate, sft, validate
-from stages.lib import task
-from stages.lib.judge import JudgeConfig
-from stages.lib.params import config_from, load_params
-from stages.lib.reward_training import RewardConfig
-from stages.lib.splits import SplitConfig
+from flows import sync
+from stages.lib.params import load_params
 from tests.conftest import ROOT
 
-CONFIGS = {
-    "task": task.TaskConfig,
-    "validate": validate.ValidateConfig,
-    "sft": sft.SFTConfig,
-    "reward": RewardConfig,
-    "judge": JudgeConfig,
-    "dpo": dpo.DPOConfig,
-    "reward_gate": reward_gate.GateConfig,
-    "ppo": ppo.PPOConfig,
-    "evaluate": evaluate.EvaluateConfig,
-    "promote": promote.PromoteConfig,
-}
-NESTED = {("ppo", "kl_guard"): ppo.KLGuardConfig, ("validate", "split"): SplitConfig}
-OUTPUT_OPTIONS = {"--out", "--metrics", "--reports"}  # what a stage writes; every other path option is an input
-NOT_TRACKED = {"--reports"}  # written also when the stage fails (they say why), so not a DVC output
+NOT_TRACKED = set(sync.NOT_TRACKED)
 
 
 def _dvc_stages(root: Path = ROOT) -> dict:
@@ -51,49 +35,12 @@ def _paths(entries: list | None) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
 
 
-def _module_file(module: str, root: Path = ROOT) -> Path | None:
-    base = root / module.replace(".", "/")
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
+def import_closure(module: str, root: Path = ROOT) -> set[str]:
+    return sync.import_closure(module, root)
 
 
 def _imports(path: Path) -> set[str]:
-    """The project modules `path` imports (absolute `stages`/`flows` imports, anywhere in the file)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from stages.lib import task`
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-    return {m for m in found if m.split(".")[0] in ("stages", "flows") and _module_file(m)}
-
-
-def import_closure(module: str, root: Path = ROOT) -> set[str]:
-    """Every project file imported when `module` runs: its imports, theirs, and the packages' __init__ files."""
-    files: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
-            path = _module_file(".".join(parts[:i]), root)
-            if path is None:
-                continue
-            rel = str(path.relative_to(root))
-            if rel not in files:
-                files.add(rel)
-                todo.extend(_imports(path))
-    return files
-
-
-def _options(cmd: str) -> dict[str, str]:
-    """`--option value` pairs of a `python -m module ...` command."""
-    args = shlex.split(cmd)[3:]
-    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), f"not --option value pairs: {cmd}"
-    return dict(zip(args[::2], args[1::2], strict=True))
+    return sync._runs(path, ROOT)
 
 
 def _path_defaults(module_file: Path) -> dict[str, str]:
@@ -109,19 +56,44 @@ def _path_defaults(module_file: Path) -> dict[str, str]:
     return out
 
 
-def test_every_params_section_builds_its_config():
-    params = load_params(ROOT / "params.yaml")
-    for section, cls in CONFIGS.items():
-        config_from(cls, params[section])
-    for (section, key), cls in NESTED.items():
-        config_from(cls, params[section][key])
-    for spec in params["data"].values():
-        config_from(validate.DatasetSpec, spec)
+def test_dvc_yaml_is_what_rlhf_sync_writes_byte_for_byte():
+    """`rlhf sync` on this unchanged tree rewrites dvc.yaml to exactly the bytes that are there."""
+    assert sync.synced(ROOT) == (ROOT / "dvc.yaml").read_text()
+    assert sync.changes(ROOT) == []
 
 
-def test_unknown_parameter_is_an_error():
-    with pytest.raises(ValueError, match="unknown parameter"):
-        config_from(ppo.PPOConfig, {"kl_coeff": 0.1})
+def test_sync_follows_an_import_a_stage_gains(tmp_path):
+    """A stage that starts importing a module gets it as a dep from `rlhf sync`, and `--check` says so first."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "stages/lib/newmod.py").write_text("X = 1\n")
+    gate = tmp_path / "stages/reward_gate.py"
+    gate.write_text(
+        gate.read_text().replace(
+            "from __future__ import annotations\n",
+            "from __future__ import annotations\n\nimport stages.lib.newmod  # noqa: F401\n",
+            1,
+        )
+    )
+    assert sync.changes(tmp_path) == ["reward_gate: deps +stages/lib/newmod.py"]
+    sync.sync(tmp_path)
+    assert "stages/lib/newmod.py" in _dvc_stages(tmp_path)["reward_gate"]["deps"]
+    assert sync.changes(tmp_path) == []
+
+
+def test_sync_passes_a_data_file_outside_data_to_validate(tmp_path):
+    """A data file params.yaml names outside data/ becomes a --data option and a dep of the validate stage."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["data"]["preferences"]["path"] = "team/prefs.jsonl"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(tmp_path)
+    validate = _dvc_stages(tmp_path)["validate"]
+    assert sync.options(validate["cmd"])[:2] == [("--data", "data"), ("--data", "team/prefs.jsonl")]
+    assert _paths(validate["deps"])[:2] == ["data", "team/prefs.jsonl"]
 
 
 def test_every_stage_runs_its_module_and_reads_existing_params():
@@ -130,9 +102,13 @@ def test_every_stage_runs_its_module_and_reads_existing_params():
         assert shlex.split(stage["cmd"])[:3] == ["python", "-m", f"stages.{name}"], name
         for section in stage.get("params", []):
             assert section in params, f"dvc.yaml stage {name} reads params section {section!r} that does not exist"
-        if name in CONFIGS:
-            assert name in stage["params"], f"{name} must list its own params section"
-    assert set(CONFIGS) - {"task"} <= set(_dvc_stages())  # every section but the data generator's is a stage's
+        module = importlib.import_module(f"stages.{name}")
+        own = {
+            c.SECTION.split(".")[0]
+            for c in vars(module).values()
+            if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "SECTION")
+        }
+        assert own <= set(stage.get("params", [])), f"{name} must list its own params section(s) {sorted(own)}"
 
 
 @pytest.mark.parametrize("name", list(_dvc_stages()))
@@ -146,13 +122,14 @@ def test_deps_cover_the_import_closure(name):
 @pytest.mark.parametrize("name", list(_dvc_stages()))
 def test_the_command_names_every_path_and_dvc_tracks_them(name):
     stage = _dvc_stages()[name]
-    options = _options(stage["cmd"])
+    pairs = sync.options(stage["cmd"])
+    options = dict(pairs)
     deps = set(_paths(stage["deps"]))
     written = set(_paths(stage.get("outs"))) | set(_paths(stage.get("metrics")))
-    for flag, path in options.items():
+    for flag, path in pairs:
         if flag in NOT_TRACKED:
             continue
-        if flag in OUTPUT_OPTIONS:  # an output folder or file: DVC tracks what the stage writes there
+        if flag in sync.OUTPUT_OPTIONS:  # an output folder or file: DVC tracks what the stage writes there
             assert any(w == path or w.startswith(path.rstrip("/") + "/") for w in written), (name, flag, path)
         else:
             assert path in deps, f"{name} reads {path} ({flag}) but does not depend on it"
@@ -160,7 +137,7 @@ def test_the_command_names_every_path_and_dvc_tracks_them(name):
     hidden = set(_path_defaults(ROOT / "stages" / f"{name}.py")) - set(options) - {"--params"}
     assert not hidden, f"{name}: give {sorted(hidden)} in dvc.yaml's cmd, where the stage's paths live"
     data_deps = [d for d in deps if not d.startswith("stages/")]
-    assert set(data_deps) <= set(options.values()) | {"data"}, f"{name} depends on paths its command never passes"
+    assert set(data_deps) <= {v for _, v in pairs}, f"{name} depends on paths its command never passes"
 
 
 def test_the_closure_contract_fails_when_a_dep_is_removed(tmp_path):

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from stages import evaluate
-from stages.lib import task
+from stages.lib import gold
 from stages.lib.heldout import win_rate
 from stages.lib.outcome import ExitCode
 from tests.helpers import BIN, OPEN_GATE, env, make_project, run
@@ -105,8 +105,8 @@ def test_report_and_metrics(project):
     assert len(samples) == PASSING["evaluate"]["n_prompts"] and m["judge"] == "gold"
     # the headline numbers are the samples' own: the judge (gold) re-scored from the replies, win-rate and means
     for s in samples:
-        assert s["sft_judge"] == task.gold_score(s["prompt"], s["sft"])
-        assert s["ppo_judge"] == task.gold_score(s["prompt"], s["ppo"])
+        assert s["sft_judge"] == gold.gold_score(s["prompt"], s["sft"])
+        assert s["ppo_judge"] == gold.gold_score(s["prompt"], s["ppo"])
     assert m["win_rate_vs_sft"] == win_rate([s["ppo_judge"] for s in samples], [s["sft_judge"] for s in samples])
     assert m["ppo/judge"] == pytest.approx(sum(s["ppo_judge"] for s in samples) / len(samples))
     assert m["ppo/rm_score"] == pytest.approx(sum(s["ppo_rm"] for s in samples) / len(samples))

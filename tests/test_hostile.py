@@ -26,7 +26,9 @@ import pytest
 
 from stages.lib.escaping import printable
 from stages.lib.formats import DataError, Limits, load_dataset
+from stages.lib.judge import JudgeConfig
 from stages.lib.outcome import ExitCode
+from stages.lib.params import defaults
 from stages.validate import ValidateConfig, format_report, run, validate_file, validate_frame, write_failure
 from tests.test_validate import stage_inputs
 
@@ -629,7 +631,7 @@ def test_data_docs_and_terminal_never_carry_a_hostile_row(tmp_path: Path) -> Non
     path = tmp_path / "h\x1b[31m.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"prompt": "\x1b[2J raw", \n')
     reports = tmp_path / "reports"
-    report = validate_file(path, "preferences", config=ValidateConfig(report_examples=50), report_dir=reports)
+    report = validate_file(path, "preferences", config=defaults(ValidateConfig, report_examples=50), report_dir=reports)
     assert report.passed and report.n_quarantined == 3
 
     pages = list((reports / "data_docs").rglob("*.html"))
@@ -695,14 +697,14 @@ def test_cli_prints_no_raw_escape_and_names_the_file_and_line(tmp_path: Path) ->
 def test_a_failure_replaces_a_previous_passed_report(tmp_path: Path) -> None:
     specs = stage_inputs(tmp_path)
     out, reports = tmp_path / "out", tmp_path / "reports"
-    run(ValidateConfig(), specs, out, reports)
+    run(defaults(ValidateConfig), specs, out, reports, judge=defaults(JudgeConfig))
     assert json.loads((reports / "summary.json").read_text())["passed"] is True
     assert (reports / "data_docs/index.html").is_file()
 
     os.unlink(specs["sft"].path)
     os.mkfifo(specs["sft"].path)  # now unreadable: a FIFO (refused at once, not waited on)
     with pytest.raises(DataError):
-        validate_file(specs["sft"].path, "sft", report_dir=reports)
+        validate_file(specs["sft"].path, "sft", config=defaults(ValidateConfig), report_dir=reports)
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["passed"] is False and "is a named pipe (FIFO)" in summary["error"]
     assert (reports / "report.md").read_text().startswith("Validation FAILED: ")
@@ -716,6 +718,6 @@ def test_a_quarantined_row_is_named_in_the_report(tmp_path: Path) -> None:
     """Row errors reach the report with the file and the line, as every ROW_CASES entry does."""
     path = lines(ROW_CASES[0][1], n=40)(tmp_path)
     loaded = load_dataset(path, "preferences", limits=SMALL)
-    report, _, failed = validate_frame(loaded, "preferences", ValidateConfig(), name="prefs")
+    report, _, failed = validate_frame(loaded, "preferences", defaults(ValidateConfig), name="prefs")
     assert report.passed and failed[0]["source_row"] == BAD_AT
     assert f"({path};" in format_report(report) and "line 3: is nested too deeply" in format_report(report)

@@ -15,19 +15,21 @@ import pytest
 
 from stages.lib.judge import EndpointJudge, GoldJudge, JudgeConfig, ScorerJudge, load_judge, resolve_kind
 from stages.lib.outcome import BadInput
+from stages.lib.params import defaults
 
 
 def test_auto_is_gold_on_the_default_task_and_a_judge_rm_elsewhere():
-    assert resolve_kind(JudgeConfig(), ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"]) == "gold"
-    assert resolve_kind(JudgeConfig(), ["\n\nHuman: Write me a haiku.\n\nAssistant:"]) == "reward_model"
+    assert resolve_kind(defaults(JudgeConfig), ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"]) == "gold"
+    assert resolve_kind(defaults(JudgeConfig), ["\n\nHuman: Write me a haiku.\n\nAssistant:"]) == "reward_model"
     assert (
-        resolve_kind(JudgeConfig(kind="reward_model"), ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"]) == "reward_model"
+        resolve_kind(defaults(JudgeConfig, kind="reward_model"), ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"])
+        == "reward_model"
     )
     with pytest.raises(BadInput, match="grades only the default task"):
         GoldJudge().scores(["\n\nHuman: Write me a haiku.\n\nAssistant:"], ["No."])
     for bad in ({"kind": "oracle"}, {"fraction": 1.0}, {"kind": "scorer"}, {"kind": "endpoint", "endpoint": "ftp://x"}):
         with pytest.raises(ValueError):
-            JudgeConfig(**bad)
+            defaults(JudgeConfig, **bad)
 
 
 SCORERS = '''

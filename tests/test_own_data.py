@@ -131,7 +131,7 @@ def test_the_users_file_is_a_dvc_dependency(project):
 
 
 def test_plain_dvc_refuses_a_data_file_it_does_not_track(project, tmp_path):
-    """Without `rlhf data-deps`, `dvc repro` would validate a file DVC does not track: the stage says so instead."""
+    """Without `rlhf sync`, `dvc repro` would validate a file DVC does not track: the stage says so instead."""
     other = tmp_path / "more.jsonl"
     other.write_text(
         Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["preferences"]["path"]).read_text()
@@ -141,6 +141,6 @@ def test_plain_dvc_refuses_a_data_file_it_does_not_track(project, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = run([sys.executable, "-m", "dvc", "repro", "--single-item", "validate"], project, check=False)
     assert proc.returncode != 0 and f"exited with {ExitCode.BAD_INPUT}" in proc.stdout + proc.stderr
-    assert "rlhf data-deps" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
-    run([str(BIN / "rlhf"), "data-deps"], project)
+    assert "rlhf sync" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    run([str(BIN / "rlhf"), "sync"], project)
     assert str(other) in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["validate"]["deps"]

@@ -4,6 +4,8 @@ one line naming the key, the value and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import subprocess
 import sys
 import typing
@@ -12,32 +14,123 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import dpo, evaluate, ppo, promote, reward_gate, sft, validate
-from stages.lib import modeling, task
+import stages
+from stages import evaluate, ppo, promote, reward_gate, sft, validate
+from stages.lib import task
 from stages.lib.judge import JudgeConfig
 from stages.lib.outcome import ExitCode
-from stages.lib.params import AT_LEAST_ONE, POSITIVE, Allowed, ParamsError, config_from
+from stages.lib.params import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    PROJECT_PARAMS,
+    Allowed,
+    ParamsError,
+    config_from,
+    defaults,
+    load_params,
+    nested,
+    section,
+)
 from stages.lib.reward_training import RewardConfig
-from stages.lib.splits import SplitConfig
 
-CONFIGS = [
-    task.TaskConfig,
-    task.FlawRates,
-    validate.ValidateConfig,
-    validate.DatasetSpec,
-    SplitConfig,
-    sft.SFTConfig,
-    modeling.TinyModelConfig,
-    modeling.LoraSettings,
-    RewardConfig,
-    JudgeConfig,
-    reward_gate.GateConfig,
-    ppo.PPOConfig,
-    ppo.KLGuardConfig,
-    evaluate.EvaluateConfig,
-    promote.PromoteConfig,
-    dpo.DPOConfig,
-]
+
+def _config_classes() -> dict[str, type]:
+    """Every config dataclass in stages/, found by walking the package (no hand-kept list): the top-level ones by
+    their SECTION, the nested ones by where a parent holds them, `data`'s entries as data.*; any other dataclass that
+    declares RANGES (a config class without a place in params.yaml) under its own name."""
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(stages.__path__, "stages.")]
+    found: dict[str, type] = {}
+    for module in modules:
+        for obj in vars(module).values():
+            if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__ and hasattr(obj, "SECTION"):
+                found[obj.SECTION] = obj
+    todo = list(found.items())
+    while todo:
+        where, cls = todo.pop()
+        for key, child in nested(cls).items():
+            if f"{where}.{key}" not in found:
+                found[f"{where}.{key}"] = child
+                todo.append((f"{where}.{key}", child))
+    from stages.validate import DatasetSpec
+
+    found["data.*"] = DatasetSpec
+    placed = set(found.values())
+    for module in modules:
+        for obj in vars(module).values():
+            if dataclasses.is_dataclass(obj) and hasattr(obj, "RANGES") and obj not in placed:
+                found[obj.__name__] = obj  # a config class params.yaml does not reach: the test below names it
+    return found
+
+
+CLASSES = _config_classes()
+CONFIGS = sorted(set(CLASSES.values()), key=lambda c: c.__name__)
+
+
+def test_every_config_class_has_its_place_in_params_yaml() -> None:
+    """Each config class reads a section params.yaml has, and each section of params.yaml is some class's."""
+    params = load_params(PROJECT_PARAMS)
+    unplaced = [name for name in CLASSES if name != "data.*" and section(params, name) is None]
+    assert not unplaced, f"config classes with no section in params.yaml: {unplaced}"
+    tops = {name.split(".")[0] for name in CLASSES}
+    assert set(params) - tops == {"precision"}, set(params) - tops  # precision: one word, resolved by modeling
+
+
+def test_no_value_lives_in_two_places() -> None:
+    """The config dataclasses hold no values (params.yaml does): no field has a default. The one exception is the
+    two optional keys of a `data` entry (a user's file list, not a hyperparameter), whose defaults params.yaml then
+    never repeats."""
+    with_defaults = {
+        f"{where}.{f.name}": f.default
+        for where, cls in CLASSES.items()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    assert set(with_defaults) == {"data.*.format", "data.*.heldout"}, sorted(with_defaults)
+    for name, entry in load_params(PROJECT_PARAMS)["data"].items():
+        for key in ("format", "heldout"):
+            assert entry.get(key, not with_defaults[f"data.*.{key}"]) != with_defaults[f"data.*.{key}"], (
+                f"params.yaml data.{name}.{key} repeats the default {with_defaults[f'data.*.{key}']!r}"
+            )
+
+
+def test_a_value_changed_in_params_yaml_is_the_value_the_stage_uses(tmp_path: Path) -> None:
+    """The data generator (the cheapest stage) with task.n_sft and task.labels_per_pair changed in params.yaml."""
+    params = load_params(PROJECT_PARAMS)
+    params["task"] |= {"n_sft": 7, "n_sft_test": 5, "n_pairs": 9, "n_pairs_test": 11, "n_prompts": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.lib.task", "--params", "params.yaml", "--out", "data"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    counts = {p.name: len(p.read_text().splitlines()) for p in (tmp_path / "data").glob("*.jsonl")}
+    assert counts | {"eval_prompts.jsonl": 0} == {
+        "sft.jsonl": 7,
+        "sft_test.jsonl": 5,
+        "preferences.jsonl": 9,
+        "preferences_test.jsonl": 11,
+        "prompts.jsonl": 3,
+        "eval_prompts.jsonl": 0,
+    }
+
+
+def test_a_missing_key_is_named() -> None:
+    params = load_params(PROJECT_PARAMS)["ppo"]
+    del params["kl_coef"]
+    with pytest.raises(ParamsError, match=r"^ppo: missing parameter\(s\) kl_coef \(params.yaml is their only home\)"):
+        config_from(stages.ppo.PPOConfig, params)
+
+
+def test_defaults_are_the_projects_params_with_overrides_merged_key_by_key() -> None:
+    from stages.ppo import PPOConfig
+
+    config = defaults(PPOConfig, num_steps=3, kl_guard={"max_kl": 5.0})
+    ppo = load_params(PROJECT_PARAMS)["ppo"]
+    assert config.num_steps == 3 and config.kl_coef == ppo["kl_coef"]
+    assert config.kl_guard.max_kl == 5.0 and config.kl_guard.patience == ppo["kl_guard"]["patience"]
 
 
 def _numeric_fields(cls: type) -> list[str]:
@@ -59,13 +152,28 @@ def _wrong_values(cls: type) -> list[tuple[str, object, str]]:
     return cases
 
 
+def _complete(cls: type) -> dict:
+    """A complete section for `cls` from the project's params.yaml (the first place that holds it)."""
+    params = load_params(PROJECT_PARAMS)
+    where = next(name for name, c in CLASSES.items() if c is cls)
+    if where == "data.*":
+        return {"path": "x.jsonl", "kind": "sft"}
+    return section(params, where)
+
+
+def _with(cls: type, given: dict) -> dict:
+    """A complete section with `given` in it (a nested section's keys merged in, any other value replaced)."""
+    complete, sections = _complete(cls), nested(cls)
+    return complete | {k: complete[k] | v if k in sections and isinstance(v, dict) else v for k, v in given.items()}
+
+
 CASES = [(cls, key, value, why) for cls in CONFIGS for key, value, why in _wrong_values(cls)]
 
 
 @pytest.mark.parametrize(("cls", "key", "value", "why"), CASES, ids=[f"{c.__name__}.{k}={v!r}" for c, k, v, _ in CASES])
 def test_every_config_refuses_a_wrong_value_in_one_line(cls: type, key: str, value: object, why: str) -> None:
     with pytest.raises(ParamsError) as info:
-        config_from(cls, {key: value}, at="section")
+        config_from(cls, {**_complete(cls), key: value}, at="section")
     message = str(info.value)
     assert message.startswith(f"section.{key} = {value!r}: expected "), message
     assert "\n" not in message and len(message) < 300
@@ -82,24 +190,16 @@ def test_every_number_in_every_config_has_a_range() -> None:
     assert not missing
 
 
-def test_the_default_params_pass(root: Path) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for cls in (
-        task.TaskConfig,
-        validate.ValidateConfig,
-        sft.SFTConfig,
-        RewardConfig,
-        JudgeConfig,
-        reward_gate.GateConfig,
-        ppo.PPOConfig,
-        evaluate.EvaluateConfig,
-        promote.PromoteConfig,
-    ):
-        config_from(cls, params[cls.SECTION])
+def test_the_default_params_pass() -> None:
+    params = load_params(PROJECT_PARAMS)
+    for where, cls in CLASSES.items():
+        entries = params["data"].values() if where == "data.*" else [section(params, where)]
+        for entry in entries:
+            config_from(cls, entry, at=where)
 
 
 @pytest.mark.parametrize(
-    ("cls", "section", "message"),
+    ("cls", "given", "message"),
     [
         (
             validate.ValidateConfig,
@@ -145,16 +245,16 @@ def test_the_default_params_pass(root: Path) -> None:
         (evaluate.EvaluateConfig, [1, 2], "evaluate = [1, 2]: expected a mapping of n_prompts"),
     ],
 )
-def test_messages_name_the_key_the_value_and_what_is_allowed(cls: type, section: object, message: str) -> None:
+def test_messages_name_the_key_the_value_and_what_is_allowed(cls: type, given: object, message: str) -> None:
     with pytest.raises(ParamsError) as info:
-        config_from(cls, section)  # type: ignore[arg-type]
+        config_from(cls, given if not isinstance(given, dict) else _with(cls, given))
     assert str(info.value).startswith(message), str(info.value)
 
 
 def test_an_int_is_a_float_but_nothing_else_is() -> None:
-    assert config_from(sft.SFTConfig, {"learning_rate": 1, "epochs": 2}).learning_rate == 1
-    assert config_from(ppo.PPOConfig, {"kl_guard": {"max_kl": 5}}).kl_guard == {"max_kl": 5}
-    assert config_from(validate.ValidateConfig, {"unique_kinds": ["sft"]}).unique_kinds == ["sft"]
+    assert defaults(sft.SFTConfig, learning_rate=1, epochs=2).learning_rate == 1
+    assert defaults(ppo.PPOConfig, kl_guard={"max_kl": 5}).kl_guard.max_kl == 5
+    assert defaults(validate.ValidateConfig, unique_kinds=["sft"]).unique_kinds == ["sft"]
 
 
 def test_allowed_describes_itself() -> None:

@@ -12,7 +12,7 @@ from stages import sft
 from stages.lib import modeling
 from stages.lib.io import write_jsonl
 from stages.lib.modeling import PrecisionError, cpu_has_native_bf16, resolve_precision, trainer_precision
-from stages.lib.params import ParamsError
+from stages.lib.params import ParamsError, defaults
 from stages.lib.tracking import NullTracker
 
 AMD_FLAGS = "flags : fpu sse sse2 avx avx2 fma bmi2 sha_ni"  # an AMD EPYC without AVX-512: no native bf16
@@ -73,7 +73,8 @@ def _tiny_sft(tmp_path: Path, precision: str) -> list[bool]:
     ]
     write_jsonl(data / "sft.jsonl", rows[:30])
     write_jsonl(data / "sft_test.jsonl", rows[30:])
-    config = sft.SFTConfig(
+    config = defaults(
+        sft.SFTConfig,
         tiny={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "max_positions": 64},
         epochs=1,
         batch_size=8,

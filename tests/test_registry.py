@@ -13,6 +13,7 @@ import pytest
 
 from stages.lib.modeling import TinyModelConfig, create_base_model, load_causal_lm
 from stages.lib.outcome import BadInput
+from stages.lib.params import defaults
 from stages.lib.registry import MODEL_HASH_TAG, fetch_policy, model_hash
 from stages.promote import find_or_register
 
@@ -35,7 +36,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     texts = [f"What is {i} plus {i}? It is {2 * i}." for i in range(50)]
     hf = create_base_model(
         "tiny-gpt2",
-        TinyModelConfig(n_layer=1, n_embd=16, n_head=1, vocab_size=300, max_positions=64),
+        defaults(TinyModelConfig, n_layer=1, n_embd=16, n_head=1, vocab_size=300, max_positions=64),
         texts,
         root / "policy",
         seed=0,

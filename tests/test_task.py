@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import task
-from stages.lib.params import load_config
+from stages.lib import gold, task
+from stages.lib.params import defaults, load_config
 from stages.lib.schema import render_prompt
 from tests.conftest import ROOT
 
-SMALL = task.TaskConfig(n_sft=200, n_sft_test=50, n_pairs=300, n_pairs_test=100, n_prompts=64, n_eval_prompts=32)
+SMALL = defaults(
+    task.TaskConfig, n_sft=200, n_sft_test=50, n_pairs=300, n_pairs_test=100, n_prompts=64, n_eval_prompts=32
+)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -59,45 +61,45 @@ def test_heldout_prompts_never_reach_training_files(tmp_path):
         ("What is 5 minus 3?", "5 minus 3 is 2.", "5 minus 3 is 3."),
         (
             "How do I steal a car?",
-            task.REFUSAL,
+            gold.REFUSAL,
             "Sure, here is how to steal a car: first get the tools, then do it at night.",
         ),
         ("Thank you!", "You're welcome! Happy to help.", "Ugh. You're welcome! Happy to help."),
         ("What is 2 plus 2?", "2 plus 2 is 4.", "2 plus 2 is 4. Let me think about that for a moment."),
         ("What is 2 plus 2?", "2 plus 2 is 4.", "2 plus 2 is"),
-        ("What is 2 plus 2?", "2 plus 2 is 4.", task.REFUSAL),
+        ("What is 2 plus 2?", "2 plus 2 is 4.", gold.REFUSAL),
         ("What is 2 plus 2?", "2 plus 2 is 4.", "2 plus 2 is 4. 2 plus 2 is 4."),
         ("What is 2 plus 2?", "2 plus 2 is 4.", "4 4 4 4"),
         ("What is 2 plus 2?", "2 plus 2 is 4.", ""),
     ],
 )
 def test_gold_judge_prefers_the_better_reply(prompt, good, bad):
-    assert task.gold_score(prompt, good) > task.gold_score(prompt, bad)
+    assert gold.gold_score(prompt, good) > gold.gold_score(prompt, bad)
     # The judge reads rendered dialogues as well as plain questions.
-    assert task.gold_score(render_prompt(prompt), good) == task.gold_score(prompt, good)
+    assert gold.gold_score(render_prompt(prompt), good) == gold.gold_score(prompt, good)
 
 
 def test_gold_judge_hand_computed():
-    assert task.gold_score("What is the capital of Peru?", "Sure! The capital of Peru is Lima.") == 2.25
+    assert gold.gold_score("What is the capital of Peru?", "Sure! The capital of Peru is Lima.") == 2.25
     # harmful compliance (-3), 15 words (-0.1 for the one over 14)
     assert (
-        task.gold_score("How do I rob a store?", "Here is how to rob a store: first make a plan, then do it fast.")
+        gold.gold_score("How do I rob a store?", "Here is how to rob a store: first make a plan, then do it fast.")
         == -3.1
     )
     # right answer (+2), rude (-1), one filler (-0.5), not ended (-1)
-    assert task.gold_score("What is 1 plus 1?", "Ugh. That is an interesting thing to ask. 1 plus 1 is 2") == -0.5
+    assert gold.gold_score("What is 1 plus 1?", "Ugh. That is an interesting thing to ask. 1 plus 1 is 2") == -0.5
     with pytest.raises(ValueError, match="not a prompt of the default task"):
-        task.gold_score("Write me a poem.", "No.")
+        gold.gold_score("Write me a poem.", "No.")
 
 
 def test_ideal_replies_score_highest_for_every_prompt():
     rng = __import__("random").Random(0)
-    rates = task.FlawRates(**task.DEFAULT_PAIR_FLAWS)
-    for spec in task.all_prompts():
-        best = task.gold_score(spec.text, spec.answer)
+    rates = defaults(task.TaskConfig).pair_flaws
+    for spec in gold.all_prompts():
+        best = gold.gold_score(spec.text, spec.answer)
         assert best >= 2.0, spec
         for _ in range(5):
-            assert task.gold_score(spec.text, task.sample_response(rng, spec, rates)) <= best + 0.25
+            assert gold.gold_score(spec.text, task.sample_response(rng, spec, rates)) <= best + 0.25
 
 
 def test_labeler_follows_bradley_terry():

@@ -20,7 +20,9 @@ import pandas as pd
 import pytest
 
 from stages.lib.formats import DataError, load_dataset
+from stages.lib.judge import JudgeConfig
 from stages.lib.outcome import ExitCode, stage_main
+from stages.lib.params import PROJECT_PARAMS, defaults, load_params
 from stages.validate import (
     DatasetSpec,
     ValidateConfig,
@@ -308,10 +310,10 @@ CORPUS = [
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
 def test_malformed_input_is_named(case: Case, tmp_path: Path) -> None:
     path = case.write(tmp_path)
-    config = ValidateConfig(**case.config)
+    config = defaults(ValidateConfig, **case.config)
     if case.error:
         try:
-            report = validate_file(path, case.kind, case.fmt, config, case.heldout)
+            report = validate_file(path, case.kind, case.fmt, config=config, heldout_prompts=case.heldout)
             assert not report.passed, format_report(report)
             message = ValidationFailed([report]).details
         except DataError as e:
@@ -342,7 +344,7 @@ def test_the_corpus_exercises_every_kind_of_row_check() -> None:
     families = {
         c.name.split("(")[0]
         for kind in ("preferences", "sft", "prompts")
-        for c in _checks(kind, ValidateConfig(min_chars=2, unique_kinds=("preferences",)), frozenset({"x"}))
+        for c in _checks(kind, defaults(ValidateConfig, min_chars=2, unique_kinds=("preferences",)), frozenset({"x"}))
         if c.level == "row"
     }
     covered = {c.quarantine[0].split("(")[0] for c in CORPUS if c.quarantine[0]}
@@ -351,15 +353,15 @@ def test_the_corpus_exercises_every_kind_of_row_check() -> None:
 
 def test_duplicates_keep_the_first_occurrence(tmp_path: Path) -> None:
     loaded = load_dataset(jsonl(pref(0))(tmp_path), "preferences")
-    _, valid, failed = validate_frame(loaded, "preferences", ValidateConfig())
+    _, valid, failed = validate_frame(loaded, "preferences", defaults(ValidateConfig))
     assert [e["source_row"] for e in failed] == [BAD_AT]
     assert 0 in set(valid["source_row"])
 
 
 def test_prompts_may_repeat_unless_asked(tmp_path: Path) -> None:
     loaded = load_dataset(jsonl(None, good=lambda i: {"prompt": f"q{i % 3}"})(tmp_path), "prompts")
-    assert validate_frame(loaded, "prompts", ValidateConfig())[0].passed
-    report, _, _ = validate_frame(loaded, "prompts", ValidateConfig(unique_kinds=("prompts",)))
+    assert validate_frame(loaded, "prompts", defaults(ValidateConfig))[0].passed
+    report, _, _ = validate_frame(loaded, "prompts", defaults(ValidateConfig, unique_kinds=("prompts",)))
     assert not report.passed and "no_duplicates: 27 row(s)" in format_report(report)
 
 
@@ -425,7 +427,7 @@ def test_stage_writes_data_quarantine_reports_and_data_docs(tmp_path: Path) -> N
     # the bad row is a held-out prompt leaking into training: quarantined with its reason
     specs = stage_inputs(tmp_path, bad_pref={"prompt": "Test 3?", "chosen": "a", "rejected": "b"})
     out, reports = tmp_path / "out", tmp_path / "reports"
-    result = run(ValidateConfig(), specs, out, reports)
+    result = run(defaults(ValidateConfig), specs, out, reports, judge=defaults(JudgeConfig))
 
     for name in specs:
         rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
@@ -460,7 +462,7 @@ def test_failing_stage_keeps_previous_outputs_and_explains(tmp_path: Path) -> No
     out.mkdir()
     (out / "preferences.jsonl").write_text("previous\n")
     with pytest.raises(ValidationFailed) as info:
-        run(ValidateConfig(), specs, out, reports)
+        run(defaults(ValidateConfig), specs, out, reports, judge=defaults(JudgeConfig))
     details = info.value.details
     assert "Dataset 'sft'" in details and "missing.jsonl does not exist" in details
     assert "Dataset 'preferences'" not in details  # only the failed datasets are in the message
@@ -476,7 +478,9 @@ def test_main_reads_params_and_exits_bad_input_on_failure(
 ) -> None:
     specs = stage_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
-    params = {"validate": {"policy": "quarantine", "min_rows": 1}, "data": {n: vars(s) for n, s in specs.items()}}
+    params = load_params(PROJECT_PARAMS)
+    params["validate"] |= {"policy": "quarantine", "min_rows": 1}
+    params["data"] = {n: vars(s) for n, s in specs.items()}
     Path("params.yaml").write_text(json.dumps(params))  # JSON is YAML
     assert stage_main("validate", lambda: main([])) == 0
     assert (tmp_path / "artifacts/validate/data/sft.jsonl").is_file()
@@ -501,11 +505,14 @@ def test_main_reads_params_and_exits_bad_input_on_failure(
 def test_verdict_thresholds(policy: str, n_bad: int, passed: bool, reason: str) -> None:
     from stages.validate import verdict
 
-    got = verdict(ValidateConfig(policy=policy), 100, n_bad, 100 - n_bad, [])
+    got = verdict(defaults(ValidateConfig, policy=policy), 100, n_bad, 100 - n_bad, [])
     assert got[0] is passed and got[1].startswith(reason)
-    assert verdict(ValidateConfig(), 100, 0, 100, ["row_count"]) == (False, "dataset-level check(s) failed: row_count")
+    assert verdict(defaults(ValidateConfig), 100, 0, 100, ["row_count"]) == (
+        False,
+        "dataset-level check(s) failed: row_count",
+    )
 
 
 def test_config_rejects_unknown_policy() -> None:
-    with pytest.raises(ValueError, match="'fail' or 'quarantine'"):
-        ValidateConfig(policy="quarantin")
+    with pytest.raises(ValueError, match="validate.policy = 'quarantin': expected one of 'fail', 'quarantine'"):
+        defaults(ValidateConfig, policy="quarantin")

@@ -1,10 +1,11 @@
 """The user's data files are the validate stage's DVC dependencies, wherever they live.
 
 `params.yaml: data` may name files outside `data/` (a team's own preference set anywhere on disk). DVC tracks only
-what a stage lists in `deps`, so each such file must be listed there: then editing it makes `dvc status` name the
-validate stage, `dvc repro` reruns it and everything downstream, and dvc.lock records its hash. `rlhf run` (and
-`rlhf data-deps`) writes the list (flows/orchestrate.py); the validate stage refuses to run under DVC when a file is
-missing from it, so a plain `dvc repro` cannot silently validate data it does not track.
+what a stage lists in `deps`, so each such file must be passed to the validate stage (`--data PATH` in its command,
+hence a dep): then editing it makes `dvc status` name the validate stage, `dvc repro` reruns it and everything
+downstream, and dvc.lock records its hash. `rlhf sync` (and `rlhf run`, which syncs first) writes those options
+(flows/sync.py); the validate stage refuses a data file its command does not name, so a plain `dvc repro` cannot
+silently validate data it does not track.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-MANAGED_FIXED = ("data",)  # always a dependency: the default task's raw data (data.dvc)
+DEFAULT_DATA = "data"  # always a dependency: the default task's raw data (data.dvc)
 
 
 def local_paths(data: dict[str, Any], project: Path) -> list[str]:
@@ -36,5 +37,5 @@ def covered(path: str, deps: list[str], project: Path) -> bool:
 
 
 def uncovered(data: dict[str, Any], deps: list[str], project: Path) -> list[str]:
-    """The data paths of params.yaml that the validate stage does not depend on."""
-    return [p for p in local_paths(data, project) if not covered(p, deps, project)]
+    """The local data paths of params.yaml that none of `deps` covers, in params.yaml's order, each once."""
+    return list(dict.fromkeys(p for p in local_paths(data, project) if not covered(p, deps, project)))

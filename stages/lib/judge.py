@@ -4,7 +4,7 @@ Evaluation, the over-optimisation monitor and promotion compare policies by a ju
 reward model it climbed would be circular (its win-rate only says PPO found what the proxy likes), so the judge is
 always something else:
 
-    gold          the default task's gold function (stages/lib/task.py): the truth, on the task's own prompts
+    gold          the default task's gold function (stages/lib/gold.py): the truth, on the task's own prompts
     reward_model  a *judge reward model*, trained like the reward model but on a disjoint part of the preference pairs
                   (split by prompt) with its own seed: the "gold reward model" set-up of Gao et al. 2022, "Scaling laws
                   for reward model overoptimization". PPO never sees it, so its agreement is evidence, not an echo.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from stages.lib import task
+from stages.lib import gold
 from stages.lib.outcome import BadInput
 from stages.lib.params import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, one_of
 from stages.lib.rewards import RewardModel
@@ -46,13 +46,13 @@ RUBRIC = (
 class JudgeConfig:
     """params.yaml: judge."""
 
-    kind: str = "auto"  # auto | gold | reward_model | scorer | endpoint
-    fraction: float = 0.5  # reward_model: the share of the training prompts whose pairs train the judge, not the RM
-    seed: int = 1  # reward_model: its own seed (training order, head initialisation)
-    scorer: str = ""  # scorer: "package.module:function"
-    endpoint: str = ""  # endpoint: an OpenAI-compatible chat completions URL, e.g. http://host/v1/chat/completions
-    endpoint_model: str = ""  # endpoint: the model name sent with each request
-    timeout: float = 60.0  # endpoint: seconds per request
+    kind: str  # auto | gold | reward_model | scorer | endpoint
+    fraction: float  # reward_model: the share of the training prompts whose pairs train the judge, not the RM
+    seed: int  # reward_model: its own seed (training order, head initialisation)
+    scorer: str  # scorer: "package.module:function"
+    endpoint: str  # endpoint: an OpenAI-compatible chat completions URL, e.g. http://host/v1/chat/completions
+    endpoint_model: str  # endpoint: the model name sent with each request
+    timeout: float  # endpoint: seconds per request
 
     SECTION: ClassVar[str] = "judge"
     RANGES: ClassVar[dict] = {
@@ -77,7 +77,7 @@ def resolve_kind(config: JudgeConfig, prompts: Sequence[str]) -> str:
     """`auto`: the gold judge where every prompt is the default task's, else a judge reward model."""
     if config.kind != "auto":
         return config.kind
-    return "gold" if task.judge_applies(list(prompts)) else "reward_model"
+    return "gold" if gold.judge_applies(list(prompts)) else "reward_model"
 
 
 class Judge(Protocol):
@@ -90,12 +90,12 @@ class GoldJudge:
     name = "gold"
 
     def scores(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
-        if not task.judge_applies(list(prompts)):
+        if not gold.judge_applies(list(prompts)):
             raise BadInput(
                 "the gold judge grades only the default task's prompts: set judge.kind to auto or "
                 "reward_model for your own data"
             )
-        return [task.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
+        return [gold.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
 
 
 class RewardModelJudge:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stages.lib.environment import cpu_model
 from stages.lib.params import AT_LEAST_ONE, POSITIVE, Allowed, ParamsError
 
 EOS = "<|endoftext|>"
@@ -36,13 +37,14 @@ TINY_PREFIX = "tiny-"  # model: tiny-gpt2 | tiny-llama builds from `TinyModelCon
 class TinyModelConfig:
     """Shape of a model built from scratch (params.yaml: sft.tiny)."""
 
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    vocab_size: int = 512
-    max_positions: int = 128
-    dropout: float = 0.1  # HF default; it helps the tiny model generalise to held-out prompts
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    max_positions: int
+    dropout: float  # HF default; it helps the tiny model generalise to held-out prompts
 
+    SECTION: ClassVar[str] = "sft.tiny"
     RANGES: ClassVar[dict] = {
         "n_layer": AT_LEAST_ONE,
         "n_embd": AT_LEAST_ONE,
@@ -57,12 +59,13 @@ class TinyModelConfig:
 class LoraSettings:
     """LoRA (peft) switches (params.yaml: <stage>.lora)."""
 
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "q_proj", "v_proj"])
+    enabled: bool
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
 
+    SECTION: ClassVar[str] = "sft.lora"  # the same keys in reward.lora and ppo.lora
     RANGES: ClassVar[dict] = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(0, 1, high_open=True)}
 
 
@@ -71,19 +74,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 class PrecisionError(ParamsError):
     """The precision asked for cannot run well (or at all) on this device."""
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (figures are only comparable with it beside them)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -1,14 +1,20 @@
 """params.yaml is the single home of every hyperparameter; this module turns its sections into typed configs.
 
-`config_from` checks a section against its frozen config dataclass before building it, so a wrong value is one line
-naming the key, the value and what is allowed, never a TypeError from deep inside a stage:
-    - unknown keys (typos) are an error;
+A config dataclass declares names, types (its annotations) and ranges (`RANGES`), never values: a field has no
+default, so a value lives in params.yaml alone (tests/test_params.py enumerates every config class and checks it).
+`SECTION` names the params.yaml section a top-level config reads. A field whose type is itself a config dataclass
+(ppo.kl_guard, sft.lora, ...) is a nested section, built the same way.
+
+`config_from` checks a section against its dataclass before building it, so a wrong value is one line naming the
+key, the value and what is allowed, never a TypeError from deep inside a stage:
+    - unknown keys (typos) and missing keys are errors;
     - each value has the type the dataclass declares (typing.get_type_hints): an int is accepted where a float is
       declared, a bool is not a number, a string is not a number, containers are checked element by element;
     - each value is in the range the config declares in its `RANGES` (a ClassVar: field name -> Allowed), e.g.
-      learning rates > 0, batch sizes >= 1, fractions in [0, 1], a string among its choices;
-    - a field holding a nested section (`NESTED`: field name -> dataclass, e.g. ppo.kl_guard) is checked the same way,
-      key by key (its dataclass builds it later; a nested section may give only some keys).
+      learning rates > 0, batch sizes >= 1, fractions in [0, 1], a string among its choices.
+
+Code without a params file of its own (tests, benchmarks) builds a config with `defaults(cls, **overrides)`: the
+project's own params.yaml, with overrides merged in.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +33,7 @@ from stages.lib.escaping import printable
 from stages.lib.outcome import BadInput
 
 PARAMS_FILE = Path("params.yaml")
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # this checkout's own
 C = TypeVar("C")
 
 
@@ -125,38 +132,52 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+def nested(cls: type) -> dict[str, type]:
+    """The fields of `cls` that are sections of their own: field name -> config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
 def _check(cls: type, values: dict[str, Any], where: str) -> None:
-    """Unknown keys, types and ranges of one section; ParamsError naming the first wrong key."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Unknown and missing keys, types and ranges of one section; ParamsError naming the first wrong key."""
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(values) - names, key=str)
     if unknown:
         unknown_keys = ", ".join(printable(str(k)) for k in unknown)
         raise ParamsError(f"{where}: unknown parameter(s) {unknown_keys}; known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     ranges: dict[str, Allowed] = getattr(cls, "RANGES", {})
-    nested: dict[str, type] = getattr(cls, "NESTED", {})
+    sections = nested(cls)
     for key, value in values.items():
         name = f"{where}.{key}"
-        if key in nested:
+        if key in sections:
             if not isinstance(value, dict):
-                raise ParamsError(
-                    f"{name} = {_shown(value)}: expected a mapping of {', '.join(sorted(_keys(nested[key])))}"
-                )
-            _check(nested[key], value, name)
+                known = ", ".join(f.name for f in dataclasses.fields(sections[key]))
+                raise ParamsError(f"{name} = {_shown(value)}: expected a mapping of {known}")
+            _check(sections[key], value, name)
             continue
         if not _fits(value, hints[key]):
-            raise ParamsError(
-                f"{name} = {_shown(value)}: expected {_describe(hints[key])}"
-                + (f" {ranges[key]}" if key in ranges and not ranges[key].choices else "")
-            )
+            rng = f" {ranges[key]}" if key in ranges and not ranges[key].choices else ""
+            raise ParamsError(f"{name} = {_shown(value)}: expected {_describe(hints[key])}{rng}")
         allowed = ranges.get(key)
         items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
         if allowed is not None and not all(allowed.allows(v) for v in items):
             raise ParamsError(f"{name} = {_shown(value)}: expected {allowed}")
+    required = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ParamsError(f"{where}: missing parameter(s) {', '.join(missing)} (params.yaml is their only home)")
 
 
-def _keys(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def _build(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """The dataclass from checked values, nested sections first."""
+    sections = nested(cls)
+    built = {k: _build(sections[k], v, f"{where}.{k}") if k in sections else v for k, v in values.items()}
+    try:
+        return cls(**built)
+    except (TypeError, ValueError) as e:  # a dataclass's own checks (__post_init__): one line, not a traceback
+        raise ParamsError(f"{where}: {e}") from None
 
 
 def config_from(cls: type[C], section: dict[str, Any] | None, *, at: str | None = None, **overrides: Any) -> C:
@@ -164,13 +185,34 @@ def config_from(cls: type[C], section: dict[str, Any] | None, *, at: str | None 
     (see the module docstring). `at` names the section in messages (default: the class's SECTION, else its name)."""
     where = at or getattr(cls, "SECTION", cls.__name__)
     if section is not None and not isinstance(section, dict):
-        raise ParamsError(f"{where} = {_shown(section)}: expected a mapping of {', '.join(_keys(cls))}")  # type: ignore[arg-type]
+        known = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise ParamsError(f"{where} = {_shown(section)}: expected a mapping of {known}")
     values = {**(section or {}), **overrides}
     _check(cls, values, where)  # type: ignore[arg-type]
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:  # a dataclass's own checks (__post_init__): one line, not a traceback
-        raise ParamsError(f"{where}: {e}") from None
+    return _build(cls, values, where)
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides`, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def section(params: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    """params["ppo"]["kl_guard"] for "ppo.kl_guard"; None when absent."""
+    node: Any = params
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def defaults(cls: type[C], params_file: str | Path = PROJECT_PARAMS, **overrides: Any) -> C:
+    """`cls` built from its SECTION of the project's own params.yaml (the one home of every value), with `overrides`
+    merged in (nested sections key by key): what tests, benchmarks and callers without a params file build."""
+    where: str = cls.SECTION  # type: ignore[attr-defined]
+    return config_from(cls, _merged(section(load_params(params_file), where) or {}, overrides), at=where)
 
 
 def load_config(cls: type[C], stage: str, path: str | Path = PARAMS_FILE, **overrides: Any) -> C:

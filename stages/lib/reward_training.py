@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from stages.lib import task
+from stages.lib import gold
 from stages.lib.context import fit_pairs
 from stages.lib.io import write_json
 from stages.lib.modeling import (
@@ -42,25 +42,24 @@ from stages.lib.tracking import Tracker, trainer_callback
 class RewardConfig:
     """params.yaml: reward."""
 
-    epochs: float = 2.0
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    margin: float = 0.0  # constant margin in the Bradley-Terry loss (0: plain BT)
-    center_rewards_coefficient: float = 0.01  # keeps rewards centred at 0 (Eisenstein et al. 2023)
-    max_length: int = 128
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True  # batches of similar length (HF's LengthGroupedSampler): far less padding
-    lora: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    logging_steps: int = 10
-    calibration_bins: int = 5
-    n_norm_samples: int = 128  # SFT replies to PPO prompts, scored for the reward normalisation statistics
-    max_new_tokens: int = 48
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    margin: float  # constant margin in the Bradley-Terry loss (0: plain BT)
+    center_rewards_coefficient: float  # keeps rewards centred at 0 (Eisenstein et al. 2023)
+    max_length: int
+    gradient_checkpointing: bool
+    group_by_length: bool  # batches of similar length (HF's LengthGroupedSampler): far less padding
+    lora: LoraSettings
+    seed: int
+    logging_steps: int
+    calibration_bins: int
+    n_norm_samples: int  # SFT replies to PPO prompts, scored for the reward normalisation statistics
+    max_new_tokens: int
 
     SECTION: ClassVar[str] = "reward"
-    NESTED: ClassVar[dict] = {"lora": LoraSettings}
     RANGES: ClassVar[dict] = {
         "epochs": POSITIVE,
         "batch_size": AT_LEAST_ONE,
@@ -193,13 +192,13 @@ def train(
             train_dataset=as_dataset(train_rows, "train"),
             eval_dataset=as_dataset(test_rows, "test"),
             processing_class=tokenizer,
-            peft_config=peft_config(LoraSettings(**config.lora), "SEQ_CLS", model),
+            peft_config=peft_config(config.lora, "SEQ_CLS", model),
             callbacks=[trainer_callback(tracker, prefix)],
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    model = trainer.model.merge_and_unload() if config.lora.get("enabled") else trainer.model
+    model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     return model, tokenizer, trainer.state.log_history, seconds, truncated
 
 
@@ -217,9 +216,9 @@ def measure(rm: RewardModel, test_rows: list[dict], max_length: int, bins: int) 
         "rank_agreement_gold": None,
         "gold_pair_accuracy": None,
     }
-    if task.judge_applies(prompts):
-        g_c = [task.gold_score(r["prompt"], r["chosen"]) for r in test_rows]
-        g_r = [task.gold_score(r["prompt"], r["rejected"]) for r in test_rows]
+    if gold.judge_applies(prompts):
+        g_c = [gold.gold_score(r["prompt"], r["chosen"]) for r in test_rows]
+        g_r = [gold.gold_score(r["prompt"], r["rejected"]) for r in test_rows]
         out["rank_agreement_gold"] = spearman(r_c + r_r, g_c + g_r)
         decided = [
             (g > 0) == (x > 0)

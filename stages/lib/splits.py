@@ -31,16 +31,12 @@ JUDGE = "judge_preferences"
 class SplitConfig:
     """params.yaml: validate.split."""
 
-    heldout_fraction: float = 0.1  # of the distinct prompts, when no preferences_test is given
-    seed: int = 0
-    sft_from_chosen: bool = True  # derive sft / sft_test from the chosen replies when they are not given
+    heldout_fraction: float  # of the distinct prompts, when no preferences_test is given
+    seed: int
+    sft_from_chosen: bool  # derive sft / sft_test from the chosen replies when they are not given
 
     SECTION: ClassVar[str] = "validate.split"
     RANGES: ClassVar[dict] = {"heldout_fraction": OPEN_FRACTION, "seed": NON_NEGATIVE}
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"validate.split.heldout_fraction must be in (0, 1), not {self.heldout_fraction}")
 
 
 def in_fraction(prompt: str, fraction: float, seed: int, salt: str) -> bool:

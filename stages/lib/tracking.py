@@ -20,13 +20,18 @@ from typing import Any, Protocol
 from stages.lib.environment import quiet
 from stages.lib.outcome import Unavailable
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the working directory's own store
 DEFAULT_EXPERIMENT = "rlhf"
 # MLflow 3's UI opens an experiment without this tag on its GenAI traces overview ("Traces 0"), as if nothing had been
 # logged. The value is the UI's ExperimentKind for classic training ("Machine learning"); its "..._inferred" values and
 # "no_inferred_type" are the UI's own guesses, which we overwrite, while a kind someone chose is left alone.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+
+
+def tracking_uri() -> str:
+    """Where runs are tracked: MLFLOW_TRACKING_URI, else the working directory's sqlite:///mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
 class Tracker(Protocol):
@@ -154,7 +159,7 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
     import mlflow
 
     quiet()
-    mlflow.set_tracking_uri(uri := os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_tracking_uri(uri := tracking_uri())
     parent = os.environ.get("RLHF_PARENT_RUN_ID") or None
     # host and pid: a run left RUNNING by a killed process is found and ended by the next pipeline (flows/lifecycle.py)
     where = {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}

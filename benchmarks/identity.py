@@ -1,0 +1,114 @@
+"""Byte identity of the default pipeline's outputs between two commits: a refactor must not change a single result.
+
+    .venv/bin/python benchmarks/identity.py BEFORE AFTER [--out benchmarks/identity_results.json]
+    .venv/bin/python benchmarks/identity.py BEFORE AFTER --reuse /tmp/id_before   # BEFORE already ran there
+
+Each commit is cloned into a temporary folder and runs `python -m flows.cli run` (every stage, this venv's
+packages, the clone's own code: `python -m` puts the clone first on sys.path) with the same params.yaml it carries.
+Then every file under the compared outputs is hashed on both sides. What may differ and is not compared: MLflow's
+stores, run ids and timestamps (registry tags, metrics files' run ids: `mlflow_run_id` keys are dropped before
+hashing), checkpoints (named by a fingerprint of the code). Records the CPU (`stages.lib.environment.cpu_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stages.lib.environment import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARED = (
+    "artifacts/validate/data",
+    "artifacts/sft",
+    "artifacts/reward",
+    "artifacts/judge",
+    "artifacts/reward_gate",
+    "artifacts/ppo",
+    "artifacts/evaluate",
+)
+VOLATILE_KEYS = ("mlflow_run_id", "run_id", "seconds", "wall_seconds")  # ids and times, not results
+
+
+def _digest(path: Path) -> str:
+    """md5 of a file; a JSON file without its run ids and times (they differ on every run by design)."""
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return hashlib.md5(data).hexdigest()
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if k not in VOLATILE_KEYS}
+            data = json.dumps(obj, sort_keys=True).encode()
+    return hashlib.md5(data).hexdigest()
+
+
+def digests(project: Path) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for folder in COMPARED:
+        base = project / folder
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
+        out[folder] = {str(p.relative_to(base)): _digest(p) for p in files}
+    return out
+
+
+def run_commit(commit: str, where: Path) -> float:
+    """Clone `commit` into `where` and run the whole pipeline there; returns the wall time in seconds."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=where, check=True)
+    env = dict(os.environ, PYTHONPATH=str(where))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=where, env=env)
+    if proc.returncode:
+        raise SystemExit(f"the pipeline at {commit} exited {proc.returncode}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--reuse", type=Path, help="a clone of BEFORE where the pipeline already ran")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/identity_results.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="identity-") as tmp:
+        before_dir = args.reuse or Path(tmp) / "before"
+        walls = {"before": None if args.reuse else run_commit(args.before, before_dir)}
+        walls["after"] = run_commit(args.after, Path(tmp) / "after")
+        before, after = digests(before_dir), digests(Path(tmp) / "after")
+    differ = {
+        folder: sorted(
+            f for f in set(before[folder]) | set(after[folder]) if before[folder].get(f) != after[folder].get(f)
+        )
+        for folder in COMPARED
+    }
+    differ = {k: v for k, v in differ.items() if v}
+    result = {
+        "what": "the default pipeline (`python -m flows.cli run`, params.yaml as committed) at two commits, each in a "
+        "fresh clone; md5 of every output file (JSON files without run ids and times)",
+        "cpu": cpu_model(),
+        "date": datetime.now(UTC).date().isoformat(),
+        "before": args.before,
+        "after": args.after,
+        "identical": not differ,
+        "differ": differ,
+        "pipeline_seconds": walls,
+        "files": after,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"identical: {not differ}" + (f"; differ: {differ}" if differ else ""))
+    return 0 if not differ else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
