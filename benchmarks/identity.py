@@ -2,18 +2,22 @@
 
     .venv/bin/python benchmarks/identity.py BEFORE AFTER [--out benchmarks/identity_results.json]
     .venv/bin/python benchmarks/identity.py BEFORE AFTER --reuse /tmp/id_before   # BEFORE already ran there
+    .venv/bin/python benchmarks/identity.py BEFORE AFTER --reuse /tmp/b --reuse-after /tmp/a  # both did (make run)
 
 Each commit is cloned into a temporary folder and runs `python -m flows.cli run` (every stage, this venv's
 packages, the clone's own code: `python -m` puts the clone first on sys.path) with the same params.yaml it carries.
 Then every file under the compared outputs is hashed on both sides. What may differ and is not compared: MLflow's
-stores, run ids and timestamps (registry tags, metrics files' run ids: `mlflow_run_id` keys are dropped before
-hashing), checkpoints (named by a fingerprint of the code). Records the CPU (`stages.lib.environment.cpu_model`).
+stores, run ids and durations (JSON keys and CSV columns named like run ids, `*_seconds`, `time/*`, `*per_second*`),
+checkpoints (named by a fingerprint of the code). Records the CPU (`stages.lib.environment.cpu_model`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -22,6 +26,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from stages.lib.environment import cpu_model
 
@@ -35,20 +40,30 @@ COMPARED = (
     "artifacts/ppo",
     "artifacts/evaluate",
 )
-VOLATILE_KEYS = ("mlflow_run_id", "run_id", "seconds", "wall_seconds")  # ids and times, not results
+VOLATILE = ("mlflow_run_id", "run_id", "_seconds", "time/", "per_second")  # ids and times, not results
+
+
+def _volatile(key: str) -> bool:
+    return any(key == v or key.endswith(v) or key.startswith(v) or v in key for v in VOLATILE)
+
+
+def _stable(obj: Any) -> Any:
+    """A JSON value without the keys that differ on every run by design (run ids, durations, rates)."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not _volatile(k)}
+    return [_stable(v) for v in obj] if isinstance(obj, list) else obj
 
 
 def _digest(path: Path) -> str:
-    """md5 of a file; a JSON file without its run ids and times (they differ on every run by design)."""
+    """md5 of a file; a JSON file without its run ids and times, a CSV without its time and rate columns."""
     data = path.read_bytes()
     if path.suffix == ".json":
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return hashlib.md5(data).hexdigest()
-        if isinstance(obj, dict):
-            obj = {k: v for k, v in obj.items() if k not in VOLATILE_KEYS}
-            data = json.dumps(obj, sort_keys=True).encode()
+        with contextlib.suppress(ValueError):  # not JSON after all: its bytes
+            data = json.dumps(_stable(json.loads(data)), sort_keys=True).encode()
+    elif path.suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        keep = [i for i, name in enumerate(rows[0] if rows else []) if not _volatile(name)]
+        data = "\n".join(",".join(row[i] for i in keep) for row in rows).encode()
     return hashlib.md5(data).hexdigest()
 
 
@@ -79,13 +94,15 @@ def main() -> int:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--reuse", type=Path, help="a clone of BEFORE where the pipeline already ran")
+    parser.add_argument("--reuse-after", type=Path, help="a clone of AFTER where the pipeline already ran (make run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/identity_results.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="identity-") as tmp:
         before_dir = args.reuse or Path(tmp) / "before"
         walls = {"before": None if args.reuse else run_commit(args.before, before_dir)}
-        walls["after"] = run_commit(args.after, Path(tmp) / "after")
-        before, after = digests(before_dir), digests(Path(tmp) / "after")
+        after_dir = args.reuse_after or Path(tmp) / "after"
+        walls["after"] = None if args.reuse_after else run_commit(args.after, after_dir)
+        before, after = digests(before_dir), digests(after_dir)
     differ = {
         folder: sorted(
             f for f in set(before[folder]) | set(after[folder]) if before[folder].get(f) != after[folder].get(f)

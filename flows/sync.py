@@ -145,7 +145,9 @@ def synced(root: Path) -> str:
             if cmd != " ".join(str(stage["cmd"]).split()):
                 stage["cmd"] = cmd
         wanted = stage_deps(str(stage["cmd"]), root)
-        if wanted is not None and [str(d) for d in stage.get("deps") or []] != wanted:
+        if wanted is not None and "deps" not in stage:
+            stage.insert(list(stage).index("cmd") + 1, "deps", CommentedSeq(wanted))  # right after the command
+        elif wanted is not None and [str(d) for d in stage["deps"] or []] != wanted:
             stage["deps"] = CommentedSeq(wanted)
     out = io.StringIO()
     yaml.dump(spec, out)

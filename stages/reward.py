@@ -10,24 +10,56 @@ default task, agreement with the gold judge) and writes the normalisation statis
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from stages.lib.io import read_jsonl
 from stages.lib.modeling import resolve_precision
-from stages.lib.outcome import ArgumentParser, stage_main
+from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import config_from, load_params
 from stages.lib.reward_training import RewardConfig, build
 from stages.lib.tracking import Tracker, mlflow_run
 
 
+def training_pairs(config: RewardConfig, data_dir: Path, comparisons: list[Path]) -> list[dict]:
+    """The offline training pairs (the first `offline_pairs`) plus every round's on-policy comparisons; BadInput when
+    together they are more labels than `label_budget` (labels are what a team pays for)."""
+    offline = read_jsonl(data_dir / "preferences.jsonl")[: config.offline_pairs]
+    on_policy = [row for c in comparisons for row in read_jsonl(c / "preferences.jsonl")]
+    labelled = len(offline) + sum(json.loads((c / "metrics.json").read_text())["train_pairs"] for c in comparisons)
+    if labelled > config.label_budget:
+        raise BadInput(
+            f"the reward model would train on {labelled} labelled pairs ({len(offline)} offline + on-policy "
+            f"comparisons), more than reward.label_budget {config.label_budget}: lower reward.offline_pairs or "
+            "comparisons.train_pairs"
+        )
+    return offline + on_policy
+
+
 def run(
-    config: RewardConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32"
+    config: RewardConfig,
+    data_dir: Path,
+    sft_dir: Path,
+    comparisons: list[Path],
+    out_dir: Path,
+    tracker: Tracker,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Train the RM on preferences.jsonl and measure it on preferences_test.jsonl; writes everything to `out_dir`."""
-    train_rows, test_rows = read_jsonl(data_dir / "preferences.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
+    """Train the RM on the offline pairs and the on-policy comparisons; measure it on preferences_test.jsonl and on the
+    newest round's held-out comparisons; write everything to `out_dir`."""
+    train_rows, test_rows = (
+        training_pairs(config, data_dir, comparisons),
+        read_jsonl(data_dir / "preferences_test.jsonl"),
+    )
     norm_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
-    return build(config, train_rows, test_rows, norm_prompts, sft_dir, out_dir, tracker, precision)
+    latest = comparisons[-1] if comparisons else None
+    on_policy = (
+        (read_jsonl(latest / "preferences_test.jsonl"), read_jsonl(latest / "replies_test.jsonl"))
+        if latest
+        else ([], [])
+    )
+    return build(config, train_rows, test_rows, norm_prompts, sft_dir, out_dir, tracker, precision, on_policy=on_policy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
     parser.add_argument("--sft", default="artifacts/sft/model", help="the SFT model (backbone of the RM)")
+    parser.add_argument(
+        "--comparisons",
+        action="append",
+        default=[],
+        help="a comparisons stage's output (repeatable: every round so far, oldest first)",
+    )
     parser.add_argument("--out", default="artifacts/reward")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(RewardConfig, params.get("reward"))
     precision = resolve_precision(params.get("precision", "auto"))
+    comparisons = [Path(c) for c in args.comparisons]
     with mlflow_run("reward") as tracker:
-        metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision)
-    print(f"reward model: held-out accuracy {metrics['accuracy']:.3f}; saved to {args.out}/model")
+        metrics = run(config, Path(args.data), Path(args.sft), comparisons, Path(args.out), tracker, precision)
+    on_policy = metrics["on_policy_accuracy"]
+    print(
+        f"reward model: held-out accuracy {metrics['accuracy']:.3f}"
+        + (f", on the policy's own replies {on_policy:.3f}" if on_policy is not None else "")
+        + f"; saved to {args.out}/model"
+    )
     return 0
 
 

@@ -12,6 +12,11 @@ here. "Should" is an absolute floor (`min_agreement`) and, where one is known, a
 
 On the default task it also needs a floor on the rank agreement with the gold judge.
 
+A reward model can agree with the offline labels and still be unable to rank what PPO will produce. So where the
+comparisons stage labelled pairs of the policy's own replies, the gate also asks for enough accuracy on those
+held-out pairs, near the labeler's own agreement with the gold judge on the same pairs (their ceiling, default task),
+and for a positive gold gain of the reward model's best-of-n pick among each held-out prompt's replies.
+
 The gate is its own DVC stage so that moving a threshold re-judges the saved numbers in a second instead of retraining
 the reward model. It writes `metrics.json` (the verdict, its reason and numbers) always, and `passed.json` only when the
 gate passed: PPO depends on that file, whose content does not change with the thresholds, so loosening or tightening a
@@ -27,7 +32,7 @@ from typing import Any, ClassVar
 
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.outcome import ArgumentParser, GateFailed, stage_main
-from stages.lib.params import FRACTION, Allowed, config_from, load_params
+from stages.lib.params import FINITE, FRACTION, Allowed, config_from, load_params
 from stages.lib.schema import pairs_digest
 from stages.lib.tracking import mlflow_run
 
@@ -39,12 +44,18 @@ class GateConfig:
     min_agreement: float  # held-out pairwise accuracy against the labels
     max_gap_to_ceiling: float  # ... and at most this far below the labeler's own agreement with gold
     min_rank_agreement: float  # Spearman of RM score vs gold score on held-out replies (default task only)
+    min_on_policy_agreement: float  # accuracy on held-out comparisons of the policy's own replies ...
+    max_on_policy_gap: float  # ... at most this far below the labeler's agreement with gold on them
+    min_bon_gold_gain: float  # gold of the RM's best-of-n pick minus the replies' mean (default task only)
 
     SECTION: ClassVar[str] = "reward_gate"
     RANGES: ClassVar[dict] = {
         "min_agreement": FRACTION,
         "max_gap_to_ceiling": FRACTION,
         "min_rank_agreement": Allowed(-1, 1),
+        "min_on_policy_agreement": FRACTION,
+        "max_on_policy_gap": FRACTION,
+        "min_bon_gold_gain": FINITE,
     }
 
 
@@ -85,6 +96,46 @@ def agreement_gate(
     return GateResult(True, f"reward-model gate passed: held-out accuracy {accuracy:.3f}{ceiling_txt}", numbers)
 
 
+def on_policy_gate(reward: dict[str, Any], ceiling: float | None, gate: GateConfig) -> GateResult:
+    """Pass when the RM ranks the policy's own replies: accurate on held-out comparisons of them, near the labels'
+    agreement with gold there, and its best-of-n pick better than their mean by the gold judge. Passes with
+    nothing to check (no comparisons)."""
+    accuracy, gain = reward.get("on_policy_accuracy"), reward.get("bon_gold_gain")
+    numbers = {
+        "on_policy_accuracy": accuracy,
+        "on_policy_ceiling": ceiling,
+        "on_policy_gold_pair_accuracy": reward.get("on_policy_gold_pair_accuracy"),
+        "bon_n": reward.get("bon_n"),
+        "bon_gold_gain": gain,
+        "bon_gold_headroom": reward.get("bon_gold_headroom"),
+        "min_on_policy_agreement": gate.min_on_policy_agreement,
+        "max_on_policy_gap": gate.max_on_policy_gap,
+        "min_bon_gold_gain": gate.min_bon_gold_gain,
+    }
+    failures = []
+    if accuracy is not None and accuracy < gate.min_on_policy_agreement:
+        failures.append(
+            f"accuracy on the policy's own replies {accuracy:.3f} < min_on_policy_agreement "
+            f"{gate.min_on_policy_agreement:.3f}"
+        )
+    if accuracy is not None and ceiling is not None and accuracy < ceiling - gate.max_on_policy_gap:
+        failures.append(
+            f"accuracy on the policy's own replies {accuracy:.3f} is more than {gate.max_on_policy_gap:.2f} below "
+            f"the labels' agreement with the gold judge there ({ceiling:.3f})"
+        )
+    if gain is not None and gain < gate.min_bon_gold_gain:
+        failures.append(
+            f"its best-of-{reward.get('bon_n')} pick gains {gain:+.3f} gold over the replies' mean "
+            f"< min_bon_gold_gain {gate.min_bon_gold_gain:+.3f}"
+        )
+    if failures:
+        return GateResult(False, "; ".join(failures), numbers)
+    said = f"on the policy's own replies {accuracy:.3f}" if accuracy is not None else "no on-policy comparisons"
+    said += f" (ceiling {ceiling:.3f})" if accuracy is not None and ceiling is not None else ""
+    said += f", best-of-{reward.get('bon_n')} gold gain {gain:+.3f}" if gain is not None else ""
+    return GateResult(True, said, numbers)
+
+
 def ceiling(labeler_file: Path, heldout_pairs: Path, judge_metrics: Path | None) -> tuple[float | None, str]:
     """The agreement the reward model should come near, and where it comes from (see the module's docstring)."""
     if labeler_file.exists():
@@ -98,11 +149,26 @@ def ceiling(labeler_file: Path, heldout_pairs: Path, judge_metrics: Path | None)
     return None, "none known for these pairs: the floor alone"
 
 
-def run(gate: GateConfig, reward_metrics: dict[str, Any], known: tuple[float | None, str], out_dir: Path) -> GateResult:
-    """Judge the reward model's numbers against the floor and `known` (ceiling, its source); write metrics.json
-    always and passed.json only when the gate passed."""
-    result = agreement_gate(reward_metrics["accuracy"], known[0], reward_metrics.get("rank_agreement_gold"), gate)
-    result = GateResult(result.passed, f"{result.reason}; ceiling: {known[1]}", result.numbers)
+def run(
+    gate: GateConfig,
+    reward_metrics: dict[str, Any],
+    known: tuple[float | None, str],
+    on_policy_ceiling: float | None,
+    out_dir: Path,
+) -> GateResult:
+    """Judge the reward model's numbers against the floor and `known` (ceiling, its source), and its numbers on the
+    policy's own replies; write metrics.json always and passed.json only when the gate passed."""
+    offline = agreement_gate(reward_metrics["accuracy"], known[0], reward_metrics.get("rank_agreement_gold"), gate)
+    own = on_policy_gate(reward_metrics, on_policy_ceiling, gate)
+    passed = offline.passed and own.passed
+    if passed:
+        reason = f"{offline.reason}; {own.reason}; ceiling: {known[1]}"
+    else:
+        reason = "reward-model gate failed: " + "; ".join(
+            r.reason.removeprefix("reward-model gate failed: ") for r in (offline, own) if not r.passed
+        )
+        reason += f"; ceiling: {known[1]}"
+    result = GateResult(passed, reason, {**offline.numbers, **own.numbers})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(
         out_dir / "metrics.json",
@@ -124,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the validated held-out pairs the accuracy was measured on",
     )
     parser.add_argument("--judge-metrics", default="artifacts/judge/metrics.json", help="the judge stage's numbers")
+    parser.add_argument(
+        "--comparisons-metrics",
+        default="artifacts/comparisons/metrics.json",
+        help="the comparisons stage's numbers (the labels' agreement with gold on the held-out comparisons)",
+    )
     parser.add_argument("--out", default="artifacts/reward_gate")
     args = parser.parse_args(argv)
     gate = config_from(GateConfig, load_params(args.params).get("reward_gate"))
@@ -131,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     with mlflow_run("reward_gate") as tracker:
         tracker.log_params({"reward_gate": asdict(gate)})
         known = ceiling(Path(args.labeler), Path(args.heldout), Path(args.judge_metrics))
-        result = run(gate, reward_metrics, known, Path(args.out))
+        compared = Path(args.comparisons_metrics)
+        on_policy_ceiling = (
+            json.loads(compared.read_text()).get("labeler_gold_agreement_test") if compared.exists() else None
+        )
+        result = run(gate, reward_metrics, known, on_policy_ceiling, Path(args.out))
         tracker.log_metrics({k: v for k, v in result.numbers.items() if v is not None})
         tracker.set_tags(
             {

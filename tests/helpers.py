@@ -32,9 +32,24 @@ TINY: dict[str, Any] = {
         "max_new_tokens": 24,
         "logging_steps": 2,
     },
-    "reward": {"epochs": 1, "batch_size": 32, "n_norm_samples": 16, "max_new_tokens": 24, "logging_steps": 2},
+    "comparisons": {"replies_per_prompt": 4, "train_pairs": 150, "test_pairs": 60, "max_new_tokens": 24},
+    "reward": {
+        "epochs": 1,
+        "batch_size": 32,
+        "n_norm_samples": 16,
+        "max_new_tokens": 24,
+        "logging_steps": 2,
+        "offline_pairs": 150,
+    },
 }
-OPEN_GATE = {"max_gap_to_ceiling": 1.0, "min_agreement": 0.0, "min_rank_agreement": -1.0}  # any reward model passes
+OPEN_GATE = {  # any reward model passes
+    "max_gap_to_ceiling": 1.0,
+    "min_agreement": 0.0,
+    "min_rank_agreement": -1.0,
+    "min_on_policy_agreement": 0.0,
+    "max_on_policy_gap": 1.0,
+    "min_bon_gold_gain": -10.0,
+}
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import gold, task
+from stages.lib import gold, labelers, task
 from stages.lib.params import defaults, load_config
 from stages.lib.schema import render_prompt
 from tests.conftest import ROOT
@@ -103,10 +103,10 @@ def test_ideal_replies_score_highest_for_every_prompt():
 
 
 def test_labeler_follows_bradley_terry():
-    assert task.preference_probability(1.0, 1.0, 1.0) == 0.5
-    assert task.preference_probability(2.0, 0.0, 1.0) == pytest.approx(1 / (1 + 2.718281828**-2))
-    assert task.labeler_agreement([0.0], 1.0) == 0.5
-    assert task.labeler_agreement([5.0, -5.0], 0.01) == pytest.approx(1.0)
+    assert labelers.preference_probability(1.0, 1.0, 1.0) == 0.5
+    assert labelers.preference_probability(2.0, 0.0, 1.0) == pytest.approx(1 / (1 + 2.718281828**-2))
+    assert labelers.labeler_agreement([0.0], 1.0) == 0.5
+    assert labelers.labeler_agreement([5.0, -5.0], 0.01) == pytest.approx(1.0)
 
 
 def test_default_data_matches_data_dvc(tmp_path):

@@ -626,6 +626,18 @@ def _records(path: str | Path, reader: _Reader, files: ExitStack) -> Iterator[tu
     raise AssertionError(name)  # SUFFIXES and the table above name the same suffixes
 
 
+def read_records(path: str | Path, limits: Limits = Limits()) -> list[Record]:  # noqa: B008 (frozen)
+    """Every record of a local file of JSON objects (.jsonl, .jsonl.gz, .json, .parquet, .csv) within `limits`, for
+    files that are not one of the datasets (a labels file): an unreadable row is a DataError naming its line."""
+    reader = _Reader(path, limits)
+    with ExitStack() as files:
+        records = [record for _, record in _records(path, reader, files)]
+    if reader.errors:
+        err = reader.errors[0]
+        raise DataError(f"{row_label(reader.name, err.row)} {err.reason}")
+    return records
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Converting one record to the schema
 # ---------------------------------------------------------------------------------------------------------------

@@ -160,6 +160,8 @@ def _check(cls: type, values: dict[str, Any], where: str) -> None:
         if not _fits(value, hints[key]):
             rng = f" {ranges[key]}" if key in ranges and not ranges[key].choices else ""
             raise ParamsError(f"{name} = {_shown(value)}: expected {_describe(hints[key])}{rng}")
+        if value is None:  # the type admits null (checked above): nothing to range-check
+            continue
         allowed = ranges.get(key)
         items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
         if allowed is not None and not all(allowed.allows(v) for v in items):

@@ -58,6 +58,8 @@ class RewardConfig:
     calibration_bins: int
     n_norm_samples: int  # SFT replies to PPO prompts, scored for the reward normalisation statistics
     max_new_tokens: int
+    offline_pairs: int | None  # the first N offline training pairs (null: all of them) ...
+    label_budget: int  # ... plus every on-policy comparison: the labels the reward model may train on, at most
 
     SECTION: ClassVar[str] = "reward"
     RANGES: ClassVar[dict] = {
@@ -74,6 +76,8 @@ class RewardConfig:
         "calibration_bins": AT_LEAST_ONE,
         "n_norm_samples": Allowed(2),  # a standard deviation needs two
         "max_new_tokens": AT_LEAST_ONE,
+        "offline_pairs": NON_NEGATIVE,
+        "label_budget": NON_NEGATIVE,
     }
 
 
@@ -229,6 +233,43 @@ def measure(rm: RewardModel, test_rows: list[dict], max_length: int, bins: int) 
     return out
 
 
+def measure_on_policy(
+    rm: RewardModel, test_rows: list[dict], replies_rows: list[dict], max_length: int
+) -> dict[str, float | int | None]:
+    """The reward model on the policy's own replies (stages/comparisons.py): accuracy on held-out labelled pairs, and
+    on the default task the gold gain of its best-of-n pick among each held-out prompt's replies over their mean
+    (beside the most a perfect ranker could gain there). None where there is nothing to measure."""
+    out: dict[str, float | int | None] = {
+        "on_policy_accuracy": None,
+        "on_policy_gold_pair_accuracy": None,
+        "on_policy_n_test": len(test_rows),
+        "bon_n": None,
+        "bon_gold_gain": None,
+        "bon_gold_headroom": None,
+    }
+    if test_rows:
+        measured = measure(rm, test_rows, max_length, 1)
+        out["on_policy_accuracy"] = round(measured["accuracy"], 4)
+        out["on_policy_gold_pair_accuracy"] = measured["gold_pair_accuracy"]
+    rows = [r for r in replies_rows if len(r["replies"]) > 1]
+    if rows and gold.judge_applies([r["prompt"] for r in rows]):
+        prompts = [r["prompt"] for r in rows for _ in r["replies"]]
+        replies = [reply for r in rows for reply in r["replies"]]
+        scores = iter(rm.score_texts(prompts, replies, max_length))
+        gains, headroom = [], []
+        for r in rows:
+            golds = [gold.gold_score(r["prompt"], reply) for reply in r["replies"]]
+            rm_scores = [next(scores) for _ in golds]
+            picked = max(range(len(golds)), key=rm_scores.__getitem__)
+            mean = sum(golds) / len(golds)
+            gains.append(golds[picked] - mean)
+            headroom.append(max(golds) - mean)
+        out["bon_n"] = len(rows[0]["replies"])
+        out["bon_gold_gain"] = round(sum(gains) / len(gains), 4)
+        out["bon_gold_headroom"] = round(sum(headroom) / len(headroom), 4)
+    return out
+
+
 def build(
     config: RewardConfig,
     train_rows: list[dict],
@@ -239,9 +280,12 @@ def build(
     tracker: Tracker,
     precision: str = "fp32",
     name: str = "reward",
+    on_policy: tuple[list[dict], list[dict]] = ([], []),
 ) -> dict[str, Any]:
-    """Train a reward model on `train_rows` and measure it on `test_rows`; writes the model, norm.json (scores of SFT
-    replies to `norm_prompts`), calibration, plots and metrics.json to `out_dir`. Returns the metrics."""
+    """Train a reward model on `train_rows` and measure it on `test_rows` and, when given, on the policy's own
+    replies (`on_policy`: held-out labelled pairs and each held-out prompt's replies, see `measure_on_policy`);
+    writes the model, norm.json (scores of SFT replies to `norm_prompts`), calibration, plots and metrics.json to
+    `out_dir`. Returns the metrics."""
     seed_everything(config.seed)
     tracker.log_params(
         {name: asdict(config), "n_train": len(train_rows), "n_test": len(test_rows), "precision": precision}
@@ -257,6 +301,7 @@ def build(
     # 2. held-out agreement with the labels, calibration, agreement with the gold judge (default task)
     measured = measure(rm, test_rows, context_limit(model, config.max_length), config.calibration_bins)
     bins = measured.pop("calibration")
+    on_policy_measured = measure_on_policy(rm, *on_policy, context_limit(model, config.max_length))
 
     # 3. normalisation statistics for PPO: RM scores of SFT replies to PPO prompts (the policy's starting distribution)
     ppo_prompts = norm_prompts[: config.n_norm_samples]
@@ -275,6 +320,7 @@ def build(
         "accuracy": round(measured["accuracy"], 4),
         "rank_agreement_gold": measured["rank_agreement_gold"],
         "gold_pair_accuracy": measured["gold_pair_accuracy"],
+        **on_policy_measured,
         "train_seconds": round(train_seconds, 2),
         "reward_mean": norm["mean"],
         "reward_std": norm["std"],

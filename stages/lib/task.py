@@ -13,7 +13,6 @@ held-out prompt ever appears in a training file.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from stages.lib.gold import (
     gold_score,
 )
 from stages.lib.io import write_json, write_jsonl
+from stages.lib.labelers import agreement, labeler_agreement, preference_probability
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, load_config
 from stages.lib.schema import pairs_digest
@@ -87,21 +87,6 @@ def _wrong_answer(rng: random.Random, spec: PromptSpec) -> str:
     c = int(spec.key)
     wrong = c + rng.choice([-3, -2, -1, 1, 2, 3])
     return spec.answer.replace(f"is {c}.", f"is {wrong}.")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The simulated labeler
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def preference_probability(gold_a: float, gold_b: float, tau: float) -> float:
-    """Bradley-Terry: P(a preferred over b) = sigmoid((g_a - g_b) / tau)."""
-    return 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / tau))
-
-
-def labeler_agreement(gold_diffs: list[float], tau: float) -> float:
-    """Expected agreement of the labeler with the gold judge over pairs with these gold gaps (ties count half)."""
-    return sum(0.5 if d == 0 else preference_probability(abs(d), 0.0, tau) for d in gold_diffs) / len(gold_diffs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,11 +198,6 @@ def make_pairs(
         rows.append({"prompt": spec.text, "chosen": a, "rejected": b})
         gaps.append(ga - gb)
     return rows, gaps
-
-
-def agreement(gaps: list[float]) -> float:
-    """Realised agreement of the labels with the gold judge: chosen has the higher gold score (ties count half)."""
-    return sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / len(gaps)
 
 
 def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
