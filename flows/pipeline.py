@@ -539,7 +539,7 @@ def _after_stage(
     too; its key appended to `artifacts`), its dvc.lock hash, wall time and headline metrics on the parent run."""
 
     def after(result: StageResult) -> None:
-        publish = PUBLISHERS.get(result.stage)
+        publish = PUBLISHERS.get(result.stage)  # round 1's stages (their files are where these read)
         if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
             artifacts.append(key)
         if not result.stopped:

@@ -4,9 +4,10 @@ dvc.yaml is the one home of each stage's command, params and outputs. From those
 - every stage's `deps`: each path its command reads (an `--option path` that is not an output), then every project
   file it runs: its import closure (read with `ast`: its imports, theirs, the packages' `__init__` files, and a sibling
   file a module names with `Path(__file__).with_name(...)`), so editing any of them makes `dvc status` name the stage;
-- the validate stage's `--data` options: `data` (the embedded default task, tracked by data.dvc) and each local file
-  or folder params.yaml's `data` names outside it, so DVC hashes a team's own files too (the stage refuses to read a
-  data file its command does not name).
+- the paths a stage takes from params.yaml, as options of its command (hence deps DVC hashes): the validate stage's
+  `--data` (`data`, the embedded default task tracked by data.dvc, and each local file params.yaml's `data` names
+  outside it; the stage refuses a data file its command does not name) and the comparisons stage's `--labels` (the
+  labels file a person returned, when `comparisons.labeler` is file).
 
 `rlhf run` syncs before it runs; `rlhf sync --check` lists what is out of date and writes nothing;
 tests/test_contracts.py checks that the committed dvc.yaml is in sync. On an unchanged tree the output is byte for
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -101,10 +103,21 @@ def data_options(params: dict[str, Any], root: Path) -> list[str]:
     return [DEFAULT_DATA, *uncovered(params.get("data") or {}, [DEFAULT_DATA], root)]
 
 
-def validate_cmd(cmd: str, data: list[str]) -> str:
-    """The validate command with its `--data` options replaced by `data` (first, in order)."""
-    rest = [item for pair in options(cmd) if pair[0] != "--data" for item in pair]
-    return shlex.join([*shlex.split(cmd)[:3], *(x for d in data for x in ("--data", d)), *rest])
+def with_option(cmd: str, option: str, values: list[str]) -> str:
+    """`cmd` with its `option` values replaced by `values` (first, in order; none: the option is dropped)."""
+    rest = [item for pair in options(cmd) if pair[0] != option for item in pair]
+    return shlex.join([*shlex.split(cmd)[:3], *(x for v in values for x in (option, v)), *rest])
+
+
+def param_paths(name: str, params: dict[str, Any], root: Path) -> tuple[str, list[str]] | None:
+    """The path option a stage takes from params.yaml, and its values: the validate stage's data files, the
+    comparisons stage's labels file (labeler: file). None for the other stages."""
+    if name == "validate":
+        return "--data", data_options(params, root)
+    if name == "comparisons":
+        compare = params.get("comparisons") or {}
+        return "--labels", [compare["labels"]] if compare.get("labeler") == "file" and compare.get("labels") else []
+    return None
 
 
 def stage_deps(cmd: str, root: Path) -> list[str] | None:
@@ -116,6 +129,92 @@ def stage_deps(cmd: str, root: Path) -> list[str] | None:
         return None
     own = str(path.relative_to(root))
     return [*inputs(cmd), own, *sorted(import_closure(module, root) - {own})]
+
+
+ROUND_STAGES = ("comparisons", "reward", "reward_gate", "ppo")  # one of each per round of on-policy comparisons
+ROUND_SUFFIX = re.compile(r"_r(\d+)$")
+
+
+def rounds_of(params: dict[str, Any]) -> int:
+    return int((params.get("comparisons") or {}).get("rounds", 1) or 1)
+
+
+def round_name(stage: str, r: int) -> str:
+    """The stage of round `r`: round 1's keep their names (comparisons, reward, ...), later ones `<name>_r<r>`."""
+    return stage if r == 1 else f"{stage}_r{r}"
+
+
+def base_name(stage: str) -> str:
+    """`ppo` for `ppo_r3`: the module a round's stage runs."""
+    return ROUND_SUFFIX.sub("", stage)
+
+
+def _in_round(path: str, r: int) -> str:
+    """`path` under round `r`'s folders (artifacts/ppo/model -> artifacts/ppo_r2/model), from any round's path."""
+    parts = path.split("/")
+    if len(parts) > 1 and parts[0] in ("artifacts", "reports") and base_name(parts[1]) in ROUND_STAGES:
+        parts[1] = round_name(base_name(parts[1]), r)
+    return "/".join(parts)
+
+
+def _round_cmd(base: str, cmd: str, r: int) -> str:
+    """Round `r`'s command from round 1's: its own folders, the previous round's policy, every round's comparisons."""
+    previous = f"{_in_round('artifacts/ppo', r - 1)}/model"
+    pairs = [(k, _in_round(v, r)) for k, v in options(cmd) if k not in ("--start", "--round")]
+    if base == "comparisons":
+        pairs = [(k, previous if k == "--policy" else v) for k, v in pairs] + [("--round", str(r))]
+    elif base == "reward":  # every round's comparisons so far, where round 1's stand
+        first = next(i for i, (k, _) in enumerate(pairs) if k == "--comparisons")
+        rest = [p for p in pairs if p[0] != "--comparisons"]
+        rounds = [("--comparisons", _in_round("artifacts/comparisons", k)) for k in range(1, r + 1)]
+        pairs = rest[:first] + rounds + rest[first:]
+    elif base == "ppo":
+        pairs = [("--start", previous), *pairs]
+    return shlex.join([*shlex.split(cmd)[:3], *(x for pair in pairs for x in pair)])
+
+
+def _round_paths(entries: Any, r: int) -> Any:
+    """outs/metrics entries (`path` or `{path: options}`) moved into round `r`'s folders."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    moved = CommentedSeq()
+    for e in entries or []:
+        if isinstance(e, str):
+            moved.append(_in_round(e, r))
+        else:
+            ((path, opts),) = e.items()
+            moved.append(CommentedMap({_in_round(path, r): opts}))
+    return moved
+
+
+def with_rounds(stages: Any, rounds: int) -> None:
+    """Rewrite the stages in place for `rounds` rounds of comparisons -> reward -> reward_gate -> ppo: round 1's
+    stages as written, the later rounds' generated from them (before `evaluate`), and what reads a round's outputs
+    after the rounds (evaluate, promote) pointed at the last round's."""
+    from ruamel.yaml.comments import CommentedMap
+
+    for name in [n for n in stages if ROUND_SUFFIX.search(n) and base_name(n) in ROUND_STAGES]:
+        del stages[name]
+    if any(base not in stages for base in ROUND_STAGES):
+        return  # not this pipeline's layout
+    at = list(stages).index("ppo") + 1
+    for r in range(2, rounds + 1):
+        for base in ROUND_STAGES:
+            first = stages[base]
+            entry = CommentedMap({"cmd": _round_cmd(base, str(first["cmd"]), r)})
+            for key in ("params", "outs", "metrics", "plots"):
+                if key in first:
+                    entry[key] = first[key] if key == "params" else _round_paths(first[key], r)
+            stages.insert(at, round_name(base, r), entry)
+            at += 1
+    after = list(stages)[at:]
+    for name in after:
+        stage = stages[name]
+        if str(stage.get("cmd", "")).startswith("python -m stages."):
+            pairs = [(k, _in_round(v, rounds)) for k, v in options(str(stage["cmd"]))]
+            cmd = shlex.join([*shlex.split(str(stage["cmd"]))[:3], *(x for pair in pairs for x in pair)])
+            if cmd != " ".join(str(stage["cmd"]).split()):
+                stage["cmd"] = cmd
 
 
 def _yaml() -> Any:
@@ -137,11 +236,12 @@ def synced(root: Path) -> str:
     spec = yaml.load((root / "dvc.yaml").read_text())
     params_file = root / "params.yaml"
     params = (pyyaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
+    with_rounds(spec["stages"], rounds_of(params))
     for name, stage in spec["stages"].items():
         if not str(stage.get("cmd", "")).startswith("python -m stages."):
             continue  # a stage of the user's own: theirs to keep
-        if name == "validate":
-            cmd = validate_cmd(str(stage["cmd"]), data_options(params, root))
+        if (named := param_paths(name, params, root)) is not None:
+            cmd = with_option(str(stage["cmd"]), *named)
             if cmd != " ".join(str(stage["cmd"]).split()):
                 stage["cmd"] = cmd
         wanted = stage_deps(str(stage["cmd"]), root)
@@ -160,8 +260,11 @@ def changes(root: Path) -> list[str]:
 
     before = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     after = yaml.safe_load(synced(root))["stages"]
-    lines = []
+    lines = [f"{name}: removed (comparisons.rounds)" for name in before if name not in after]
     for name in after:
+        if name not in before:
+            lines.append(f"{name}: added (comparisons.rounds)")
+            continue
         if before[name].get("cmd", "").split() != after[name].get("cmd", "").split():
             lines.append(f"{name}: cmd -> {after[name]['cmd']}")
         old, new = before[name].get("deps") or [], after[name].get("deps") or []

@@ -49,6 +49,7 @@ class ComparisonsConfig:
     """params.yaml: comparisons."""
 
     labeler: str  # simulated | endpoint | file | none (no on-policy pairs: the reward model trains on offline pairs)
+    rounds: int  # rounds of comparisons -> reward model -> gate -> PPO; each after the first on the last PPO policy
     replies_per_prompt: int  # sampled per prompt, spread evenly over `temperatures`
     temperatures: list[float]  # more than one: pairs that differ in more than sampling noise
     max_prompts: int  # distinct training prompts sampled at most (a large dataset is subsampled, seeded)
@@ -64,6 +65,7 @@ class ComparisonsConfig:
     SECTION: ClassVar[str] = "comparisons"
     RANGES: ClassVar[dict] = {
         "labeler": one_of(*LABELERS),
+        "rounds": AT_LEAST_ONE,
         "replies_per_prompt": Allowed(2),
         "temperatures": POSITIVE,
         "max_prompts": AT_LEAST_ONE,

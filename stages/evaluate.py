@@ -20,16 +20,16 @@ from stages.lib.heldout import (
     best_of_n,
     best_of_n_kl,
     evaluate_policy,
+    paired_comparison,
     perplexity,
     win_rate,
-    win_rate_ci,
 )
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
-from stages.lib.plots import line_plot
+from stages.lib.plots import line_plot, scatter_plot
 from stages.lib.registry import fetch_policy
 from stages.lib.rewards import RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
@@ -39,7 +39,8 @@ from stages.lib.tracking import Tracker, mlflow_run
 class EvaluateConfig:
     """params.yaml: evaluate."""
 
-    n_prompts: int
+    n_prompts: int  # distinct held-out prompts evaluated, at most (each once, in the file's order)
+    samples_per_prompt: int  # replies per prompt and policy: win-rates and differences are clustered by prompt
     max_new_tokens: int
     temperature: float  # the PPO sampling temperature: compare policies as they are used
     top_k: int
@@ -54,6 +55,7 @@ class EvaluateConfig:
     SECTION: ClassVar[str] = "evaluate"
     RANGES: ClassVar[dict] = {
         "n_prompts": AT_LEAST_ONE,
+        "samples_per_prompt": AT_LEAST_ONE,
         "max_new_tokens": AT_LEAST_ONE,
         "temperature": NON_NEGATIVE,  # 0: greedy
         "top_k": NON_NEGATIVE,
@@ -114,11 +116,32 @@ class Inputs:
     monitor: Path | None = None  # PPO's held-out RM and judge score per checkpoint (over-optimisation)
 
 
+def eval_rows(data_dir: Path, config: EvaluateConfig) -> list[str]:
+    """Every distinct held-out prompt (at most `n_prompts`, in the file's order), each `samples_per_prompt` times in a
+    row: the rows every policy is sampled on, one reply a row."""
+    distinct = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")))
+    return [p for p in distinct[: config.n_prompts] for _ in range(config.samples_per_prompt)]
+
+
+def compare(name: str, scores: list[float], base: list[float], rows: list[str], seed: int) -> dict[str, Any]:
+    """`name`'s win-rate over SFT and paired judge difference, each with its prompt-clustered 95% interval."""
+    c = paired_comparison(scores, base, rows, seed=seed)
+    prefix = "" if name == "ppo" else f"{name}_"
+    return {
+        f"{prefix}win_rate_vs_sft": c["win_rate"],
+        f"{prefix}win_rate_vs_sft_ci95": c["win_rate_ci95"],
+        f"{prefix}win_rate_vs_sft_ci": [c["win_rate_ci_low"], c["win_rate_ci_high"]],
+        f"{prefix}ties_vs_sft": c["ties"],
+        f"{prefix}judge_diff_vs_sft": c["diff"],
+        f"{prefix}judge_diff_vs_sft_ci": [c["diff_ci_low"], c["diff_ci_high"]],
+    }
+
+
 def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker) -> dict[str, Any]:
     """Compare the policy with SFT; write metrics.json, report.md/.html, samples and plots into `out_dir`."""
     data_dir = inputs.data
     tracker.log_params({"evaluate": asdict(config)})
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")][: config.n_prompts]
+    prompts = eval_rows(data_dir, config)
     sft, tokenizer = load_causal_lm(inputs.sft)
     policy, _ = load_causal_lm(inputs.policy)
     rm = RewardModel.load(inputs.rm, inputs.norm)
@@ -133,21 +156,18 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     }
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
     metrics["judge"] = judge.name
-    metrics["win_rate_vs_sft"], metrics["win_rate_vs_sft_ci95"] = win_rate_ci(
-        res["ppo"]["judge_scores"], res["sft"]["judge_scores"]
-    )
+    metrics["prompts"], metrics["samples_per_prompt"] = len(dict.fromkeys(prompts)), config.samples_per_prompt
+    sft_scores = res["sft"]["judge_scores"]
+    metrics |= compare("ppo", res["ppo"]["judge_scores"], sft_scores, prompts, config.seed)
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
-    metrics |= best_of_n_baseline(
-        sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n, res["sft"]["judge_scores"]
-    )
+    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n, sft_scores)
     if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
         metrics |= {k: v for k, v in res["dpo"].items() if "/" in k}
-        metrics["dpo_win_rate_vs_sft"], metrics["dpo_win_rate_vs_sft_ci95"] = win_rate_ci(
-            res["dpo"]["judge_scores"], res["sft"]["judge_scores"]
-        )
+        metrics |= compare("dpo", res["dpo"]["judge_scores"], sft_scores, prompts, config.seed)
         metrics["dpo/perplexity"] = perplexity(dpo, tokenizer, read_jsonl(data_dir / "sft_test.jsonl"))
+    metrics |= matched_best_of_n(metrics)
 
     # 2. the alignment tax: held-out SFT perplexity before and after PPO
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
@@ -184,13 +204,27 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
         ]
         write_jsonl(tmp / "samples.jsonl", samples)
         plots = write_plots(tmp, inputs.kl, monitor, metrics)
-        write_report(tmp, metrics, samples[: config.n_report_samples], plots, len(samples))
+        shown = samples[:: config.samples_per_prompt][: config.n_report_samples]  # one row per prompt
+        write_report(tmp, metrics, shown, plots, metrics["prompts"])
         write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | bool)})
     tracker.set_tags({"rlhf.overoptimisation": str(metrics["overoptimisation"])})
     for name in ("metrics.json", "report.md", "report.html", "samples.jsonl", *plots):
         tracker.log_artifact(out_dir / name)
     return metrics
+
+
+def matched_best_of_n(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The best-of-n baseline PPO must beat: the smallest n of the ladder whose KL is at least PPO's (best-of-n buys
+    its gain with KL, so a fair comparison gives it at least as much). None when PPO's KL is past the ladder."""
+    ladder = _ladder(metrics)
+    n = next((n for n in ladder if metrics[f"bon/{n}/kl"] >= metrics["ppo/kl_k1_seq"]), None)
+    if n is None:
+        return {"bon_matched_n": None, "ppo_beats_matched_bon": None}
+    return {
+        "bon_matched_n": n,
+        "ppo_beats_matched_bon": metrics["win_rate_vs_sft"] > metrics[f"bon/{n}/win_rate_vs_sft"],
+    }
 
 
 def best_of_n_baseline(
@@ -202,57 +236,68 @@ def best_of_n_baseline(
     sampling: Sampling,
     ladder: list[int],
     sft_scores: list[float],
-) -> dict[str, float]:
-    """Best-of-n from SFT picked by the RM, for n in `ladder`: the judge's mean, its win-rate over the SFT sample and
-    the analytic KL, as `bon/<n>/...` metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same
-    one)."""
+) -> dict[str, Any]:
+    """Best-of-n from SFT picked by the RM, for n in `ladder`, on the same rows as the policies: the judge's mean, the
+    win-rate over the SFT sample of the row (prompt-clustered interval) and the analytic KL, as `bon/<n>/...`
+    metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same one)."""
     if not ladder:
         return {}
     picks = best_of_n(sft, tokenizer, rm, judge, prompts, replace(sampling, seed=sampling.seed + 1), ladder)
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for n, scores in picks.items():
+        c = paired_comparison(scores, sft_scores, prompts, seed=sampling.seed)
         out[f"bon/{n}/judge"] = sum(scores) / len(scores)
-        out[f"bon/{n}/win_rate_vs_sft"] = win_rate(scores, sft_scores)
+        out[f"bon/{n}/win_rate_vs_sft"] = c["win_rate"]
+        out[f"bon/{n}/win_rate_vs_sft_ci95"] = c["win_rate_ci95"]
         out[f"bon/{n}/kl"] = best_of_n_kl(n)
     return out
 
 
 def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: dict[str, Any]) -> list[str]:
-    """Reward vs KL over PPO steps, the judge vs the proxy over the checkpoints, and the judge's score against the
-    KL to SFT for best-of-n and for PPO's checkpoints (Gao et al. 2022's picture)."""
+    """The judge's score against the KL to SFT (Gao et al. 2022's picture: best-of-n's ladder, PPO's checkpoints as
+    points coloured by step, the kept policy, DPO), PPO's reward against its KL step by step, and the judge against
+    the proxy over the checkpoints."""
     names = []
-    bon = sorted(
-        (metrics[k.replace("/judge", "/kl")], v)
-        for k, v in metrics.items()
-        if k.startswith("bon/") and k.endswith("/judge")
-    )
-    series = {"PPO (kept policy)": ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"]])}
-    if bon:
-        series["best-of-n from SFT"] = ([k for k, _ in bon], [v for _, v in bon])
+    bon = sorted((metrics[f"bon/{n}/kl"], metrics[f"bon/{n}/judge"]) for n in _ladder(metrics))
+    points: dict[str, tuple[list[float], list[float], list[float] | None]] = {}
     if kl_file is not None and monitor:
         kl_at = {int(float(r["step"])): float(r["objective/kl"]) for r in csv.DictReader(kl_file.open())}
-        points = [(kl_at.get(int(m["step"]), 0.0), m["judge"]) for m in monitor if m.get("judge") is not None]
-        series["PPO checkpoints (training KL, monitor prompts)"] = ([k for k, _ in points], [v for _, v in points])
-    line_plot(
-        series, "Judge's score vs KL to SFT", "KL (nats per reply)", "mean judge's score", out / "judge_vs_kl.png"
+        rows = [m for m in monitor if m.get("judge") is not None]
+        points["PPO checkpoints (training KL, monitor prompts)"] = (
+            [kl_at.get(int(m["step"]), 0.0) for m in rows],
+            [m["judge"] for m in rows],
+            [m["step"] for m in rows],
+        )
+    points["PPO, kept policy"] = ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"]], None)
+    if "dpo/judge" in metrics:
+        points["DPO"] = ([metrics["dpo/kl_k1_seq"]], [metrics["dpo/judge"]], None)
+    lines = {"best-of-n from SFT (n = 1, 2, 4, ...)": ([k for k, _ in bon], [v for _, v in bon])} if bon else None
+    scatter_plot(
+        points,
+        "Judge's score vs KL to SFT",
+        "KL (nats per reply)",
+        "mean judge's score",
+        out / "judge_vs_kl.png",
+        lines=lines,
     )
     names.append("judge_vs_kl.png")
-    if kl_file is not None:
-        rows = list(csv.DictReader(kl_file.open()))
-        if rows:
-            line_plot(
-                {
-                    "RM score (normalised)": (
-                        [float(r["objective/kl"]) for r in rows],
-                        [float(r["objective/scores"]) for r in rows],
-                    )
-                },
-                "PPO: reward vs KL to the reference",
-                "KL (nats per response)",
-                "score",
-                out / "reward_vs_kl.png",
-            )
-            names.append("reward_vs_kl.png")
+    rows = list(csv.DictReader(kl_file.open())) if kl_file is not None else []
+    if rows:
+        steps = [float(r["step"]) for r in rows]
+        scatter_plot(
+            {
+                "PPO step": (
+                    [float(r["objective/kl"]) for r in rows],
+                    [float(r["objective/scores"]) for r in rows],
+                    steps,
+                )
+            },
+            "PPO: reward vs KL to the reference",
+            "KL (nats per response)",
+            "RM score (normalised)",
+            out / "reward_vs_kl.png",
+        )
+        names.append("reward_vs_kl.png")
     if monitor:
         steps = [m["step"] for m in monitor]
         series = {"RM score (proxy)": (steps, [m["rm_score"] for m in monitor])}
@@ -284,6 +329,18 @@ REPORT_KEYS = [
 ]
 
 
+def _matched(metrics: dict[str, Any]) -> str:
+    n = metrics.get("bon_matched_n")
+    if n is None:
+        return "PPO's KL is past the best-of-n ladder: no best-of-n baseline at a KL as large"
+    verdict = "above" if metrics["ppo_beats_matched_bon"] else "not above"
+    return (
+        f"PPO is {verdict} best-of-{n} (the smallest n whose KL {metrics[f'bon/{n}/kl']:.3f} is at least PPO's "
+        f"{metrics['ppo/kl_k1_seq']:.3f}): win-rates {metrics['win_rate_vs_sft']:.3f} vs "
+        f"{metrics[f'bon/{n}/win_rate_vs_sft']:.3f}"
+    )
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -297,7 +354,12 @@ def _report_md(metrics: dict[str, Any], samples: list[dict], plots: list[str], c
         "# Evaluation: PPO vs SFT on held-out prompts",
         "",
         f"- judge: {metrics['judge']} (not the reward model PPO optimised)",
-        f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**{ci_text}",
+        f"- {metrics['judge']} score, PPO minus SFT (paired, mean over prompts and samples): "
+        f"**{metrics['judge_diff_vs_sft']:+.3f}** (95% CI {metrics['judge_diff_vs_sft_ci'][0]:+.3f} to "
+        f"{metrics['judge_diff_vs_sft_ci'][1]:+.3f})",
+        f"- {metrics['judge']} win-rate of PPO over SFT (ties half): **{metrics['win_rate_vs_sft']:.3f}**{ci_text}; "
+        f"ties {metrics['ties_vs_sft']:.2f}",
+        f"- {_matched(metrics)}",
         f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
         f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
         f"- {metrics['overoptimisation_reason']}",
@@ -372,7 +434,9 @@ def _report_html(metrics: dict[str, Any], samples: list[dict], plots: list[str],
         "max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
         "table{border-collapse:collapse}</style><h1>PPO vs SFT on held-out prompts</h1>"
         f"<p>judge: {html.escape(metrics['judge'])}; its win-rate of PPO over SFT: "
-        f"<b>{metrics['win_rate_vs_sft']:.3f}</b>{ci_text}; alignment tax "
+        f"<b>{metrics['win_rate_vs_sft']:.3f}</b>{ci_text}; ties {metrics['ties_vs_sft']:.2f}; judge's score PPO minus "
+        f"SFT <b>{metrics['judge_diff_vs_sft']:+.3f}</b> (95% CI {metrics['judge_diff_vs_sft_ci'][0]:+.3f} to "
+        f"{metrics['judge_diff_vs_sft_ci'][1]:+.3f}); {html.escape(_matched(metrics))}; alignment tax "
         f"{metrics['alignment_tax']:+.4f}; {html.escape(metrics['overoptimisation_reason'])}</p>"
         f"<table><tr><th>metric</th><th>SFT</th><th>PPO</th></tr>{summary}</table>{bon}"
         + "".join(f'<p><img src="{p}"></p>' for p in plots)
@@ -388,7 +452,13 @@ def write_report(
     """report.md and report.html: headline numbers, plots and a side-by-side sample table (`samples`: the first few of
     the `n_prompts` evaluated)."""
     ci = metrics.get("win_rate_vs_sft_ci95")
-    ci_text = f" (95% CI ±{ci:.3f} over {n_prompts or len(samples)} prompts)" if ci is not None else ""
+    low, high = metrics.get("win_rate_vs_sft_ci", [None, None])
+    ci_text = (
+        f" (95% CI {low:.3f} to {high:.3f}, ±{ci:.3f}, clustered by prompt over {n_prompts or len(samples)} prompts "
+        f"x {metrics.get('samples_per_prompt', 1)} samples)"
+        if ci is not None and low is not None
+        else ""
+    )
     rows = [(k, metrics.get(f"sft/{k}"), metrics.get(f"ppo/{k}")) for k in REPORT_KEYS if f"ppo/{k}" in metrics]
     (out / "report.md").write_text(_report_md(metrics, samples, plots, ci_text, rows), encoding="utf-8")
     (out / "report.html").write_text(_report_html(metrics, samples, plots, ci_text, rows), encoding="utf-8")

@@ -23,6 +23,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,7 +34,7 @@ from stages.lib import context, estimators, modeling, rewards
 from stages.lib import rl_math as pm
 from stages.lib.checkpoints import Checkpointer, fingerprint, rng_state, set_rng_state
 from stages.lib.estimators import ESTIMATORS, Batch, Estimator
-from stages.lib.heldout import Sampling, monitor_scores
+from stages.lib.heldout import Sampling, better_beyond_noise, monitor_scores
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import (
@@ -108,7 +109,9 @@ class PPOConfig:
     checkpoint_dir: str
     resume: str  # auto: continue from the last checkpoint of the same run; never: start over
     sample_every: int
-    n_monitor: int  # held-out prompts scored by the RM and the judge at every checkpoint: over-optimisation
+    n_monitor: int  # distinct held-out prompts scored by the RM and the judge at every checkpoint ...
+    monitor_samples: int  # ... with this many replies each: the over-optimisation monitor and keep: best
+    keep_z: float  # keep: best keeps an earlier checkpoint only if it beats the last by more than z standard errors
     threads: int  # torch threads per process (0: torch's default)
     kl_guard: KLGuardConfig
     lora: LoraSettings  # LoRA policy; its frozen base is the reference
@@ -142,6 +145,8 @@ class PPOConfig:
         "resume": one_of("auto", "never"),
         "sample_every": AT_LEAST_ONE,
         "n_monitor": NON_NEGATIVE,
+        "monitor_samples": AT_LEAST_ONE,
+        "keep_z": NON_NEGATIVE,
         "threads": NON_NEGATIVE,
         "estimator": one_of(*ESTIMATORS),
         "group_size": AT_LEAST_ONE,
@@ -195,13 +200,19 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_models(
-    config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path
+    config: PPOConfig, sft_dir: Path, rm_dir: Path, norm_file: Path, start_dir: Path | None = None
 ) -> tuple[PolicyAndValue, nn.Module | None, RewardModel, Any]:
-    """(trainable policy + critic, the frozen reference or None when LoRA's base serves, the frozen RM, tokenizer)."""
+    """(trainable policy + critic, the frozen reference or None when LoRA's base serves, the frozen RM, tokenizer).
+    The policy starts from `start_dir` (a later round: the previous round's policy) or SFT; the reference is SFT."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    policy, tokenizer = modeling.load_causal_lm(sft_dir)
+    policy, tokenizer = modeling.load_causal_lm(start_dir or sft_dir)
     lora = config.lora
+    if lora.enabled and start_dir is not None:
+        raise BadInput(
+            "ppo.lora with several rounds: the adapter's frozen base would be the previous round's policy, "
+            "not the SFT reference; set comparisons.rounds: 1 or ppo.lora.enabled: false"
+        )
     if lora.enabled:  # the frozen base doubles as the reference: no second full copy
         from peft import get_peft_model
 
@@ -468,7 +479,7 @@ class TrainState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     monitor: list[dict[str, Any]] = field(default_factory=list)
     last_good: int = 0  # the newest checkpointed step within the KL budget: where a rollback goes
-    best_step: int = 0  # the checkpointed step with the best held-out judge score so far (keep: best)
+    best_step: int = 0  # the checkpointed step with the best held-out judge score so far (kept from pruning)
     best_judge: float | None = None
     truncated_prompts: int = 0  # PPO prompts cut to fit the context (their last turns kept)
 
@@ -597,7 +608,7 @@ class Session:
             point = {"step": step, **scores}
             point.pop("eos_rate")
             state.monitor.append(point)
-            monitored = {f"monitor/{k}": v for k, v in point.items() if k != "step" and v is not None}
+            monitored = {f"monitor/{k}": point[k] for k in ("rm_score", "judge") if point[k] is not None}
             self.tracker.log_metrics(monitored, step)
             if state.best_judge is None or point["judge"] > state.best_judge:
                 state.best_step, state.best_judge = step, point["judge"]
@@ -606,14 +617,21 @@ class Session:
 
 
 def start(
-    config: PPOConfig, data_dir: Path, sft_dir: Path, rm_dir: Path, norm_file: Path, tracker: Tracker, judge: Judge
+    config: PPOConfig,
+    data_dir: Path,
+    sft_dir: Path,
+    rm_dir: Path,
+    norm_file: Path,
+    tracker: Tracker,
+    judge: Judge,
+    start_dir: Path | None = None,
 ) -> Session:
     """0. Models, optimiser, schedule, KL controller and checkpoints; resumed when this run was interrupted."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(config.seed + accelerator.process_index)  # each process samples its own rollouts
-    model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file)
+    model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file, start_dir)
     # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, fused=True)
@@ -625,11 +643,13 @@ def start(
         else pm.FixedKLController(config.kl_coef)
     )
     inputs = [sft_dir / "model.safetensors", rm_dir / "model.safetensors", norm_file, data_dir / "prompts.jsonl"]
+    inputs += [start_dir / "model.safetensors"] if start_dir is not None else []
     ckpt = checkpointer(config, inputs)
     tracker = tracker if accelerator.is_main_process else NullTracker()
     tracker.log_params({"ppo": asdict(config), "run_fingerprint": ckpt.dir.name})
     # a validation set: held-out prompts, not the evaluation's own (which picks no checkpoint and so stays unbiased)
-    heldout = [r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")][: config.n_monitor]
+    distinct = list(dict.fromkeys(r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")))[: config.n_monitor]
+    heldout = [p for p in distinct for _ in range(config.monitor_samples)]
     models = (model, ref_policy, rm, tokenizer)
     monitor = heldout if config.n_monitor else []
     session = Session(config, accelerator, *models, optimizer, scheduler, kl_ctl, ckpt, tracker, judge, monitor)
@@ -648,15 +668,17 @@ def run(
     out_dir: Path,
     tracker: Tracker | None = None,
     judge: Judge | None = None,
+    start_dir: Path | None = None,
 ) -> dict:
-    """Train the policy; write `out_dir` (model, metrics, KL table, samples, plots). Returns metrics.json's content.
-    Raises `GateFailed` after writing the rolled-back policy when the KL guard stopped the run."""
+    """Train the policy (from `start_dir`, a previous round's policy, else SFT); write `out_dir` (model, metrics, KL
+    table, samples, plots). Returns metrics.json's content. Raises `GateFailed` after writing the rolled-back policy
+    when the KL guard stopped the run."""
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
     np.random.seed(config.seed)
     tracker = tracker if tracker is not None else NullTracker()
-    s = start(config, data_dir, sft_dir, rm_dir, norm_file, tracker, judge or GoldJudge())
+    s = start(config, data_dir, sft_dir, rm_dir, norm_file, tracker, judge or GoldJudge(), start_dir)
     prompts, s.state.truncated_prompts = rollout_prompts(
         config, s.unwrapped.policy, s.tokenizer, data_dir / "prompts.jsonl"
     )
@@ -736,18 +758,45 @@ def train(s: Session, prompts: list[str]) -> tuple[str, str]:
 
 
 def kept_step(config: PPOConfig, state: TrainState, outcome: str, accelerator: Any) -> tuple[int, str]:
-    """Which checkpointed policy the run outputs, and why: the best held-out judge score (keep: best; every
-    checkpoint is within the KL budget), else the last step, or after the KL guard the last checkpoint within budget."""
-    if config.keep == "best" and config.n_monitor:  # the same condition on every process: they all take part
-        best = [state.best_step, state.best_judge, len(state.monitor)]
-        if accelerator.num_processes > 1:  # the monitor ran on the main process only: its numbers count
-            from accelerate.utils import broadcast_object_list
+    """Which checkpointed policy the run outputs, and why. The reference is the last step (after the KL guard, the
+    last checkpoint within the budget). With keep: best, an earlier checkpoint replaces it only when its held-out
+    judge score beats the reference's by more than `keep_z` standard errors of the paired per-prompt difference:
+    a lead within the monitor's noise keeps the reference (every checkpoint is within the KL budget)."""
+    reference = state.last_good if outcome == "stopped_by_kl_guard" else len(state.history)
+    why = "the last checkpoint within the KL budget" if outcome == "stopped_by_kl_guard" else "the last step"
+    if config.keep != "best" or not config.n_monitor:
+        return reference, why
+    choice = [reference, why]
+    if accelerator.is_main_process:  # the monitor ran on the main process only: its numbers count
+        choice = best_checkpoint(state.monitor, reference, why, config.keep_z)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-            best = broadcast_object_list(best)
-        return best[0], f"the best held-out judge score ({best[1]:.3f}) of {best[2]} checkpoints"
-    if outcome == "stopped_by_kl_guard":
-        return state.last_good, "the last checkpoint within the KL budget"
-    return len(state.history), "the last step"
+        choice = broadcast_object_list(choice)
+    return choice[0], choice[1]
+
+
+def best_checkpoint(monitor: list[dict[str, Any]], reference: int, why: str, z: float) -> list:
+    """[step, why] of the checkpoint keep: best outputs (see `kept_step`): the checkpoint with the best held-out judge
+    score (the one pruning spares) if it beats the reference beyond noise, else the reference."""
+    by_step = {int(m["step"]): m for m in monitor if m.get("judge_by_prompt")}
+    if reference not in by_step:
+        return [reference, f"{why} (no monitor point to compare)"]
+    best = max(by_step, key=lambda step: (by_step[step]["judge"], -step))  # ties: the earliest
+    if best == reference:
+        return [reference, f"{why}, which has the best held-out judge score ({by_step[best]['judge']:.3f})"]
+    # the best of m rivals leads by chance more often than one rival: Bonferroni keeps the false-pick rate at one's
+    rivals = len(by_step) - 1
+    z_m = NormalDist().inv_cdf(1 - (1 - NormalDist().cdf(z)) / rivals) if z > 0 else 0.0
+    beats, mean, se = better_beyond_noise(by_step[best]["judge_by_prompt"], by_step[reference]["judge_by_prompt"], z_m)
+    z = round(z_m, 2)
+    if not beats:
+        return [
+            reference,
+            f"{why}: the best checkpoint (step {best}) leads it by {mean:+.3f} held-out judge, within "
+            f"{z:g} standard errors ({se:.3f})",
+        ]
+    return [best, f"the best held-out judge score: step {best} leads {why} by {mean:+.3f} (> {z:g} x se {se:.3f})"]
 
 
 def finish(
@@ -781,7 +830,7 @@ def finish(
         "estimator": config.estimator,
         "truncated_prompts": state.truncated_prompts,
         "final": {k: v for k, v in final_metrics.items() if not k.startswith("time/")},
-        "monitor": next((m for m in monitor if m["kept"]), None),
+        "monitor": next(({k: m[k] for k in ("step", "rm_score", "judge")} for m in monitor if m["kept"]), None),
     }
     if accelerator.is_main_process:
         result["mlflow_run_id"] = tracker.run_id or None
@@ -807,7 +856,7 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
             writer.writerows(history)
         write_jsonl(tmp / "samples.jsonl", samples)
         with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs the judge over checkpoints, for evaluation
-            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge", "kept"])
+            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge", "kept"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(monitor)
         steps = [h["step"] for h in history]
@@ -828,7 +877,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m stages.ppo", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data")
-    parser.add_argument("--sft", default="artifacts/sft/model")
+    parser.add_argument("--sft", default="artifacts/sft/model", help="the SFT model: the KL reference")
+    parser.add_argument(
+        "--start", help="the policy to continue from (a later round: the previous round's); default SFT"
+    )
     parser.add_argument("--rm", default="artifacts/reward/model", help="the reward model")
     parser.add_argument("--norm", default="artifacts/reward/norm.json", help="the reward model's normalisation")
     parser.add_argument(
@@ -853,14 +905,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     paths = (config, Path(args.data), Path(args.sft), Path(args.rm), Path(args.norm), Path(args.out))
     judge = load_judge(args.judge) if args.judge else None
+    start_dir = Path(args.start) if args.start else None
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    tags = {"rlhf.precision": precision, "rlhf.start": args.start or args.sft}
     try:
         if is_main and not args.no_tracking:
-            with mlflow_run("ppo", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
-                result = run(*paths, tracker, judge)
+            with mlflow_run("ppo", tags=tags) as tracker, autocast(precision):
+                result = run(*paths, tracker, judge, start_dir)
         else:
             with autocast(precision):
-                result = run(*paths, judge=judge)
+                result = run(*paths, judge=judge, start_dir=start_dir)
     except NonFinite as e:
         raise NonFinite(
             f"PPO stopped: {e.reason}. The last good checkpoint is intact under {config.checkpoint_dir}."

@@ -99,10 +99,10 @@ def test_sync_passes_a_data_file_outside_data_to_validate(tmp_path):
 def test_every_stage_runs_its_module_and_reads_existing_params():
     params = load_params(ROOT / "params.yaml")
     for name, stage in _dvc_stages().items():
-        assert shlex.split(stage["cmd"])[:3] == ["python", "-m", f"stages.{name}"], name
+        assert shlex.split(stage["cmd"])[:3] == ["python", "-m", f"stages.{sync.base_name(name)}"], name
         for section in stage.get("params", []):
             assert section in params, f"dvc.yaml stage {name} reads params section {section!r} that does not exist"
-        module = importlib.import_module(f"stages.{name}")
+        module = importlib.import_module(f"stages.{sync.base_name(name)}")
         own = {
             c.SECTION.split(".")[0]
             for c in vars(module).values()
@@ -115,7 +115,7 @@ def test_every_stage_runs_its_module_and_reads_existing_params():
 def test_deps_cover_the_import_closure(name):
     """Editing any module a stage imports must make `dvc status` name the stage."""
     deps = set(_paths(_dvc_stages()[name]["deps"]))
-    missing = import_closure(f"stages.{name}") - deps
+    missing = import_closure(f"stages.{sync.base_name(name)}") - deps
     assert not missing, f"dvc.yaml stage {name} imports {sorted(missing)} but does not depend on them"
 
 
@@ -199,3 +199,45 @@ def test_no_function_runs_past_a_screen_without_a_reason():
                 if "# long:" not in head:
                     too_long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not too_long, too_long
+
+
+def test_rounds_are_stages_rlhf_sync_writes_and_takes_back(tmp_path):
+    """comparisons.rounds: 2 adds round 2's four stages (on round 1's policy, trained on both rounds' comparisons)
+    before evaluate, which then reads round 2's policy; back to 1, dvc.yaml is byte for byte what it was."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["comparisons"]["rounds"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(tmp_path)
+    stages = _dvc_stages(tmp_path)
+    names = list(stages)
+    assert names[names.index("ppo") + 1 : names.index("evaluate")] == [
+        "comparisons_r2",
+        "reward_r2",
+        "reward_gate_r2",
+        "ppo_r2",
+    ]
+    opts = {n: sync.options(stages[n]["cmd"]) for n in names}
+    assert ("--policy", "artifacts/ppo/model") in opts["comparisons_r2"] and ("--round", "2") in opts["comparisons_r2"]
+    assert [v for k, v in opts["reward_r2"] if k == "--comparisons"] == [
+        "artifacts/comparisons",
+        "artifacts/comparisons_r2",
+    ]
+    assert ("--start", "artifacts/ppo/model") in opts["ppo_r2"] and ("--rm", "artifacts/reward_r2/model") in opts[
+        "ppo_r2"
+    ]
+    assert ("--gate", "artifacts/reward_gate_r2/passed.json") in opts["ppo_r2"]
+    assert ("--policy", "artifacts/ppo_r2/model") in opts["evaluate"] and (
+        "--policy",
+        "artifacts/ppo_r2/model",
+    ) in opts["promote"]
+    assert "artifacts/ppo_r2/model" in stages["evaluate"]["deps"] and "stages/ppo.py" in stages["ppo_r2"]["deps"]
+    from flows.orchestrate import plan
+
+    assert plan(tmp_path, ["ppo_r2"])[-4:] == ["comparisons_r2", "reward_r2", "reward_gate_r2", "ppo_r2"]
+    params["comparisons"]["rounds"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(tmp_path)
+    assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()

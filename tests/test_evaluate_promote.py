@@ -35,7 +35,7 @@ PASSING = {
         "learning_rate": 1e-4,
     },
     "dpo": {"enabled": True, "batch_size": 8, "max_length": 64, "learning_rate": 1e-4},
-    "evaluate": {"n_prompts": 24, "max_new_tokens": 16},
+    "evaluate": {"n_prompts": 12, "samples_per_prompt": 2, "max_new_tokens": 16},
     "promote": {
         "min_win_rate_vs_sft": 0.0,
         "min_win_rate_vs_champion": 0.0,
@@ -102,12 +102,19 @@ def test_report_and_metrics(project):
     out = project / "artifacts/evaluate"
     m = json.loads((out / "metrics.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == PASSING["evaluate"]["n_prompts"] and m["judge"] == "gold"
+    n, k = PASSING["evaluate"]["n_prompts"], PASSING["evaluate"]["samples_per_prompt"]
+    assert len(samples) == n * k and m["prompts"] == n and m["judge"] == "gold"
+    assert [s["prompt"] for s in samples[::k]] == [s["prompt"] for s in samples[k - 1 :: k]]  # k rows a prompt
     # the headline numbers are the samples' own: the judge (gold) re-scored from the replies, win-rate and means
     for s in samples:
         assert s["sft_judge"] == gold.gold_score(s["prompt"], s["sft"])
         assert s["ppo_judge"] == gold.gold_score(s["prompt"], s["ppo"])
     assert m["win_rate_vs_sft"] == win_rate([s["ppo_judge"] for s in samples], [s["sft_judge"] for s in samples])
+    low, high = m["win_rate_vs_sft_ci"]
+    assert low <= m["win_rate_vs_sft"] <= high and m["win_rate_vs_sft_ci95"] == pytest.approx((high - low) / 2)
+    diffs = [s["ppo_judge"] - s["sft_judge"] for s in samples]
+    assert m["judge_diff_vs_sft"] == pytest.approx(sum(diffs) / len(diffs))
+    assert m["ties_vs_sft"] == pytest.approx(sum(d == 0 for d in diffs) / len(diffs))
     assert m["ppo/judge"] == pytest.approx(sum(s["ppo_judge"] for s in samples) / len(samples))
     assert m["ppo/rm_score"] == pytest.approx(sum(s["ppo_rm"] for s in samples) / len(samples))
     assert m["rm_win_rate_vs_sft"] == win_rate([s["ppo_rm"] for s in samples], [s["sft_rm"] for s in samples])

@@ -279,15 +279,21 @@ def test_critic_free_estimators_train_without_a_value_model(project, tmp_path, e
         assert any(not torch.equal(saved[k], sft[k]) for k in saved)
 
 
-def test_keeps_the_checkpoint_with_the_best_held_out_judge_score(project, tmp_path):
-    config = _params(project, tmp_path, num_steps=4, learning_rate=3e-4, keep="best")
+def test_keep_best_follows_the_noise_rule_and_never_prunes_the_best(project, tmp_path):
+    """keep: best outputs the checkpoint `best_checkpoint` names from the monitor's per-prompt scores (the best one
+    only when it leads the last step beyond noise), and that checkpoint was never pruned."""
+    from stages.ppo import best_checkpoint
+
+    config = _params(project, tmp_path, num_steps=4, learning_rate=3e-4, keep="best", keep_z=0.0, monitor_samples=2)
     run([sys.executable, *_ppo_args(config, tmp_path / "out")], project)
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    (last_state,) = (tmp_path / "checkpoints").glob("*/step_000004/state.pt")
+    monitor = torch.load(last_state, weights_only=True)["state"]["monitor"]
+    assert len(monitor) == 5 and all(len(m["judge_by_prompt"]) == 8 for m in monitor)
+    expected, why = best_checkpoint(monitor, 4, "the last step", 0.0)
+    assert metrics["kept_step"] == expected and metrics["kept_because"] == why
     with open(tmp_path / "out/monitor.csv", newline="") as f:
-        monitor = list(csv.DictReader(f))
-    best = max(monitor, key=lambda m: float(m["judge"]))  # ties: the first (earliest) best
-    assert metrics["kept_step"] == int(best["step"]) and "best held-out judge score" in metrics["kept_because"]
-    assert [int(m["kept"]) for m in monitor] == [int(m["step"] == best["step"]) for m in monitor]
+        assert [int(m["kept"]) for m in csv.DictReader(f)] == [int(m["step"] == expected) for m in monitor]
     (state_path,) = (tmp_path / "checkpoints").glob(f"*/step_{metrics['kept_step']:06d}/state.pt")  # never pruned
     policy = {
         k.removeprefix("policy."): v

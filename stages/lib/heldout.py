@@ -69,6 +69,42 @@ def win_rate_ci(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tupl
     return mean, z * math.sqrt(var / n)
 
 
+def paired_comparison(
+    a: Sequence[float], b: Sequence[float], clusters: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Policy a against policy b on the same rows (row i: a's and b's i-th sample for one prompt; several rows per
+    prompt): the win-rate of a (ties count half) and the mean paired difference of the scores, each with a 95%
+    percentile-bootstrap interval that resamples whole prompts (`clusters`: the prompt of each row), since samples of
+    one prompt are not independent (Miller 2024, "Adding error bars to evals"). Also the share of ties."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    names = list(dict.fromkeys(clusters))
+    index = {c: i for i, c in enumerate(names)}
+    group = np.array([index[c] for c in clusters])
+    outcome = (x > y) + 0.5 * (x == y)
+    # per-prompt sums and counts: a bootstrap resample of prompts is then a weighted sum, no per-row loop
+    counts = np.bincount(group, minlength=len(names))
+    wins, diffs = np.bincount(group, outcome, len(names)), np.bincount(group, x - y, len(names))
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
+    n = counts[draws].sum(1)
+    boot_win, boot_diff = wins[draws].sum(1) / n, diffs[draws].sum(1) / n
+    win_lo, win_hi = np.percentile(boot_win, [2.5, 97.5])
+    diff_lo, diff_hi = np.percentile(boot_diff, [2.5, 97.5])
+    return {
+        "win_rate": float(outcome.mean()),
+        "win_rate_ci_low": float(win_lo),
+        "win_rate_ci_high": float(win_hi),
+        "win_rate_ci95": float((win_hi - win_lo) / 2),
+        "ties": float((x == y).mean()),
+        "diff": float((x - y).mean()),
+        "diff_ci_low": float(diff_lo),
+        "diff_ci_high": float(diff_hi),
+        "prompts": len(names),
+        "samples": len(x),
+    }
+
+
 def best_of_n_kl(n: int) -> float:
     """KL of best-of-n sampling to the sampling policy, the analytic bound used by Gao et al. 2022 and Stiennon et al.
     2020: log n - (n - 1) / n nats."""
@@ -133,11 +169,25 @@ def monitor_scores(
     g = sample(policy, tokenizer, prompts, sampling)
     raw = rm.score_texts(prompts, g.replies)
     judged = judge.scores(prompts, g.replies)
+    by_prompt: dict[str, list[float]] = {}
+    for p, score in zip(prompts, judged, strict=True):
+        by_prompt.setdefault(p, []).append(score)
     return {
         "rm_score": rm.normalise([sum(raw) / len(raw)])[0],
         "judge": sum(judged) / len(judged),
         "eos_rate": sum(g.ended) / len(g.ended),
+        "judge_by_prompt": [sum(v) / len(v) for v in by_prompt.values()],  # the distinct prompts' means, in order
     }
+
+
+def better_beyond_noise(candidate: Sequence[float], reference: Sequence[float], z: float) -> tuple[bool, float, float]:
+    """Whether `candidate` beats `reference` on the same prompts (per-prompt mean scores) by more than `z` standard
+    errors of the paired difference: (better, mean difference, its standard error). A checkpoint whose advantage is
+    within the monitor's noise is not "better"."""
+    d = [c - r for c, r in zip(candidate, reference, strict=True)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d))
+    return mean > z * se and mean > 0, mean, se
 
 
 def evaluate_policy(

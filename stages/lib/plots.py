@@ -44,3 +44,34 @@ def bar_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def scatter_plot(
+    points: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: str | Path,
+    colour_label: str = "PPO step",
+    lines: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> None:
+    """Named point sets (x, y, colour values or None) and optional lines, saved to `path`: points coloured by their
+    step read at a glance where a line joining them in step order would zigzag back and forth."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, (x, y) in (lines or {}).items():
+        ax.plot(list(x), list(y), label=name, marker="s", color="tab:gray", linestyle="--")
+    markers = iter("o^Dv")
+    for name, (x, y, colour) in points.items():
+        if colour is None:
+            ax.scatter(list(x), list(y), label=name, marker=next(markers), s=60, zorder=3)
+        else:
+            shown = ax.scatter(
+                list(x), list(y), c=list(colour), cmap="viridis", label=name, marker=next(markers), zorder=3
+            )
+            fig.colorbar(shown, ax=ax, label=colour_label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

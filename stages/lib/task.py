@@ -221,9 +221,11 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
     )
     train_draws, heldout_draws = rng("prompts"), rng("eval_prompts")
     files["prompts.jsonl"] = [{"prompt": _draw(train_draws, train, w).text} for _ in range(config.n_prompts)]
-    files["eval_prompts.jsonl"] = [
-        {"prompt": _draw(heldout_draws, heldout, w).text} for _ in range(config.n_eval_prompts)
-    ]
+    # every held-out prompt once (the evaluation samples several replies to each distinct prompt), then draws by kind
+    every = [spec.text for kind in sorted(heldout) for spec in heldout[kind]]
+    heldout_draws.shuffle(every)
+    draws = [_draw(heldout_draws, heldout, w).text for _ in range(max(0, config.n_eval_prompts - len(every)))]
+    files["eval_prompts.jsonl"] = [{"prompt": p} for p in every + draws]
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     sft_gold = [gold_score(r["prompt"], r["response"]) for r in files["sft.jsonl"]]

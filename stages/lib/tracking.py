@@ -169,11 +169,18 @@ def mlflow_run(stage: str, tags: dict[str, str] | None = None) -> Iterator[Mlflo
         mlflow.set_experiment(
             experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
         )
+        dvc_stage = os.environ.get("DVC_STAGE", "")
+        round_ = dvc_stage if dvc_stage.startswith(f"{stage}_r") else None  # a later round's stage: ppo_r2, ...
         with mlflow.start_run(
-            run_name=stage,
+            run_name=round_ or stage,
             parent_run_id=parent,
             nested=parent is not None,
-            tags={"rlhf.stage": stage, **where, **(tags or {})},
+            tags={
+                "rlhf.stage": stage,
+                **({"rlhf.round": round_.rsplit("_r", 1)[1]} if round_ else {}),
+                **where,
+                **(tags or {}),
+            },
         ) as run:
             yield MlflowTracker(run.info.run_id)
     except Exception as e:

@@ -1,0 +1,213 @@
+"""The comparisons stage and its labelers: pairs of the policy's own replies, labelled by the simulated labeler, an
+LLM behind a local OpenAI-compatible HTTP server (started here), or a person's labels file."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import sync
+from stages.comparisons import make_pairs, preferences
+from stages.lib import gold
+from stages.lib.formats import Limits
+from stages.lib.labelers import (
+    EndpointLabeler,
+    FileLabeler,
+    Label,
+    LabelsMissing,
+    Pair,
+    SimulatedLabeler,
+    pair_id,
+    preference_probability,
+)
+from stages.lib.outcome import BadInput, ExitCode
+from tests.helpers import BIN, make_project, run
+
+TASK_PROMPT = "\n\nHuman: What is the capital of Peru?\n\nAssistant:"
+
+
+def _pair(a: str, b: str, prompt: str = TASK_PROMPT) -> Pair:
+    return Pair(pair_id(prompt, a, b), prompt, a, b, 1, "train", 0.7, 1.0)
+
+
+def test_pairs_are_distinct_replies_of_one_prompt_and_every_prompt_gets_its_turn():
+    replies = {
+        "p1": [("x", 0.7), ("y", 0.7), ("x", 1.0), ("z", 1.0)],  # "x" twice: one reply, not a pair with itself
+        "p2": [("u", 0.7), ("", 1.0), ("v", 1.0)],  # an empty reply is never compared
+        "p3": [("same", 0.7), ("same", 1.0)],  # no distinct pair at all
+    }
+    pairs = make_pairs(replies, 4, "train", 1, random.Random(0))
+    assert [p.prompt for p in pairs[:2]] == ["p1", "p2"] and len(pairs) == 4
+    assert all(p.a != p.b and p.a and p.b for p in pairs)
+    assert {(p.a, p.b) for p in pairs if p.prompt == "p2"} <= {("u", "v"), ("v", "u")}
+    assert len({p.id for p in pairs}) == 4 and pairs[0].id == pair_id(pairs[0].prompt, pairs[0].a, pairs[0].b)
+
+
+def test_a_tie_teaches_no_preference():
+    pairs = [_pair("a1", "b1"), _pair("a2", "b2"), _pair("a3", "b3")]
+    labels = [Label(p.id, c, "file", "r1", None) for p, c in zip(pairs, ("a", "b", "tie"), strict=True)]
+    assert preferences(pairs, labels) == [
+        {"prompt": TASK_PROMPT, "chosen": "a1", "rejected": "b1"},
+        {"prompt": TASK_PROMPT, "chosen": "b2", "rejected": "a2"},
+    ]
+
+
+def test_the_simulated_labeler_is_the_offline_labels_bradley_terry_rater():
+    good, bad = "The capital of Peru is Lima.", "Ugh. The capital of Peru is Quito"
+    pairs = [_pair(good, bad)]
+    labeler = SimulatedLabeler(tau=1.75, seed=0)
+    assert labeler.label(pairs) == labeler.label(pairs)  # one seeded draw per pair id
+    p_good = preference_probability(gold.gold_score(TASK_PROMPT, good), gold.gold_score(TASK_PROMPT, bad), 1.75)
+    many = [_pair(good, bad + " " * i) for i in range(1, 401)]  # one gold gap (it strips), 400 ids: 400 draws
+    share = sum(lab.choice == "a" for lab in SimulatedLabeler(1.75, 3).label(many)) / len(many)
+    assert abs(share - p_good) < 0.06 and p_good > 0.8
+    with pytest.raises(BadInput, match="labels only the default task's prompts"):
+        labeler.label([_pair("x", "y", "\n\nHuman: Write me a haiku.\n\nAssistant:")])
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat-completions endpoint: answers A when reply A is shorter, B otherwise, T on a tie."""
+
+    answers: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        a = text.split("Reply A: ")[1].split("\n\nReply B: ")[0]
+        b = text.split("\n\nReply B: ")[1]
+        answer = self.answers.pop(0) if self.answers else ("A" if len(a) < len(b) else "T" if a == b else "B")
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    server.shutdown()
+
+
+def test_the_endpoint_labeler_asks_an_llm_which_reply_is_better(endpoint):
+    labeler = EndpointLabeler(endpoint, "judge-model", timeout=10)
+    labels = labeler.label([_pair("short.", "a longer reply."), _pair("a longer reply.", "short.")])
+    assert [lab.choice for lab in labels] == ["a", "b"] and labels[0].labeler == "endpoint:judge-model"
+    _Judge.answers = ["I cannot decide, sorry"]
+    with pytest.raises(BadInput, match="not A, B or T"):
+        labeler.label([_pair("x.", "y.")])
+    with pytest.raises(BadInput, match="gave no usable answer"):
+        EndpointLabeler("http://127.0.0.1:9/v1/chat/completions", "m", timeout=2).label([_pair("x.", "y.")])
+
+
+def test_the_file_labeler_reads_a_persons_labels_and_names_what_is_missing(tmp_path):
+    pairs = [_pair("a1", "b1"), _pair("a2", "b2")]
+    labels = tmp_path / "labels.jsonl"
+    labeler = FileLabeler(labels, Limits())
+    with pytest.raises(LabelsMissing, match="2 of 2 pairs have no label"):
+        labeler.label(pairs)
+    labels.write_text(json.dumps({"id": pairs[0].id, "choice": "b", "annotator": "r7"}) + "\n")
+    with pytest.raises(LabelsMissing, match=f"1 of 2 pairs have no label in {labels} \\(first: {pairs[1].id}\\)"):
+        labeler.label(pairs)
+    with labels.open("a") as f:
+        f.write(json.dumps({"id": pairs[1].id, "choice": "tie", "time": "2026-12-03T10:00:00Z"}) + "\n")
+        f.write(json.dumps({"id": "an-earlier-rounds-pair", "choice": "a"}) + "\n")
+    got = labeler.label(pairs)
+    assert [(g.choice, g.annotator) for g in got] == [("b", "r7"), ("tie", "anonymous")]
+    labels.write_text(json.dumps({"id": pairs[0].id, "choice": "a", "annotator": "jane@example.com"}) + "\n")
+    with pytest.raises(BadInput, match="looks like an e-mail address"):
+        labeler.label(pairs)
+    labels.write_text(json.dumps({"id": pairs[0].id, "choice": "left"}) + "\n")
+    with pytest.raises(BadInput, match="line 1: expected"):
+        labeler.label(pairs)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny project whose SFT policy exists (`rlhf run sft`)."""
+    dest = make_project(tmp_path_factory.mktemp("comparisons"), {"comparisons": {"train_pairs": 40, "test_pairs": 12}})
+    run([str(BIN / "rlhf"), "run", "sft"], dest)
+    return dest
+
+
+def _stage(project: Path, tmp: Path, **section: object) -> tuple[int, str, Path]:
+    """The stage as DVC runs it (`python -m stages.comparisons`), with `section` merged into its params."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["comparisons"] |= section
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "stages.comparisons", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
+    cmd += ["--reports", str(tmp / "reports")]
+    if section.get("labeler") == "file":
+        cmd += ["--labels", str(section["labels"])]
+    proc = run(cmd, project, check=False)
+    return proc.returncode, proc.stdout + proc.stderr, tmp / "out"
+
+
+@pytest.mark.slow
+def test_the_stage_with_the_simulated_labeler(project, tmp_path):
+    code, said, out = _stage(project, tmp_path, labeler="simulated")
+    assert code == 0, said
+    metrics = json.loads((out / "metrics.json").read_text())
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    labels = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
+    assert metrics["train_pairs"] == 40 and metrics["test_pairs"] == 12 and len(pairs) == len(labels) == 52
+    train_prompts = {json.loads(x)["prompt"] for x in (project / "artifacts/validate/data/prompts.jsonl").open()}
+    test_prompts = {json.loads(x)["prompt"] for x in (project / "artifacts/validate/data/sft_test.jsonl").open()}
+    assert {p["prompt"] for p in pairs if p["split"] == "train"} <= train_prompts
+    assert {p["prompt"] for p in pairs if p["split"] == "test"} <= test_prompts  # held out: never trained on
+    assert {lab["labeler"] for lab in labels} == {"simulated"} and 0 <= metrics["labeler_gold_agreement_test"] <= 1
+    replies = [json.loads(x) for x in (out / "replies_test.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in replies} == test_prompts and all(len(r["replies"]) == 4 for r in replies)
+    assert "labelled by simulated" in said
+
+
+@pytest.mark.slow
+def test_the_stage_with_an_llm_labeler(project, tmp_path, endpoint):
+    code, said, out = _stage(project, tmp_path, labeler="endpoint", endpoint=endpoint, endpoint_model="m")
+    assert code == 0, said
+    rows = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["chosen"]) <= len(r["rejected"]) for r in rows)  # the test's judge prefers short
+    assert json.loads((out / "metrics.json").read_text())["labeler"] == "endpoint:m"
+
+
+@pytest.mark.slow
+def test_the_stage_waits_for_a_persons_labels_then_uses_them(project, tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    code, said, _ = _stage(project, tmp_path, labeler="file", labels=str(labels))
+    assert code == ExitCode.BAD_INPUT and "52 of 52 pairs have no label" in said and "Traceback" not in said
+    to_label = [json.loads(x) for x in (tmp_path / "reports/pairs.jsonl").read_text().splitlines()]
+    labels.write_text("".join(json.dumps({"id": p["id"], "choice": "a", "annotator": "r1"}) + "\n" for p in to_label))
+    code, said, out = _stage(project, tmp_path, labeler="file", labels=str(labels))
+    assert code == 0, said
+    rows = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    pairs = [p for p in to_label if p["split"] == "train"]
+    assert rows == [{"prompt": p["prompt"], "chosen": p["a"], "rejected": p["b"]} for p in pairs]
+
+
+def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((root / name).read_text())
+    import shutil
+
+    shutil.copytree(root / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["comparisons"] |= {"labeler": "file", "labels": "labels/round-1.jsonl"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(tmp_path)
+    stage = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["comparisons"]
+    assert ("--labels", "labels/round-1.jsonl") in sync.options(stage["cmd"])
+    assert "labels/round-1.jsonl" in stage["deps"]
