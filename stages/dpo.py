@@ -28,6 +28,7 @@ from stages.lib.modeling import (
 )
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, config_from, load_params
+from stages.lib.reward_training import RewardConfig, training_pairs
 from stages.lib.tracking import Tracker, mlflow_run, trainer_callback
 
 
@@ -116,15 +117,24 @@ def train(
 
 
 def run(
-    config: DPOConfig, data_dir: Path, sft_dir: Path, out_dir: Path, tracker: Tracker, precision: str = "fp32"
+    config: DPOConfig,
+    data_dir: Path,
+    sft_dir: Path,
+    out_dir: Path,
+    tracker: Tracker,
+    precision: str = "fp32",
+    labels: tuple[RewardConfig, list[Path]] | None = None,
 ) -> dict[str, Any]:
-    """Train the DPO policy on preferences.jsonl into `out_dir/model` (when enabled); metrics into `out_dir`."""
+    """Train the DPO policy into `out_dir/model` (when enabled) on the reward model's labels (`labels`: the reward
+    section's offline share and every round's comparisons), else on preferences.jsonl; metrics into `out_dir`."""
     tracker.log_params({"dpo": asdict(config), "precision": precision})
     with staged_dir(out_dir) as tmp:
         metrics: dict[str, Any] = {"enabled": config.enabled}
         if config.enabled:
             seed_everything(config.seed)
-            rows = read_jsonl(data_dir / "preferences.jsonl")
+            rows = (
+                training_pairs(labels[0], data_dir, labels[1]) if labels else read_jsonl(data_dir / "preferences.jsonl")
+            )
             model, tokenizer, history, seconds, truncated = train(config, sft_dir, rows, tracker, precision)
             model.save_pretrained(tmp / "model", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
@@ -151,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/validate/data", help="validated datasets")
     parser.add_argument("--sft", default="artifacts/sft/model", help="the SFT model: the start and the reference")
+    parser.add_argument(
+        "--comparisons", action="append", default=[], help="a comparisons stage's output: the same labels as the RM"
+    )
     parser.add_argument("--out", default="artifacts/dpo")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(DPOConfig, params.get("dpo"))
     precision = resolve_precision(params.get("precision", "auto"))
     with mlflow_run("dpo", tags={"rlhf.precision": precision}) as tracker:
-        metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision)
+        labels = (config_from(RewardConfig, params.get("reward")), [Path(c) for c in args.comparisons])
+        metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision, labels)
     print(
         f"DPO: {'trained in ' + str(metrics['train_seconds']) + ' s' if config.enabled else 'disabled'}; "
         f"saved to {args.out}"

@@ -37,7 +37,8 @@ class PromoteConfig:
     """params.yaml: promote."""
 
     registered_model: str
-    min_win_rate_vs_sft: float
+    min_win_rate_vs_sft: float  # the judge's win-rate over SFT ...
+    min_win_rate_vs_sft_ci_low: float  # ... and the lower end of its 95% interval (clustered by prompt)
     min_win_rate_vs_champion: float
     max_kl: float  # ppo/kl_k1_seq: nats per response
     max_alignment_tax: float  # rise of held-out SFT perplexity
@@ -46,6 +47,7 @@ class PromoteConfig:
     SECTION: ClassVar[str] = "promote"
     RANGES: ClassVar[dict] = {
         "min_win_rate_vs_sft": FRACTION,
+        "min_win_rate_vs_sft_ci_low": FRACTION,
         "min_win_rate_vs_champion": FRACTION,
         "max_kl": NON_NEGATIVE,
         "max_alignment_tax": FINITE,
@@ -68,6 +70,7 @@ def candidate(metrics: dict[str, Any]) -> dict[str, Any]:
     ppo = {
         "trainer": "ppo",
         "win_rate_vs_sft": metrics["win_rate_vs_sft"],
+        "win_rate_vs_sft_ci_low": (metrics.get("win_rate_vs_sft_ci") or [metrics["win_rate_vs_sft"]])[0],
         "kl": metrics["ppo/kl_k1_seq"],
         "alignment_tax": metrics["alignment_tax"],
         "overoptimisation": metrics["overoptimisation"],
@@ -78,6 +81,7 @@ def candidate(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "trainer": "dpo",
         "win_rate_vs_sft": metrics["dpo_win_rate_vs_sft"],
+        "win_rate_vs_sft_ci_low": (metrics.get("dpo_win_rate_vs_sft_ci") or [metrics["dpo_win_rate_vs_sft"]])[0],
         "kl": metrics["dpo/kl_k1_seq"],
         "alignment_tax": metrics["dpo/perplexity"] - metrics["sft/perplexity"],
         "overoptimisation": False,
@@ -90,6 +94,11 @@ def promotion_criteria(chosen: dict[str, Any], vs_champion: float | None, config
     reasons = []
     if chosen["win_rate_vs_sft"] < config.min_win_rate_vs_sft:
         reasons.append(f"win-rate vs SFT {chosen['win_rate_vs_sft']:.3f} < {config.min_win_rate_vs_sft}")
+    if chosen["win_rate_vs_sft_ci_low"] < config.min_win_rate_vs_sft_ci_low:
+        reasons.append(
+            f"the win-rate vs SFT's 95% interval reaches down to {chosen['win_rate_vs_sft_ci_low']:.3f} < "
+            f"{config.min_win_rate_vs_sft_ci_low} (not better than SFT beyond the evaluation's noise)"
+        )
     if vs_champion is not None and vs_champion < config.min_win_rate_vs_champion:
         reasons.append(f"win-rate vs champion {vs_champion:.3f} < {config.min_win_rate_vs_champion}")
     if chosen["kl"] > config.max_kl:

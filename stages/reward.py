@@ -10,31 +10,15 @@ default task, agreement with the gold judge) and writes the normalisation statis
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from stages.lib.io import read_jsonl
 from stages.lib.modeling import resolve_precision
-from stages.lib.outcome import ArgumentParser, BadInput, stage_main
+from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import config_from, load_params
-from stages.lib.reward_training import RewardConfig, build
+from stages.lib.reward_training import RewardConfig, build, training_pairs
 from stages.lib.tracking import Tracker, mlflow_run
-
-
-def training_pairs(config: RewardConfig, data_dir: Path, comparisons: list[Path]) -> list[dict]:
-    """The offline training pairs (the first `offline_pairs`) plus every round's on-policy comparisons; BadInput when
-    together they are more labels than `label_budget` (labels are what a team pays for)."""
-    offline = read_jsonl(data_dir / "preferences.jsonl")[: config.offline_pairs]
-    on_policy = [row for c in comparisons for row in read_jsonl(c / "preferences.jsonl")]
-    labelled = len(offline) + sum(json.loads((c / "metrics.json").read_text())["train_pairs"] for c in comparisons)
-    if labelled > config.label_budget:
-        raise BadInput(
-            f"the reward model would train on {labelled} labelled pairs ({len(offline)} offline + on-policy "
-            f"comparisons), more than reward.label_budget {config.label_budget}: lower reward.offline_pairs or "
-            "comparisons.train_pairs"
-        )
-    return offline + on_policy
 
 
 def run(

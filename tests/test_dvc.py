@@ -46,6 +46,7 @@ OVERRIDES: dict[str, Any] = {
     "evaluate": {"n_prompts": 8, "max_new_tokens": 16},
     "promote": {
         "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_sft_ci_low": 0.0,
         "min_win_rate_vs_champion": 0.0,
         "max_kl": 1e9,
         "max_alignment_tax": 1e9,

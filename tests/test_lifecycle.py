@@ -104,6 +104,7 @@ SMALL = {
     },
     "promote": {
         "min_win_rate_vs_sft": 0.0,
+        "min_win_rate_vs_sft_ci_low": 0.0,
         "min_win_rate_vs_champion": 0.0,
         "max_kl": 1e9,
         "max_alignment_tax": 1e9,

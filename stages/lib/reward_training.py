@@ -11,6 +11,7 @@ to PPO prompts, the policy's starting distribution.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -22,7 +23,7 @@ import torch
 
 from stages.lib import gold
 from stages.lib.context import fit_pairs
-from stages.lib.io import write_json
+from stages.lib.io import read_jsonl, write_json
 from stages.lib.modeling import (
     LoraSettings,
     context_limit,
@@ -32,6 +33,7 @@ from stages.lib.modeling import (
     seed_everything,
     trainer_precision,
 )
+from stages.lib.outcome import BadInput
 from stages.lib.params import AT_LEAST_ONE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, Allowed
 from stages.lib.plots import bar_plot, line_plot
 from stages.lib.rewards import RewardModel
@@ -79,6 +81,22 @@ class RewardConfig:
         "offline_pairs": NON_NEGATIVE,
         "label_budget": NON_NEGATIVE,
     }
+
+
+def training_pairs(config: RewardConfig, data_dir: Path, comparisons: list[Path]) -> list[dict]:
+    """The labelled pairs a reward model (or DPO, on the same labels) trains on: the first `offline_pairs` offline
+    training pairs plus every round's on-policy comparisons; BadInput when together they are more labels than
+    `label_budget` (labels are what a team pays for)."""
+    offline = read_jsonl(data_dir / "preferences.jsonl")[: config.offline_pairs]
+    on_policy = [row for c in comparisons for row in read_jsonl(c / "preferences.jsonl")]
+    labelled = len(offline) + sum(json.loads((c / "metrics.json").read_text())["train_pairs"] for c in comparisons)
+    if labelled > config.label_budget:
+        raise BadInput(
+            f"the reward model would train on {labelled} labelled pairs ({len(offline)} offline + on-policy "
+            f"comparisons), more than reward.label_budget {config.label_budget}: lower reward.offline_pairs or "
+            "comparisons.train_pairs"
+        )
+    return offline + on_policy
 
 
 def calibration(gaps: list[float], correct: list[bool], bins: int) -> list[dict[str, float]]:
