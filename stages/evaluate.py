@@ -49,6 +49,7 @@ class EvaluateConfig:
     n_report_samples: int
     overopt_rm_rise: float  # flag when the normalised RM score rose by more than this ...
     overopt_judge_drop: float  # ... while the judge's score fell by more than this, from its best checkpoint
+    best_of_n_samples: int  # picks per prompt for the best-of-n ladder (its first rows of each prompt)
     best_of_n: list[int]  # best-of-n from SFT, picked by the RM: the baseline PPO
     #   must beat at the same KL (log n - (n-1)/n nats); [] skips it
 
@@ -56,6 +57,7 @@ class EvaluateConfig:
     RANGES: ClassVar[dict] = {
         "n_prompts": AT_LEAST_ONE,
         "samples_per_prompt": AT_LEAST_ONE,
+        "best_of_n_samples": AT_LEAST_ONE,
         "max_new_tokens": AT_LEAST_ONE,
         "temperature": NON_NEGATIVE,  # 0: greedy
         "top_k": NON_NEGATIVE,
@@ -160,7 +162,10 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     sft_scores = res["sft"]["judge_scores"]
     metrics |= compare("ppo", res["ppo"]["judge_scores"], sft_scores, prompts, config.seed)
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
-    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config.best_of_n, sft_scores)
+    # best-of-n on the first `best_of_n_samples` rows of each prompt: n up to 64 costs what 8 rows x 8 would
+    keep = [i for i in range(len(prompts)) if i % config.samples_per_prompt < config.best_of_n_samples]
+    bon_rows, bon_base = [prompts[i] for i in keep], [sft_scores[i] for i in keep]
+    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, bon_rows, sampling, config.best_of_n, bon_base)
     if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
