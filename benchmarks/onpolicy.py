@@ -30,10 +30,14 @@ from stages.lib.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, SFT, JUDGE = "artifacts/validate/data", "artifacts/sft/model", "artifacts/judge/model"
+REUSE = False  # --reuse: keep what an earlier run trained, evaluate again (e.g. with a longer best-of-n ladder)
 
 
-def stage(project: Path, out: Path, name: str, *args: str) -> float:
-    """`python -m stages.<name> --params <seed's params> ARGS` in `project`; its wall seconds. Fails loudly."""
+def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
+    """`python -m stages.<name> --params <seed's params> ARGS` in `project`; its wall seconds. Fails loudly. With
+    REUSE, a stage whose metrics.json exists (from an earlier run of this benchmark) is not run again (None)."""
+    if REUSE and name != "evaluate" and (out / name / "metrics.json").exists():
+        return None
     start = time.monotonic()
     cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(out / "params.yaml"), *args]
     with open(out / f"{name}.log", "w") as log:
@@ -45,6 +49,8 @@ def stage(project: Path, out: Path, name: str, *args: str) -> float:
 
 def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
     params = yaml.safe_load((project / "params.yaml").read_text())
+    if REUSE and (out / "params.yaml").exists():  # the trained stages' params, the evaluation's from the project
+        params = yaml.safe_load((out / "params.yaml").read_text()) | {"evaluate": params["evaluate"]}
     for section in ("comparisons", "reward", "ppo", "dpo"):
         params[section]["seed"] = seed
     params["evaluate"]["seed"] = seed + 1
@@ -195,7 +201,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dpo", action="store_true", help="also train and grade DPO on the same labels")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/onpolicy_results.json")
+    parser.add_argument("--reuse", action="store_true", help="keep what an earlier run trained; evaluate again")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     project = args.project.resolve()
     runs = []
     for seed in args.seeds:

@@ -274,6 +274,131 @@ def default_results(r: Results) -> str:
     )
 
 
+def _ci(pair: list[float]) -> str:
+    return f"{pair[0]:.3f} to {pair[1]:.3f}"
+
+
+def _signed_ci(pair: list[float]) -> str:
+    return f"{pair[0]:+.3f} to {pair[1]:+.3f}"
+
+
+@generated("make-run-results")
+def make_run_results(r: Results) -> str:
+    """The default pipeline's numbers from `make run` (benchmarks/make_run_results.json)."""
+    d = r("make_run_results")
+    c, rm, gate, ppo, ev, pr = d["comparisons"], d["reward"], d["reward_gate"], d["ppo"], d["evaluate"], d["promote"]
+    ladder = sorted(int(k.split("/")[1]) for k in ev if k.startswith("bon/") and k.endswith("/win_rate_vs_sft"))
+    n = ev["bon_matched_n"]
+    matched = (
+        f"best-of-{n} (the smallest n whose KL {ev[f'bon/{n}/kl']:.2f} is at least PPO's): "
+        f"{ev[f'bon/{n}/win_rate_vs_sft']:.3f}; PPO {'above' if ev['ppo_beats_matched_bon'] else 'not above'} it"
+        if n
+        else "PPO's KL is past the ladder"
+    )
+    promoted = (
+        f"**promoted**: version {pr['version']} is the champion"
+        if pr.get("promoted")
+        else f"**refused**: {'; '.join(pr.get('reasons', []))}"
+    )
+    return table(
+        ["what", "number"],
+        [
+            [
+                "comparisons of the SFT policy's own replies (simulated labeler, the offline labels' noise)",
+                f"{c['train_pairs']} training + {c['test_pairs']} held-out pairs ({c['train_prompts']} training, "
+                f"{c['test_prompts']} held-out prompts); the labels agree with the gold judge "
+                f"{c['labeler_gold_agreement_test']:.3f} on the held-out pairs (their ceiling)",
+            ],
+            [
+                "reward model: labels trained on / accuracy on the policy's own held-out replies",
+                f"{rm['n_train']} ({rm['n_train'] - c['train_preferences']} offline + {c['train_preferences']} "
+                f"on-policy) / **{rm['on_policy_accuracy']:.3f}** against the ceiling "
+                f"{c['labeler_gold_agreement_test']:.3f}",
+            ],
+            [
+                f"reward model: offline held-out accuracy; best-of-{rm['bon_n']} gold gain on held-out replies",
+                f"{rm['accuracy']:.3f} (ceiling {d['labeler']['labeler_ceiling_test']:.3f}); "
+                f"{rm['bon_gold_gain']:+.3f} of a possible {rm['bon_gold_headroom']:+.3f}",
+            ],
+            ["reward-model gate", "passed" if gate.get("passed") else "failed: " + gate.get("reason", "")],
+            [
+                f"PPO ({ppo['estimator']}, {ppo['steps_done']} steps x 64 rollouts, `keep: best`)",
+                f"kept step {ppo['kept_step']}: {ppo['kept_because']}",
+            ],
+            [
+                f"evaluation: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} replies, gold judge",
+                f"gold SFT {ev['sft/judge']:.3f} -> PPO {ev['ppo/judge']:.3f}; paired difference "
+                f"**{ev['judge_diff_vs_sft']:+.3f}** (95% CI {_signed_ci(ev['judge_diff_vs_sft_ci'])}); win-rate "
+                f"**{ev['win_rate_vs_sft']:.3f}** (95% CI {_ci(ev['win_rate_vs_sft_ci'])}), ties "
+                f"{ev['ties_vs_sft']:.2f}; KL {ev['ppo/kl_k1_seq']:.2f} nats",
+            ],
+            [
+                "best-of-n from SFT, picked by the RM: n = " + " / ".join(map(str, ladder)),
+                "win-rate "
+                + " / ".join(f"{ev[f'bon/{k}/win_rate_vs_sft']:.3f}" for k in ladder)
+                + " at KL <= "
+                + " / ".join(f"{ev[f'bon/{k}/kl']:.2f}" for k in ladder),
+            ],
+            ["matched best-of-n", matched],
+            ["over-optimisation", ev["overoptimisation_reason"]],
+            ["promotion", promoted],
+        ],
+    )
+
+
+@generated("onpolicy-seeds")
+def onpolicy_seeds(r: Results) -> str:
+    """The RLHF half per seed (benchmarks/onpolicy_results.json)."""
+    d = r("onpolicy_results")
+    body = []
+    for run in d["runs"]:
+        e, n = run["evaluation"], run["evaluation"]["bon_matched_n"]
+        bon = f"{e[f'bon/{n}/win_rate_vs_sft']:.3f} (n={n})" if n else "past the ladder"
+        dpo = f"{e['dpo_win_rate_vs_sft']:.3f}" if e.get("dpo_win_rate_vs_sft") is not None else "-"
+        body.append(
+            [
+                str(run["seed"]),
+                f"{e['win_rate_vs_sft']:.3f} ({_ci(e['win_rate_vs_sft_ci'])})",
+                f"{e['judge_diff_vs_sft']:+.3f} ({_signed_ci(e['judge_diff_vs_sft_ci'])})",
+                f"{e['ppo/kl_k1_seq']:.2f}",
+                bon,
+                dpo,
+                f"{run['reward']['on_policy_accuracy']:.3f} / {run['labels_gold_agreement_test']:.3f}",
+                str(run["ppo"]["kept_step"]),
+            ]
+        )
+    s = d["summary"]
+    body.append(
+        [
+            "mean",
+            f"**{s['win_rate_vs_sft_mean']:.3f}**",
+            f"{s['judge_diff_vs_sft_mean']:+.3f}",
+            f"{s['kl_mean']:.2f}",
+            "",
+            f"{s['dpo_win_rate_vs_sft_mean']:.3f}" if s.get("dpo_win_rate_vs_sft_mean") is not None else "-",
+            f"{s['rm_on_policy_accuracy_mean']:.3f} / {s['labels_gold_agreement_test_mean']:.3f}",
+            "",
+        ]
+    )
+    header = ["seed", "gold win-rate vs SFT (95% CI)", "paired gold difference (95% CI)", "KL"]
+    header += ["matched best-of-n", "DPO (same labels)", "RM on own replies / ceiling", "kept step"]
+    return table(header, body)
+
+
+@generated("headroom")
+def headroom(r: Results) -> str:
+    """What any policy could gain over SFT on the held-out prompts (benchmarks/headroom_results.json)."""
+    d = r("headroom_results")
+    ladder = list(d["oracle_best_of_n"])
+    body = [
+        ["gold-best of n SFT samples (a perfect ranker, at test time)"]
+        + [f"{d['oracle_best_of_n'][n]['win_rate']:.3f}" for n in ladder],
+        ["reward model's pick of n SFT samples (best-of-n)"]
+        + [f"{d['rm_best_of_n'][n]['win_rate']:.3f}" for n in ladder],
+    ]
+    return table(["gold win-rate vs SFT", *[f"n = {n}" for n in ladder]], body)
+
+
 @generated("own-data-run")
 def own_data_run(r: Results) -> str:
     d = r("own_data_results")

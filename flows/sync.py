@@ -133,6 +133,7 @@ def stage_deps(cmd: str, root: Path) -> list[str] | None:
 
 ROUND_STAGES = ("comparisons", "reward", "reward_gate", "ppo")  # one of each per round of on-policy comparisons
 ROUND_SUFFIX = re.compile(r"_r(\d+)$")
+EVERY_ROUND = ("--round-gate", "--round-ppo")  # options of the stages after the rounds that list every round's file
 
 
 def rounds_of(params: dict[str, Any]) -> int:
@@ -211,7 +212,15 @@ def with_rounds(stages: Any, rounds: int) -> None:
     for name in after:
         stage = stages[name]
         if str(stage.get("cmd", "")).startswith("python -m stages."):
-            pairs = [(k, _in_round(v, rounds)) for k, v in options(str(stage["cmd"]))]
+            pairs = []
+            for k, v in options(str(stage["cmd"])):
+                if k in EVERY_ROUND and _in_round(v, 1) in [p for _, p in pairs]:
+                    continue  # a later round's copy of a per-round option: written afresh below
+                pairs += (
+                    [(k, _in_round(v, r)) for r in range(1, rounds + 1)]
+                    if k in EVERY_ROUND
+                    else [(k, _in_round(v, rounds))]
+                )
             cmd = shlex.join([*shlex.split(str(stage["cmd"]))[:3], *(x for pair in pairs for x in pair)])
             if cmd != " ".join(str(stage["cmd"]).split()):
                 stage["cmd"] = cmd

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,6 +117,7 @@ class Inputs:
     judge: Path | None = None  # the judge stage's judge (None: the default task's gold function)
     dpo: Path | None = None  # the DPO stage's folder: its policy (model/) is evaluated beside PPO's when it trained
     monitor: Path | None = None  # PPO's held-out RM and judge score per checkpoint (over-optimisation)
+    rounds: tuple[tuple[Path, Path], ...] = ()  # each round's gate verdict and PPO metrics (the report's rounds)
 
 
 def eval_rows(data_dir: Path, config: EvaluateConfig) -> list[str]:
@@ -173,6 +175,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
         metrics |= compare("dpo", res["dpo"]["judge_scores"], sft_scores, prompts, config.seed)
         metrics["dpo/perplexity"] = perplexity(dpo, tokenizer, read_jsonl(data_dir / "sft_test.jsonl"))
     metrics |= matched_best_of_n(metrics)
+    metrics["rounds"] = rounds_table(inputs.rounds)
 
     # 2. the alignment tax: held-out SFT perplexity before and after PPO
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
@@ -217,6 +220,28 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     for name in ("metrics.json", "report.md", "report.html", "samples.jsonl", *plots):
         tracker.log_artifact(out_dir / name)
     return metrics
+
+
+def rounds_table(rounds: tuple[tuple[Path, Path], ...]) -> list[dict[str, Any]]:
+    """One row per round of comparisons -> reward model -> gate -> PPO: what each round's reward model did on the
+    policy's own replies, the gate's verdict, and the PPO step it kept."""
+    rows = []
+    for i, (gate_file, ppo_file) in enumerate(rounds, 1):
+        gate = json.loads(gate_file.read_text()) if gate_file.exists() else {}
+        ppo = json.loads(ppo_file.read_text()) if ppo_file.exists() else {}
+        rows.append(
+            {
+                "round": i,
+                "on_policy_accuracy": gate.get("on_policy_accuracy"),
+                "on_policy_ceiling": gate.get("on_policy_ceiling"),
+                "bon_gold_gain": gate.get("bon_gold_gain"),
+                "gate_passed": gate.get("passed"),
+                "kept_step": ppo.get("kept_step"),
+                "kl": (ppo.get("final") or {}).get("objective/kl"),
+                "monitor_judge": (ppo.get("monitor") or {}).get("judge"),
+            }
+        )
+    return rows
 
 
 def matched_best_of_n(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -394,6 +419,18 @@ def _report_md(metrics: dict[str, Any], samples: list[dict], plots: list[str], c
                 f"| DPO | {metrics['dpo/kl_k1_seq']:.3f} | {metrics['dpo/judge']:.3f} | "
                 f"{metrics['dpo_win_rate_vs_sft']:.3f} |"
             )
+    if len(metrics.get("rounds") or []) > 1:
+        md += ["", "Rounds of comparisons, reward model and PPO (each on the last round's policy):", ""]
+        md += [
+            "| round | RM on the policy's replies (ceiling) | best-of-n gold gain | gate | kept step | KL |",
+            "|---|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {r['round']} | {_fmt(r['on_policy_accuracy'])} ({_fmt(r['on_policy_ceiling'])}) | "
+            f"{_fmt(r['bon_gold_gain'])} | {'passed' if r['gate_passed'] else 'failed'} | {r['kept_step']} | "
+            f"{_fmt(r['kl'])} |"
+            for r in metrics["rounds"]
+        ]
     md += [
         "",
         *[f"![{p}]({p})" for p in plots],
@@ -483,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dpo", help="the DPO stage's folder (artifacts/dpo): its policy is evaluated too")
     parser.add_argument("--kl", help="PPO's per-step table (artifacts/ppo/kl.csv), for the reward-vs-KL plot")
     parser.add_argument("--monitor", help="PPO's checkpoint monitor (artifacts/ppo/monitor.csv): over-optimisation")
+    parser.add_argument("--round-gate", action="append", default=[], help="each round's gate metrics (the report)")
+    parser.add_argument("--round-ppo", action="append", default=[], help="each round's PPO metrics (the report)")
     parser.add_argument("--out", default="artifacts/evaluate")
     parser.add_argument(
         "--model-uri",
@@ -506,7 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         policy = Path(args.policy)
         if args.model_uri:  # before the MLflow run: a model that cannot be loaded leaves no failed run behind
             policy = fetch_policy(args.model_uri, Path(scratch), trust=args.trust_model)
-        inputs = Inputs(Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional)
+        rounds = tuple(zip(map(Path, args.round_gate), map(Path, args.round_ppo), strict=True))
+        inputs = Inputs(
+            Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional, rounds=rounds
+        )
         with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
             if args.model_uri:
                 tracker.set_tags({"rlhf.model_uri": args.model_uri})

@@ -234,6 +234,10 @@ def test_rounds_are_stages_rlhf_sync_writes_and_takes_back(tmp_path):
         "artifacts/ppo_r2/model",
     ) in opts["promote"]
     assert "artifacts/ppo_r2/model" in stages["evaluate"]["deps"] and "stages/ppo.py" in stages["ppo_r2"]["deps"]
+    assert [v for k, v in opts["evaluate"] if k == "--round-ppo"] == [
+        "artifacts/ppo/metrics.json",
+        "artifacts/ppo_r2/metrics.json",
+    ]
     from flows.orchestrate import plan
 
     assert plan(tmp_path, ["ppo_r2"])[-4:] == ["comparisons_r2", "reward_r2", "reward_gate_r2", "ppo_r2"]
