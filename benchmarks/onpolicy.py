@@ -42,6 +42,8 @@ def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
     cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(out / "params.yaml"), *args]
     with open(out / f"{name}.log", "w") as log:
         code = subprocess.run(cmd, cwd=project, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code == 3 and name == "reward_gate":  # the gate stopped this seed: recorded, not a crash
+        return None
     if code:
         raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{(out / f'{name}.log').read_text()[-3000:]}")
     return round(time.monotonic() - start, 1)
@@ -81,6 +83,11 @@ def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
             "--out",
             g,
         ),
+    }
+    gate = json.loads((Path(g) / "metrics.json").read_text())
+    if not gate["passed"]:  # the gate stopped this seed before PPO: that is the result
+        return {"seed": seed, "gate": gate["reason"], "gate_passed": False, "seconds": seconds}
+    seconds |= {
         "ppo": stage(
             project,
             out,
@@ -166,18 +173,23 @@ def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
             )
         },
         "labels_gold_agreement_test": compared["labeler_gold_agreement_test"],
-        "gate": json.loads((Path(g) / "metrics.json").read_text())["reason"],
+        "gate": gate["reason"],
+        "gate_passed": True,
         "ppo": {"kept_step": ppo["kept_step"], "kept_because": ppo["kept_because"], "steps": ppo["steps_done"]},
         "seconds": seconds,
     }
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(every: list[dict]) -> dict:
+    runs = [r for r in every if r["gate_passed"]]
+
     def mean(get) -> float:  # noqa: ANN001
         values = [get(r) for r in runs if get(r) is not None]
         return round(statistics.mean(values), 4) if values else None
 
     return {
+        "seeds": len(every),
+        "gate_stops": len(every) - len(runs),
         "win_rate_vs_sft_mean": mean(lambda r: r["evaluation"]["win_rate_vs_sft"]),
         "every_seed_ci_above_half": all(r["evaluation"]["win_rate_vs_sft_ci"][0] > 0.5 for r in runs),
         "judge_diff_vs_sft_mean": mean(lambda r: r["evaluation"]["judge_diff_vs_sft"]),
@@ -209,6 +221,9 @@ def main() -> int:
     runs = []
     for seed in args.seeds:
         runs.append(one(project, ROOT / "benchmarks/onpolicy_runs" / f"seed_{seed}", seed, args.dpo))
+        if not runs[-1]["gate_passed"]:
+            print(f"seed {seed}: {runs[-1]['gate']}", flush=True)
+            continue
         e = runs[-1]["evaluation"]
         print(
             f"seed {seed}: win-rate {e['win_rate_vs_sft']:.3f} {e['win_rate_vs_sft_ci']}, diff "

@@ -352,6 +352,9 @@ def onpolicy_seeds(r: Results) -> str:
     d = r("onpolicy_results")
     body = []
     for run in d["runs"]:
+        if not run["gate_passed"]:
+            body.append([str(run["seed"]), "stopped by the reward-model gate: " + run["gate"], "", "", "", "", "", ""])
+            continue
         e, n = run["evaluation"], run["evaluation"]["bon_matched_n"]
         bon = f"{e[f'bon/{n}/win_rate_vs_sft']:.3f} (n={n})" if n else "past the ladder"
         dpo = f"{e['dpo_win_rate_vs_sft']:.3f}" if e.get("dpo_win_rate_vs_sft") is not None else "-"
