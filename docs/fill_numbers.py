@@ -161,9 +161,18 @@ def promotion(r: Results) -> str:
     return f"**{pr['outcome']}**: version {pr['version']} is `{pr['alias']}`"
 
 
+def promotion_now(r: Results) -> str:
+    """What promotion did in the recorded `make run` (benchmarks/make_run_results.json), as a phrase."""
+    pr = r("make_run_results")["promote"]
+    if pr.get("promoted"):
+        return f"**promoted**: version {pr['version']} of `{pr['registered_model']}` is the champion"
+    return f"**refused**: {'; '.join(pr.get('reasons') or [])}"
+
+
 DERIVED: dict[str, Callable[..., Any]] = {
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
+    "promotion_now": promotion_now,
     # how far the reward model is below the labeler's agreement with gold, in points
     "rm_gap_points": lambda r: (
         100

@@ -50,7 +50,7 @@ class EvaluateConfig:
     n_report_samples: int
     overopt_rm_rise: float  # flag when the normalised RM score rose by more than this ...
     overopt_judge_drop: float  # ... while the judge's score fell by more than this, from its best checkpoint
-    best_of_n_samples: int  # picks per prompt for the best-of-n ladder (its first rows of each prompt)
+    best_of_n_pool: int  # SFT replies per prompt for the best-of-n ladder: best-of-n picks from disjoint blocks of n
     best_of_n: list[int]  # best-of-n from SFT, picked by the RM: the baseline PPO
     #   must beat at the same KL (log n - (n-1)/n nats); [] skips it
 
@@ -58,7 +58,7 @@ class EvaluateConfig:
     RANGES: ClassVar[dict] = {
         "n_prompts": AT_LEAST_ONE,
         "samples_per_prompt": AT_LEAST_ONE,
-        "best_of_n_samples": AT_LEAST_ONE,
+        "best_of_n_pool": AT_LEAST_ONE,
         "max_new_tokens": AT_LEAST_ONE,
         "temperature": NON_NEGATIVE,  # 0: greedy
         "top_k": NON_NEGATIVE,
@@ -164,10 +164,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     sft_scores = res["sft"]["judge_scores"]
     metrics |= compare("ppo", res["ppo"]["judge_scores"], sft_scores, prompts, config.seed)
     metrics["rm_win_rate_vs_sft"] = win_rate(res["ppo"]["rm_scores"], res["sft"]["rm_scores"])
-    # best-of-n on the first `best_of_n_samples` rows of each prompt: n up to 64 costs what 8 rows x 8 would
-    keep = [i for i in range(len(prompts)) if i % config.samples_per_prompt < config.best_of_n_samples]
-    bon_rows, bon_base = [prompts[i] for i in keep], [sft_scores[i] for i in keep]
-    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, bon_rows, sampling, config.best_of_n, bon_base)
+    metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config, sft_scores)
     if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
@@ -264,21 +261,38 @@ def best_of_n_baseline(
     judge: Judge,
     prompts: list[str],
     sampling: Sampling,
-    ladder: list[int],
+    config: EvaluateConfig,
     sft_scores: list[float],
 ) -> dict[str, Any]:
-    """Best-of-n from SFT picked by the RM, for n in `ladder`, on the same rows as the policies: the judge's mean, the
-    win-rate over the SFT sample of the row (prompt-clustered interval) and the analytic KL, as `bon/<n>/...`
-    metrics (its own sampling seed, so n=1 is a fresh SFT sample, not the same one)."""
-    if not ladder:
+    """Best-of-n from SFT picked by the RM, for n in the ladder: the judge's mean, the win-rate of the k-th pick of a
+    prompt over that prompt's k-th SFT reply (prompt-clustered interval) and the analytic KL, as `bon/<n>/...`
+    metrics. One pool of `best_of_n_pool` replies per prompt feeds every n (its own sampling seed, so n=1 is a fresh
+    SFT sample, not the same one)."""
+    if not config.best_of_n:
         return {}
-    picks = best_of_n(sft, tokenizer, rm, judge, prompts, replace(sampling, seed=sampling.seed + 1), ladder)
+    distinct = list(dict.fromkeys(prompts))
+    k = config.samples_per_prompt
+    picks = best_of_n(
+        sft,
+        tokenizer,
+        rm,
+        judge,
+        distinct,
+        replace(sampling, seed=sampling.seed + 1),
+        config.best_of_n,
+        config.best_of_n_pool,
+        k,
+    )
     out: dict[str, Any] = {}
-    for n, scores in picks.items():
-        c = paired_comparison(scores, sft_scores, prompts, seed=sampling.seed)
+    for n, per_prompt in picks.items():
+        rows = [p for p, chosen in zip(distinct, per_prompt, strict=True) for _ in chosen]
+        scores = [s for chosen in per_prompt for s in chosen]
+        base = [sft_scores[i * k + j] for i, chosen in enumerate(per_prompt) for j in range(len(chosen))]
+        c = paired_comparison(scores, base, rows, seed=sampling.seed)
         out[f"bon/{n}/judge"] = sum(scores) / len(scores)
         out[f"bon/{n}/win_rate_vs_sft"] = c["win_rate"]
         out[f"bon/{n}/win_rate_vs_sft_ci95"] = c["win_rate_ci95"]
+        out[f"bon/{n}/picks_per_prompt"] = len(per_prompt[0])
         out[f"bon/{n}/kl"] = best_of_n_kl(n)
     return out
 

@@ -34,7 +34,7 @@ TINY: dict[str, Any] = {
     },
     "comparisons": {"replies_per_prompt": 4, "train_pairs": 150, "test_pairs": 60, "max_new_tokens": 24},
     "ppo": {"monitor_samples": 1},
-    "evaluate": {"samples_per_prompt": 2, "best_of_n": [1, 2]},
+    "evaluate": {"samples_per_prompt": 2, "best_of_n": [1, 2], "best_of_n_pool": 4},
     "reward": {
         "epochs": 1,
         "batch_size": 32,

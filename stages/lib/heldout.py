@@ -112,17 +112,30 @@ def best_of_n_kl(n: int) -> float:
 
 
 def best_of_n(
-    policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling, ladder: Sequence[int]
-) -> dict[int, list[float]]:
-    """Best-of-n sampling from `policy` (the SFT model): max(ladder) replies per prompt, the one the reward model
-    prefers among the first n, graded by the judge. Returns {n: the judge's score of the pick, per prompt}."""
-    n_max = max(ladder)
-    repeated = [p for p in prompts for _ in range(n_max)]
+    policy,
+    tokenizer,
+    rm: RewardModel,
+    judge: Judge,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    ladder: Sequence[int],
+    pool: int,
+    picks: int,
+) -> dict[int, list[list[float]]]:
+    """Best-of-n sampling from `policy` (the SFT model): `pool` replies per distinct prompt; best-of-n's k-th pick is
+    the reward model's choice among the k-th block of n replies (disjoint blocks: independent picks), at most `picks`
+    of them (and at least one: n above `pool` is left out). Returns {n: per prompt, the judge's scores of its picks}."""
+    repeated = [p for p in prompts for _ in range(pool)]
     replies = sample(policy, tokenizer, repeated, sampling).replies
-    rm_scores = torch.tensor(rm.score_texts(repeated, replies)).view(len(prompts), n_max)
-    judged = torch.tensor(judge.scores(repeated, replies)).view(len(prompts), n_max)
-    picks = {n: rm_scores[:, :n].argmax(1) for n in ladder}
-    return {n: judged[torch.arange(len(prompts)), pick].tolist() for n, pick in picks.items()}
+    rm_scores = torch.tensor(rm.score_texts(repeated, replies)).view(len(prompts), pool)
+    judged = torch.tensor(judge.scores(repeated, replies)).view(len(prompts), pool)
+    out: dict[int, list[list[float]]] = {}
+    for n in (n for n in ladder if n <= pool):
+        k = min(picks, pool // n)
+        blocks = rm_scores[:, : k * n].view(len(prompts), k, n)
+        chosen = blocks.argmax(2) + torch.arange(k) * n  # (P, k): the pick's column in the pool
+        out[n] = judged.gather(1, chosen).tolist()
+    return out
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
