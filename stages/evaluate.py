@@ -49,7 +49,8 @@ class EvaluateConfig:
     seed: int
     n_report_samples: int
     overopt_rm_rise: float  # flag when the normalised RM score rose by more than this ...
-    overopt_judge_drop: float  # ... while the judge's score fell by more than this, from its best checkpoint
+    overopt_judge_drop: float  # ... while the judge's score fell by more than this, from its best checkpoint, and by
+    overopt_z: float  # more than this many standard errors of the paired per-prompt difference (not the noise)
     best_of_n_pool: int  # SFT replies per prompt for the best-of-n ladder: best-of-n picks from disjoint blocks of n
     best_of_n: list[int]  # best-of-n from SFT, picked by the RM: the baseline PPO
     #   must beat at the same KL (log n - (n-1)/n nats); [] skips it
@@ -67,6 +68,7 @@ class EvaluateConfig:
         "n_report_samples": NON_NEGATIVE,
         "overopt_rm_rise": NON_NEGATIVE,
         "overopt_judge_drop": NON_NEGATIVE,
+        "overopt_z": NON_NEGATIVE,
     }
 
     def __post_init__(self) -> None:
@@ -74,22 +76,30 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.best_of_n = {self.best_of_n!r}: expected a list of whole numbers >= 1")
 
 
-def overoptimisation(monitor: list[dict[str, float]], rm_rise: float, judge_drop: float) -> tuple[bool, str]:
+def overoptimisation(
+    monitor: list[dict[str, float]], rm_rise: float, judge_drop: float, z: float = 0.0
+) -> tuple[bool, str]:
     """Flag the proxy rising while the judge's score falls, from the checkpoint where the judge's score was best to
-    the policy PPO kept (the row marked `kept`; the last one when none is). A run that over-optimised after its best
-    checkpoint but kept that checkpoint is not flagged: the reason still says what the run did after it."""
+    the policy PPO kept (the row marked `kept`; the last one when none is): the RM score up by more than `rm_rise`, the
+    judge's down by more than `judge_drop` and by more than `z` standard errors of the paired per-prompt difference
+    (the monitor's `judge_minus_kept_se`, where it has one): a drop within the monitor's noise is not a finding. A run
+    that over-optimised after its best checkpoint but kept that checkpoint is not flagged: the reason still says what
+    the run did after it."""
     rows = [m for m in monitor if m.get("judge") is not None]
     if len(rows) < 2:
         return False, "not enough checkpoints with a judge's score to judge over-optimisation"
     best = max(rows, key=lambda m: m["judge"])
     kept = next((m for m in rows if m.get("kept")), rows[-1])
     d_rm, d_judge = kept["rm_score"] - best["rm_score"], kept["judge"] - best["judge"]
-    flagged = d_rm > rm_rise and -d_judge > judge_drop
+    se = best.get("judge_minus_kept_se") or 0.0
+    flagged = d_rm > rm_rise and -d_judge > judge_drop and -d_judge > z * se
     verdict = "over-optimisation: " if flagged else "no over-optimisation: "
     reason = (
         f"{verdict}from step {best['step']:.0f} (best judge's score) to the kept step {kept['step']:.0f} the "
         f"RM score moved {d_rm:+.3f} and the judge's score {d_judge:+.3f}"
     )
+    if se and not flagged and d_rm > rm_rise and -d_judge > judge_drop:
+        reason += f", within {z:g} standard errors ({se:.3f}) of the monitor's noise"
     last = rows[-1]
     if (
         kept is not last
@@ -192,7 +202,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
         else []
     )
     metrics["overoptimisation"], metrics["overoptimisation_reason"] = overoptimisation(
-        monitor, config.overopt_rm_rise, config.overopt_judge_drop
+        monitor, config.overopt_rm_rise, config.overopt_judge_drop, config.overopt_z
     )
 
     with staged_dir(out_dir) as tmp:

@@ -799,6 +799,21 @@ def best_checkpoint(monitor: list[dict[str, Any]], reference: int, why: str, z: 
     return [best, f"the best held-out judge score: step {best} leads {why} by {mean:+.3f} (> {z:g} x se {se:.3f})"]
 
 
+def with_difference_to_kept(monitor: list[dict[str, Any]], kept: int) -> list[dict[str, Any]]:
+    """The monitor's points marked `kept`, each with its held-out judge score's paired per-prompt difference to the
+    kept step's and that difference's standard error: what evaluation needs to tell a drop from noise."""
+    ref = next((m.get("judge_by_prompt") for m in monitor if int(m["step"]) == kept), None)
+    out = []
+    for m in monitor:
+        point = {**m, "kept": int(int(m["step"]) == kept)}
+        if ref and m.get("judge_by_prompt"):
+            _, point["judge_minus_kept"], point["judge_minus_kept_se"] = better_beyond_noise(
+                m["judge_by_prompt"], ref, 0
+            )
+        out.append(point)
+    return out
+
+
 def finish(
     config: PPOConfig,
     accelerator: Any,
@@ -819,7 +834,7 @@ def finish(
     final = final.merge_and_unload() if config.lora.enabled else final
     history = state.history
     final_metrics = history[kept - 1] if kept else {}  # the kept step's numbers (step 0: the SFT policy itself)
-    monitor = [{**m, "kept": int(m["step"] == kept)} for m in state.monitor]
+    monitor = with_difference_to_kept(state.monitor, kept)
     reason = f"{reason}; kept step {kept}, {why}"
     result = {
         "outcome": outcome,
@@ -856,7 +871,8 @@ def write_outputs(out_dir: Path, policy, tokenizer, history, samples, result, mo
             writer.writerows(history)
         write_jsonl(tmp / "samples.jsonl", samples)
         with open(tmp / "monitor.csv", "w", newline="") as f:  # RM vs the judge over checkpoints, for evaluation
-            writer = csv.DictWriter(f, fieldnames=["step", "rm_score", "judge", "kept"], extrasaction="ignore")
+            fields = ["step", "rm_score", "judge", "kept", "judge_minus_kept", "judge_minus_kept_se"]
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(monitor)
         steps = [h["step"] for h in history]

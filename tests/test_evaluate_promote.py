@@ -230,6 +230,12 @@ def test_overoptimisation_flag_on_synthetic_monitor():
     assert not flagged and "keeping the best checkpoint undid" in reason  # handled, not only detected
     both_rising = [{"step": 0, "rm_score": 0.0, "judge": 0.1}, {"step": 5, "rm_score": 1.0, "judge": 0.9}]
     assert evaluate.overoptimisation(both_rising, 0.1, 0.1)[0] is False
+    # the same drop of 0.7, but the monitor's paired standard error is 0.4: within 2 of them, noise, not a finding
+    noisy = [{**m, "judge_minus_kept_se": 0.4 if m["step"] == 5 else None} for m in rising_proxy_falling_judge]
+    flagged, reason = evaluate.overoptimisation(noisy, 0.1, 0.1, 2.0)
+    assert not flagged and "within 2 standard errors (0.400)" in reason
+    clear = [{**m, "judge_minus_kept_se": 0.2 if m["step"] == 5 else None} for m in rising_proxy_falling_judge]
+    assert evaluate.overoptimisation(clear, 0.1, 0.1, 2.0)[0] is True
 
 
 def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_path):
