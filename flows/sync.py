@@ -27,6 +27,7 @@ from stages.lib.datadeps import DEFAULT_DATA, uncovered
 
 OUTPUT_OPTIONS = ("--out", "--metrics", "--reports")  # what a stage writes; every other path option is an input
 NOT_TRACKED = ("--reports",)  # written also when the stage fails (they say why), so not a DVC output
+NOT_PATHS = ("--round",)  # options whose value is not a path (which round of comparisons a stage runs)
 PACKAGES = ("stages", "flows")
 WIDTH = 4096  # a command stays on one line (a folded plain scalar would split options from their values)
 
@@ -94,7 +95,7 @@ def module_of(cmd: str) -> str:
 
 def inputs(cmd: str) -> list[str]:
     """The paths a command reads: its option values that are not outputs, in order, each once."""
-    return list(dict.fromkeys(v for k, v in options(cmd) if k not in OUTPUT_OPTIONS))
+    return list(dict.fromkeys(v for k, v in options(cmd) if k not in OUTPUT_OPTIONS + NOT_PATHS))
 
 
 def data_options(params: dict[str, Any], root: Path) -> list[str]:
