@@ -264,6 +264,10 @@ def test_deliberate_overoptimisation_raises_the_flag_and_blocks_promotion(tmp_pa
         },
         "promote": {**PASSING["promote"], "block_on_overoptimisation": True},
         "dpo": {"enabled": False},
+        # the proxy learns the biased offline labels alone (on-policy comparisons by the simulated labeler would
+        # teach it the truth)
+        "comparisons": {"labeler": "none"},
+        "reward": {"offline_pairs": None},
     }  # a DPO policy that beat this PPO would be promoted instead
     project = make_project(tmp_path / "proj", overrides)
     for name in ("preferences.jsonl", "preferences_test.jsonl"):  # the biased labeler: the longer reply wins
