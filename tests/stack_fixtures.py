@@ -219,7 +219,7 @@ class Team:
             )
 
     def set_params(self, changes: dict[str, Any]) -> None:
-        """Change params.yaml in A (e.g. {"ppo": {"kl_coef": 0.1}})."""
+        """Change params.yaml in A (e.g. {"ppo": {"kl_coef": 0.2}})."""
         path = self.a / "params.yaml"
         path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(path.read_text()), changes), sort_keys=False))
 
@@ -285,12 +285,15 @@ def first(team: Team) -> Ran:
     return Ran(proc, seconds, parent, parent.data.tags["prefect.flow_run_id"])
 
 
+SECOND_KL_COEF = 0.2  # the second run's ppo.kl_coef: not params.yaml's default (0.1)
+
+
 @pytest.fixture(scope="session")
 def by_worker(first, team: Team, stack: Stack):
     """A second pipeline run differing only in ppo.kl_coef, as prefect.yaml's rlhf-process deployment run by the
     stack's worker."""
     assert stack_mod.register_deployment(stack.config, team.a, print)
-    team.set_params({"ppo": {"kl_coef": 0.1}})
+    team.set_params({"ppo": {"kl_coef": SECOND_KL_COEF}})
     triggered = sh(
         [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"],
         team.a,

@@ -7,7 +7,7 @@ One module-scoped chain of fixtures mutates the project, each step once and in t
     committed  `git commit` of the finished project (dvc.lock included)
     seed       ppo.seed changed in params.yaml: `dvc status`, `dvc repro`, `dvc metrics diff HEAD`,
                `dvc params diff HEAD`
-    experiment the seed change committed, then `dvc exp run -S ppo.kl_coef=0.1` and `dvc exp show --json`
+    experiment the seed change committed, then `dvc exp run -S ppo.kl_coef=0.2` and `dvc exp show --json`
 
 Each fixture records what its commands printed, so a test reads the state of its own step whatever ran after
 it.
@@ -218,12 +218,12 @@ def seed(committed, project) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def experiment(seed, project) -> dict[str, Any]:
-    """The seed change committed, then `dvc exp run -S ppo.kl_coef=0.1` and `dvc exp show --json`."""
+    """The seed change committed, then `dvc exp run -S ppo.kl_coef=0.2` and `dvc exp show --json`."""
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "ppo.seed changed")
     baseline = git(project, "rev-parse", "HEAD").strip()
     lock_before = lock(project)
-    proc = run([str(BIN / "dvc"), "exp", "run", "-S", "ppo.kl_coef=0.1"], project)
+    proc = run([str(BIN / "dvc"), "exp", "run", "-S", "ppo.kl_coef=0.2"], project)
     return {
         "baseline": baseline,
         "lock_before": lock_before,
@@ -334,24 +334,24 @@ def test_exp_run_sets_a_param_and_reruns_only_ppo_and_downstream(experiment, see
     assert len(exps) == 1, exps
     exp = exps[0]
     params = exp["data"]["params"]["params.yaml"]["data"]
-    assert params["ppo"]["kl_coef"] == 0.1 and params["ppo"]["seed"] == seed["old"] + 1  # -S on top of the baseline
+    assert params["ppo"]["kl_coef"] == 0.2 and params["ppo"]["seed"] == seed["old"] + 1  # -S on top of the baseline
 
     metrics = _metrics(exp)
     errors = {p: m["error"] for p, m in metrics.items() if "error" in m}
     assert errors == {}, errors  # every stage's metrics readable from the experiment's commit
-    assert metrics["artifacts/ppo/metrics.json"]["data"]["final"]["objective/kl_coef"] == 0.1  # PPO used the value
+    assert metrics["artifacts/ppo/metrics.json"]["data"]["final"]["objective/kl_coef"] == 0.2  # PPO used the value
     assert metrics["artifacts/ppo/metrics.json"]["data"]["outcome"] == "completed"
     assert metrics["artifacts/evaluate/metrics.json"]["data"]["win_rate_vs_sft"] is not None
 
     base = next(e for e in experiment["show"] if e["rev"] == experiment["baseline"])
     base_metrics = _metrics(base)
     assert "error" not in base_metrics["artifacts/ppo/metrics.json"]
-    assert base_metrics["artifacts/ppo/metrics.json"]["data"]["final"]["objective/kl_coef"] != 0.1
+    assert base_metrics["artifacts/ppo/metrics.json"]["data"]["final"]["objective/kl_coef"] != 0.2
     for name in UPSTREAM:  # the experiment reused the upstream stages: same metrics, same dvc.lock entries
         path = f"artifacts/{name}/metrics.json"
         assert metrics[path] == base_metrics[path]
         assert experiment["lock_after"][name] == experiment["lock_before"][name]
-    assert experiment["lock_after"]["ppo"]["params"]["params.yaml"]["ppo"]["kl_coef"] == 0.1
+    assert experiment["lock_after"]["ppo"]["params"]["params.yaml"]["ppo"]["kl_coef"] == 0.2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -652,6 +652,9 @@ def test_the_evaluation_report_escapes_every_text(tmp_path: Path) -> None:
     metrics = {
         "judge": HOSTILE_HTML,
         "win_rate_vs_sft": 0.5,
+        "ties_vs_sft": 0.0,
+        "judge_diff_vs_sft": 0.0,
+        "judge_diff_vs_sft_ci": [-0.1, 0.1],
         "rm_win_rate_vs_sft": 0.5,
         "alignment_tax": 0.0,
         "overoptimisation_reason": HOSTILE_HTML,

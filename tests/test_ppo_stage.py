@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.lib.outcome import ExitCode
-from tests.helpers import BIN, OPEN_GATE, ROOT, env, make_project, run
+from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def _params(project: Path, where: Path, **ppo_overrides: Any) -> Path:
     """A params file: the project's, with a tiny `ppo` section and its own checkpoint directory under `where`."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     own = {"checkpoint_dir": str(where / "checkpoints")}
-    params["ppo"] = {**params["ppo"], **TINY_PPO, **own, **ppo_overrides}
+    params["ppo"] = deep_merge(params["ppo"], {**TINY_PPO, **own, **ppo_overrides})  # nested sections key by key
     path = where / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

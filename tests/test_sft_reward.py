@@ -14,8 +14,10 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.lib.io import read_jsonl, write_jsonl
-from stages.lib.modeling import TinyModelConfig, create_base_model
+from stages.lib.modeling import create_base_model
 from stages.lib.outcome import ExitCode
+from stages.lib.params import load_config
+from stages.sft import SFTConfig
 from tests.helpers import OPEN_GATE, TINY, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -67,7 +69,8 @@ def test_sft_writes_artifacts_and_changes_weights(project):
         for n in ("preferences", "prompts")
         for r in read_jsonl(project / f"artifacts/validate/data/{n}.jsonl")
     ]
-    base = create_base_model("tiny-gpt2", TinyModelConfig(**TINY["sft"]["tiny"]), texts, project / "base", 0)
+    shape = load_config(SFTConfig, "sft", project / "params.yaml").tiny  # the shape the stage built from
+    base = create_base_model("tiny-gpt2", shape, texts, project / "base", 0)
     before, after = load_file(base / "model.safetensors"), load_file(out / "model/model.safetensors")
     assert before.keys() == after.keys()
     assert not all(torch.equal(before[k], after[k]) for k in before)

@@ -23,6 +23,7 @@ from stages.lib.outcome import ExitCode
 from stages.lib.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, flat_params
 from tests.helpers import BIN, ROOT
 from tests.stack_fixtures import (
+    SECOND_KL_COEF,
     Stack,
     Team,
     dvc_outs,
@@ -176,12 +177,10 @@ def test_two_runs_differing_in_kl_coef_compare_column_by_column(by_worker, first
         f"seconds.{s}" for s in STAGES
     }
     differ = {k for k in new.data.params if new.data.params[k] != old.data.params[k]} - {"git_commit"}
-    assert differ == {"ppo.kl_coef"} and (old.data.params["ppo.kl_coef"], new.data.params["ppo.kl_coef"]) == (
-        "0.2",
-        "0.1",
-    )
-    assert changed_params(old.data.params, new.data.params) == ["ppo.kl_coef 0.2->0.1"]
-    assert new.info.run_name.startswith("ppo.kl_coef 0.2->0.1 · ")
+    was, now = old.data.params["ppo.kl_coef"], new.data.params["ppo.kl_coef"]
+    assert differ == {"ppo.kl_coef"} and now == str(SECOND_KL_COEF) and was != now
+    assert changed_params(old.data.params, new.data.params) == [f"ppo.kl_coef {was}->{now}"]
+    assert new.info.run_name.startswith(f"ppo.kl_coef {was}->{now} · ")
     assert new.data.metrics["reward/accuracy"] == old.data.metrics["reward/accuracy"]  # the same reward model
     for metric in ("objective/kl", "win_rate_vs_sft", "ppo/kl_k1_seq"):
         assert metric in new.data.metrics and metric in old.data.metrics
@@ -199,7 +198,7 @@ def test_two_runs_differing_in_kl_coef_compare_column_by_column(by_worker, first
 
 def test_dvc_remote_round_trip(by_worker, team: Team, stack: Stack, tmp_path, monkeypatch):
     assert by_worker["flow_run"]["state_type"] == "COMPLETED"
-    team.commit("ppo.kl_coef 0.1: the champion")
+    team.commit(f"ppo.kl_coef {SECOND_KL_COEF}: the champion")
     pushed = sh([sys.executable, "-m", "dvc", "push"], team.a)
     assert "pushed" in pushed.stdout, pushed.stdout
     sh(["git", "push", "-q", "origin", "main"], team.a)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.stack_fixtures import Stack, flow_run_of, name_of
+from tests.stack_fixtures import SECOND_KL_COEF, Stack, flow_run_of, name_of
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -105,8 +105,8 @@ def test_mlflow_compare_view_puts_params_beside_metrics(page, stack: Stack, firs
     for toggle in page.get_by_text("Show diff only").all():  # params and metrics: only what differs
         toggle.click()
     kl_coef = row("ppo.kl_coef")
-    kl_coef.get_by_text("0.1", exact=True).wait_for()
-    kl_coef.get_by_text("0.2", exact=True).wait_for()
+    for value in (first.parent.data.params["ppo.kl_coef"], str(SECOND_KL_COEF)):
+        kl_coef.get_by_text(value, exact=True).wait_for()
     assert row("ppo.num_steps").count() == 0 and row("sft.epochs").count() == 0  # equal params are hidden
     page.get_by_text("Parameters", exact=True).first.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "mlflow-compare.png"))
