@@ -83,10 +83,16 @@ class Results:
             return DERIVED[name](self, *args)
         stem, *path = ref.split("/")
         value, where = self(stem), f"benchmarks/{stem}.json"
-        for segment in path:
+        while path:  # a key may hold slashes itself (MLflow-style "ppo/kl_k1_seq"): the longest one that exists
+            take = next((k for k in range(len(path), 1, -1) if _has(value, "/".join(path[:k]))), 1)
+            segment, path = "/".join(path[:take]), path[take:]
             value = _step(value, segment, where)
             where += "/" + segment
         return value
+
+
+def _has(value: Any, key: str) -> bool:
+    return isinstance(value, dict) and key in value
 
 
 def _step(value: Any, segment: str, where: str) -> Any:
