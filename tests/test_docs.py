@@ -4,6 +4,7 @@ the page when one of them changes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -89,12 +90,14 @@ def test_a_number_changed_on_a_page_fails_naming_the_page(copy: Path) -> None:
 
 
 def test_a_results_file_changed_fails_naming_each_page_and_key(copy: Path) -> None:
-    results = copy / "benchmarks" / "default_task_results.json"
-    results.write_text(results.read_text().replace('"win_rate_vs_sft": 0.488', '"win_rate_vs_sft": 0.512'))
+    results = copy / "benchmarks" / "make_run_results.json"
+    recorded = json.loads(results.read_text())
+    recorded["evaluate"]["win_rate_vs_sft"] = 0.512
+    results.write_text(json.dumps(recorded))
     proc = numbers("--check", root=copy)
     assert proc.returncode == 1
-    assert "README.md:" in proc.stderr and "default_task_results/evaluate/win_rate_vs_sft" in proc.stderr
-    assert "docs/results.md:" in proc.stderr and "numbers:default-results" in proc.stderr  # the table, too
+    assert "README.md:" in proc.stderr and "make_run_results/evaluate/win_rate_vs_sft" in proc.stderr
+    assert "docs/results.md:" in proc.stderr and "numbers:make-run-results" in proc.stderr  # the table, too
 
 
 def test_a_table_changed_by_hand_fails(copy: Path) -> None:
