@@ -137,7 +137,7 @@ def test_gate_failure_stops_the_pipeline_and_keeps_earlier_artifacts(tmp_path):
 
     # loosening the gate re-judges the saved numbers: the reward model is not retrained
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["reward_gate"] = OPEN_GATE
+    params["reward_gate"] = {**params["reward_gate"], **OPEN_GATE}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = run([str(Path(sys.executable).parent / "rlhf"), "run", "reward_gate"], project)
     assert "Stage 'reward' didn't change, skipping" in proc.stdout and "python -m stages.reward_gate" in proc.stdout
