@@ -107,9 +107,8 @@ def accuracy_se(accuracy: float, n: int | None) -> float:
 
 
 def short(accuracy: float, threshold: float, se: float, z: float) -> bool:
-    """Below `threshold` by more than z standard errors: a shortfall the held-out pairs' noise cannot explain. On
-    ~900 comparisons with labels that agree with the truth 62% of the time, SE ~0.017: reward models of one recipe
-    land 0.548-0.563 by seed, and the seed with the *best* gold numbers was the one a bare threshold stopped."""
+    """Below `threshold` by more than z standard errors: a shortfall the held-out pairs' noise cannot explain (the
+    measured spread by seed that calls for it: docs/comparisons.md)."""
     return accuracy + z * se < threshold
 
 
