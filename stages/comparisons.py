@@ -35,7 +35,7 @@ from stages.lib.labelers import (
     agreement,
     pair_id,
 )
-from stages.lib.modeling import generate, load_causal_lm
+from stages.lib.modeling import generate, load_causal_lm, use_hardware
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Allowed, config_from, load_params, one_of
 from stages.lib.task import TaskConfig
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(ComparisonsConfig, params.get("comparisons"))
+    use_hardware(params)
     tau = config_from(TaskConfig, params.get("task")).labeler_tau  # the offline labels' noise: the same "humans"
     v = params.get("validate") or {}
     limits = Limits(v["max_rows"], v["max_file_bytes"], v["max_row_bytes"]) if v else Limits()

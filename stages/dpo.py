@@ -17,14 +17,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.lib.context import fit_pairs
+from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.io import read_jsonl, staged_dir, write_json
 from stages.lib.modeling import (
     context_limit,
+    current_device,
     load_causal_lm,
-    resolve_precision,
     seed_everything,
+    trainer_device,
     trainer_precision,
+    use_hardware,
 )
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, config_from, load_params
@@ -71,12 +73,13 @@ def train(
     model, tokenizer = load_causal_lm(sft_dir)
     tokenizer.padding_side = "right"
     max_length = context_limit(model, config.max_length)
+    sep = reply_prefix(tokenizer)
     fitted = fit_pairs(
         tokenizer, [r["prompt"] for r in rows], [[r["chosen"] for r in rows], [r["rejected"] for r in rows]], max_length
     )
     data = Dataset.from_list(
         [
-            {"prompt": p, "chosen": " " + c, "rejected": " " + r}
+            {"prompt": p, "chosen": sep + c, "rejected": sep + r}
             for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)
         ]
     )
@@ -97,7 +100,7 @@ def train(
             report_to="none",
             seed=config.seed,
             data_seed=config.seed,
-            use_cpu=True,
+            **trainer_device(current_device().type),
             dataloader_num_workers=0,
             disable_tqdm=False,
             **trainer_precision(precision),
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(DPOConfig, params.get("dpo"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     with mlflow_run("dpo", tags={"rlhf.precision": precision}) as tracker:
         labels = (config_from(RewardConfig, params.get("reward")), [Path(c) for c in args.comparisons])
         metrics = run(config, Path(args.data), Path(args.sft), Path(args.out), tracker, precision, labels)

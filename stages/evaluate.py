@@ -27,7 +27,7 @@ from stages.lib.heldout import (
 )
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
-from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
+from stages.lib.modeling import autocast, load_causal_lm, use_hardware
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
 from stages.lib.plots import line_plot, scatter_plot
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(EvaluateConfig, params.get("evaluate"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     optional = {
         k: Path(v) if v else None
         for k, v in (("judge", args.judge), ("kl", args.kl), ("monitor", args.monitor), ("dpo", args.dpo))

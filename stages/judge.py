@@ -16,7 +16,7 @@ from typing import Any
 
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.judge import JudgeConfig
-from stages.lib.modeling import resolve_precision
+from stages.lib.modeling import use_hardware
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import config_from, load_params
 from stages.lib.reward_training import RewardConfig, build
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     config = config_from(JudgeConfig, params.get("judge"))
     training = config_from(RewardConfig, params.get("reward"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     with mlflow_run("judge") as tracker:
         metrics = run(config, training, Path(args.data), Path(args.sft), Path(args.out), tracker, precision)
     accuracy = f"; held-out accuracy {metrics['accuracy']:.3f}" if "accuracy" in metrics else ""

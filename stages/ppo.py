@@ -43,7 +43,7 @@ from stages.lib.modeling import (
     fuse_gelu,
     peft_config,
     position_ids,
-    resolve_precision,
+    use_hardware,
 )
 from stages.lib.outcome import ArgumentParser, BadInput, GateFailed, NonFinite, stage_main
 from stages.lib.params import (
@@ -185,7 +185,7 @@ class PolicyAndValue(nn.Module):
     def values(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
         """The critic alone: V(s_t) per token, (B, L) -> (B, L); zeros without a critic."""
         if not self.has_critic:
-            return torch.zeros(input_ids.shape, dtype=torch.float32)
+            return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         hidden = self.critic_backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
@@ -197,6 +197,11 @@ def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+
+
+def accelerator_options() -> dict[str, bool]:
+    """Accelerate on the stage's device (params.yaml `device`): the CPU said explicitly, else the process's GPU."""
+    return {"cpu": modeling.current_device().type == "cpu"}
 
 
 def load_models(
@@ -218,7 +223,8 @@ def load_models(
 
         policy, ref_policy = get_peft_model(policy, peft_config(lora, "CAUSAL_LM", policy)), None
     else:
-        ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True).requires_grad_(False).eval()
+        ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
+        ref_policy = modeling.to_device(ref_policy.requires_grad_(False).eval())
     value_model = None
     if ESTIMATORS[config.estimator].critic:
         value_src = rm_dir if config.value_init == "reward" else sft_dir
@@ -261,7 +267,7 @@ def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def generate_rollouts(policy: nn.Module, tokenizer: Any, prompts: list[str], config: PPOConfig) -> Rollout:
     """1. Sample responses with a KV cache from left-padded prompts, keeping the logits they were sampled from."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(policy.parameters()).device)
     queries, qmask = enc["input_ids"], enc["attention_mask"]
     policy.eval()
     out = policy.generate(
@@ -437,7 +443,7 @@ def step_metrics(
         "tokens/response_len_mean": mask.sum(1).mean(),
         "val/num_eos_tokens": ro.has_eos.float().sum(),
     }
-    reduced = accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
+    reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]), "mean")
     metrics = {k: round(v, 6) for k, v in zip(local, reduced.tolist(), strict=True)}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count, not a mean
     return metrics
@@ -629,7 +635,7 @@ def start(
     """0. Models, optimiser, schedule, KL controller and checkpoints; resumed when this run was interrupted."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(**accelerator_options())
     torch.manual_seed(config.seed + accelerator.process_index)  # each process samples its own rollouts
     model, ref_policy, rm, tokenizer = load_models(config, sft_dir, rm_dir, norm_file, start_dir)
     # fused: one multi-tensor kernel per step instead of ~10 small ops per parameter (TRL/HF Trainer: adamw_torch_fused)
@@ -914,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(PPOConfig, params.get("ppo"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     if args.gate and not Path(args.gate).exists():
         raise GateFailed(
             f"the reward model has not passed its gate ({args.gate} is missing): run the reward_gate stage"

@@ -23,7 +23,7 @@ import mlflow
 from stages.lib.heldout import Sampling, judge_scores, win_rate
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.judge import GoldJudge, Judge, load_judge
-from stages.lib.modeling import autocast, load_causal_lm, resolve_precision
+from stages.lib.modeling import autocast, load_causal_lm, use_hardware
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import FINITE, FRACTION, NON_NEGATIVE, config_from, load_params
 from stages.lib.registry import HF_ARTIFACT, MODEL_HASH_TAG, SERVED_POLICY, fetch_policy, model_hash
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     config = config_from(PromoteConfig, params.get("promote"))
     sampling = Sampling.of(params.get("evaluate") or {})  # the champion is sampled as the candidate was evaluated
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     with mlflow_run("promote") as tracker, autocast(precision):
         inputs = Inputs(
             Path(args.eval_metrics),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.lib.io import read_jsonl
-from stages.lib.modeling import resolve_precision
+from stages.lib.modeling import use_hardware
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import config_from, load_params
 from stages.lib.reward_training import RewardConfig, build, training_pairs
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(RewardConfig, params.get("reward"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     comparisons = [Path(c) for c in args.comparisons]
     with mlflow_run("reward") as tracker:
         metrics = run(config, Path(args.data), Path(args.sft), comparisons, Path(args.out), tracker, precision)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.lib import gold
-from stages.lib.context import fit_pairs
+from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.modeling import (
     LoraSettings,
@@ -24,12 +24,14 @@ from stages.lib.modeling import (
     context_limit,
     count_parameters,
     create_base_model,
+    current_device,
     generate,
     load_causal_lm,
     peft_config,
-    resolve_precision,
     seed_everything,
+    trainer_device,
     trainer_precision,
+    use_hardware,
 )
 from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, config_from, load_params
@@ -91,13 +93,14 @@ def train(
     from trl import SFTTrainer
 
     max_length = context_limit(model, config.max_length)
+    sep = reply_prefix(tokenizer)
 
     def as_dataset(rows: list[dict[str, str]], split: str) -> Dataset:
         # the context budget: the reply keeps its start, the prompt its last turns (TRL appends the EOS)
         fitted = fit_pairs(tokenizer, [r["prompt"] for r in rows], [[r["response"] for r in rows]], max_length)
         truncated.update(fitted.counts(f"{split}_"))
         return Dataset.from_list(
-            [{"prompt": p, "completion": " " + c} for p, c in zip(fitted.prompts, fitted.replies[0], strict=True)]
+            [{"prompt": p, "completion": sep + c} for p, c in zip(fitted.prompts, fitted.replies[0], strict=True)]
         )
 
     truncated: dict[str, int] = {}
@@ -121,7 +124,7 @@ def train(
             seed=config.seed,
             data_seed=config.seed,
             train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-            use_cpu=True,
+            **trainer_device(current_device().type),
             dataloader_num_workers=0,
             disable_tqdm=False,
             **trainer_precision(precision),
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     config = config_from(SFTConfig, params.get("sft"))
-    precision = resolve_precision(params.get("precision", "auto"))
+    precision = use_hardware(params).precision
     with mlflow_run("sft") as tracker:
         metrics = run(config, Path(args.data), Path(args.out), tracker, precision)
     print(

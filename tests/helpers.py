@@ -97,3 +97,20 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def tiny_policy_and_rm(dest: Path) -> tuple[Path, Path]:
+    """A randomly initialised 1-layer causal LM and the same backbone with a scalar head, saved as HF folders."""
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.lib.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+
+    tokenizer = train_tokenizer(["Human: hi Assistant: hello there"] * 4, 300)
+    shape = TinyModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, max_positions=64, dropout=0.0)
+    policy = build_tiny_model("gpt2", shape, tokenizer)
+    policy.save_pretrained(dest / "policy")
+    tokenizer.save_pretrained(dest / "policy")
+    rm = AutoModelForSequenceClassification.from_pretrained(dest / "policy", num_labels=1)
+    rm.save_pretrained(dest / "rm")
+    tokenizer.save_pretrained(dest / "rm")
+    return dest / "policy", dest / "rm"

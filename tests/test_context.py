@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 import torch
 
-from stages.lib.context import fit_pairs, fit_prompt, fit_prompts, fit_reply, n_tokens, split_turns
+from stages.lib.context import (
+    fit_pairs,
+    fit_prompt,
+    fit_prompts,
+    fit_reply,
+    messages,
+    model_prompt,
+    n_tokens,
+    reply_prefix,
+    split_turns,
+)
 from stages.lib.modeling import TinyModelConfig, build_tiny_model, generate, train_tokenizer
 from stages.lib.outcome import BadInput
 from stages.lib.params import defaults
@@ -87,6 +99,52 @@ def _pairs(n: int) -> pd.DataFrame:
             for i in range(n)
         ]
     )
+
+
+CHATML = (  # SmolLM2-Instruct's template (ChatML with a default system turn)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHATML
+    return chat
+
+
+def test_a_chat_model_reads_the_dialogue_as_messages_through_its_template(tokenizer, chat_tokenizer):
+    prompt = f"{HUMAN} Hi{ASSISTANT} Hello! How can I help?{HUMAN} What is 2 plus 3?{ASSISTANT}"
+    assert messages(prompt) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "What is 2 plus 3?"},
+    ]
+    assert model_prompt(chat_tokenizer, prompt) == (
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert (reply_prefix(chat_tokenizer), reply_prefix(tokenizer)) == ("", " ")  # the cue ends the line; HH: a space
+    assert model_prompt(tokenizer, prompt) == prompt  # no template: the HH text itself, as before
+
+
+def test_a_chat_prompt_fits_the_budget_counted_with_its_template(chat_tokenizer):
+    prompt = _dialogue(30)
+    budget = 150  # this tokenizer never saw the template's markers: they cost it ~60 tokens
+    fitted, cut = fit_prompt(chat_tokenizer, prompt, budget)
+    assert cut and n_tokens(chat_tokenizer, fitted) <= budget  # template tokens counted
+    assert fitted.startswith("<|im_start|>system") and fitted.endswith("<|im_start|>assistant\n")
+    assert "What is the capital of Peru?<|im_end|>" in fitted  # the last turn is whole
+    # one overlong last turn: its end is kept, inside the template
+    fitted, cut = fit_prompt(chat_tokenizer, f"{HUMAN} {'very ' * 300}long question?{ASSISTANT}", budget)
+    assert cut and n_tokens(chat_tokenizer, fitted) <= budget and "long question?<|im_end|>" in fitted
+    rows = fit_pairs(chat_tokenizer, [prompt], [["Peru's capital is Lima."]], 180)
+    assert rows.replies == [["Peru's capital is Lima."]]
+    assert n_tokens(chat_tokenizer, rows.prompts[0] + rows.replies[0][0]) + 1 <= 180
 
 
 def test_one_preference_set_feeds_every_dataset_split_by_prompt():

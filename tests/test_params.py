@@ -72,7 +72,7 @@ def test_every_config_class_has_its_place_in_params_yaml() -> None:
     unplaced = [name for name in CLASSES if name != "data.*" and section(params, name) is None]
     assert not unplaced, f"config classes with no section in params.yaml: {unplaced}"
     tops = {name.split(".")[0] for name in CLASSES}
-    assert set(params) - tops == {"precision"}, set(params) - tops  # precision: one word, resolved by modeling
+    assert set(params) - tops == {"precision", "device"}, set(params) - tops  # one word each: modeling.use_hardware
 
 
 def test_no_value_lives_in_two_places() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from stages.lib import rl_math as pm
-from stages.lib.context import fit_pairs
+from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.judge import Judge
 from stages.lib.modeling import Generation, context_limit, generate
 from stages.lib.rewards import RewardModel
@@ -149,9 +149,10 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
     """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T))."""
     model.eval()
     fitted = fit_pairs(tokenizer, prompts, [replies], context_limit(model, 10**9))  # the context budget
+    sep = reply_prefix(tokenizer)
     enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in fitted.prompts]
     enc_r = [
-        tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in fitted.replies[0]
+        tokenizer(sep + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in fitted.replies[0]
     ]
     rows = [p + r for p, r in zip(enc_p, enc_r, strict=True)]
     L = max(map(len, rows))
@@ -161,9 +162,10 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
     for i, (row, p) in enumerate(zip(rows, enc_p, strict=True)):
         ids[i, : len(row)], attn[i, : len(row)] = torch.tensor(row), 1
         target_mask[i, len(p) : len(row)] = 1
+    ids, attn = ids.to(model.device), attn.to(model.device)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     logprobs = pm.logprobs_from_logits(logits, ids[:, 1:], temperature)
-    return logprobs, target_mask[:, 1:]
+    return logprobs.cpu(), target_mask[:, 1:]
 
 
 def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:

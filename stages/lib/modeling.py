@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stages.lib import pretrained
 from stages.lib.environment import cpu_model
 from stages.lib.params import AT_LEAST_ONE, POSITIVE, Allowed, ParamsError
 
@@ -112,19 +113,77 @@ def resolve_precision(setting: str, device: str = "cpu", native_bf16: bool | Non
     return setting
 
 
+DEVICES = ("auto", "cpu", "cuda")
+_device = "cpu"  # where this stage's models go: set once per stage process by `use_hardware`
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where a stage runs and in what precision: params.yaml `device` and `precision`, resolved once."""
+
+    device: str  # cpu | cuda
+    precision: str  # fp32 | bf16 | fp16
+
+
+def resolve_device(setting: str) -> str:
+    """params.yaml `device`: auto (CUDA when torch sees a GPU, else the CPU) | cpu | cuda (refused without a GPU)."""
+    if setting not in DEVICES:
+        raise PrecisionError(f"device must be one of {', '.join(DEVICES)}, not {setting!r}")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise PrecisionError("device cuda asked for, but torch sees no CUDA GPU here; use auto or cpu")
+    return setting
+
+
+def use_hardware(params: dict) -> Hardware:
+    """Resolve params.yaml's `device` and `precision` for this stage's process; every model a stage loads
+    (`load_causal_lm`, `RewardModel.load`, `to_device`) goes to that device from then on."""
+    global _device
+    missing = [k for k in ("device", "precision") if k not in params]
+    if missing:
+        raise ParamsError(f"params.yaml has no `{'`, `'.join(missing)}` (top level)")
+    device = resolve_device(params["device"])
+    hardware = Hardware(device, resolve_precision(params["precision"], device))
+    _device = device
+    return hardware
+
+
+def current_device() -> torch.device:
+    """The device `use_hardware` chose; under a multi-process launch, this process's GPU (LOCAL_RANK)."""
+    import os
+
+    if _device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(_device)
+
+
+def to_device(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` on the stage's device (a no-op on the CPU)."""
+    return model.to(current_device())
+
+
+def trainer_device(device: str) -> dict[str, bool]:
+    """The transformers/TRL TrainingArguments switch for a resolved device: the CPU said explicitly (else HF picks a
+    GPU it can see), nothing forced otherwise."""
+    return {"use_cpu": device == "cpu"}
+
+
 def trainer_precision(precision: str) -> dict[str, bool]:
     """The transformers/TRL TrainingArguments switches for a resolved precision. TRL's SFTConfig and RewardConfig
     default to bf16=True, so fp32 must be said explicitly."""
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def autocast(precision: str, device: str = "cpu"):
+def autocast(precision: str, device: str | None = None):
     """A context that runs forwards in the resolved precision (our own PPO and evaluation code); fp32: no autocast."""
     import contextlib
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(
+        device or current_device().type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -189,18 +248,19 @@ def create_base_model(
 ) -> Path:
     """Materialise the starting model in HF format under `out_dir` and return its path.
 
-    `name` is `tiny-gpt2` / `tiny-llama` (built from `shape`, tokenizer trained on `texts`), a local folder, or a hub
-    name. Hub and local models load with safetensors only; remote code runs only if the user allows it.
+    `name` is `tiny-gpt2` / `tiny-llama` (built from `shape`, tokenizer trained on `texts`), a pretrained model by name
+    or GGUF file (stages/lib/pretrained.py), a local folder, or a hub name. Hub and local models load with
+    safetensors only; remote code runs only if the user allows it.
     """
     if name.startswith(TINY_PREFIX):
         seed_everything(seed)
         tokenizer = train_tokenizer(texts, shape.vocab_size)
         model = build_tiny_model(name.removeprefix(TINY_PREFIX), shape, tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None:  # causal LMs often ship without one; batching needs it
-            tokenizer.pad_token = tokenizer.eos_token
+        source = pretrained.resolve(name)  # a GGUF model: its cached safetensors folder
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, trust_remote_code=trust_remote_code)
+        pretrained.distinct_pad(tokenizer, model)  # causal LMs often ship without one, or with the EOS
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -213,7 +273,7 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> tuple[P
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return to_device(model), tokenizer
 
 
 def peft_config(lora: LoraSettings, task_type: str, model: PreTrainedModel):
@@ -286,8 +346,9 @@ def generate(
 
     Each prompt is first fitted into the context budget (stages/lib/context.py): at most `context - max_new_tokens`
     tokens, keeping its last turns, so the sequence never indexes past the model's position embeddings.
-    Training sequences are `prompt + " " + reply + EOS`; byte-level BPE keeps the space with the reply's first token,
-    so the prompt alone is exactly the context the model was trained on.
+    Training sequences are `prompt + reply_prefix + reply + EOS` (stages/lib/context.py: the chat template's cue, or
+    the HH text and a space that byte-level BPE keeps with the reply's first token), so the prompt alone is exactly
+    the context the model was trained on.
     """
     from stages.lib.context import fit_prompts
 
@@ -300,7 +361,7 @@ def generate(
     ended: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
         do_sample = temperature > 0
         out = model.generate(
             **enc,

@@ -22,15 +22,17 @@ from typing import Any, ClassVar
 import torch
 
 from stages.lib import gold
-from stages.lib.context import fit_pairs
+from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.modeling import (
     LoraSettings,
     context_limit,
+    current_device,
     generate,
     load_causal_lm,
     peft_config,
     seed_everything,
+    trainer_device,
     trainer_precision,
 )
 from stages.lib.outcome import BadInput
@@ -155,7 +157,6 @@ def train(
     Returns (model, tokenizer, the trainer's log history, training seconds, pairs cut to the context)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
     LengthGroupedRewardTrainer = _length_grouped(RewardTrainer)  # noqa: N806 (a class)
@@ -165,6 +166,7 @@ def train(
     model.config.pad_token_id = tokenizer.pad_token_id
 
     max_length = context_limit(model, config.max_length)
+    sep = reply_prefix(tokenizer)
     truncated: dict[str, int] = {}
 
     def as_dataset(rows: list[dict[str, str]], split: str) -> Dataset:
@@ -177,7 +179,7 @@ def train(
         )
         truncated.update(fitted.counts(f"{split}_"))
         data = [
-            {"prompt": p, "chosen": " " + c, "rejected": " " + r}
+            {"prompt": p, "chosen": sep + c, "rejected": sep + r}
             for p, c, r in zip(fitted.prompts, *fitted.replies, strict=True)
         ]
         if config.margin:
@@ -185,29 +187,7 @@ def train(
         return Dataset.from_list(data)
 
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrlRewardConfig(
-            output_dir=scratch,
-            num_train_epochs=config.epochs,
-            per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=config.warmup_ratio,
-            weight_decay=config.weight_decay,
-            max_length=max_length,
-            center_rewards_coefficient=config.center_rewards_coefficient or None,
-            gradient_checkpointing=config.gradient_checkpointing,
-            logging_steps=config.logging_steps,
-            eval_strategy="epoch",
-            save_strategy="no",
-            report_to="none",
-            seed=config.seed,
-            data_seed=config.seed,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            disable_tqdm=False,
-            **trainer_precision(precision),
-        )
+        args = trainer_arguments(config, scratch, max_length, precision)
         trainer = (LengthGroupedRewardTrainer if config.group_by_length else RewardTrainer)(
             model=model,
             args=args,
@@ -222,6 +202,35 @@ def train(
         seconds = time.perf_counter() - start
     model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     return model, tokenizer, trainer.state.log_history, seconds, truncated
+
+
+def trainer_arguments(config: RewardConfig, scratch: str, max_length: int, precision: str) -> Any:
+    """TRL's RewardConfig for this stage: the schedule, the context, the device and precision (stages/lib/modeling)."""
+    from trl import RewardConfig as TrlRewardConfig
+
+    return TrlRewardConfig(
+        output_dir=scratch,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_length=max_length,
+        center_rewards_coefficient=config.center_rewards_coefficient or None,
+        gradient_checkpointing=config.gradient_checkpointing,
+        logging_steps=config.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        **trainer_device(current_device().type),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **trainer_precision(precision),
+    )
 
 
 def measure(rm: RewardModel, test_rows: list[dict], max_length: int, bins: int) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.lib.context import fit_pairs
-from stages.lib.modeling import context_limit, position_ids
+from stages.lib.context import fit_pairs, reply_prefix
+from stages.lib.modeling import context_limit, position_ids, to_device
 
 
 class RewardModel:
@@ -39,7 +39,7 @@ class RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
         norm = json.loads(Path(norm_file).read_text()) if norm_file is not None else None
-        return cls(model.requires_grad_(False).eval(), tokenizer, norm)
+        return cls(to_device(model.requires_grad_(False).eval()), tokenizer, norm)
 
     @torch.no_grad()
     def score_tokens(self, seq: torch.Tensor, attn: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,8 @@ class RewardModel:
         limit = min(max_length or self.max_length, self.max_length)
         fitted = fit_pairs(self.tokenizer, prompts, [replies], limit)
         self.last_truncated = fitted.prompt_cut
-        texts = [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(fitted.prompts, fitted.replies[0], strict=True)]
+        sep, eos = reply_prefix(self.tokenizer), self.tokenizer.eos_token
+        texts = [f"{p}{sep}{r}{eos}" for p, r in zip(fitted.prompts, fitted.replies[0], strict=True)]
         out: list[float] = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(
@@ -72,6 +73,7 @@ class RewardModel:
                 max_length=limit,
                 add_special_tokens=False,
             )
+            enc = enc.to(self.model.device)
             attn = enc["attention_mask"]
             out += self.score_tokens(enc["input_ids"], attn, attn.sum(1) - 1).tolist()
         return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
+SYSTEM = "\n\nSystem:"
 
 KINDS: dict[str, tuple[str, ...]] = {
     "preferences": ("prompt", "chosen", "rejected"),

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from stages.lib.environment import quiet
 from stages.lib.outcome import Unavailable
@@ -34,6 +34,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+@runtime_checkable
 class Tracker(Protocol):
     """What a stage may record."""
 
