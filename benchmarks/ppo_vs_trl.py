@@ -38,7 +38,8 @@ EOS = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark shape (GPT-2 blocks; policy, reference, value and reward models all share it)."""
+    """One benchmark shape (policy, reference, value and reward models all share it): GPT-2 blocks, or Llama blocks
+    with grouped-query attention and a gated MLP (SmolLM2's architecture)."""
 
     name: str
     n_layer: int
@@ -49,6 +50,10 @@ class Shape:
     response_length: int = 48
     ppo_epochs: int = 4
     num_mini_batches: int = 2
+    arch: str = "gpt2"  # gpt2 | llama
+    n_kv_head: int = 0  # llama: key/value heads (0: n_head)
+    intermediate: int = 0  # llama: the gated MLP's width
+    vocab: int = VOCAB
 
 
 # A: the default task's model; B: 8 x 512; S: GPT-2 small's blocks (12 x 768, ~85M non-embedding parameters)
@@ -56,6 +61,10 @@ SHAPES = {
     "A": Shape("A", 4, 256, 4),
     "B": Shape("B", 8, 512, 8),
     "S": Shape("S", 12, 768, 12),
+    # M: SmolLM2-135M-Instruct's shape (30 x 576, 9 heads, 3 KV heads, MLP 1536, vocabulary 49152), random weights
+    "M": Shape("M", 30, 576, 9, 16, 64, 48, 2, 2, "llama", 3, 1536, 49152),
+    # m: the same model at a batch a CPU runs in a minute (benchmarks/gpu_check.sh's fallback)
+    "m": Shape("m", 30, 576, 9, 4, 16, 8, 1, 1, "llama", 3, 1536, 49152),
     # T: a smoke shape for the test suite (tests/test_benchmarks.py): the harness end to end in seconds
     "T": Shape("T", 1, 32, 2, batch_size=8, prompt_length=8, response_length=8, ppo_epochs=1),
 }
@@ -65,17 +74,25 @@ SHAPES = {
 
 
 def matmul_peak(n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul on this process's threads (2 n^3 FLOPs each), best of `rounds`."""
+    """Best GFLOP/s of an n x n matmul (2 n^3 FLOPs each), best of `rounds`: fp32 on this process's CPU threads, or
+    bf16 at n = 8192 on a GPU (the precision `auto` trains in there)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gpu = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if gpu else (n, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device="cuda" if gpu else "cpu")
+    b = torch.randn(n, n, dtype=dtype, device=a.device)
     for _ in range(2):
         a @ b
     best = 0.0
     for _ in range(rounds):
+        if gpu:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        if gpu:
+            torch.cuda.synchronize()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -88,39 +105,57 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
         GPT2Config,
         GPT2ForSequenceClassification,
         GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
         PreTrainedTokenizerFast,
     )
 
-    vocab = {f"t{i}": i for i in range(VOCAB)} | {EOS: VOCAB}
+    V = shape.vocab
+    vocab = {f"t{i}": i for i in range(V)} | {EOS: V}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=128,
-        n_embd=shape.n_embd,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=VOCAB,
-        eos_token_id=VOCAB,
-        pad_token_id=VOCAB,
-    )
+    ids = dict(bos_token_id=V, eos_token_id=V, pad_token_id=V)
+    if shape.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=V,
+            hidden_size=shape.n_embd,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head,
+            num_key_value_heads=shape.n_kv_head or shape.n_head,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            **ids | {"pad_token_id": None},  # Llama's embedding pads at pad_token_id, which must be in the vocabulary
+        )
+        causal, classifier = LlamaForCausalLM, LlamaForSequenceClassification
+    else:
+        config = GPT2Config(
+            vocab_size=V,
+            n_positions=128,
+            n_embd=shape.n_embd,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
+        causal, classifier = GPT2LMHeadModel, GPT2ForSequenceClassification
     torch.manual_seed(seed)
-    policy = GPT2LMHeadModel(config)
-    policy.generation_config.eos_token_id = policy.generation_config.pad_token_id = VOCAB
+    policy = causal(config)
+    policy.generation_config.eos_token_id = policy.generation_config.pad_token_id = V
     # The RM (and the critic initialised from it) gets an embedding row for EOS: our stage's held-out comparison after
     # the timed steps scores `prompt reply EOS`. An embedding lookup costs no FLOPs; the policy cannot sample EOS.
-    rm = GPT2ForSequenceClassification(GPT2Config(**config.to_dict() | {"num_labels": 1, "vocab_size": VOCAB + 1}))
+    rm = classifier(type(config)(**config.to_dict() | {"num_labels": 1, "vocab_size": V + 1, "pad_token_id": V}))
     policy.save_pretrained(root / "sft", safe_serialization=True)
     tokenizer.save_pretrained(root / "sft")
     rm.save_pretrained(root / "reward" / "model", safe_serialization=True)
     tokenizer.save_pretrained(root / "reward" / "model")
     (root / "reward" / "norm.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g).tolist()
+    ids = torch.randint(0, V, (shape.batch_size * (1 + n_batches), shape.prompt_length), generator=g).tolist()
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "prompt_ids.json").write_text(json.dumps(ids))
     lines = [json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) for row in ids]
@@ -194,16 +229,15 @@ class _Timing:
                 by_shape.table(sort_by="self_cpu_time_total", row_limit=40, max_shapes_column_width=80)
             )
 
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
 
 def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None) -> dict[str, Any]:
     """Our stage, unchanged: `stages.ppo.run` for 1 + n_batches steps; no monitor, no mid-run checkpoints."""
     sys.path.insert(0, str(ROOT))
+    from stages.lib.modeling import autocast, use_hardware
     from stages.lib.params import defaults
     from stages.ppo import PPOConfig, run
+
+    hardware = use_hardware({"device": "auto", "precision": "auto"})  # a GPU when there is one, in bf16
 
     config = defaults(
         PPOConfig,
@@ -214,6 +248,11 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
         ppo_epochs=shape.ppo_epochs,
         response_length=shape.response_length,
         temperature=0.7,
+        estimator="gae",  # equal work: PPO with a critic from the RM, as TRL's PPOTrainer
+        value_init="reward",
+        learning_rate=3e-5,
+        kl_coef=0.05,
+        lora={"enabled": False},
         checkpoint_every=10**6,
         keep_checkpoints=1,
         checkpoint_dir=str(root / "ckpt_ours"),
@@ -224,15 +263,16 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
         kl_guard={"max_kl": 1e9, "max_approxkl": 1e9, "patience": 10**6},
     )
     tracker = timing_tracker(profile_dir)
-    run(
-        config,
-        root / "data",
-        root / "sft",
-        root / "reward" / "model",
-        root / "reward" / "norm.json",
-        root / "out_ours",
-        tracker,
-    )
+    with autocast(hardware.precision):
+        run(
+            config,
+            root / "data",
+            root / "sft",
+            root / "reward" / "model",
+            root / "reward" / "norm.json",
+            root / "out_ours",
+            tracker,
+        )
     per_batch = [b - a for (a, _, _), (b, _, _) in pairwise(tracker.steps)]
     cpu = [b - a for (_, a, _), (_, b, _) in pairwise(tracker.steps)]
     measured = [m for _, _, m in tracker.steps[1:]]
@@ -290,7 +330,7 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
         lam=0.95,
         bf16=False,
         fp16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=0,
         report_to="none",
         save_strategy="no",
@@ -332,7 +372,12 @@ def worker(args: argparse.Namespace) -> None:
         out = run_ours(shape, Path(args.root), args.batches, Path(args.profile) if args.profile else None)
     else:
         out = run_trl(shape, Path(args.root), args.batches)
+    import resource
+
     out |= {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gflops": peak,
         "peak_gflops_after": matmul_peak(),
         "wall_s": time.perf_counter() - t0,
@@ -355,12 +400,13 @@ def worker(args: argparse.Namespace) -> None:
 def flops(shape: Shape) -> dict[str, float]:
     """Analytic FLOPs of one PPO batch (PaLM appendix B convention; embedding lookups and norms are free).
 
-    N = 12 L d^2 matmul weights of the GPT-2 blocks; the LM head adds d V (the tied embedding used as a matrix).
+    N = 12 L d^2 matmul weights of the GPT-2 blocks (Llama: L (2 d^2 + 2 d d_kv + 3 d i)); the LM head adds d V (the
+    tied embedding used as a matrix).
     Forward of one sequence of S tokens: 2 (N [+ d V]) S + 4 L d S^2 (QK^T and AV over the full S x S square).
     Forward + backward = 3 x forward. Generation with a KV cache: a prefill over the prompt (LM head on its last
     token only) then one token at a time, each 2 (N + d V) + 4 L d c with c the context length so far.
     """
-    L, d, V = shape.n_layer, shape.n_embd, VOCAB
+    L, d, V = shape.n_layer, shape.n_embd, shape.vocab
     B, P, T, S = (
         shape.batch_size,
         shape.prompt_length,
@@ -368,6 +414,9 @@ def flops(shape: Shape) -> dict[str, float]:
         shape.prompt_length + shape.response_length,
     )
     N, head = 12 * L * d * d, d * V
+    if shape.arch == "llama":  # q, o: d^2 each; k, v: d x d_kv each (grouped-query); gated MLP: 3 d i
+        d_kv = d * (shape.n_kv_head or shape.n_head) // shape.n_head
+        N = L * (2 * d * d + 2 * d * d_kv + 3 * d * shape.intermediate)
 
     def fwd(with_head: bool) -> float:
         return B * (2 * (N + (head if with_head else 0)) * S + 4 * L * d * S * S)
@@ -455,6 +504,9 @@ def summarise(shape: Shape, impl: str, runs: list[dict]) -> dict[str, Any]:
         "cpu_s_per_batch": statistics.median([x for r in ok for x in r["cpu_per_batch"]]),
         "cpu_per_batch_s": [x for r in ok for x in r["cpu_per_batch"]],
         "peaks_gflops": [(r["peak_gflops"], r["peak_gflops_after"]) for r in ok],
+        "peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in ok),
+        "peak_gpu_mb": max((r.get("peak_gpu_mb") or 0 for r in ok), default=None) or None,
+        "device": ok[0].get("device", "cpu"),
         "loadavg_before_after": [(r["loadavg_before"], r["loadavg_after"]) for r in ok],
     }
     if impl == "ours":

@@ -68,12 +68,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _plain_float(representer: Any, value: float) -> Any:
+    """A float as YAML 1.1 readers (PyYAML, which loads params.yaml) read one: 0.00005, not 5e-05 (a string to them)."""
+    import numpy as np
+
+    text = (
+        np.format_float_positional(value, trim="0")
+        if np.isfinite(value)
+        else {1: ".inf", -1: "-.inf"}.get(int(np.sign(value)), ".nan")
+    )
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
 def apply(project: Path, name: str) -> list[str]:
     """params.yaml with profile `name` written into it; returns what changed (empty: it was already applied)."""
     from ruamel.yaml import YAML
 
     rt = YAML()  # round trip: comments, order and quoting stay as the user wrote them
     rt.width = 120
+    rt.representer.add_representer(float, _plain_float)
     path = project / "params.yaml"
     params = rt.load(path.read_text())
     changed: list[str] = []

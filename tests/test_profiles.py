@@ -38,6 +38,13 @@ def test_the_real_profile_changes_only_its_keys_and_keeps_the_comments(project):
     assert (project / "params.yaml").read_text() == after
 
 
+def test_a_small_float_stays_a_number_for_the_yaml_reader_the_stages_use(project):
+    (project / "profiles/lr.yaml").write_text("ppo: {learning_rate: 0.00005, kl_coef: 1.0e-3, cliprange: 1.0e+9}\n")
+    profiles.apply(project, "lr")
+    ppo = load_params(project / "params.yaml")["ppo"]
+    assert (ppo["learning_rate"], ppo["kl_coef"], ppo["cliprange"]) == (0.00005, 0.001, 1e9)
+
+
 def test_the_profiles_data_is_where_its_params_point(project):
     n, out = profiles.dialogues(project, "real")
     assert n > 0 and out == yaml.safe_load((ROOT / "profiles/real.yaml").read_text())["data"]["preferences"]["path"]

@@ -23,17 +23,17 @@ from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, make_project, run
 pytestmark = pytest.mark.slow
 
 TRIM = {
-    "profile": {"dialogues": 120},
-    "sft": {"max_length": 128, "epochs": 0.2, "n_samples": 4, "max_new_tokens": 16, "logging_steps": 1},
-    "reward": {"max_length": 128, "offline_pairs": 24, "n_norm_samples": 4, "max_new_tokens": 16, "logging_steps": 1},
-    "judge": {"kind": "reward_model"},
+    "profile": {"dialogues": 60},
+    "sft": {"max_length": 96, "epochs": 0.2, "n_samples": 2, "max_new_tokens": 12, "logging_steps": 1},
+    "reward": {"max_length": 96, "offline_pairs": 16, "n_norm_samples": 4, "max_new_tokens": 12, "logging_steps": 1},
+    "judge": {"kind": "reward_model", "fraction": 0.3},
     "reward_gate": OPEN_GATE,  # a few LoRA steps: the test is about the model going through, not the gate
     "ppo": {
         "num_steps": 2,
         "batch_size": 8,
         "ppo_epochs": 1,
-        "response_length": 16,
-        "checkpoint_every": 1,
+        "response_length": 12,
+        "checkpoint_every": 2,
         "sample_every": 1,
         "n_monitor": 4,
         "monitor_samples": 1,
@@ -41,7 +41,7 @@ TRIM = {
     "evaluate": {
         "n_prompts": 4,
         "samples_per_prompt": 2,
-        "max_new_tokens": 16,
+        "max_new_tokens": 12,
         "n_report_samples": 2,
         "best_of_n_pool": 2,
         "best_of_n": [1, 2],
@@ -77,7 +77,7 @@ def _metrics(project: Path, stage: str) -> dict:
 
 def test_the_profile_is_written_into_params_yaml_and_only_its_keys_change(project):
     log = (project / "run.log").read_text()
-    assert "profile real-ci: sft.model: tiny-gpt2 -> smollm2-135m-instruct" in log
+    assert log.startswith("profile real-ci: ") and "; sft.model: tiny-gpt2 -> smollm2-135m-instruct;" in log
     diff = run(["git", "diff", "-U0", "params.yaml"], project).stdout
     changed = [line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
     assert any("model: smollm2-135m-instruct" in line for line in changed)
