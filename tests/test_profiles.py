@@ -61,3 +61,14 @@ def test_a_wrong_profile_is_a_clear_error(project):
         profiles.apply(project, "list")
     with pytest.raises(ParamsError, match="makes no data"):
         profiles.dialogues(project, "bad")
+
+
+def test_make_data_writes_the_profiles_dialogues(project, monkeypatch):
+    from flows.cli import main
+    from stages.lib.io import read_jsonl
+
+    monkeypatch.chdir(project)
+    assert main(["make-data", "--profile", "real"]) == 0
+    n, out = profiles.dialogues(project, "real")
+    rows = read_jsonl(project / out)
+    assert len(rows) == n and sum("\n\nAssistant:" in r["chosen"] for r in rows) > 0.95 * n  # ~2% broken on purpose
