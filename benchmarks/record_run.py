@@ -33,7 +33,8 @@ def stage_seconds(project: Path) -> dict[str, float]:
     """Each stage's last MLflow run: end - start, seconds (the stage's own work, in the flow's process)."""
     db = sqlite3.connect(project / "mlflow.db")
     rows = db.execute("select name, start_time, end_time from runs where end_time is not null order by start_time")
-    return {name: round((end - start) / 1000, 1) for name, start, end in rows if name != "rlhf-pipeline"}
+    stages = set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])  # not the flow's parent run
+    return {name: round((end - start) / 1000, 1) for name, start, end in rows if name in stages}
 
 
 def time_log(path: Path) -> dict[str, float]:
