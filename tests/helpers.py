@@ -54,6 +54,16 @@ OPEN_GATE = {  # any reward model passes
 }
 
 
+OPEN_PROMOTE = {  # any policy is promoted: tests about the machinery, not about the model being better
+    "min_win_rate_vs_sft": 0.0,
+    "min_win_rate_vs_sft_ci_low": 0.0,
+    "min_win_rate_vs_champion": 0.0,
+    "max_kl": 1e9,
+    "max_alignment_tax": 1e9,
+    "block_on_overoptimisation": False,
+}
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

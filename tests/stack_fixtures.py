@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from flows import stack as stack_mod
-from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, ROOT, deep_merge, env, make_project
 
 # The tiny pipeline of tests/test_flow.py (PASSING): every stage runs in seconds and the promotion criteria pass.
 PASSING: dict[str, Any] = {
@@ -39,14 +39,7 @@ PASSING: dict[str, Any] = {
         "keep": "last",
     },  # a trained policy, never step 0: the second run must promote
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 GIT = ["git", "-c", "user.name=rlhf test", "-c", "user.email=rlhf-test@localhost"]
 

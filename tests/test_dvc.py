@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import BIN, OPEN_GATE, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, make_project, run
 from tests.test_contracts import import_closure
 
 pytestmark = pytest.mark.slow
@@ -44,14 +44,7 @@ OVERRIDES: dict[str, Any] = {
         "keep": "last",
     },  # a ppo param must change the policy (never step 0)
     "evaluate": {"n_prompts": 8, "max_new_tokens": 16},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 UPSTREAM = {"validate", "sft", "reward", "reward_gate"}  # what a ppo parameter must never rerun
 RAN = re.compile(r"^Running stage '([^']+)'", re.M)

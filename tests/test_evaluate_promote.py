@@ -19,7 +19,7 @@ from stages import evaluate
 from stages.lib import gold
 from stages.lib.heldout import win_rate
 from stages.lib.outcome import ExitCode
-from tests.helpers import BIN, OPEN_GATE, env, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, env, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,7 @@ PASSING = {
     },
     "dpo": {"enabled": True, "batch_size": 8, "max_length": 64, "learning_rate": 1e-4},
     "evaluate": {"n_prompts": 12, "samples_per_prompt": 2, "max_new_tokens": 16},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 

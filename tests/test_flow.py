@@ -30,7 +30,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.orchestrate import plan
 from flows.pipeline import PARENT_STAGE_TAG, rlhf_pipeline, state_name
 from stages.lib.outcome import ExitCode
-from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, env, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, ROOT, deep_merge, env, make_project, run
 
 GATE, BUSY = state_name(ExitCode.GATE), state_name(ExitCode.BUSY)
 
@@ -48,14 +48,7 @@ PASSING: dict[str, Any] = {
     },  # a tiny run must output a trained policy, never step 0 (keep-best has its own test)
     # used only when params.yaml has these sections (the evaluate and promote stages)
     "evaluate": {"n_prompts": 16, "max_new_tokens": 12},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from flows.lifecycle import Busy, close_dead_runs, project_lock
 from stages.lib.outcome import ExitCode
-from tests.helpers import BIN, OPEN_GATE, env, make_project
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, env, make_project
 
 
 def test_one_run_per_checkout(tmp_path):
@@ -102,14 +102,7 @@ SMALL = {
         "n_monitor": 4,
         "threads": 1,
     },
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 

@@ -22,7 +22,7 @@ from stages.lib.context import n_tokens
 from stages.lib.io import read_jsonl
 from stages.lib.modeling import load_causal_lm
 from stages.lib.outcome import ExitCode
-from tests.helpers import BIN, OPEN_GATE, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,7 @@ SMALL = {
         "threads": 1,
     },
     "evaluate": {"n_prompts": 16, "max_new_tokens": 16},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from stages.lib.io import read_jsonl
 from stages.lib.modeling import load_causal_lm
-from tests.helpers import BIN, OPEN_GATE, ROOT, deep_merge, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, ROOT, deep_merge, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,7 @@ TRIM = {
         "best_of_n_pool": 2,
         "best_of_n": [1, 2],
     },
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 

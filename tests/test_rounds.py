@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from stages.lib.outcome import ExitCode
 from stages.reward_gate import GateConfig, on_policy_gate
-from tests.helpers import BIN, OPEN_GATE, env, make_project, run
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, env, make_project, run
 
 TWO_ROUNDS = {
     "comparisons": {"rounds": 2, "train_pairs": 80, "test_pairs": 30},
@@ -34,14 +34,7 @@ TWO_ROUNDS = {
         "keep": "last",
     },
     "evaluate": {"n_prompts": 8},
-    "promote": {
-        "min_win_rate_vs_sft": 0.0,
-        "min_win_rate_vs_sft_ci_low": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-        "max_kl": 1e9,
-        "max_alignment_tax": 1e9,
-        "block_on_overoptimisation": False,
-    },
+    "promote": OPEN_PROMOTE,
 }
 
 
