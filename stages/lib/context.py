@@ -110,7 +110,8 @@ def fit_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> tuple[str, bool]
     if not has_chat_template(tokenizer):
         return keep_end(tokenizer, prompt, max_tokens), True
     # a chat model: the end of the last Human turn's words, in the room its template leaves
-    words = messages(prompt)[-1]["content"] if messages(prompt) else ""
+    said = messages(prompt)
+    words = said[-1]["content"] if said else ""
     room = max_tokens - size(f"{HUMAN} {ASSISTANT}")
     while room > 0:
         text = f"{HUMAN} {keep_end(tokenizer, words, room)}{ASSISTANT}"
