@@ -65,9 +65,15 @@ class LoraSettings:
     alpha: int
     dropout: float
     target_modules: list[str]
+    layers: int | None  # adapters on the top N transformer blocks only (null: all): backward stops below them
 
     SECTION: ClassVar[str] = "sft.lora"  # the same keys in reward.lora and ppo.lora
-    RANGES: ClassVar[dict] = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(0, 1, high_open=True)}
+    RANGES: ClassVar[dict] = {
+        "r": AT_LEAST_ONE,
+        "alpha": POSITIVE,
+        "dropout": Allowed(0, 1, high_open=True),
+        "layers": AT_LEAST_ONE,
+    }
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -286,8 +292,15 @@ def peft_config(lora: LoraSettings, task_type: str, model: PreTrainedModel):
     targets = [m for m in lora.target_modules if m in present]
     if not targets:
         raise ValueError(f"LoRA target modules {lora.target_modules} not found in the model")
+    blocks = model.config.num_hidden_layers
+    top = None if lora.layers is None or lora.layers >= blocks else list(range(blocks - lora.layers, blocks))
     return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=top,
+        task_type=task_type,
     )
 
 
