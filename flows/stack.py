@@ -356,14 +356,54 @@ HEALTH: dict[str, Callable[[StackConfig], bool]] = {
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _tool(name: str, *folders: str) -> str:
+# the programs the stack runs, where Debian puts them, and the Debian package of each
+PROGRAMS = {
+    "initdb": ("/usr/lib/postgresql/*/bin", "postgresql"),
+    "pg_ctl": ("/usr/lib/postgresql/*/bin", "postgresql"),
+    "sshd": ("/usr/sbin", "openssh-server"),
+    "ssh-keygen": ("/usr/bin", "openssh-server"),  # openssh-client, which openssh-server brings
+}
+INSTALLER = Path(__file__).resolve().parents[1] / "docker/debian-packages.sh"  # waits for the apt lock
+
+
+def _find(name: str, *folders: str) -> str | None:
     """A program from PATH or the folders Debian installs it in (PostgreSQL's server tools are not on PATH there)."""
     candidates = [p for folder in folders for p in sorted(Path("/").glob(f"{folder.lstrip('/')}/{name}"), reverse=True)]
-    found = shutil.which(name) or next((str(p) for p in candidates if os.access(p, os.X_OK)), None)  # newest version
+    return shutil.which(name) or next((str(p) for p in candidates if os.access(p, os.X_OK)), None)  # newest version
+
+
+def _tool(name: str, *folders: str) -> str:
+    found = _find(name, *folders)
     if not found:
-        package = "postgresql" if name in ("initdb", "pg_ctl", "postgres") else "openssh-server"
-        raise StackError(f"{name} is not installed: install Debian's {package} (docker/debian-packages.sh does)")
+        raise StackError(f"{name} is not installed: {install_command(missing_packages())}")
     return found
+
+
+def missing_packages() -> list[str]:
+    """The Debian packages whose programs the stack runs and this machine lacks."""
+    return sorted({package for name, (folder, package) in PROGRAMS.items() if not _find(name, folder)})
+
+
+def install_command(packages: list[str]) -> str:
+    return f"sudo {INSTALLER} {' '.join(packages)}   (or: sudo apt-get install {' '.join(packages)})"
+
+
+def install_missing(echo: Callable[[str], None] = print) -> list[str]:
+    """Install the Debian packages the stack needs and lacks, as root (waiting for the apt lock, as CI and the test
+    fixtures do), the way PostgreSQL and sshd come to a fresh machine; not root: one line with the exact command."""
+    missing = missing_packages()
+    if not missing:
+        return []
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise StackError(
+            f"the stack needs Debian's {', '.join(missing)}, not installed here: {install_command(missing)}"
+        )
+    echo(f"installing Debian's {', '.join(missing)} (waits for the apt lock; a minute or two)")
+    done = subprocess.run([str(INSTALLER), *missing], capture_output=True, text=True, timeout=1800)
+    if done.returncode or missing_packages():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise StackError(f"installing Debian's {', '.join(missing)} failed: {' | '.join(tail) or 'no output'}")
+    return missing
 
 
 def _ensure_user(config: StackConfig) -> None:
@@ -712,6 +752,7 @@ def up(
     config: StackConfig, project: Path, deploy: bool = True, echo: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Start every service that is not running; returns the seconds each took to become healthy (0: it was up)."""
+    install_missing(echo)
     procs = _prepare(config)
     seconds: dict[str, float] = {}
 
@@ -855,6 +896,9 @@ def format_status(config: StackConfig, services: list[ServiceStatus]) -> str:
     ]
     if services[SERVICES.index("mlflow")].up:
         lines.append(f"MLflow UI, its training runs: {training_view(config.mlflow_url)}")
+    if missing := missing_packages():
+        lines.append(f"missing: Debian's {', '.join(missing)} (`rlhf stack up` installs them as root; else "
+                     f"{install_command(missing)})")  # fmt: skip
     lines += [
         'use it:  rlhf run --prefect --stack     (or: eval "$(rlhf stack env)"; rlhf run --prefect)',
         "remote:  rlhf stack remote             (the project's DVC remote; then dvc push / dvc pull)",

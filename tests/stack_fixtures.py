@@ -116,12 +116,9 @@ class Stack:
 def stack() -> Iterator[Stack]:
     """`rlhf stack up` from nothing in a fresh folder on free loopback ports; `rlhf stack down` at the end, which must
     leave no process behind."""
-    if os.geteuid() == 0:  # CI's clean machine: Debian's server packages (docker/engine.sh does the same for Docker)
-        subprocess.run(
-            [str(ROOT / "docker/debian-packages.sh"), "postgresql-15", "openssh-server"], check=True, timeout=1200
-        )
-    elif not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        pytest.skip("needs Debian's postgresql and openssh-server (run as root to have them installed)")
+    # on CI's clean machine (root) `rlhf stack up` itself installs Debian's postgresql and openssh-server
+    if os.geteuid() != 0 and stack_mod.missing_packages():
+        pytest.skip(f"needs Debian's {stack_mod.missing_packages()} (as root `rlhf stack up` installs them)")
     # outside pytest's own tmp folders (mode 0700): the stack's service user must reach its folders
     home = Path(tempfile.mkdtemp(prefix="rlhf-stack-test-"))
     home.chmod(0o755)

@@ -152,3 +152,38 @@ def test_process_identity_survives_pid_reuse():
 @pytest.mark.parametrize("service", stack.SERVICES)
 def test_every_service_has_a_starter_and_a_health_check(service):
     assert service in stack.STARTERS and service in stack.HEALTH
+
+
+@pytest.fixture
+def sshd_missing(monkeypatch, tmp_path):
+    """This machine without Debian's openssh-server, until the (stand-in) installer has run."""
+    installed = tmp_path / "installed"
+    real_find = stack._find
+    monkeypatch.setattr(
+        stack, "_find", lambda name, *f: None if name == "sshd" and not installed.exists() else real_find(name, *f)
+    )
+    installer = tmp_path / "debian-packages.sh"
+    installer.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "asked"}\ntouch {installed}\n')
+    installer.chmod(0o755)
+    monkeypatch.setattr(stack, "INSTALLER", installer)
+    return tmp_path
+
+
+def test_stack_up_names_the_exact_install_command_when_it_cannot_install(sshd_missing, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert stack.missing_packages() == ["openssh-server"]
+    with pytest.raises(stack.StackError) as e:
+        stack.install_missing()
+    assert "openssh-server" in str(e.value) and f"sudo {stack.INSTALLER} openssh-server" in str(e.value)
+    assert not (sshd_missing / "asked").exists()
+    config = stack.config_from(sshd_missing, {"dir": str(sshd_missing / "stack")})
+    assert "missing: Debian's openssh-server" in stack.format_status(config, stack.status(config))
+
+
+def test_stack_up_installs_what_is_missing_as_root(sshd_missing, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    said: list[str] = []
+    assert stack.install_missing(said.append) == ["openssh-server"]
+    assert (sshd_missing / "asked").read_text().split() == ["openssh-server"]
+    assert "installing Debian's openssh-server" in said[0]
+    assert stack.install_missing(said.append) == [] and len(said) == 1  # present now: nothing to do
