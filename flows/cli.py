@@ -184,7 +184,12 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         return task.main(["--params", args.params, "--out", out, "--dialogues", str(n)])
     extra = ["--dialogues", str(args.dialogues)] if args.dialogues else []
-    return task.main(["--params", args.params, "--out", args.out, *extra])
+    code = task.main(["--params", args.params, "--out", args.out, *extra])
+    if not code and not args.dialogues and Path(args.out).resolve() == Path.cwd() / "data":
+        from flows.orchestrate import cache_data
+
+        cache_data(Path.cwd())  # into the DVC cache, so `dvc push` sends it
+    return code
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -71,16 +71,44 @@ def plan(project: str | Path = ".", targets: list[str] | None = None) -> list[st
 
 
 def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
-    """Generate the embedded default task into data/ when it is missing (it matches data.dvc); True if generated."""
-    if (project / DATA_DIR).exists() or not (project / "params.yaml").exists():
-        return False
-    from stages.lib import task
+    """Generate the embedded default task into data/ when it is missing (it matches data.dvc), and see that data/ is
+    in the DVC cache (so `dvc push` sends it to a teammate); True if generated."""
+    generated = False
+    if not (project / DATA_DIR).exists() and (project / "params.yaml").exists():
+        from stages.lib import task
 
-    echo(f"no {DATA_DIR}/ found: generating the embedded default task (it matches data.dvc)")
-    code = task.main(["--params", str(project / "params.yaml"), "--out", str(project / DATA_DIR)])
-    if code:
-        raise RuntimeError(f"generating {DATA_DIR}/ failed (exit {code})")
-    return True
+        echo(f"no {DATA_DIR}/ found: generating the embedded default task (it matches data.dvc)")
+        code = task.main(["--params", str(project / "params.yaml"), "--out", str(project / DATA_DIR)])
+        if code:
+            raise RuntimeError(f"generating {DATA_DIR}/ failed (exit {code})")
+        generated = True
+    cache_data(project, echo)
+    return generated
+
+
+def cache_data(project: Path, echo: Callable[[str], None] = print) -> None:
+    """`dvc commit data.dvc` when data/ is not in the DVC cache yet (a fresh clone that generated it): without it,
+    `dvc push` has nothing to send and a teammate's `dvc pull` reports data/ missing. data/ that differs from
+    data.dvc (the task section changed) is committed as a new version: data.dvc changes, and git shows it."""
+    dvc_file = project / f"{DATA_DIR}.dvc"
+    if not (project / DATA_DIR).is_dir() or not dvc_file.exists() or not (project / ".dvc").is_dir():
+        return
+    before = dvc_file.read_text()
+    md5 = (yaml.safe_load(before)["outs"][0].get("md5") or "").removesuffix(".dir")
+    if md5 and (project / ".dvc/cache/files/md5" / md5[:2] / f"{md5[2:]}.dir").exists():
+        return
+    import subprocess
+
+    dvc = Path(sys.executable).parent / "dvc"
+    done = subprocess.run(
+        [str(dvc), "commit", "--force", "--quiet", dvc_file.name], cwd=project, capture_output=True, text=True,
+        env=stage_env(),
+    )  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"dvc commit {dvc_file.name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    if dvc_file.read_text() != before:
+        echo(f"{DATA_DIR}/ differs from {dvc_file.name} (the task section changed?): committed as a new version; "
+             f"commit {dvc_file.name} to git")  # fmt: skip
 
 
 def tracking_uri_for(project: Path) -> str:
