@@ -9,11 +9,9 @@ pipelines finishing at once leave exactly one consistent champion; promoting the
 
 from __future__ import annotations
 
-import fcntl
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +21,7 @@ import mlflow
 from stages.lib.heldout import Sampling, judge_scores, win_rate
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.judge import GoldJudge, Judge, load_judge
+from stages.lib.locks import promotion_lock
 from stages.lib.modeling import autocast, load_causal_lm, use_hardware
 from stages.lib.outcome import ArgumentParser, BadInput, stage_main
 from stages.lib.params import FINITE, FRACTION, NON_NEGATIVE, config_from, load_params
@@ -108,19 +107,6 @@ def promotion_criteria(chosen: dict[str, Any], vs_champion: float | None, config
     if config.block_on_overoptimisation and chosen["overoptimisation"]:
         reasons.append(chosen["overoptimisation_reason"])
     return Decision(not reasons, reasons)
-
-
-@contextmanager
-def registry_lock() -> Iterator[None]:
-    """An exclusive lock for read-check-move of aliases (beside a SQLite store; else in the working directory)."""
-    uri = mlflow.get_tracking_uri()
-    base = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else Path(".rlhf-registry")
-    with open(base.with_name(base.name + ".promote.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def current_version(client: mlflow.MlflowClient, name: str, alias: str):
@@ -215,6 +201,7 @@ def run(
     tracker.log_params({"promote": asdict(config)})
     version = find_or_register(client, config.registered_model, policy, digest, tags)
 
+    waited = 0.0
     while True:  # compare against the champion as it is when the aliases move
         champion = current_version(client, config.registered_model, CHAMPION)
         vs_champion = None
@@ -227,7 +214,8 @@ def run(
                 chosen["trainer"],
             )
         decision = Decision(True, []) if force else promotion_criteria(chosen, vs_champion, config)
-        with registry_lock():
+        with promotion_lock(mlflow.get_tracking_uri()) as lock:
+            waited += float(lock["waited_s"])
             now = current_version(client, config.registered_model, CHAMPION)
             if (now and now.version) != (champion and champion.version):
                 continue  # another pipeline promoted meanwhile: judge against the new champion
@@ -246,6 +234,8 @@ def run(
         "win_rate_vs_champion": vs_champion,
         "champion_before": int(champion.version) if champion else None,
         "champion": int(version.version) if moved["promoted"] else (int(champion.version) if champion else None),
+        "lock": lock["lock"],  # stages/lib/locks.py: shared by every clone on the stack
+        "lock_waited_s": round(waited, 2),  # how long another promotion held it
     }
     write_json(out_path, result)
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -277,7 +267,7 @@ def promote_run(run_id: str, force: bool, config: PromoteConfig) -> dict[str, An
         else [r for r in version.tags.get("rlhf.promotion_reasons", "").split("; ") if r and r != "all criteria passed"]
     )
     decision = Decision(not reasons, reasons)
-    with registry_lock():
+    with promotion_lock(mlflow.get_tracking_uri()):
         champion = current_version(client, config.registered_model, CHAMPION)
         moved = move_aliases(client, config.registered_model, version, decision, champion)
     return {"version": int(version.version), **moved, "reasons": reasons}

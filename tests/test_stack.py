@@ -15,13 +15,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import yaml
 
 from flows import stack as stack_mod
 from flows.pipeline import PARENT_STAGE_TAG, changed_params
 from stages.lib.outcome import ExitCode
 from stages.lib.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, flat_params
-from tests.helpers import BIN, ROOT
+from tests.helpers import BIN, ROOT, env
 from tests.stack_fixtures import (
     SECOND_KL_COEF,
     Stack,
@@ -34,6 +35,7 @@ from tests.stack_fixtures import (
     sh,
     wait_for,
 )
+from tests.test_locks import holders
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -303,6 +305,19 @@ def test_mlflow_away_too_long_fails_in_one_line_and_a_rerun_completes(first, tea
     # ended by the rerun, not left RUNNING: KILLED by flows/lifecycle.py (its process is gone), or FAILED by the flow
     assert stack.mlflow.get_run(ppo).info.status in ("KILLED", "FAILED")
     _consistent(stack, team)
+
+
+def test_two_clones_on_the_stack_share_one_promotion_lock(stack: Stack):
+    """Two processes promoting to the stack's registry (its MLflow server, PREFECT_API_URL set as `rlhf run --stack`
+    sets it) take turns on the Prefect server's `rlhf-promote` limit: one waits for the other, as two clones on two
+    machines would; a file lock could not do that."""
+    client = {**env(), **stack.client_env, "PREFECT_API_URL": stack.config.prefect_api_url}
+    first, second = holders(stack.config.mlflow_url, client, hold=3.0)
+    assert first["lock"] == second["lock"] == "prefect:rlhf-promote"
+    assert second["got"] >= first["released"] - 0.5  # no overlap (the server's clock decides; slots poll)
+    assert second["waited_s"] >= 2.0
+    limit = requests.get(f"{stack.config.prefect_api_url}/v2/concurrency_limits/rlhf-promote", timeout=30).json()
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # both released
 
 
 def test_stack_status_reports_a_dead_service(stack: Stack):
