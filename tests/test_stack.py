@@ -22,7 +22,7 @@ from flows import stack as stack_mod
 from flows.pipeline import PARENT_STAGE_TAG, changed_params
 from stages.lib.outcome import ExitCode
 from stages.lib.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, flat_params
-from tests.helpers import BIN, ROOT, env
+from tests.helpers import BIN, ROOT, deep_merge, env
 from tests.stack_fixtures import (
     SECOND_KL_COEF,
     Stack,
@@ -318,6 +318,49 @@ def test_two_clones_on_the_stack_share_one_promotion_lock(stack: Stack):
     assert second["waited_s"] >= 2.0
     limit = requests.get(f"{stack.config.prefect_api_url}/v2/concurrency_limits/rlhf-promote", timeout=30).json()
     assert limit["limit"] == 1 and limit["active_slots"] == 0  # both released
+
+
+def test_two_people_run_at_once_and_their_promotions_take_turns(first, team: Team, stack: Stack, tmp_path):
+    """Clones A and B (two people) run `rlhf run --prefect --stack` at the same time with different params, twice over.
+    Each promotion holds the shared lock RLHF_PROMOTE_HOLD_S seconds, so the two really overlap and one waits for the
+    other. Afterwards: one champion, the version of a promotion that says it promoted; every version distinct weights
+    with its hash tag; no MLflow run RUNNING; no Prefect flow run Running; each decision explains itself."""
+    hold = 30
+    results: list[dict] = []
+    for round_ in range(2):
+        procs = []
+        for who, project in (("a", team.a), ("b", team.b)):
+            path = project / "params.yaml"
+            seed = {"a": 100, "b": 200}[who] + round_  # different params: different weights, both promotable
+            params = deep_merge(yaml.safe_load(path.read_text()), {"ppo": {"seed": seed}})
+            path.write_text(yaml.safe_dump(params, sort_keys=False))
+            log = tmp_path / f"{who}{round_}.log"
+            with log.open("w") as f:
+                cmd = [str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(stack.config.home)]
+                extra = {**stack.client_env, "RLHF_PROMOTE_HOLD_S": str(hold)}
+                procs.append((who, project, log, subprocess.Popen(cmd, cwd=project, env={**env(), **extra}, stdout=f,
+                                                                  stderr=subprocess.STDOUT, text=True)))  # fmt: skip
+        for who, project, log, proc in procs:
+            assert proc.wait(timeout=1800) == 0, f"{who}: {log.read_text()[-3000:]}"
+            results.append({"who": who, **json.loads((project / "artifacts/promote/metrics.json").read_text())})
+    assert {r["lock"] for r in results} == {"prefect:rlhf-promote"}
+    waits = [r["lock_waited_s"] for r in results]
+    assert max(waits) >= 5, waits  # a promotion waited for the other's: they overlapped, and the lock held
+    for r in results:  # each decision explains itself
+        assert r["promoted"] == (not r["reasons"]) or r["forced"], r
+    versions = stack.mlflow.search_model_versions("name='rlhf-policy'")
+    hashes = [v.tags.get("rlhf.model_hash") for v in versions]
+    assert None not in hashes and len(set(hashes)) == len(hashes)  # every version distinct weights, hash-tagged
+    assert {v.status for v in versions} == {"READY"}
+    champion = stack.mlflow.get_model_version_by_alias("rlhf-policy", "champion")
+    promoted = [r for r in results if r["promoted"]]
+    assert champion.tags["rlhf.promotion"] == "champion"  # as the criteria recorded on it
+    assert champion.tags["rlhf.promotion_reasons"] == "all criteria passed"
+    if promoted:  # the champion is one of the candidates that say they promoted
+        assert champion.tags["rlhf.model_hash"] in {r["model_hash"] for r in promoted}
+    assert stack.runs("attributes.status = 'RUNNING'") == []
+    running = stack.prefect("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}})
+    assert running == []
 
 
 def test_stack_status_reports_a_dead_service(stack: Stack):

@@ -10,6 +10,7 @@ registry.
                                         clone promoting at the same moment is caught by promote's re-check alone
 
 `rlhf run --prefect --stack` and the stack's worker set PREFECT_API_URL, so two people on one stack exclude each other.
+A drill: RLHF_PROMOTE_HOLD_S=N holds the lock N seconds longer (tests/test_stack.py makes two promotions overlap).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def promotion_lock(tracking_uri: str, echo: Callable[[str], None] = print) -> It
         ensure_limit()
         with concurrency(LIMIT, occupy=1, strict=True, lease_duration=300):
             held["waited_s"] = round(time.monotonic() - start, 2)
+            _drill_hold()
             yield held
         return
     if not tracking_uri.startswith("sqlite:///"):
@@ -80,4 +82,9 @@ def promotion_lock(tracking_uri: str, echo: Callable[[str], None] = print) -> It
         )
     with file_lock(Path(lock.removeprefix("file:"))):
         held["waited_s"] = round(time.monotonic() - start, 2)
+        _drill_hold()
         yield held
+
+
+def _drill_hold() -> None:
+    time.sleep(float(os.environ.get("RLHF_PROMOTE_HOLD_S") or 0))
