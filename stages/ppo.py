@@ -576,7 +576,7 @@ class Session:
         )
         if acc.is_main_process:
             saved = {
-                "model": self.unwrapped.state_dict(),
+                "model": trained_state(self.unwrapped, self.config.lora.enabled),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(),
@@ -594,7 +594,7 @@ class Session:
         if found is None:
             return False
         saved = Checkpointer.load(found[1])
-        self.unwrapped.load_state_dict(saved["model"])
+        load_trained_state(self.unwrapped, saved["model"], self.config.lora.enabled)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.kl_ctl.load_state_dict(saved["kl_ctl"])
@@ -620,6 +620,24 @@ class Session:
                 state.best_step, state.best_judge = step, point["judge"]
         state.step, state.last_good = step, step
         self.save_checkpoint(step)
+
+
+def trained_state(model: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint keeps: all of them; with LoRA only what trains (adapters, and a critic if any), since
+    the frozen base is the SFT model every run of this fingerprint starts from (a few MB, not ~540 MB, at 135M)."""
+    state = model.state_dict()
+    if not lora:
+        return state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
+    """Load what `trained_state` kept; with LoRA the frozen base stays as loaded (a missing trained weight fails)."""
+    missing = model.load_state_dict(state, strict=not lora).missing_keys
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if lost := sorted(trained & set(missing)):
+        raise RuntimeError(f"checkpoint lacks trained weights {lost[:3]}...: it is not this run's")
 
 
 def start(
@@ -835,7 +853,9 @@ def finish(
     """8. The kept policy (see `kept_step`), saved with metrics.json, the KL table, samples and curves."""
     kept, why = kept_step(config, state, outcome, accelerator)
     if kept != len(state.history) or outcome == "stopped_by_kl_guard":
-        accelerator.unwrap_model(model).load_state_dict(Checkpointer.load(ckpt.path(kept))["model"])
+        load_trained_state(
+            accelerator.unwrap_model(model), Checkpointer.load(ckpt.path(kept))["model"], config.lora.enabled
+        )
     final = accelerator.unwrap_model(model).policy
     final = final.merge_and_unload() if config.lora.enabled else final
     history = state.history

@@ -203,6 +203,21 @@ def test_lora_policy_uses_its_frozen_base_as_reference(project, tmp_path):
     assert not any("lora" in k for k in saved)  # merged into a plain model that loads like the SFT one
     sft = load_file(project / "artifacts/sft/model/model.safetensors")
     assert saved.keys() <= sft.keys() and any(not torch.equal(saved[k], sft[k]) for k in saved)
+    # checkpoints keep only what trains: the frozen base is the SFT model the run starts from
+    (state_path,) = (tmp_path / "checkpoints").glob("*/step_000002/state.pt")
+    kept = torch.load(state_path, weights_only=True)["model"]
+    assert kept and all("lora_" in k for k in kept)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.ppo import load_trained_state
+
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(project / "artifacts/sft/model"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
+    )
+    with pytest.raises(RuntimeError, match="lacks trained weights"):  # a checkpoint missing an adapter is refused
+        load_trained_state(policy, {}, lora=True)
 
 
 def test_speedups_keep_the_math():
