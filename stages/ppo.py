@@ -178,8 +178,12 @@ class PolicyAndValue(nn.Module):
             self.critic_backbone = getattr(value_model, value_model.base_model_prefix)
             self.critic_head = value_model.score
 
-    def forward(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, keep: int = 0):  # noqa: ANN001
+        """Logits of the last `keep` positions (0: all; the responses' only: the lm_head skips the prompt, whose
+        logits PPO never reads) and the critic's values at every position."""
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits
         return logits, self.values(input_ids, attention_mask, position_ids)
 
     def values(self, input_ids, attention_mask, position_ids):  # noqa: ANN001
@@ -317,15 +321,16 @@ def score_rollouts(
     """2. Policy and reference log-probs, values, and the RM's score. The policy's log-probs come from the
     generation's logits (same tokens, positions and temperature as a forward over `seq`; equal up to float rounding,
     ~1e-6), as in TRL: no second policy forward."""
-    Lq = ro.query_len
+    Lq, keep = ro.query_len, ro.responses.shape[1] + 1  # logits at Lq-1 .. L-1: the responses' and one more
     logprobs = pm.logprobs_from_logits(ro.gen_logits, ro.responses, config.temperature) * ro.mask
     values = model.values(ro.seq, ro.attn, ro.pos)[:, Lq - 1 : -1] * ro.mask
+    inputs = {"input_ids": ro.seq, "attention_mask": ro.attn, "position_ids": ro.pos, "logits_to_keep": keep}
     if ref_policy is None:
         with model.policy.disable_adapter():
-            ref_logits = model.policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=ro.pos).logits
+            ref_logits = model.policy(**inputs).logits
     else:
-        ref_logits = ref_policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=ro.pos).logits
-    ref_logprobs = pm.logprobs_from_logits(ref_logits[:, Lq - 1 : -1], ro.responses, config.temperature) * ro.mask
+        ref_logits = ref_policy(**inputs).logits
+    ref_logprobs = pm.logprobs_from_logits(ref_logits[:, :-1], ro.responses, config.temperature) * ro.mask
     raw_scores = rm.score_tokens(ro.seq, ro.attn, Lq + ro.mask.sum(1).long() - 1)
     scores = rm.normalise(raw_scores)
     scores = torch.where(ro.has_eos, scores, scores - config.missing_eos_penalty)
@@ -380,8 +385,8 @@ def ppo_epochs(
         perm = torch.randperm(len(ro.prompts), generator=generator)
         for i in range(0, len(perm), mb_size):
             mb = perm[i : i + mb_size]
-            new_logits, new_values = model(ro.seq[mb], ro.attn[mb], ro.pos[mb])
-            new_logits = new_logits[:, Lq - 1 : -1]
+            new_logits, new_values = model(ro.seq[mb], ro.attn[mb], ro.pos[mb], ro.responses.shape[1] + 1)
+            new_logits = new_logits[:, :-1]  # positions Lq-1 .. L-2: each response token's logits
             new_logprobs = pm.logprobs_from_logits(new_logits, ro.responses[mb], config.temperature)
             pg = pm.clipped_policy_loss(new_logprobs, sc.logprobs[mb], advantages[mb], ro.mask[mb], config.cliprange)
             with torch.set_grad_enabled(config.ent_coef != 0):  # a diagnostic only when it has no weight (as TRL)

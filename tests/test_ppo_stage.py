@@ -274,6 +274,13 @@ def test_speedups_keep_the_math():
     # raw logits (before temperature and top-k), so the log-probs are of the full softmax, as the update computes them
     from_generation = pm.logprobs_from_logits(torch.stack(out.logits, 1), responses, 0.7)
     assert torch.allclose(from_generation, pm.logprobs_from_logits(forward, responses, 0.7), atol=1e-5)
+    # the update's and the reference's forward keep only the responses' logits (the lm_head skips the prompt)
+    from stages.ppo import PolicyAndValue
+
+    with torch.no_grad():
+        kept, _ = PolicyAndValue(model, None)(seq, attn, position_ids(attn), responses.shape[1] + 1)
+    assert kept.shape[1] == responses.shape[1] + 1
+    assert torch.allclose(kept[:, :-1], forward, atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
