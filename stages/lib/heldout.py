@@ -144,9 +144,14 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
+LOGPROB_BATCH = 8  # rows per forward: the logits are rows x length x vocab floats (8 x 256 x 49152: 400 MB)
+
+
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequence[str], temperature: float) -> tuple:
-    """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T))."""
+    """Per-token log-probs of `" " + reply + EOS` after each prompt. Returns (logprobs (B, T), mask (B, T)). Rows go
+    through the model LOGPROB_BATCH at a time, and the lm_head runs only from the batch's first reply token on, so
+    memory stays bounded whatever the number of rows and the vocabulary."""
     model.eval()
     fitted = fit_pairs(tokenizer, prompts, [replies], context_limit(model, 10**9))  # the context budget
     sep = reply_prefix(tokenizer)
@@ -162,10 +167,16 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
     for i, (row, p) in enumerate(zip(rows, enc_p, strict=True)):
         ids[i, : len(row)], attn[i, : len(row)] = torch.tensor(row), 1
         target_mask[i, len(p) : len(row)] = 1
-    ids, attn = ids.to(model.device), attn.to(model.device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    logprobs = pm.logprobs_from_logits(logits, ids[:, 1:], temperature)
-    return logprobs.cpu(), target_mask[:, 1:]
+    logprobs = torch.zeros(len(rows), L - 1)
+    for start in range(0, len(rows), LOGPROB_BATCH):
+        part = slice(start, start + LOGPROB_BATCH)
+        first = min(len(p) for p in enc_p[part]) - 1  # logits at position t predict token t + 1
+        keep = L - first  # the last `keep` positions: first .. L-1
+        out = model(input_ids=ids[part].to(model.device), attention_mask=attn[part].to(model.device),
+                    logits_to_keep=keep)  # fmt: skip
+        targets = ids[part, first + 1 :].to(model.device)
+        logprobs[part, first:] = pm.logprobs_from_logits(out.logits[:, :-1], targets, temperature).cpu()
+    return logprobs, target_mask[:, 1:]
 
 
 def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:
