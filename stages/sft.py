@@ -118,7 +118,7 @@ def train(
             completion_only_loss=True,
             gradient_checkpointing=config.gradient_checkpointing,
             logging_steps=config.logging_steps,
-            eval_strategy="epoch",
+            eval_strategy="epoch" if config.epochs > 1 else "no",  # the last pass is read, not repeated (below)
             save_strategy="no",
             report_to="none",
             seed=config.seed,
@@ -141,7 +141,11 @@ def train(
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        eval_loss = trainer.evaluate()["eval_loss"]
+        # held-out loss of the final model: the last epoch's evaluation when it ran at the last step (a whole number
+        # of epochs), else one pass now (for a 135M model on 2 cores a pass over ~160 held-out rows is ~2 min)
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        done = evals and evals[-1]["step"] == trainer.state.global_step
+        eval_loss = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     return model, eval_loss, trainer.state.log_history, seconds, truncated
 
