@@ -297,6 +297,31 @@ def _signed_ci(pair: list[float]) -> str:
     return f"{pair[0]:+.3f} to {pair[1]:+.3f}"
 
 
+@generated("reward-real")
+def reward_real(r: Results) -> str:
+    d = r("reward_real_results")
+    body = []
+    for row in d["rows"]:
+        diff = row.get("pretrained_minus_this")
+        body.append(
+            [
+                row["model"],
+                str(row["n_train"]),
+                str(row["n_test"]),
+                f"{row['accuracy']:.3f} ({_ci(row['ci95'])})",
+                f"{row['gold_pair_accuracy']:.3f}" if row.get("gold_pair_accuracy") is not None else "-",
+                f"{diff['points']:+.1f} ({diff['ci95_points'][0]:+.1f} to {diff['ci95_points'][1]:+.1f})"
+                if diff
+                else "-",
+            ]
+        )
+    return table(
+        ["base", "training pairs", "held-out pairs", "held-out accuracy (95% CI)", "gold-pair accuracy",
+         "pretrained minus this, points (95% CI)"],
+        body,
+    )  # fmt: skip
+
+
 @generated("make-run-results")
 def make_run_results(r: Results) -> str:
     """The default pipeline's numbers from `make run` (benchmarks/make_run_results.json)."""
