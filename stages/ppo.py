@@ -260,6 +260,12 @@ class Rollout:
     query_len: int  # Lq
     gen_logits: torch.Tensor  # (B, T, V) the raw logits each token was sampled from
 
+    @property
+    def logits_kept(self) -> int:
+        """T + 1: the positions Lq-1 .. L-1 whose logits a forward keeps (`logits_to_keep`): each response token's,
+        and one more; the lm_head skips the prompt, whose logits PPO never reads."""
+        return self.responses.shape[1] + 1
+
 
 def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask over tokens up to and including the first EOS, whether an EOS occurred). (B, T) -> (B, T), (B,)."""
@@ -321,10 +327,10 @@ def score_rollouts(
     """2. Policy and reference log-probs, values, and the RM's score. The policy's log-probs come from the
     generation's logits (same tokens, positions and temperature as a forward over `seq`; equal up to float rounding,
     ~1e-6), as in TRL: no second policy forward."""
-    Lq, keep = ro.query_len, ro.responses.shape[1] + 1  # logits at Lq-1 .. L-1: the responses' and one more
+    Lq = ro.query_len
     logprobs = pm.logprobs_from_logits(ro.gen_logits, ro.responses, config.temperature) * ro.mask
     values = model.values(ro.seq, ro.attn, ro.pos)[:, Lq - 1 : -1] * ro.mask
-    inputs = {"input_ids": ro.seq, "attention_mask": ro.attn, "position_ids": ro.pos, "logits_to_keep": keep}
+    inputs = {"input_ids": ro.seq, "attention_mask": ro.attn, "position_ids": ro.pos, "logits_to_keep": ro.logits_kept}
     if ref_policy is None:
         with model.policy.disable_adapter():
             ref_logits = model.policy(**inputs).logits
@@ -385,7 +391,7 @@ def ppo_epochs(
         perm = torch.randperm(len(ro.prompts), generator=generator)
         for i in range(0, len(perm), mb_size):
             mb = perm[i : i + mb_size]
-            new_logits, new_values = model(ro.seq[mb], ro.attn[mb], ro.pos[mb], ro.responses.shape[1] + 1)
+            new_logits, new_values = model(ro.seq[mb], ro.attn[mb], ro.pos[mb], ro.logits_kept)
             new_logits = new_logits[:, :-1]  # positions Lq-1 .. L-2: each response token's logits
             new_logprobs = pm.logprobs_from_logits(new_logits, ro.responses[mb], config.temperature)
             pg = pm.clipped_policy_loss(new_logprobs, sc.logprobs[mb], advantages[mb], ro.mask[mb], config.cliprange)

@@ -381,8 +381,8 @@ def write_plots(out_dir: Path, history: list[dict], bins: list[dict], accuracy: 
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     train_acc = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h and "loss" in h]
     eval_acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
-    eval_acc = [e for e in eval_acc if e[0] < max((h["step"] for h in history), default=0)]
-    eval_acc.append((max((h["step"] for h in history), default=0), accuracy))
+    last = max((h["step"] for h in history), default=0)
+    eval_acc = [e for e in eval_acc if e[0] < last] + [(last, accuracy)]
     line_plot(
         {"train loss": tuple(zip(*losses, strict=False))}, "RM Bradley-Terry loss", "step", "loss", out_dir / "loss.png"
     )
