@@ -26,6 +26,7 @@ examples:
   rlhf validate hh.jsonl.gz --kind preferences --format hh
   rlhf validate my.jsonl --kind sft --report r   also write r/report.md, failed_rows.jsonl, data_docs/
   rlhf make-data                             regenerate the default task into data/ (matches data.dvc)
+  rlhf make-data --batch K                   a new batch of labelled pairs in data/incoming/ (the next run trains on it)
 
 exit codes: 0 ok, 1 crash, 3 a gate stopped it, 4 training diverged, 64 usage, 65 bad data or params,
             69 a service is unavailable, 75 another run holds the project's lock, 130 interrupted
@@ -183,6 +184,12 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
         n, out = dialogues(Path.cwd(), args.profile)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         return task.main(["--params", args.params, "--out", out, "--dialogues", str(n)])
+    if args.batch is not None:  # a labelling team's delivery: the next run picks it up (flows/orchestrate.py)
+        out = args.out if args.out != "data" else f"data/incoming/batch-{args.batch:03d}.jsonl"
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        return task.main(
+            ["--params", args.params, "--out", out, "--batch", str(args.batch), "--pairs", str(args.pairs)]
+        )
     extra = ["--dialogues", str(args.dialogues)] if args.dialogues else []
     code = task.main(["--params", args.params, "--out", args.out, *extra])
     if not code and not args.dialogues and Path(args.out).resolve() == Path.cwd() / "data":
@@ -263,9 +270,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_local(project: Path, names: list[str], runner) -> int:  # noqa: ANN001 (a flows.runners.Runner)
     """`rlhf run`: the one loop, each stage where `runner` says, its output to this command's stdout."""
-    from flows.orchestrate import local_execute, prepare, run_pipeline, stage_env
+    from flows.orchestrate import local_execute, prepare, run_pipeline, stage_env, up_to_date
 
     prepare(project)
+    if nothing := up_to_date(project, names):
+        print(nothing)
+        return ExitCode.OK
     stdout = sys.stdout
 
     def echo(line: str) -> None:  # a stage's output to this command's stdout (in process, sys.stdout is the stage's)
@@ -308,6 +318,9 @@ def _run_flow(args: argparse.Namespace) -> int:
         print(f"the pipeline stopped: {state.message}; earlier artifacts are left as they were", file=sys.stderr)
         _print_where_to_look(Path.cwd(), summary["parent_run_id"])
         return summary["exit_code"]
+    if summary.get("nothing_new"):
+        print(summary["nothing_new"])
+        return ExitCode.OK
     restored = f"; restored from DVC's run cache: {', '.join(summary['restored'])}" if summary["restored"] else ""
     print(
         f"ran: {', '.join(summary['ran']) or 'nothing'}; skipped (unchanged): "
@@ -563,6 +576,14 @@ def _data_parsers(sub: Any) -> None:
         help="write N multi-turn HH-RLHF preference pairs (long histories, a few broken rows) to --out: "
         "a real-shaped example of your own data",
     )
+    p.add_argument(
+        "--batch",
+        type=int,
+        metavar="K",
+        help="write batch K of new labelled pairs (the task's labeler, training prompts) to "
+        "data/incoming/batch-K.jsonl: a labelling team's delivery, which the next run picks up",
+    )
+    p.add_argument("--pairs", type=int, default=64, help="pairs in a --batch (default 64)")
     p.add_argument("--profile", metavar="NAME", help="the data profiles/NAME.yaml runs on (e.g. real)")
     _params_option(p, "whose task section defines the data")
     p.set_defaults(func=_cmd_make_data)

@@ -86,17 +86,16 @@ def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     return generated
 
 
-def cache_data(project: Path, echo: Callable[[str], None] = print) -> None:
-    """`dvc commit data.dvc` when data/ is not in the DVC cache yet (a fresh clone that generated it): without it,
-    `dvc push` has nothing to send and a teammate's `dvc pull` reports data/ missing. data/ that differs from
-    data.dvc (the task section changed) is committed as a new version: data.dvc changes, and git shows it."""
+def cache_data(project: Path, echo: Callable[[str], None] = print) -> bool:
+    """`dvc commit data.dvc`: data/ as it is now becomes data.dvc's version, in the DVC cache. A fresh clone that
+    generated data/ gets it cached (without it, `dvc push` has nothing to send and a teammate's `dvc pull` reports
+    data/ missing); data/ that changed since data.dvc (a new batch of labelled pairs in data/incoming/, an edited file,
+    the task section changed) is committed as a new version, which every stage downstream of it then retrains on.
+    True when data.dvc changed (git shows it; commit it so teammates get the same data)."""
     dvc_file = project / f"{DATA_DIR}.dvc"
     if not (project / DATA_DIR).is_dir() or not dvc_file.exists() or not (project / ".dvc").is_dir():
-        return
+        return False
     before = dvc_file.read_text()
-    md5 = (yaml.safe_load(before)["outs"][0].get("md5") or "").removesuffix(".dir")
-    if md5 and (project / ".dvc/cache/files/md5" / md5[:2] / f"{md5[2:]}.dir").exists():
-        return
     import subprocess
 
     dvc = Path(sys.executable).parent / "dvc"
@@ -106,9 +105,38 @@ def cache_data(project: Path, echo: Callable[[str], None] = print) -> None:
     )  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"dvc commit {dvc_file.name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
-    if dvc_file.read_text() != before:
-        echo(f"{DATA_DIR}/ differs from {dvc_file.name} (the task section changed?): committed as a new version; "
-             f"commit {dvc_file.name} to git")  # fmt: skip
+    after = dvc_file.read_text()
+    if after == before:
+        return False
+    md5 = [(yaml.safe_load(text)["outs"][0].get("md5") or "")[:8] for text in (before, after)]
+    echo(f"new data: {DATA_DIR}/ changed since {dvc_file.name} (md5 {md5[0]} -> {md5[1]}): committed as a new "
+         f"version, the stages that read it run again; commit {dvc_file.name} to git so teammates get it")  # fmt: skip
+    return True
+
+
+def up_to_date(project: Path, names: list[str]) -> str | None:
+    """One line saying there is nothing new when `dvc status` finds every stage of `names` up to date (no data, param
+    or code change since dvc.lock, every output in place); None when something would run."""
+    import json
+    import subprocess
+
+    dvc = Path(sys.executable).parent / "dvc"
+    done = subprocess.run(
+        [str(dvc), "status", "--json", *names], cwd=project, capture_output=True, text=True, env=stage_env()
+    )
+    try:
+        changed = json.loads(done.stdout or "null") if done.returncode == 0 else None
+    except json.JSONDecodeError:
+        changed = None
+    if changed != {}:
+        return None
+    md5 = (
+        (yaml.safe_load((project / f"{DATA_DIR}.dvc").read_text())["outs"][0].get("md5") or "")[:8]
+        if (project / f"{DATA_DIR}.dvc").exists()
+        else "-"
+    )
+    return (f"nothing new since the last run: data (data.dvc {md5}), params and code are as dvc.lock recorded them; "
+            f"all {len(names)} stages up to date, nothing ran")  # fmt: skip
 
 
 def tracking_uri_for(project: Path) -> str:

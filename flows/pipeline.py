@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from flows.orchestrate import plan, prepare, run_pipeline, stage_env, tracking_uri_for
+from flows.orchestrate import plan, prepare, run_pipeline, stage_env, tracking_uri_for, up_to_date
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
 from stages.lib.tracking import (
@@ -475,6 +475,10 @@ def rlhf_pipeline(
     where = Runner(runner, image, gpus)
     where.check()
     prepare(project, logger.info)
+    if nothing := up_to_date(project, names):  # a scheduled run with nothing new: one line, no empty MLflow run
+        logger.info(nothing)
+        return {"project_dir": str(project), "plan": names, "ran": [], "skipped": names, "restored": [],
+                "artifacts": [], "exit_code": ExitCode.OK, "parent_run_id": None, "nothing_new": nothing}  # fmt: skip
     tracking_uri, parent_run_id = _open_parent(project, names, runner, image)
     artifacts: list[str] = []
     status = "FAILED"

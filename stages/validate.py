@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -103,6 +103,9 @@ class DatasetSpec:
     kind: str  # preferences | sft | prompts
     format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
     heldout: bool = False  # a test set: its prompts must not appear in any training dataset
+    drops: str = ""  # a folder of further batches of this dataset (e.g. new labelled pairs): each file checked on its
+    # own, its valid rows joined to the dataset; a missing folder is no batches yet
+    into: str = ""  # set on a batch of `drops`: the dataset its rows join (not for params.yaml)
 
     RANGES: ClassVar[dict] = {
         "kind": one_of(*schema.KINDS),
@@ -586,6 +589,46 @@ def write_failure(report_dir: Path, error: BaseException | str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+DROP_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".csv")
+
+
+def expand_drops(datasets: dict[str, DatasetSpec], root: Path) -> dict[str, DatasetSpec]:
+    """Each dataset followed by the files of its `drops` folder (sorted by name), one dataset per file named
+    `<dataset>/<file>`, so that each batch is validated and reported on its own and a bad row names its file."""
+    out: dict[str, DatasetSpec] = {}
+    for name, spec in datasets.items():
+        out[name] = spec
+        if not spec.drops:
+            continue
+        folder = root / spec.drops
+        if folder.exists() and not folder.is_dir():
+            raise BadInput(f"data.{name}.drops = {spec.drops!r} is a file: it names a folder of batches")
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES))
+        for f in files if folder.is_dir() else []:
+            path = f.relative_to(root) if f.is_relative_to(root) else f
+            out[f"{name}/{f.relative_to(folder)}"] = replace(spec, path=str(path), drops="", into=name)
+    return out
+
+
+def join_drops(
+    frames: dict[str, pd.DataFrame], datasets: dict[str, DatasetSpec], config: ValidateConfig
+) -> dict[str, dict[str, int]]:
+    """Join each batch's valid rows to its dataset (in `frames`, in place); a row already in the dataset or an earlier
+    batch is dropped (a batch delivered twice adds nothing). Returns, per dataset with batches, the counts."""
+    joined: dict[str, dict[str, int]] = {}
+    for name, spec in datasets.items():
+        if not spec.into or name not in frames or spec.into not in frames:
+            continue
+        counts = joined.setdefault(spec.into, {"n_batches": 0, "n_from_batches": 0, "n_repeats_dropped": 0})
+        both = pd.concat([frames[spec.into], frames.pop(name)], ignore_index=True)
+        kept = both.drop_duplicates() if spec.kind in config.unique_kinds else both
+        counts["n_batches"] += 1
+        counts["n_from_batches"] += len(kept) - len(frames[spec.into])
+        counts["n_repeats_dropped"] += len(both) - len(kept)
+        frames[spec.into] = kept.reset_index(drop=True)
+    return joined
+
+
 def check_datasets(
     config: ValidateConfig, datasets: dict[str, DatasetSpec], docs_dir: Path
 ) -> tuple[list[Report], dict[str, pd.DataFrame], list[dict[str, Any]]]:
@@ -655,6 +698,7 @@ def _publish(
     """Derive the datasets not given, by prompt from the preference pairs (the judge's pairs set aside if it is a
     reward model: it must not be trained on what the reward model learns from), then swap the data in complete."""
     frames = {name: rows[list(schema.columns(datasets[name].kind))] for name, rows in valid.items()}
+    joined = join_drops(frames, datasets, config)
     pref_prompts = list(frames["preferences"]["prompt"]) if "preferences" in frames else []
     judge_kind = resolve_kind(judge_config, pref_prompts)
     frames, derived = derive(
@@ -671,6 +715,8 @@ def _publish(
         for r in ordered
     }
     metrics |= {n: {"n_rows": len(frames[n]), "derived": True} for n in derived}
+    for name, counts in joined.items():
+        metrics[name] |= counts | {"n_joined": len(frames[name])}
     with staged_dir(out_dir) as tmp:
         for name, rows in frames.items():
             write_jsonl(tmp / f"{name}.jsonl", rows.to_dict("records"))
@@ -719,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(data, dict):
                 raise ParamsError(f"data = {str(data)[:60]!r}: expected a mapping of dataset names to path and kind")
             datasets = {name: config_from(DatasetSpec, spec, at=f"data.{name}") for name, spec in data.items()}
+            datasets = expand_drops(datasets, Path.cwd())
             check_tracked(data, args.data)
             judge = config_from(JudgeConfig, params.get("judge"))
     except Exception as e:
@@ -761,7 +808,8 @@ def run_tracked(
 ) -> dict[str, Any]:
     """`run` inside this stage's MLflow run: params, the verdict as tags, the reports and Data Docs as artifacts."""
     with mlflow_run("validate") as tracker:
-        tracker.log_params({"validate": asdict(config), "data": {n: asdict(d) for n, d in datasets.items()}})
+        given = {n: asdict(d) for n, d in datasets.items() if not d.into}  # a batch's counts are metrics, not params
+        tracker.log_params({"validate": asdict(config), "data": given})
         try:
             result = run(config, datasets, out, reports, metrics, judge=judge)
         except ValidationFailed as e:

@@ -193,14 +193,15 @@ def test_flow_runs_every_stage_under_one_parent_run(first, project):
         assert int(champion.version) == summary["promotion"]["version"]
 
 
-def test_second_run_skips_every_stage(first, project):
+def test_second_run_with_nothing_new_says_so_and_runs_nothing(first, project):
     second = _run_flow(project)
     assert second.is_completed(), second.message
     summary = second.result()
     assert summary["ran"] == [] and summary["skipped"] == _stages(project)
-    assert summary["parent_run_id"] != first.result()["parent_run_id"]
-    assert _runs(project, f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'") == []  # nothing re-ran
-    assert "validation-summary" in _artifact_keys(second.state_details.flow_run_id)
+    assert summary["nothing_new"].startswith("nothing new since the last run")
+    assert summary["parent_run_id"] is None  # no empty pipeline run in MLflow
+    parents = _runs(project, "tags.`rlhf.stage` = 'pipeline'")
+    assert [p.info.run_id for p in parents] == [first.result()["parent_run_id"]]
 
 
 TOY_GATE = """\

@@ -23,6 +23,8 @@ def local_paths(data: dict[str, Any], project: Path) -> list[str]:
         path = str((spec or {}).get("path", ""))
         if path and ((project / path).exists() or Path(path).is_absolute() or "/" in path or Path(path).suffix):
             out.append(path)
+        if drops := str((spec or {}).get("drops") or ""):  # a folder of batches: always local
+            out.append(drops)
     return out
 
 

@@ -200,6 +200,17 @@ def make_pairs(
     return rows, gaps
 
 
+def make_batch(config: TaskConfig, k: int, n: int) -> list[dict[str, str]]:
+    """Batch `k` of `n` new labelled pairs on the training prompts, by the same simulated labeler (tau, votes) as
+    preferences.jsonl: what a labelling team delivers between two scheduled runs (into data/incoming/)."""
+    train, _ = split_prompts(config.seed, config.heldout_fraction)
+    rng = random.Random(f"{config.seed}-batch-{k}")
+    rows, _ = make_pairs(
+        rng, train, config.kind_weights, config.pair_flaws, n, config.labeler_tau, config.labels_per_pair
+    )
+    return rows
+
+
 def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
     """Generate every file of the default task into `out_dir`; returns the labeler's statistics."""
     sft_rates, pair_rates = config.sft_flaws, config.pair_flaws
@@ -304,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="instead: N multi-turn HH preference pairs in one file, --out (a .jsonl path)",
     )
+    parser.add_argument("--batch", type=int, metavar="K", help="instead: batch K of new labelled pairs, to --out")
+    parser.add_argument("--pairs", type=int, default=64, help="pairs in a --batch (default 64)")
     args = parser.parse_args(argv)
+    if args.batch is not None:
+        write_jsonl(Path(args.out), make_batch(load_config(TaskConfig, "task", args.params), args.batch, args.pairs))
+        print(f"wrote batch {args.batch}: {args.pairs} new labelled pairs to {args.out}")
+        return 0
     if args.dialogues:
         write_jsonl(Path(args.out), make_dialogues(args.dialogues, load_config(TaskConfig, "task", args.params)))
         print(f"wrote {args.dialogues} multi-turn HH-RLHF preference pairs to {args.out}")
