@@ -9,7 +9,8 @@
   on the way out;
 - **no run left RUNNING**: a killed command cannot end its MLflow runs. Every run records its host and process id
   (stages/lib/tracking.py); before a pipeline starts, runs still RUNNING whose process on this host is gone are ended
-  KILLED, so the UI and the registry never show a dead run as running.
+  KILLED, so the UI and the registry never show a dead run as running, and the pipeline's Prefect flow run, still
+  Running on a shared server, is set Crashed.
 """
 
 from __future__ import annotations
@@ -161,4 +162,29 @@ def close_dead_runs(tracking_uri: str, experiment: str) -> list[str]:
             client.set_tag(run.info.run_id, "rlhf.outcome", "killed")
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
+            if flow_run_id := tags.get("prefect.flow_run_id"):  # the pipeline's flow run died with the same process
+                crash_flow_run(flow_run_id, f"its process (pid {pid} on {host}) was killed")
     return closed
+
+
+def crash_flow_run(flow_run_id: str, why: str) -> bool:
+    """Set a Prefect flow run still Running to Crashed on PREFECT_API_URL's server (a killed process cannot report
+    its own end, and a shared server would show it Running forever); True if it was. A server that does not know the
+    run (a temporary one, gone with the killed command) or cannot be reached changes nothing."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Crashed
+
+    if not PREFECT_API_URL.value():
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+            if state is None or not state.is_running():
+                return False
+            client.set_flow_run_state(UUID(flow_run_id), Crashed(message=f"Crashed: {why}"), force=True)
+            return True
+    except Exception:  # noqa: BLE001 (unknown run, not an id, or the server is away: nothing to end)
+        return False

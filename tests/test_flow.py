@@ -449,6 +449,8 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             assert dep.parameters["project_dir"] == str(project)
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
 
+            # what a scheduled run finds: a labelling team's new batch since the last run (else: "nothing new")
+            run([str(BIN / "rlhf"), "make-data", "--batch", "1", "--pairs", "16"], project)
             triggered = subprocess.run(
                 [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-nightly"],
                 env=client_env,
@@ -468,6 +470,7 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             parents = _runs(project, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
             assert len(parents) == 1 and parents[0].data.tags["rlhf.outcome"] == "completed"
             assert parents[0].info.status == "FINISHED"
+            assert parents[0].data.tags["rlhf.ran"].startswith("validate,")  # the new batch: every stage again
 
             # prefect.yaml registers its process deployment on the same server (a worker would then run it)
             deploy_dir = tmp_path / "checkout"

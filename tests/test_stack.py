@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -361,6 +362,41 @@ def test_two_people_run_at_once_and_their_promotions_take_turns(first, team: Tea
     assert stack.runs("attributes.status = 'RUNNING'") == []
     for parent in stack.parents()[:4]:  # these four pipelines' Prefect flow runs: none left Running
         assert stack.flow_run(flow_run_of(parent))["state_type"] == "COMPLETED", parent.info.run_name
+
+
+def test_kill_9_of_the_whole_flow_mid_ppo_then_a_rerun_ends_as_if_uninterrupted(first, team: Team, stack: Stack):
+    """`kill -9` of `rlhf run --prefect --stack` and everything it started, while PPO trains: the rerun resumes and
+    ends with the artifacts of an uninterrupted run of the same params (clone B's), and the killed attempt's runs end
+    KILLED in MLflow and Crashed in Prefect: nothing is left Running on either server."""
+    same = {"ppo": {"seed": 300, "num_steps": 8}}
+    for project in (team.a, team.b):
+        path = project / "params.yaml"
+        path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(path.read_text()), same), sort_keys=False))
+    team.run(project=team.b)  # uninterrupted
+
+    log = team.a / "killed.log"
+    with log.open("w") as f:
+        cmd = [str(BIN / "rlhf"), "run", "--prefect", "--stack-dir", str(stack.config.home)]
+        proc = subprocess.Popen(cmd, cwd=team.a, env={**env(), **stack.client_env}, stdout=f,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    ppo = wait_for("PPO's third step", lambda: ppo_step(stack, 3) or (proc.poll() is not None and "done"), 900, 0.5)
+    assert ppo != "done", f"the pipeline ended before the kill:\n{log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the flow, its stage, any child
+    proc.wait()
+    killed_parent = stack.parents()[0]
+    assert killed_parent.info.status == "RUNNING"
+    assert stack.flow_run(flow_run_of(killed_parent))["state_type"] == "RUNNING"  # nobody told the servers
+
+    rerun = team.run()
+    assert "a killed run had left RUNNING" in rerun.stdout + rerun.stderr, rerun.stdout[-3000:]
+    assert stack.mlflow.get_run(ppo).info.status == "KILLED"
+    assert stack.mlflow.get_run(killed_parent.info.run_id).info.status == "KILLED"
+    flow_run = stack.flow_run(flow_run_of(killed_parent))
+    assert flow_run["state_type"] == "CRASHED" and "was killed" in flow_run["state"]["message"], flow_run["state"]
+    for out in ("artifacts/ppo/model", "artifacts/ppo/samples.jsonl", "artifacts/evaluate/samples.jsonl"):
+        assert md5_tree(team.a / out) == md5_tree(team.b / out), out  # as the uninterrupted run, byte for byte
+    assert stack.runs("attributes.status = 'RUNNING'") == []
+    assert stack.flow_run(flow_run_of(stack.parents()[0]))["state_type"] == "COMPLETED"
 
 
 def test_stack_status_reports_a_dead_service(stack: Stack):
