@@ -63,18 +63,20 @@ def api(config: stack_mod.StackConfig, path: str, body: Any = None, method: str 
     return json.loads(raw) if raw else None
 
 
-def family_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB."""
+def family_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process and all its descendants, in MB. RSS counts shared pages once per process (PostgreSQL's
+    shared buffers once per backend); PSS splits them among the processes sharing them, so it adds up."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
+        return 0.0, 0.0
+    rss = pss = 0
     for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return round(total / 2**20, 1)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
+    return round(rss / 2**20, 1), round(pss / 2**20, 1)
 
 
 def pg_connections(config: stack_mod.StackConfig) -> dict[str, int]:
@@ -110,9 +112,14 @@ def worker_state(config: stack_mod.StackConfig, pid: int) -> dict[str, Any]:
 def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
     procs = json.loads((config.home / stack_mod.STATE_FILE).read_text())["procs"]
     postmaster = stack_mod._postmaster(config)
-    rss = {name: family_rss_mb(procs[name][0]) for name in ("prefect", "mlflow", "worker")}
-    rss["postgres"] = family_rss_mb(postmaster[0]) if postmaster else 0.0
-    return {"rss_mb": rss, "pg_connections": pg_connections(config), "worker": worker_state(config, procs["worker"][0])}
+    pids = {name: procs[name][0] for name in ("prefect", "mlflow", "worker")} | {"postgres": postmaster[0]}
+    memory = {name: family_memory_mb(pid) for name, pid in pids.items()}
+    return {
+        "rss_mb": {name: m[0] for name, m in memory.items()},
+        "pss_mb": {name: m[1] for name, m in memory.items()},
+        "pg_connections": pg_connections(config),
+        "worker": worker_state(config, procs["worker"][0]),
+    }
 
 
 def interval_schedule(config: stack_mod.StackConfig, every: int) -> str:
@@ -217,6 +224,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         return {}
     third, last = runs[2], runs[-1]
     growth = {s: round(last["rss_mb"][s] / third["rss_mb"][s] - 1, 3) for s in third["rss_mb"]}
+    pss_growth = {s: round(last["pss_mb"][s] / third["pss_mb"][s] - 1, 3) for s in third["pss_mb"]}
     total = lambda c: sum(c.values())  # noqa: E731
     return {
         "runs": len(runs),
@@ -225,6 +233,10 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         f"rss_mb_after_run_{len(runs)}": last["rss_mb"],
         "rss_growth_last_vs_run_3": growth,
         "rss_within_20pct": all(abs(g) <= 0.2 for g in growth.values()),
+        "pss_mb_after_run_3": third["pss_mb"],
+        f"pss_mb_after_run_{len(runs)}": last["pss_mb"],
+        "pss_growth_last_vs_run_3": pss_growth,
+        "pss_within_20pct": all(abs(g) <= 0.2 for g in pss_growth.values()),
         "pg_connections_baseline": total(result["baseline"]["pg_connections"]),
         "pg_connections_after_each_run": [total(r["pg_connections"]) for r in runs],
         "worker_after_run_3": third["worker"],

@@ -448,6 +448,14 @@ def test_rlhf_serve_runs_the_flow_on_a_real_server(first, project, tmp_path):
             dep = _wait("the deployment rlhf-pipeline/rlhf-nightly", deployment, 120, procs, logs)
             assert dep.parameters["project_dir"] == str(project)
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+            # the server's scheduler creates the cron's next runs (with SQLAlchemy 2.1 it failed on every insert)
+            body = {
+                "deployments": {"id": {"any_": [str(dep.id)]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            }
+            runs = lambda: client.request("POST", "/flow_runs/filter", json=body).json() or None  # noqa: E731
+            scheduled = _wait("the scheduler's next runs", runs, 180, procs, logs)
+            assert {r["expected_start_time"][11:16] for r in scheduled} == {"03:00"}
 
             # what a scheduled run finds: a labelling team's new batch since the last run (else: "nothing new")
             run([str(BIN / "rlhf"), "make-data", "--batch", "1", "--pairs", "16"], project)
