@@ -176,6 +176,8 @@ def promotion_now(r: Results) -> str:
 
 
 DERIVED: dict[str, Callable[..., Any]] = {
+    # the shortest and longest flow run of the night (benchmarks/night.py)
+    "night_seconds": lambda r: [f(x["seconds"] for x in r("night_results")["runs"]) for f in (min, max)],
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
     "promotion_now": promotion_now,
@@ -549,6 +551,35 @@ def alignment_table(r: Results) -> str:
     body.append(["DPO (`dpo.beta` 0.1, 1 epoch)", win("dpo"), f"{s['dpo']['kl']['mean']:.1f}", "", "", ""])
     header = ["policy", "gold win-rate vs SFT (mean +- sd over seeds)", "KL to SFT (nats)", "PPO stage wall"]
     return table(header + ["peak RSS", "kept step (seeds 0, 1, 2)"], body)
+
+
+@generated("night")
+def night(r: Results) -> str:
+    """benchmarks/night.py: memory per service after run 3 and after the last run, connections, the worker."""
+    n = r("night_results")
+    runs, base = n["runs"], n["baseline"]
+    third, last = runs[2], runs[-1]
+    rows = [
+        [
+            f"{name} (RSS / PSS MB)",
+            f"{base['rss_mb'][name]:.0f} / {base['pss_mb'][name]:.0f}",
+            f"{third['rss_mb'][name]:.0f} / {third['pss_mb'][name]:.0f}",
+            f"{last['rss_mb'][name]:.0f} / {last['pss_mb'][name]:.0f}",
+            " / ".join(f"{last[k][name] / third[k][name] - 1:+.1%}" for k in ("rss_mb", "pss_mb")),
+        ]
+        for name in ("prefect", "mlflow", "postgres", "worker")
+    ]
+    conns = [sum(x["pg_connections"].values()) for x in (base, third, last)]
+    rows.append(["PostgreSQL client connections", *map(str, conns), f"{conns[2] - conns[1]:+d}"])
+    w3, wl = third["worker"], last["worker"]
+    rows.append([
+        "worker: threads / open files / child processes",
+        "",
+        f"{w3['threads']} / {w3['open_files']} / {w3['children']}",
+        f"{wl['threads']} / {wl['open_files']} / {wl['children']}",
+        "",
+    ])  # fmt: skip
+    return table(["", "idle, before run 1", "after run 3", f"after run {len(runs)}", "change"], rows)
 
 
 @generated("stack-cost")
