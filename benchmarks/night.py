@@ -97,6 +97,23 @@ def pg_connections(config: stack_mod.StackConfig) -> dict[str, int]:
     return {name: n for name, n in rows}
 
 
+def pg_database_mb(config: stack_mod.StackConfig) -> dict[str, float]:
+    """The size on disk of each of the stack's databases (what the shared buffers cache), in MB."""
+    import psycopg
+
+    with psycopg.connect(
+        host=config.connect_host,
+        port=config.pg_port,
+        user=config.db_user,
+        dbname="postgres",
+        password=stack_mod._password(config),
+    ) as conn:
+        return {
+            name: round(conn.execute("select pg_database_size(%s)", (name,)).fetchone()[0] / 2**20, 1)
+            for name in stack_mod.DATABASES
+        }
+
+
 def worker_state(config: stack_mod.StackConfig, pid: int) -> dict[str, Any]:
     proc = psutil.Process(pid)
     online = [w["status"] for w in api(config, f"/work_pools/{config.pool}/workers/filter", {"limit": 50})]
@@ -118,6 +135,7 @@ def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
         "rss_mb": {name: m[0] for name, m in memory.items()},
         "pss_mb": {name: m[1] for name, m in memory.items()},
         "pg_connections": pg_connections(config),
+        "pg_database_mb": pg_database_mb(config),
         "worker": worker_state(config, procs["worker"][0]),
     }
 

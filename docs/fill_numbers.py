@@ -175,9 +175,16 @@ def promotion_now(r: Results) -> str:
     return f"**refused**: {'; '.join(pr.get('reasons') or [])}"
 
 
+def _night(r: Results, new: bool) -> list[dict[str, Any]]:
+    """The night's runs that had new data (or, `new=False`, the ones that said there was nothing new)."""
+    runs = r("night_results")["runs"]
+    return [x for x in runs if any(s.startswith("nothing new") for s in x["said"]) != new]
+
+
 DERIVED: dict[str, Callable[..., Any]] = {
-    # the shortest and longest flow run of the night (benchmarks/night.py)
-    "night_seconds": lambda r: [f(x["seconds"] for x in r("night_results")["runs"]) for f in (min, max)],
+    # the shortest and longest flow run of the night that had new data, and the one that had none (benchmarks/night.py)
+    "night_seconds": lambda r: [f(x["seconds"] for x in _night(r, new=True)) for f in (min, max)],
+    "night_idle_seconds": lambda r: [x["seconds"] for x in _night(r, new=False)][0],
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
     "promotion_now": promotion_now,
