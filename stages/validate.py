@@ -104,8 +104,7 @@ class DatasetSpec:
     format: str = "auto"  # auto | pairs | hh | messages | sft | prompts
     heldout: bool = False  # a test set: its prompts must not appear in any training dataset
     drops: str = ""  # a folder of further batches of this dataset (e.g. new labelled pairs): each file checked on its
-    # own, its valid rows joined to the dataset; a missing folder is no batches yet
-    into: str = ""  # set on a batch of `drops`: the dataset its rows join (not for params.yaml)
+    # own as dataset `<name>/<file>`, its valid rows joined to the dataset; a missing folder is no batches yet
 
     RANGES: ClassVar[dict] = {
         "kind": one_of(*schema.KINDS),
@@ -606,8 +605,14 @@ def expand_drops(datasets: dict[str, DatasetSpec], root: Path) -> dict[str, Data
         files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES))
         for f in files if folder.is_dir() else []:
             path = f.relative_to(root) if f.is_relative_to(root) else f
-            out[f"{name}/{f.relative_to(folder)}"] = replace(spec, path=str(path), drops="", into=name)
+            out[f"{name}/{f.relative_to(folder)}"] = replace(spec, path=str(path), drops="")
     return out
+
+
+def batch_of(name: str, datasets: dict[str, DatasetSpec]) -> str | None:
+    """The dataset a batch `<dataset>/<file>` of expand_drops joins; None for a dataset params.yaml names."""
+    base = name.split("/", 1)[0]
+    return base if "/" in name and base != name and base in datasets and datasets[base].drops else None
 
 
 def join_drops(
@@ -617,15 +622,16 @@ def join_drops(
     batch is dropped (a batch delivered twice adds nothing). Returns, per dataset with batches, the counts."""
     joined: dict[str, dict[str, int]] = {}
     for name, spec in datasets.items():
-        if not spec.into or name not in frames or spec.into not in frames:
+        into = batch_of(name, datasets)
+        if into is None or name not in frames or into not in frames:
             continue
-        counts = joined.setdefault(spec.into, {"n_batches": 0, "n_from_batches": 0, "n_repeats_dropped": 0})
-        both = pd.concat([frames[spec.into], frames.pop(name)], ignore_index=True)
+        counts = joined.setdefault(into, {"n_batches": 0, "n_from_batches": 0, "n_repeats_dropped": 0})
+        both = pd.concat([frames[into], frames.pop(name)], ignore_index=True)
         kept = both.drop_duplicates() if spec.kind in config.unique_kinds else both
         counts["n_batches"] += 1
-        counts["n_from_batches"] += len(kept) - len(frames[spec.into])
+        counts["n_from_batches"] += len(kept) - len(frames[into])
         counts["n_repeats_dropped"] += len(both) - len(kept)
-        frames[spec.into] = kept.reset_index(drop=True)
+        frames[into] = kept.reset_index(drop=True)
     return joined
 
 
@@ -808,7 +814,7 @@ def run_tracked(
 ) -> dict[str, Any]:
     """`run` inside this stage's MLflow run: params, the verdict as tags, the reports and Data Docs as artifacts."""
     with mlflow_run("validate") as tracker:
-        given = {n: asdict(d) for n, d in datasets.items() if not d.into}  # a batch's counts are metrics, not params
+        given = {n: asdict(d) for n, d in datasets.items() if not batch_of(n, datasets)}  # a batch's are metrics
         tracker.log_params({"validate": asdict(config), "data": given})
         try:
             result = run(config, datasets, out, reports, metrics, judge=judge)

@@ -77,17 +77,17 @@ def test_every_config_class_has_its_place_in_params_yaml() -> None:
 
 def test_no_value_lives_in_two_places() -> None:
     """The config dataclasses hold no values (params.yaml does): no field has a default. The one exception is the
-    two optional keys of a `data` entry (a user's file list, not a hyperparameter), whose defaults params.yaml then
-    never repeats."""
+    optional keys of a `data` entry (a user's file list, not a hyperparameter), whose defaults params.yaml then never
+    repeats."""
     with_defaults = {
         f"{where}.{f.name}": f.default
         for where, cls in CLASSES.items()
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
-    assert set(with_defaults) == {"data.*.format", "data.*.heldout"}, sorted(with_defaults)
+    assert set(with_defaults) == {"data.*.format", "data.*.heldout", "data.*.drops"}, sorted(with_defaults)
     for name, entry in load_params(PROJECT_PARAMS)["data"].items():
-        for key in ("format", "heldout"):
+        for key in ("format", "heldout", "drops"):
             assert entry.get(key, not with_defaults[f"data.*.{key}"]) != with_defaults[f"data.*.{key}"], (
                 f"params.yaml data.{name}.{key} repeats the default {with_defaults[f'data.*.{key}']!r}"
             )
