@@ -184,7 +184,7 @@ def _night(r: Results, new: bool) -> list[dict[str, Any]]:
 DERIVED: dict[str, Callable[..., Any]] = {
     # the shortest and longest flow run of the night that had new data, and the one that had none (benchmarks/night.py)
     "night_seconds": lambda r: [f(x["seconds"] for x in _night(r, new=True)) for f in (min, max)],
-    "night_idle_seconds": lambda r: [x["seconds"] for x in _night(r, new=False)][0],
+    "night_idle_seconds": lambda r: next((x["seconds"] for x in _night(r, new=False)), float("nan")),
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
     "promotion_now": promotion_now,
