@@ -79,39 +79,19 @@ def family_memory_mb(pid: int) -> tuple[float, float]:
     return round(rss / 2**20, 1), round(pss / 2**20, 1)
 
 
-def pg_connections(config: stack_mod.StackConfig) -> dict[str, int]:
-    """Client connections per database (pg_stat_activity, client backends only)."""
-    import psycopg
-
-    with psycopg.connect(
-        host=config.connect_host,
-        port=config.pg_port,
-        user=config.db_user,
-        dbname="postgres",
-        password=stack_mod._password(config),
-    ) as conn:
+def pg_state(config: stack_mod.StackConfig) -> tuple[dict[str, int], dict[str, float]]:
+    """(client connections per database (pg_stat_activity, client backends only), the size on disk of each of the
+    stack's databases in MB (what the shared buffers cache)), over one connection."""
+    with stack_mod.pg_connect(config) as conn:
         rows = conn.execute(
             "select coalesce(datname, '-'), count(*) from pg_stat_activity where backend_type = 'client backend' "
             "and pid <> pg_backend_pid() group by 1"
         ).fetchall()
-    return {name: n for name, n in rows}
-
-
-def pg_database_mb(config: stack_mod.StackConfig) -> dict[str, float]:
-    """The size on disk of each of the stack's databases (what the shared buffers cache), in MB."""
-    import psycopg
-
-    with psycopg.connect(
-        host=config.connect_host,
-        port=config.pg_port,
-        user=config.db_user,
-        dbname="postgres",
-        password=stack_mod._password(config),
-    ) as conn:
-        return {
+        sizes = {
             name: round(conn.execute("select pg_database_size(%s)", (name,)).fetchone()[0] / 2**20, 1)
             for name in stack_mod.DATABASES
         }
+    return {name: n for name, n in rows}, sizes
 
 
 def worker_state(config: stack_mod.StackConfig, pid: int) -> dict[str, Any]:
@@ -131,11 +111,12 @@ def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
     postmaster = stack_mod._postmaster(config)
     pids = {name: procs[name][0] for name in ("prefect", "mlflow", "worker")} | {"postgres": postmaster[0]}
     memory = {name: family_memory_mb(pid) for name, pid in pids.items()}
+    connections, sizes = pg_state(config)
     return {
         "rss_mb": {name: m[0] for name, m in memory.items()},
         "pss_mb": {name: m[1] for name, m in memory.items()},
-        "pg_connections": pg_connections(config),
-        "pg_database_mb": pg_database_mb(config),
+        "pg_connections": connections,
+        "pg_database_mb": sizes,
         "worker": worker_state(config, procs["worker"][0]),
     }
 

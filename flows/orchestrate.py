@@ -8,7 +8,9 @@ and DVC decides what to skip.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +88,20 @@ def ensure_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     return generated
 
 
+def data_hash(project: Path) -> str | None:
+    """The md5 that data.dvc records for the raw data."""
+    try:
+        return str(yaml.safe_load((project / f"{DATA_DIR}.dvc").read_text())["outs"][0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """This interpreter's `dvc` with `args` in `project`, in a stage's environment, its output captured."""
+    dvc = Path(sys.executable).parent / "dvc"
+    return subprocess.run([str(dvc), *args], cwd=project, capture_output=True, text=True, env=stage_env())
+
+
 def cache_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     """`dvc commit data.dvc`: data/ as it is now becomes data.dvc's version, in the DVC cache. A fresh clone that
     generated data/ gets it cached (without it, `dvc push` has nothing to send and a teammate's `dvc pull` reports
@@ -95,48 +111,31 @@ def cache_data(project: Path, echo: Callable[[str], None] = print) -> bool:
     dvc_file = project / f"{DATA_DIR}.dvc"
     if not (project / DATA_DIR).is_dir() or not dvc_file.exists() or not (project / ".dvc").is_dir():
         return False
-    before = dvc_file.read_text()
-    import subprocess
-
-    dvc = Path(sys.executable).parent / "dvc"
-    done = subprocess.run(
-        [str(dvc), "commit", "--force", "--quiet", dvc_file.name], cwd=project, capture_output=True, text=True,
-        env=stage_env(),
-    )  # fmt: skip
+    before, md5_before = dvc_file.read_text(), data_hash(project) or ""
+    done = _dvc(project, "commit", "--force", "--quiet", dvc_file.name)
     if done.returncode:
         raise RuntimeError(f"dvc commit {dvc_file.name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
-    after = dvc_file.read_text()
-    if after == before:
+    if dvc_file.read_text() == before:
         return False
-    md5 = [(yaml.safe_load(text)["outs"][0].get("md5") or "")[:8] for text in (before, after)]
-    echo(f"new data: {DATA_DIR}/ changed since {dvc_file.name} (md5 {md5[0]} -> {md5[1]}): committed as a new "
-         f"version, the stages that read it run again; commit {dvc_file.name} to git so teammates get it")  # fmt: skip
+    md5_after = data_hash(project) or ""
+    echo(f"new data: {DATA_DIR}/ changed since {dvc_file.name} (md5 {md5_before[:8]} -> {md5_after[:8]}): committed as "
+         f"a new version, the stages that read it run again; commit {dvc_file.name} to git so teammates "
+         "get it")  # fmt: skip
     return True
 
 
 def up_to_date(project: Path, names: list[str]) -> str | None:
     """One line saying there is nothing new when `dvc status` finds every stage of `names` up to date (no data, param
     or code change since dvc.lock, every output in place); None when something would run."""
-    import json
-    import subprocess
-
-    dvc = Path(sys.executable).parent / "dvc"
-    done = subprocess.run(
-        [str(dvc), "status", "--json", *names], cwd=project, capture_output=True, text=True, env=stage_env()
-    )
+    done = _dvc(project, "status", "--json", *names)
     try:
         changed = json.loads(done.stdout or "null") if done.returncode == 0 else None
     except json.JSONDecodeError:
         changed = None
     if changed != {}:
         return None
-    md5 = (
-        (yaml.safe_load((project / f"{DATA_DIR}.dvc").read_text())["outs"][0].get("md5") or "")[:8]
-        if (project / f"{DATA_DIR}.dvc").exists()
-        else "-"
-    )
-    return (f"nothing new since the last run: data (data.dvc {md5}), params and code are as dvc.lock recorded them; "
-            f"all {len(names)} stages up to date, nothing ran")  # fmt: skip
+    return (f"nothing new since the last run: data (data.dvc {(data_hash(project) or '-')[:8]}), params and code are "
+            f"as dvc.lock recorded them; all {len(names)} stages up to date, nothing ran")  # fmt: skip
 
 
 def tracking_uri_for(project: Path) -> str:

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from flows.orchestrate import plan, prepare, run_pipeline, stage_env, tracking_uri_for, up_to_date
+from flows.orchestrate import data_hash, plan, prepare, run_pipeline, stage_env, tracking_uri_for, up_to_date
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
 from stages.lib.outcome import ExitCode, Outcome
 from stages.lib.tracking import (
@@ -155,14 +155,6 @@ def git_commit(project: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def data_hash(project: Path) -> str | None:
-    """The md5 that data.dvc records for the raw data."""
-    try:
-        return str(yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"])
-    except (OSError, KeyError, IndexError, TypeError):
-        return None
 
 
 def stage_hash(project: Path, stage: str) -> str | None:

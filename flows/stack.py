@@ -301,18 +301,23 @@ def _http_ok(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def pg_connect(config: StackConfig, dbname: str = "postgres") -> Any:
+    """A psycopg connection to the stack's PostgreSQL as its database role (a context manager that closes it)."""
+    import psycopg
+
+    return psycopg.connect(
+        host=config.connect_host,
+        port=config.pg_port,
+        user=config.db_user,
+        dbname=dbname,
+        password=_password(config),
+        connect_timeout=5,
+    )
+
+
 def _postgres_ok(config: StackConfig) -> bool:
     try:
-        import psycopg
-
-        psycopg.connect(
-            host=config.connect_host,
-            port=config.pg_port,
-            user=config.db_user,
-            dbname="postgres",
-            password=_password(config),
-            connect_timeout=5,
-        ).close()
+        pg_connect(config).close()
         return True
     except Exception:  # noqa: BLE001 (not up, not yet accepting, or wrong credentials: not healthy)
         return False

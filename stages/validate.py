@@ -602,8 +602,9 @@ def expand_drops(datasets: dict[str, DatasetSpec], root: Path) -> dict[str, Data
         folder = root / spec.drops
         if folder.exists() and not folder.is_dir():
             raise BadInput(f"data.{name}.drops = {spec.drops!r} is a file: it names a folder of batches")
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES))
-        for f in files if folder.is_dir() else []:
+        if not folder.is_dir():  # no batch delivered yet
+            continue
+        for f in sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES)):
             path = f.relative_to(root) if f.is_relative_to(root) else f
             out[f"{name}/{f.relative_to(folder)}"] = replace(spec, path=str(path), drops="")
     return out
