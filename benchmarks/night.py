@@ -63,25 +63,27 @@ def api(config: stack_mod.StackConfig, path: str, body: Any = None, method: str 
     return json.loads(raw) if raw else None
 
 
-def family_memory_mb(pid: int) -> tuple[float, float]:
-    """(RSS, PSS) of a process and all its descendants, in MB. RSS counts shared pages once per process (PostgreSQL's
-    shared buffers once per backend); PSS splits them among the processes sharing them, so it adds up."""
+def family_memory_mb(pid: int) -> tuple[float, float, float]:
+    """(RSS, PSS, USS) of a process and all its descendants, in MB. RSS counts shared pages once per process
+    (PostgreSQL's shared buffers once per backend); PSS splits them among the processes sharing them, so it adds up;
+    USS is each process's private memory only (what it would free on exit: a leak shows here)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0, 0.0
-    rss = pss = 0
+        return 0.0, 0.0, 0.0
+    rss = pss = uss = 0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             info = p.memory_full_info()
-            rss, pss = rss + info.rss, pss + info.pss
-    return round(rss / 2**20, 1), round(pss / 2**20, 1)
+            rss, pss, uss = rss + info.rss, pss + info.pss, uss + info.uss
+    return round(rss / 2**20, 1), round(pss / 2**20, 1), round(uss / 2**20, 1)
 
 
-def pg_state(config: stack_mod.StackConfig) -> tuple[dict[str, int], dict[str, float]]:
-    """(client connections per database (pg_stat_activity, client backends only), the size on disk of each of the
-    stack's databases in MB (what the shared buffers cache)), over one connection."""
+def pg_state(config: stack_mod.StackConfig) -> dict[str, Any]:
+    """Over one connection: client connections per database (pg_stat_activity, client backends only), the size on
+    disk of each of the stack's databases in MB, and how much of the shared buffer cache holds pages (pg_buffercache,
+    PostgreSQL's contrib) against its size (shared_buffers): a cache that fills up to a fixed size, not a leak."""
     with stack_mod.pg_connect(config) as conn:
         rows = conn.execute(
             "select coalesce(datname, '-'), count(*) from pg_stat_activity where backend_type = 'client backend' "
@@ -91,7 +93,18 @@ def pg_state(config: stack_mod.StackConfig) -> tuple[dict[str, int], dict[str, f
             name: round(conn.execute("select pg_database_size(%s)", (name,)).fetchone()[0] / 2**20, 1)
             for name in stack_mod.DATABASES
         }
-    return {name: n for name, n in rows}, sizes
+        conn.execute("create extension if not exists pg_buffercache")
+        used = conn.execute("select count(*) from pg_buffercache where relfilenode is not null").fetchone()[0]
+        block, buffers = conn.execute(
+            "select current_setting('block_size')::int, setting::int from pg_settings where name = 'shared_buffers'"
+        ).fetchone()
+        conn.commit()
+    return {
+        "pg_connections": {name: n for name, n in rows},
+        "pg_database_mb": sizes,
+        "pg_shared_buffers_used_mb": round(used * block / 2**20, 1),
+        "pg_shared_buffers_mb": round(buffers * block / 2**20, 1),
+    }
 
 
 def worker_state(config: stack_mod.StackConfig, pid: int) -> dict[str, Any]:
@@ -111,12 +124,11 @@ def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
     postmaster = stack_mod._postmaster(config)
     pids = {name: procs[name][0] for name in ("prefect", "mlflow", "worker")} | {"postgres": postmaster[0]}
     memory = {name: family_memory_mb(pid) for name, pid in pids.items()}
-    connections, sizes = pg_state(config)
     return {
         "rss_mb": {name: m[0] for name, m in memory.items()},
         "pss_mb": {name: m[1] for name, m in memory.items()},
-        "pg_connections": connections,
-        "pg_database_mb": sizes,
+        "uss_mb": {name: m[2] for name, m in memory.items()},
+        **pg_state(config),
         "worker": worker_state(config, procs["worker"][0]),
     }
 
@@ -140,6 +152,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--every", type=int, default=80, help="the schedule's interval in seconds")
     parser.add_argument("--idle-run", type=int, default=10, help="this run gets no new data (0: none)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "night_results.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlhf-night-"))
     work.chmod(0o755)  # the stack's service user reaches its folders through this one
@@ -150,8 +163,9 @@ def main() -> None:
     ports = ["--pg-port", str(pg), "--prefect-port", str(prefect), "--mlflow-port", str(ml), "--ssh-port", str(ssh)]
     result: dict[str, Any] = {
         "what": "a night of scheduled runs: the stack's worker runs the rlhf-process deployment on an interval "
-        "schedule, each run with a new batch of labelled pairs in data/incoming/; after each run each service's RSS "
-        "(with children), PostgreSQL client connections and the worker's state",
+        "schedule, each run with a new batch of labelled pairs in data/incoming/; after each run each service's "
+        "memory with its children (RSS, PSS, USS), PostgreSQL's client connections, database sizes and shared buffers "
+        "in use, and the worker's state",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -205,14 +219,14 @@ def main() -> None:
             }
             result["runs"].append(entry)
             print(json.dumps(entry), flush=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")  # a night cut short keeps what it measured
         api(config, f"/deployments/{deployment_id}", {"paused": True}, method="PATCH")
     finally:
         result["wall_s"] = round(time.monotonic() - t0, 1)
         subprocess.run([str(BIN / "rlhf"), "stack", "down", "--dir", str(stack_dir)], cwd=work, env=env)
         shutil.rmtree(work, ignore_errors=True)
     result["summary"] = summarise(result)
-    out = ROOT / "benchmarks" / "night_results.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 
 
@@ -222,20 +236,23 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     if len(runs) < 3:
         return {}
     third, last = runs[2], runs[-1]
-    growth = {s: round(last["rss_mb"][s] / third["rss_mb"][s] - 1, 3) for s in third["rss_mb"]}
-    pss_growth = {s: round(last["pss_mb"][s] / third["pss_mb"][s] - 1, 3) for s in third["pss_mb"]}
     total = lambda c: sum(c.values())  # noqa: E731
+    memory = {}
+    for kind in ("rss", "pss", "uss"):
+        growth = {s: round(last[f"{kind}_mb"][s] / third[f"{kind}_mb"][s] - 1, 3) for s in third[f"{kind}_mb"]}
+        memory |= {
+            f"{kind}_mb_after_run_3": third[f"{kind}_mb"],
+            f"{kind}_mb_after_run_{len(runs)}": last[f"{kind}_mb"],
+            f"{kind}_growth_last_vs_run_3": growth,
+            f"{kind}_within_20pct": all(abs(g) <= 0.2 for g in growth.values()),
+        }
     return {
         "runs": len(runs),
         "completed": sum(r["state"] == "COMPLETED" for r in runs),
-        "rss_mb_after_run_3": third["rss_mb"],
-        f"rss_mb_after_run_{len(runs)}": last["rss_mb"],
-        "rss_growth_last_vs_run_3": growth,
-        "rss_within_20pct": all(abs(g) <= 0.2 for g in growth.values()),
-        "pss_mb_after_run_3": third["pss_mb"],
-        f"pss_mb_after_run_{len(runs)}": last["pss_mb"],
-        "pss_growth_last_vs_run_3": pss_growth,
-        "pss_within_20pct": all(abs(g) <= 0.2 for g in pss_growth.values()),
+        **memory,
+        "pg_shared_buffers_used_mb_after_each_run": [r["pg_shared_buffers_used_mb"] for r in runs],
+        "pg_shared_buffers_mb": last["pg_shared_buffers_mb"],
+        "pg_database_mb_after_each_run": [round(total(r["pg_database_mb"]), 1) for r in runs],
         "pg_connections_baseline": total(result["baseline"]["pg_connections"]),
         "pg_connections_after_each_run": [total(r["pg_connections"]) for r in runs],
         "worker_after_run_3": third["worker"],

@@ -562,22 +562,30 @@ def alignment_table(r: Results) -> str:
 
 @generated("night")
 def night(r: Results) -> str:
-    """benchmarks/night.py: memory per service after run 3 and after the last run, connections, the worker."""
+    """benchmarks/night.py: memory per service after run 3 and after the last run, PostgreSQL's shared buffers and
+    databases, connections, the worker."""
     n = r("night_results")
     runs, base = n["runs"], n["baseline"]
     third, last = runs[2], runs[-1]
+    kinds = ("rss_mb", "pss_mb", "uss_mb")
     rows = [
         [
-            f"{name} (RSS / PSS MB)",
-            f"{base['rss_mb'][name]:.0f} / {base['pss_mb'][name]:.0f}",
-            f"{third['rss_mb'][name]:.0f} / {third['pss_mb'][name]:.0f}",
-            f"{last['rss_mb'][name]:.0f} / {last['pss_mb'][name]:.0f}",
-            " / ".join(f"{last[k][name] / third[k][name] - 1:+.1%}" for k in ("rss_mb", "pss_mb")),
+            f"{name} (RSS / PSS / USS MB)",
+            *(" / ".join(f"{x[k][name]:.0f}" for k in kinds) for x in (base, third, last)),
+            " / ".join(f"{last[k][name] / third[k][name] - 1:+.1%}" for k in kinds),
         ]
         for name in ("prefect", "mlflow", "postgres", "worker")
     ]
+    used = [x["pg_shared_buffers_used_mb"] for x in (base, third, last)]
+    rows.append([
+        f"PostgreSQL shared buffers in use (MB of {last['pg_shared_buffers_mb']:.0f})",
+        *(f"{u:.0f}" for u in used),
+        f"{used[2] / used[1] - 1:+.1%}",
+    ])  # fmt: skip
+    size = [sum(x["pg_database_mb"].values()) for x in (base, third, last)]
+    rows.append(["PostgreSQL databases on disk (MB)", *(f"{v:.0f}" for v in size), f"{size[2] / size[1] - 1:+.1%}"])
     conns = [sum(x["pg_connections"].values()) for x in (base, third, last)]
-    rows.append(["PostgreSQL client connections", *map(str, conns), f"{conns[2] - conns[1]:+d}"])
+    rows.append(["PostgreSQL client connections", *map(str, conns), f"{conns[2] - conns[0]:+d} from idle"])
     w3, wl = third["worker"], last["worker"]
     rows.append([
         "worker: threads / open files / child processes",
@@ -586,7 +594,7 @@ def night(r: Results) -> str:
         f"{wl['threads']} / {wl['open_files']} / {wl['children']}",
         "",
     ])  # fmt: skip
-    return table(["", "idle, before run 1", "after run 3", f"after run {len(runs)}", "change"], rows)
+    return table(["", "idle, before run 1", "after run 3", f"after run {len(runs)}", "change from run 3"], rows)
 
 
 @generated("stack-cost")

@@ -28,14 +28,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from stages.lib.outcome import ExitCode, StageStop
+from stages.lib.outcome import Busy, ExitCode, StageStop
 
 STARTUP_SECONDS = 180.0  # a cold start on a loaded 2-core machine took over Prefect's default 20 s
 PR_SET_PDEATHSIG = 1
-
-
-class Busy(StageStop):
-    code = ExitCode.BUSY
 
 
 class ServerDidNotStart(StageStop):

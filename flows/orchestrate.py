@@ -21,7 +21,7 @@ import yaml
 
 from flows.runners import Runner, StageResult
 from stages.lib.environment import quiet
-from stages.lib.outcome import BadInput, ExitCode
+from stages.lib.outcome import BadInput, Busy, ExitCode
 
 DATA_DIR = "data"  # the raw data, tracked by data.dvc
 
@@ -113,6 +113,9 @@ def cache_data(project: Path, echo: Callable[[str], None] = print) -> bool:
         return False
     before, md5_before = dvc_file.read_text(), data_hash(project) or ""
     done = _dvc(project, "commit", "--force", "--quiet", dvc_file.name)
+    if done.returncode and "Unable to acquire lock" in done.stderr + done.stdout:  # a `dvc` command of yours runs
+        raise Busy(f"dvc commit {dvc_file.name}: another DVC command holds the project's lock (.dvc/tmp/lock); nothing "
+                   "ran, run again when it ends")  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"dvc commit {dvc_file.name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
     if dvc_file.read_text() == before:

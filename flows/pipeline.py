@@ -295,6 +295,15 @@ def end_stale_runs(client: Any, experiment_id: str, over: Callable[[str], bool])
     return sorted(stale)
 
 
+def _end_stale(project: Path) -> list[str]:
+    """end_stale_runs in the project's experiment, for a run that opens no parent run of its own (nothing new)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri_for(project))
+    found = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return end_stale_runs(client, found.experiment_id, flow_run_over) if found else []
+
+
 def _end_orphans(tracking_uri: str, parent_run_id: str) -> list[str]:
     """End FAILED any stage run still RUNNING under the parent: its stage was killed, or the tracking server was
     away when it ended. The flow runs its stages one after another, so none is still working."""
@@ -469,6 +478,7 @@ def rlhf_pipeline(
     prepare(project, logger.info)
     if nothing := up_to_date(project, names):  # a scheduled run with nothing new: one line, no empty MLflow run
         logger.info(nothing)
+        _quietly("ending runs left RUNNING by flows that are over", _end_stale, project)  # as a working run would
         return {"project_dir": str(project), "plan": names, "ran": [], "skipped": names, "restored": [],
                 "artifacts": [], "exit_code": ExitCode.OK, "parent_run_id": None, "nothing_new": nothing}  # fmt: skip
     tracking_uri, parent_run_id = _open_parent(project, names, runner, image)

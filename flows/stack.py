@@ -618,6 +618,11 @@ def _start_mlflow(config: StackConfig, procs: dict[str, list[int]]) -> None:
             # MLflow 3's server-side GenAI jobs (scorers, trace roll-ups): 7 processes, ~1.9 GB,
             # unused by this pipeline
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # a connection per request, closed after it: SQLAlchemy's default pool (per worker and per store) keeps
+            # every connection a burst of logging opened, so the count crept up run after run (11 idle -> 18 over a
+            # night, benchmarks/night.py) and each kept backend holds its own memory; a tracking server's request
+            # rate is low, a connection costs milliseconds
+            "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",
         },
     )
     _spawn(

@@ -41,7 +41,7 @@ from stages.lib.escaping import html_text, printable
 from stages.lib.formats import FORMATS_BY_KIND, DataError, Limits, Loaded, excerpt, load_dataset, row_label
 from stages.lib.io import staged_dir, write_json, write_jsonl
 from stages.lib.judge import JudgeConfig, resolve_kind
-from stages.lib.outcome import ArgumentParser, BadInput, StageStop, stage_main
+from stages.lib.outcome import ArgumentParser, BadInput, Busy, StageStop, stage_main
 from stages.lib.params import (
     AT_LEAST_ONE,
     FRACTION,
@@ -602,12 +602,43 @@ def expand_drops(datasets: dict[str, DatasetSpec], root: Path) -> dict[str, Data
         folder = root / spec.drops
         if folder.exists() and not folder.is_dir():
             raise BadInput(f"data.{name}.drops = {spec.drops!r} is a file: it names a folder of batches")
-        if not folder.is_dir():  # no batch delivered yet
-            continue
-        for f in sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES)):
+        for f in _batches(folder):
             path = f.relative_to(root) if f.is_relative_to(root) else f
             out[f"{name}/{f.relative_to(folder)}"] = replace(spec, path=str(path), drops="")
     return out
+
+
+def _batches(folder: Path) -> list[Path]:
+    """The batch files of a drops folder, sorted by name (none while nothing was delivered)."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith(DROP_SUFFIXES))
+
+
+def drops_listing(datasets: dict[str, DatasetSpec], root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file in the drops folders, by the path expand_drops gives its batch."""
+    listing = {}
+    for spec in datasets.values():
+        for f in _batches(root / spec.drops) if spec.drops else []:
+            st = f.stat()
+            listing[str(f.relative_to(root) if f.is_relative_to(root) else f)] = (st.st_size, st.st_mtime_ns)
+    return listing
+
+
+def drops_changed(datasets: dict[str, DatasetSpec], root: Path, before: dict[str, tuple[int, int]]) -> str | None:
+    """What changed in the drops folders since `before`, or since expand_drops listed the batches (a delivery that
+    landed, grew or went while validation read the folder); None if nothing did."""
+    now = drops_listing(datasets, root)
+    read = {spec.path for name, spec in datasets.items() if batch_of(name, datasets)}
+    new = sorted(set(now) - read)
+    grew = sorted(p for p in set(now) & set(before) if now[p] != before[p])
+    gone = sorted(read - set(now))
+    if not (new or grew or gone):
+        return None
+    said = [f"{what}: {', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}"
+            for what, paths in (("new", new), ("changed", grew), ("gone", gone)) if paths]  # fmt: skip
+    return (f"a batch folder changed while validation read it ({'; '.join(said)}): nothing was written; run "
+            "again once the delivery is complete (deliver a batch atomically: write, then move it in)")  # fmt: skip
 
 
 def batch_of(name: str, datasets: dict[str, DatasetSpec]) -> str | None:
@@ -676,8 +707,11 @@ def run(
     passed, and the reports always: they say why it failed, whatever the reason (a failed check, an unreadable file,
     a crash), and never leave a previous run's verdict standing."""
     out_dir, report_dir = Path(out_dir), Path(report_dir)
+    before = drops_listing(datasets, Path.cwd())
     try:
         ordered, valid, failed_rows = check_datasets(config, datasets, report_dir / "data_docs")
+        if changed := drops_changed(datasets, Path.cwd(), before):  # a half-written batch must not count as read
+            raise Busy(changed)
     except BaseException as e:
         write_failure(report_dir, e)
         raise

@@ -76,6 +76,43 @@ def test_a_batch_that_fails_its_checks_stops_validation_naming_the_file(tmp_path
     assert not (project / "artifacts/validate/data").exists()  # nothing published
 
 
+def test_a_batch_that_lands_while_validation_reads_the_folder_stops_it_busy_publishing_nothing(tmp_path, monkeypatch):
+    """A delivery is not atomic on every machine: a batch that appears (or grows) while validation reads the folder
+    would be half-read or not read at all while DVC records the folder as it is after. Validation says so and
+    publishes nothing; the next run reads it whole."""
+    from stages import validate as v
+    from stages.lib.outcome import Busy
+    from stages.lib.params import config_from, load_params
+
+    project = make_project(tmp_path / "p")
+    run([str(BIN / "rlhf"), "make-data", "--batch", "1", "--pairs", "8"], project)
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    datasets = v.expand_drops(
+        {n: config_from(v.DatasetSpec, s, at=f"data.{n}") for n, s in params["data"].items()}, project
+    )
+    real_check = v.check_datasets
+
+    def check_then_deliver(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        checked = real_check(*args, **kwargs)
+        run([str(BIN / "rlhf"), "make-data", "--batch", "2", "--pairs", "8"], project)  # lands mid-run
+        with (project / "data/incoming/batch-001.jsonl").open("a") as f:  # and the first one grows
+            f.write('{"prompt": "Hi", "chosen": "Hello!", "rej')
+        return checked
+
+    monkeypatch.setattr(v, "check_datasets", check_then_deliver)
+    config, judge = (
+        config_from(v.ValidateConfig, params.get("validate")),
+        config_from(v.JudgeConfig, params.get("judge")),
+    )
+    with pytest.raises(Busy) as stopped:
+        v.run(config, datasets, project / "out", project / "reports", project / "m.json", judge=judge)
+    assert "new: data/incoming/batch-002.jsonl; changed: data/incoming/batch-001.jsonl" in stopped.value.reason
+    assert "nothing was written" in stopped.value.reason
+    assert not (project / "out").exists() and not (project / "m.json").exists()
+    assert "batch-002.jsonl" in (project / "reports/report.md").read_text()  # the report says why, too
+
+
 @pytest.mark.slow
 def test_a_run_picks_up_a_new_batch_and_one_with_nothing_new_says_so(tmp_path):
     project = make_project(tmp_path / "p", SMALL)

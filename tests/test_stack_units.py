@@ -97,6 +97,23 @@ def test_stale_runs_are_ended_only_when_their_flow_is_over():
     assert set(client.ended.values()) == {"FAILED"} and "rlhf.ended_by" in client.runs["p-over"].data.tags
 
 
+def test_a_run_with_nothing_new_still_ends_the_runs_a_finished_flow_left_running(tmp_path, monkeypatch):
+    """The sweep a working run does when it opens its parent run, done too by a run that opens none (a real store)."""
+    import flows.pipeline as pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "night")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("night", artifact_location=str(tmp_path / "mlruns"))
+    left = client.create_run(experiment, tags={"rlhf.stage": "pipeline", "prefect.flow_run_id": "over"}).info.run_id
+    live = client.create_run(experiment, tags={"rlhf.stage": "pipeline", "prefect.flow_run_id": "live"}).info.run_id
+    monkeypatch.setattr(pipeline, "flow_run_over", lambda flow_run: flow_run == "over")  # the Prefect server's word
+    assert pipeline._end_stale(tmp_path) == [left]
+    assert client.get_run(left).info.status == "FAILED" and client.get_run(live).info.status == "RUNNING"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "not made yet")
+    assert pipeline._end_stale(tmp_path) == []
+
+
 def test_what_counts_as_an_unreachable_server():
     from mlflow.exceptions import MlflowException, RestException
 

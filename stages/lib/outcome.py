@@ -75,6 +75,13 @@ class Unavailable(StageStop):
     code = ExitCode.UNAVAILABLE
 
 
+class Busy(StageStop):
+    """Something else holds what this run needs (the project's run lock, DVC's lock) or changed it under the run (a
+    batch delivered while validation read the folder): nothing was written, run again."""
+
+    code = ExitCode.BUSY
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a stage (or the pipeline) ended with: the exit code and, unless it is OK, the reason in one line."""
