@@ -63,21 +63,33 @@ def api(config: stack_mod.StackConfig, path: str, body: Any = None, method: str 
     return json.loads(raw) if raw else None
 
 
-def family_memory_mb(pid: int) -> tuple[float, float, float]:
-    """(RSS, PSS, USS) of a process and all its descendants, in MB. RSS counts shared pages once per process
-    (PostgreSQL's shared buffers once per backend); PSS splits them among the processes sharing them, so it adds up;
-    USS is each process's private memory only (what it would free on exit: a leak shows here)."""
+def family_memory_mb(pid: int) -> dict[str, float]:
+    """Memory of a process and all its descendants, in MB: RSS (shared pages once per process: PostgreSQL's shared
+    buffers once per backend), PSS (shared pages split among the processes sharing them, so it adds up), USS (pages
+    only one process maps), and the split that tells a cache from a leak: `private`, the pages of private mappings
+    (heap, stacks: what grows if a process leaks) and `shared`, the PSS of shared mappings (PostgreSQL's shared memory
+    segment: buffer cache that fills up to shared_buffers; USS counts such a page as private when one process alone
+    has touched it)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0, 0.0, 0.0
-    rss = pss = uss = 0
+        return dict.fromkeys(("rss", "pss", "uss", "private", "shared"), 0.0)
+    total = dict.fromkeys(("rss", "pss", "uss", "private", "shared"), 0)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             info = p.memory_full_info()
-            rss, pss, uss = rss + info.rss, pss + info.pss, uss + info.uss
-    return round(rss / 2**20, 1), round(pss / 2**20, 1), round(uss / 2**20, 1)
+            total["rss"], total["pss"], total["uss"] = (
+                total["rss"] + info.rss,
+                total["pss"] + info.pss,
+                total["uss"] + info.uss,
+            )
+            for m in p.memory_maps(grouped=False):
+                if "s" in m.perms:
+                    total["shared"] += m.pss
+                else:
+                    total["private"] += m.private_clean + m.private_dirty
+    return {k: round(v / 2**20, 1) for k, v in total.items()}
 
 
 def pg_state(config: stack_mod.StackConfig) -> dict[str, Any]:
@@ -125,9 +137,7 @@ def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
     pids = {name: procs[name][0] for name in ("prefect", "mlflow", "worker")} | {"postgres": postmaster[0]}
     memory = {name: family_memory_mb(pid) for name, pid in pids.items()}
     return {
-        "rss_mb": {name: m[0] for name, m in memory.items()},
-        "pss_mb": {name: m[1] for name, m in memory.items()},
-        "uss_mb": {name: m[2] for name, m in memory.items()},
+        **{f"{k}_mb": {name: m[k] for name, m in memory.items()} for k in ("rss", "pss", "uss", "private", "shared")},
         **pg_state(config),
         "worker": worker_state(config, procs["worker"][0]),
     }
@@ -238,8 +248,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     third, last = runs[2], runs[-1]
     total = lambda c: sum(c.values())  # noqa: E731
     memory = {}
-    for kind in ("rss", "pss", "uss"):
-        growth = {s: round(last[f"{kind}_mb"][s] / third[f"{kind}_mb"][s] - 1, 3) for s in third[f"{kind}_mb"]}
+    for kind in ("rss", "pss", "uss", "private", "shared"):
+        before, after = third[f"{kind}_mb"], last[f"{kind}_mb"]
+        growth = {s: round(after[s] / before[s] - 1, 3) for s in before if before[s] > 0}
         memory |= {
             f"{kind}_mb_after_run_3": third[f"{kind}_mb"],
             f"{kind}_mb_after_run_{len(runs)}": last[f"{kind}_mb"],

@@ -185,6 +185,11 @@ DERIVED: dict[str, Callable[..., Any]] = {
     # the shortest and longest flow run of the night that had new data, and the one that had none (benchmarks/night.py)
     "night_seconds": lambda r: [f(x["seconds"] for x in _night(r, new=True)) for f in (min, max)],
     "night_idle_seconds": lambda r: next((x["seconds"] for x in _night(r, new=False)), float("nan")),
+    # PostgreSQL's shared buffers in use after the first and the last run; the fewest and most client connections
+    "night_buffers": lambda r: [r("night_results")["runs"][i]["pg_shared_buffers_used_mb"] for i in (0, -1)],
+    "night_connections": lambda r: [
+        f(sum(x["pg_connections"].values()) for x in r("night_results")["runs"]) for f in (min, max)
+    ],
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
     "promotion_now": promotion_now,

@@ -588,6 +588,12 @@ def _start_prefect(config: StackConfig, procs: dict[str, list[int]]) -> None:
             # the UI calls this API address (else http://127.0.0.1:4200/api, whatever the port: shared/ENVIRONMENT.md)
             "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", config.prefect_api_url),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # no server-side prepared statements kept per pooled connection (what Prefect documents for PgBouncer):
+            # with SQLAlchemy's and asyncpg's defaults each of the pool's PostgreSQL backends keeps the plans of up to
+            # 100 statements, and batched log and event inserts are a new statement per batch size, so each backend
+            # grew by up to ~10 MB over a night (benchmarks/night.py); planning these queries costs far less
+            "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_STATEMENT_CACHE_SIZE": "0",
+            "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_PREPARED_STATEMENT_CACHE_SIZE": "0",
         },
     )
     _spawn(

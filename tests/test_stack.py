@@ -158,6 +158,13 @@ def test_every_stage_lands_on_the_servers(first, team: Team, stack: Stack):
         )
     }
     assert {"validation-summary", "reward-gate", "ppo-kl", "evaluation-report"} <= keys
+    # between requests the MLflow server holds no PostgreSQL connection (one per request): no count that creeps up
+    # run after run as a kept pool's did (benchmarks/night.py)
+    with stack_mod.pg_connect(stack.config) as conn:
+        held = conn.execute(
+            "select count(*) from pg_stat_activity where datname = 'mlflow' and backend_type = 'client backend'"
+        ).fetchone()[0]
+    assert held == 0
     print(f"tiny pipeline against the stack: {first.seconds:.1f} s")
 
 
