@@ -63,6 +63,9 @@ def api(config: stack_mod.StackConfig, path: str, body: Any = None, method: str 
     return json.loads(raw) if raw else None
 
 
+MEMORY = ("rss", "pss", "uss", "private", "shared")  # what family_memory_mb measures, in MB
+
+
 def family_memory_mb(pid: int) -> dict[str, float]:
     """Memory of a process and all its descendants, in MB: RSS (shared pages once per process: PostgreSQL's shared
     buffers once per backend), PSS (shared pages split among the processes sharing them, so it adds up), USS (pages
@@ -74,16 +77,13 @@ def family_memory_mb(pid: int) -> dict[str, float]:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return dict.fromkeys(("rss", "pss", "uss", "private", "shared"), 0.0)
-    total = dict.fromkeys(("rss", "pss", "uss", "private", "shared"), 0)
+        return dict.fromkeys(MEMORY, 0.0)
+    total = dict.fromkeys(MEMORY, 0)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             info = p.memory_full_info()
-            total["rss"], total["pss"], total["uss"] = (
-                total["rss"] + info.rss,
-                total["pss"] + info.pss,
-                total["uss"] + info.uss,
-            )
+            for kind in ("rss", "pss", "uss"):
+                total[kind] += getattr(info, kind)
             for m in p.memory_maps(grouped=False):
                 if "s" in m.perms:
                     total["shared"] += m.pss
@@ -137,7 +137,7 @@ def snapshot(config: stack_mod.StackConfig) -> dict[str, Any]:
     pids = {name: procs[name][0] for name in ("prefect", "mlflow", "worker")} | {"postgres": postmaster[0]}
     memory = {name: family_memory_mb(pid) for name, pid in pids.items()}
     return {
-        **{f"{k}_mb": {name: m[k] for name, m in memory.items()} for k in ("rss", "pss", "uss", "private", "shared")},
+        **{f"{k}_mb": {name: m[k] for name, m in memory.items()} for k in MEMORY},
         **pg_state(config),
         "worker": worker_state(config, procs["worker"][0]),
     }
@@ -248,7 +248,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     third, last = runs[2], runs[-1]
     total = lambda c: sum(c.values())  # noqa: E731
     memory = {}
-    for kind in ("rss", "pss", "uss", "private", "shared"):
+    for kind in MEMORY:
         before, after = third[f"{kind}_mb"], last[f"{kind}_mb"]
         growth = {s: round(after[s] / before[s] - 1, 3) for s in before if before[s] > 0}
         memory |= {
