@@ -1,7 +1,9 @@
 """What a pipeline command owns while it runs, and gives back however it ends (even `kill -9`):
 
-- **one run per checkout**: a lock file (`.rlhf/run.lock`, flock) held for the whole command; a second `rlhf run` in
-  the same project says who holds it and exits 75 (busy) instead of racing the first over DVC and the registry;
+- **one run per checkout**: a lock file (`.rlhf/run.lock`, flock) held for the whole command, and by the pipeline flow
+  itself (a worker's or `rlhf serve`'s flow run); a second `rlhf run`, or a scheduled run arriving while one is still
+  going, in the same project says who holds it and ends busy (exit 75) instead of racing the first over DVC and the
+  registry;
 - **a temporary Prefect server that dies with its command**: without PREFECT_API_URL, Prefect would start its own
   temporary server as a child that a SIGKILLed parent leaves behind (an orphaned uvicorn per killed nightly run). This
   starts the same server (the command Prefect's `SubprocessASGIServer` runs) with `PR_SET_PDEATHSIG`, so the kernel
@@ -38,10 +40,21 @@ class ServerDidNotStart(StageStop):
     code = ExitCode.UNAVAILABLE
 
 
+_HELD: dict[Path, int] = {}  # the run locks this process holds (flock conflicts with a second open file of its own)
+
+
 @contextlib.contextmanager
 def project_lock(project: Path) -> Iterator[None]:
-    """Hold the project's run lock for the block; another holder makes this raise `Busy` at once."""
-    path = project / ".rlhf" / "run.lock"
+    """Hold the project's run lock for the block; another holder makes this raise `Busy` at once. Re-entrant in one
+    process: `rlhf run --prefect` holds it and the flow it runs takes it again (a worker's flow run takes it alone)."""
+    path = (project / ".rlhf" / "run.lock").resolve()
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -54,9 +67,11 @@ def project_lock(project: Path) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
+        _HELD[path] = 1
         try:
             yield
         finally:
+            del _HELD[path]
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

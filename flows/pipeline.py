@@ -28,9 +28,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
+from flows.lifecycle import project_lock
 from flows.orchestrate import data_hash, plan, prepare, run_pipeline, stage_env, tracking_uri_for, up_to_date
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
-from stages.lib.outcome import ExitCode, Outcome
+from stages.lib.outcome import Busy, ExitCode, Outcome
 from stages.lib.tracking import (
     DEFAULT_EXPERIMENT,
     ensure_experiment,
@@ -475,6 +476,30 @@ def rlhf_pipeline(
     names = plan(project, stages)
     where = Runner(runner, image, gpus)
     where.check()
+    try:
+        with project_lock(project):  # a scheduled run that arrives while a person's run (or the last one) still goes
+            return _pipeline(project, names, where, runner, image)
+    except Busy as e:  # the run lock, or DVC's lock while the data is committed: nothing ran, no MLflow run opened
+        logger.warning("busy: %s", e)
+        return Failed(
+            name=state_name(ExitCode.BUSY),
+            message=str(e),
+            data={
+                "project_dir": str(project),
+                "plan": names,
+                "ran": [],
+                "skipped": [],
+                "restored": [],
+                "artifacts": [],
+                "exit_code": ExitCode.BUSY,
+                "parent_run_id": None,
+            },  # fmt: skip
+        )
+
+
+def _pipeline(project: Path, names: list[str], where: Runner, runner: str, image: str) -> dict[str, Any] | State:
+    """The flow's body, under the project's run lock."""
+    logger = get_run_logger()
     prepare(project, logger.info)
     if nothing := up_to_date(project, names):  # a scheduled run with nothing new: one line, no empty MLflow run
         logger.info(nothing)

@@ -124,3 +124,17 @@ def tiny_policy_and_rm(dest: Path) -> tuple[Path, Path]:
     rm.save_pretrained(dest / "rm")
     tokenizer.save_pretrained(dest / "rm")
     return dest / "policy", dest / "rm"
+
+
+def clear_schedules(deployment: str, cwd: Path, client_env: dict[str, str]) -> None:
+    """A test's deployment runs when the test triggers it, not also at prefect.yaml's 03:00 UTC (a nightly run that
+    fired mid-test once raced the test's own run in the same checkout)."""
+    done = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "schedule", "clear", deployment, "-y"],
+        cwd=cwd,
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from flows import stack as stack_mod
-from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, ROOT, deep_merge, env, make_project
+from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, ROOT, clear_schedules, deep_merge, env, make_project
 
 # The tiny pipeline of tests/test_flow.py (PASSING): every stage runs in seconds and the promotion criteria pass.
 PASSING: dict[str, Any] = {
@@ -283,12 +283,10 @@ def by_worker(first, team: Team, stack: Stack):
     """A second pipeline run differing only in ppo.kl_coef, as prefect.yaml's rlhf-process deployment run by the
     stack's worker."""
     assert stack_mod.register_deployment(stack.config, team.a, print)
+    client = {**stack.client_env, "PREFECT_API_URL": stack.config.prefect_api_url}
+    clear_schedules("rlhf-pipeline/rlhf-process", team.a, client)
     team.set_params({"ppo": {"kl_coef": SECOND_KL_COEF}})
-    triggered = sh(
-        [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"],
-        team.a,
-        {**stack.client_env, "PREFECT_API_URL": stack.config.prefect_api_url},
-    )
+    triggered = sh([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"], team.a, client)
     flow_run_id = triggered.stdout.split("UUID:")[1].split()[0]
     t0 = time.monotonic()
     state = wait_for(

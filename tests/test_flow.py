@@ -204,6 +204,38 @@ def test_second_run_with_nothing_new_says_so_and_runs_nothing(first, project):
     assert [p.info.run_id for p in parents] == [first.result()["parent_run_id"]]
 
 
+HOLD_LOCK = """\
+import sys, time
+from pathlib import Path
+from flows.lifecycle import project_lock
+with project_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_flow_run_while_another_run_holds_the_project_ends_busy(first, project):
+    """A worker's scheduled flow run that arrives while a person's `rlhf run` (another process) still goes in the same
+    checkout: busy in one line, naming the holder; nothing runs and no MLflow run is opened."""
+    before = len(_runs(project, "tags.`rlhf.stage` = 'pipeline'"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(project)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        state = _run_flow(project)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_failed() and state.name == BUSY, state
+    assert "another rlhf run is running" in state.message and f"pid {holder.pid}" in state.message
+    summary = state.result(raise_on_failure=False)
+    assert summary["exit_code"] == ExitCode.BUSY and summary["parent_run_id"] is None and summary["ran"] == []
+    assert len(_runs(project, "tags.`rlhf.stage` = 'pipeline'")) == before
+    again = _run_flow(project)  # the holder gone, the lock is free
+    assert again.is_completed() and again.result()["nothing_new"], again.message
+
+
 TOY_GATE = """\
 import json, sys
 from stages.lib.outcome import GateFailed, stage_main

@@ -20,18 +20,32 @@ from flows.lifecycle import Busy, close_dead_runs, project_lock
 from stages.lib.outcome import ExitCode
 from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, env, make_project
 
+TAKE_LOCK = (
+    "import sys; from pathlib import Path; from flows.lifecycle import project_lock\n"
+    "with project_lock(Path(sys.argv[1])): pass"
+)
+
 
 def test_one_run_per_checkout(tmp_path):
-    with project_lock(tmp_path), pytest.raises(Busy, match=f"pid {os.getpid()}"), project_lock(tmp_path):
-        pass
-    # another process is refused the same way, in one line and with the busy code
+    # another process is refused, in one line and with the busy code, while this one holds the lock; re-entrant in
+    # this process (`rlhf run --prefect` holds it and the flow it runs takes it again), held until the outer block ends
     (tmp_path / "dvc.yaml").write_text("stages:\n  validate:\n    cmd: echo\n")
     with project_lock(tmp_path):
+        with project_lock(tmp_path):
+            pass
         proc = subprocess.run(
             [str(BIN / "rlhf"), "run"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300
         )
+        other = subprocess.run(
+            [sys.executable, "-c", TAKE_LOCK, str(tmp_path)], env=env(), capture_output=True, text=True
+        )
     assert proc.returncode == ExitCode.BUSY and "another rlhf run is running" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+    assert other.returncode == 1 and f"{Busy.__name__}: another rlhf run is running" in other.stderr
+    released = subprocess.run(
+        [sys.executable, "-c", TAKE_LOCK, str(tmp_path)], env=env(), capture_output=True, text=True
+    )
+    assert released.returncode == 0, released.stderr
 
 
 def test_runs_of_a_dead_process_are_ended_killed(tmp_path):
