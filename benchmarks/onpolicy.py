@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/onpolicy.py --project .                 # after `make run` (reuses validate, SFT, judge)
     .venv/bin/python benchmarks/onpolicy.py --project . --seeds 0 1 2 --dpo
+    # a PPO sweep on those seeds' reward models: only PPO and the evaluation run again
+    .venv/bin/python benchmarks/onpolicy.py --project . --rm-from benchmarks/onpolicy_runs \
+        --runs benchmarks/onpolicy_runs/kl02 --set ppo.kl_coef=0.2 ppo.num_steps=40 --out /tmp/kl02.json
 
 For each seed, the stages after SFT run as processes of their own, exactly as dvc.yaml runs them but with the
 project's params.yaml plus `seed` set in comparisons, reward, ppo, dpo (and evaluate.seed = seed + 1), writing under
@@ -31,12 +34,14 @@ from stages.lib.environment import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA, SFT, JUDGE = "artifacts/validate/data", "artifacts/sft/model", "artifacts/judge/model"
 REUSE = False  # --reuse: keep what an earlier run trained, evaluate again (e.g. with a longer best-of-n ladder)
+OVERRIDES: dict = {}  # --set ppo.kl_coef=0.2 ...: params changed in every seed's params.yaml
+SHARED = ("comparisons", "reward", "reward_gate")  # --rm-from DIR: these stages are DIR's, PPO and evaluation run anew
 
 
 def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
     """`python -m stages.<name> --params <seed's params> ARGS` in `project`; its wall seconds. Fails loudly. With
     REUSE, a stage whose metrics.json exists (from an earlier run of this benchmark) is not run again (None)."""
-    if REUSE and name != "evaluate" and (out / name / "metrics.json").exists():
+    if (REUSE or name in SHARED) and name != "evaluate" and (out / name / "metrics.json").exists():
         return None
     start = time.monotonic()
     cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(out / "params.yaml"), *args]
@@ -49,6 +54,17 @@ def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
     return round(time.monotonic() - start, 1)
 
 
+def overridden(params: dict) -> dict:
+    """`params` with --set's values in place (section.key=value, as `dvc exp run -S` sets them)."""
+    for key, value in OVERRIDES.items():
+        *path, last = key.split(".")
+        section = params
+        for part in path:
+            section = section[part]
+        section[last] = value
+    return params
+
+
 def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
     params = yaml.safe_load((project / "params.yaml").read_text())
     if REUSE and (out / "params.yaml").exists():  # the trained stages' params, the evaluation's from the project
@@ -58,6 +74,7 @@ def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
     params["evaluate"]["seed"] = seed + 1
     params["ppo"]["checkpoint_dir"] = str(out / "checkpoints")
     params["dpo"]["enabled"] = dpo
+    overridden(params)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     c, r, g, p, d = (str(out / x) for x in ("comparisons", "reward", "reward_gate", "ppo", "dpo"))
@@ -214,13 +231,25 @@ def main() -> int:
     parser.add_argument("--dpo", action="store_true", help="also train and grade DPO on the same labels")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/onpolicy_results.json")
     parser.add_argument("--reuse", action="store_true", help="keep what an earlier run trained; evaluate again")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params, e.g. ppo.kl_coef=0.2")
+    parser.add_argument("--runs", type=Path, default=ROOT / "benchmarks/onpolicy_runs", help="where seeds train")
+    parser.add_argument(
+        "--rm-from", type=Path, help="an earlier --runs folder: its comparisons and reward models, PPO anew (a sweep)"
+    )
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
+    OVERRIDES.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     project = args.project.resolve()
     runs = []
     for seed in args.seeds:
-        runs.append(one(project, ROOT / "benchmarks/onpolicy_runs" / f"seed_{seed}", seed, args.dpo))
+        out = args.runs.resolve() / f"seed_{seed}"
+        if args.rm_from:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in SHARED:
+                if not (out / name).exists():
+                    (out / name).symlink_to((args.rm_from / f"seed_{seed}" / name).resolve())
+        runs.append(one(project, out, seed, args.dpo))
         if not runs[-1]["gate_passed"]:
             print(f"seed {seed}: {runs[-1]['gate']}", flush=True)
             continue
@@ -231,7 +260,7 @@ def main() -> int:
             f"{e['ppo_beats_matched_bon']}",
             flush=True,
         )
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = overridden(yaml.safe_load((project / "params.yaml").read_text()))
     result = {
         "what": "the RLHF half of the default pipeline (comparisons, reward, reward_gate, ppo, dpo, evaluate) per seed "
         "on the project's SFT model and data, graded by the gold judge on every distinct held-out prompt",
@@ -240,7 +269,7 @@ def main() -> int:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
-        "command": "benchmarks/onpolicy.py --project . --seeds " + " ".join(map(str, args.seeds)) + " --dpo" * args.dpo,
+        "command": "benchmarks/onpolicy.py " + " ".join(sys.argv[1:]),
         "params": {k: params[k] for k in ("comparisons", "reward", "ppo", "evaluate", "promote")},
         "summary": summarise(runs),
         "runs": runs,
