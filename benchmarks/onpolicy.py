@@ -36,12 +36,13 @@ DATA, SFT, JUDGE = "artifacts/validate/data", "artifacts/sft/model", "artifacts/
 REUSE = False  # --reuse: keep what an earlier run trained, evaluate again (e.g. with a longer best-of-n ladder)
 OVERRIDES: dict = {}  # --set ppo.kl_coef=0.2 ...: params changed in every seed's params.yaml
 SHARED = ("comparisons", "reward", "reward_gate")  # --rm-from DIR: these stages are DIR's, PPO and evaluation run anew
+RM_FROM: Path | None = None
 
 
 def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
     """`python -m stages.<name> --params <seed's params> ARGS` in `project`; its wall seconds. Fails loudly. With
     REUSE, a stage whose metrics.json exists (from an earlier run of this benchmark) is not run again (None)."""
-    if (REUSE or name in SHARED) and name != "evaluate" and (out / name / "metrics.json").exists():
+    if (REUSE or (RM_FROM and name in SHARED)) and name != "evaluate" and (out / name / "metrics.json").exists():
         return None
     start = time.monotonic()
     cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(out / "params.yaml"), *args]
@@ -237,18 +238,18 @@ def main() -> int:
         "--rm-from", type=Path, help="an earlier --runs folder: its comparisons and reward models, PPO anew (a sweep)"
     )
     args = parser.parse_args()
-    global REUSE
-    REUSE = args.reuse
+    global REUSE, RM_FROM
+    REUSE, RM_FROM = args.reuse, args.rm_from
     OVERRIDES.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     project = args.project.resolve()
     runs = []
     for seed in args.seeds:
         out = args.runs.resolve() / f"seed_{seed}"
-        if args.rm_from:
+        if RM_FROM:
             out.mkdir(parents=True, exist_ok=True)
             for name in SHARED:
                 if not (out / name).exists():
-                    (out / name).symlink_to((args.rm_from / f"seed_{seed}" / name).resolve())
+                    (out / name).symlink_to((RM_FROM / f"seed_{seed}" / name).resolve())
         runs.append(one(project, out, seed, args.dpo))
         if not runs[-1]["gate_passed"]:
             print(f"seed {seed}: {runs[-1]['gate']}", flush=True)

@@ -400,6 +400,28 @@ def make_run_results(r: Results) -> str:
     )
 
 
+@generated("ppo-frontier")
+def ppo_frontier(r: Results) -> str:
+    """PPO settings on the same reward models, each seed beside its matched best-of-n (frontier_results.json)."""
+    d = r("frontier_results")
+    body = []
+    for name, v in d["variants"].items():
+        p = v["ppo"]
+        cells = [f"{name}: {p['num_steps']} steps x {p['batch_size']}, kl_coef {p['kl_coef']}"]
+        for seed in sorted(v["seeds"]):
+            x = v["seeds"][seed]
+            bon = f"best-of-{x['matched_n']} {x['matched_bon_win_rate']:.3f}" if x["matched_n"] else "past the ladder"
+            cells.append(f"{x['win_rate']:.3f} at KL {x['kl']:.2f} ({bon})")
+        cells.append(f"{v['win_rate_mean']:.3f} / {v['kl_mean']:.2f}")
+        cells.append(
+            f"{v['beats_matched_bon']}" + (f", {v['past_the_ladder']} past it" if v["past_the_ladder"] else "")
+        )
+        body.append(cells)
+    seeds = sorted({s for v in d["variants"].values() for s in v["seeds"]})
+    header = ["PPO (rloo)", *[f"seed {s}: win-rate at KL (matched best-of-n)" for s in seeds]]
+    return table([*header, "mean win-rate / KL", "above matched best-of-n"], body)
+
+
 @generated("onpolicy-seeds")
 def onpolicy_seeds(r: Results) -> str:
     """The RLHF half per seed (benchmarks/onpolicy_results.json)."""

@@ -275,7 +275,7 @@ def first(team: Team) -> Ran:
     return Ran(proc, seconds, parent, parent.data.tags["prefect.flow_run_id"])
 
 
-SECOND_KL_COEF = 0.2  # the second run's ppo.kl_coef: not params.yaml's default (0.1)
+SECOND_KL_COEF = 0.2  # the second run's ppo.kl_coef: not params.yaml's default
 
 
 @pytest.fixture(scope="session")
