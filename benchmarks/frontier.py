@@ -25,6 +25,7 @@ import yaml
 from stages.lib.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_TAX = yaml.safe_load((ROOT / "params.yaml").read_text())["promote"]["max_alignment_tax"]
 PPO_KEYS = ("num_steps", "batch_size", "kl_coef", "learning_rate", "estimator", "group_size")
 
 
@@ -41,6 +42,7 @@ def seed_result(folder: Path) -> dict | None:
         "win_rate_ci": [round(x, 4) for x in ev["win_rate_vs_sft_ci"]],
         "judge_diff": round(ev["judge_diff_vs_sft"], 4),
         "kl": round(ev["ppo/kl_k1_seq"], 3),
+        "alignment_tax": round(ev["alignment_tax"], 3),  # promote.max_alignment_tax stops a promotion above it
         "matched_n": n,
         "matched_bon_win_rate": round(ev[f"bon/{n}/win_rate_vs_sft"], 4) if n else None,
         "beats_matched_bon": ev["ppo_beats_matched_bon"],
@@ -55,12 +57,14 @@ def variant(folder: Path, seeds: list[int]) -> dict:
     ppo = yaml.safe_load(params.read_text())["ppo"] if params and params.exists() else {}
     compared = [r for r in done.values() if r["beats_matched_bon"] is not None]
     return {
+        "folder": str(folder),  # benchmarks/onpolicy.py --runs FOLDER (--rm-from the base's folder, --set ...)
         "ppo": {k: ppo.get(k) for k in PPO_KEYS},
         "seeds": {str(s): r for s, r in done.items()},
         "win_rate_mean": round(statistics.mean(r["win_rate"] for r in done.values()), 4) if done else None,
         "kl_mean": round(statistics.mean(r["kl"] for r in done.values()), 3) if done else None,
         "beats_matched_bon": f"{sum(r['beats_matched_bon'] for r in compared)} of {len(compared)}",
         "past_the_ladder": sum(r["beats_matched_bon"] is None for r in done.values()),
+        "over_alignment_tax": sum(r["alignment_tax"] > MAX_TAX for r in done.values()),
     }
 
 
@@ -88,7 +92,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"seed {seed}")
         ax.set_xlabel("KL to SFT (nats per reply)")
     axes[0][0].set_ylabel("gold win-rate over SFT")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="upper left")  # the empty corner: low KL, high win-rate
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -102,7 +106,9 @@ def main() -> int:
     args = parser.parse_args()
     result = {
         "what": "PPO variants on the same per-seed reward models, each seed's gold win-rate over SFT (41 held-out "
-        "prompts x 8 replies, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder",
+        "prompts x 8 replies, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder; "
+        "over_alignment_tax counts the seeds whose alignment tax is above promote.max_alignment_tax",
+        "max_alignment_tax": MAX_TAX,
         "cpu": cpu_model(),
         "date": datetime.now(UTC).date().isoformat(),
         "command": "benchmarks/frontier.py " + " ".join(args.variants),

@@ -190,6 +190,11 @@ DERIVED: dict[str, Callable[..., Any]] = {
     "night_connections": lambda r: [
         f(sum(x["pg_connections"].values()) for x in r("night_results")["runs"]) for f in (min, max)
     ],
+    # the lowest and highest alignment tax over every PPO run of the sweep (benchmarks/frontier.py)
+    "frontier_tax_range": lambda r: [
+        f(x["alignment_tax"] for v in r("frontier_results")["variants"].values() for x in v["seeds"].values())
+        for f in (min, max)
+    ],
     # the promotion's outcome as a phrase (README.md's headline)
     "promotion": promotion,
     "promotion_now": promotion_now,
@@ -407,7 +412,7 @@ def ppo_frontier(r: Results) -> str:
     body = []
     for name, v in d["variants"].items():
         p = v["ppo"]
-        cells = [f"{name}: {p['num_steps']} steps x {p['batch_size']}, kl_coef {p['kl_coef']}"]
+        cells = [f"{name}: kl_coef {p['kl_coef']}, {p['num_steps']} steps x {p['batch_size']}"]
         for seed in sorted(v["seeds"]):
             x = v["seeds"][seed]
             bon = f"best-of-{x['matched_n']} {x['matched_bon_win_rate']:.3f}" if x["matched_n"] else "past the ladder"
@@ -416,10 +421,12 @@ def ppo_frontier(r: Results) -> str:
         cells.append(
             f"{v['beats_matched_bon']}" + (f", {v['past_the_ladder']} past it" if v["past_the_ladder"] else "")
         )
+        cells.append(" / ".join(f"{v['seeds'][seed]['alignment_tax']:.2f}" for seed in sorted(v["seeds"])))
         body.append(cells)
     seeds = sorted({s for v in d["variants"].values() for s in v["seeds"]})
     header = ["PPO (rloo)", *[f"seed {s}: win-rate at KL (matched best-of-n)" for s in seeds]]
-    return table([*header, "mean win-rate / KL", "above matched best-of-n"], body)
+    tax = f"alignment tax per seed (promotion limit {d['max_alignment_tax']})"
+    return table([*header, "mean win-rate / KL", "above matched best-of-n", tax], body)
 
 
 @generated("onpolicy-seeds")
