@@ -2,9 +2,9 @@
 
 The reward model is a proxy. So besides its score we report an independent judge's (stages/lib/judge.py: the gold
 function on the default task, else a judge reward model or the user's scorer; never the reward model PPO climbed), the
-KL to the reference, the alignment tax (held-out SFT perplexity) and an over-optimisation monitor: RM and judge score
-over the PPO checkpoints; the proxy rising while the judge's score falls is flagged (Gao et al. 2022, "Scaling laws
-for reward model overoptimization").
+KL to the reference, the alignment tax (the perplexity of the held-out demonstrations the judge rates best) and an
+over-optimisation monitor: RM and judge score over the PPO checkpoints; the proxy rising while the judge's score
+falls is flagged (Gao et al. 2022, "Scaling laws for reward model overoptimization").
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from stages.lib.heldout import (
     best_of_n,
     best_of_n_kl,
     evaluate_policy,
+    judged_best,
     paired_comparison,
     perplexity,
     win_rate,
@@ -54,6 +55,8 @@ class EvaluateConfig:
     best_of_n_pool: int  # SFT replies per prompt for the best-of-n ladder: best-of-n picks from disjoint blocks of n
     best_of_n: list[int]  # best-of-n from SFT, picked by the RM: the baseline PPO
     #   must beat at the same KL (log n - (n-1)/n nats); [] skips it
+    tax_share: float  # the alignment tax is measured on the held-out demonstrations the judge rates in its top
+    #   share (1.0: every one); the tax on every one is reported beside it
 
     SECTION: ClassVar[str] = "evaluate"
     RANGES: ClassVar[dict] = {
@@ -69,6 +72,7 @@ class EvaluateConfig:
         "overopt_rm_rise": NON_NEGATIVE,
         "overopt_judge_drop": NON_NEGATIVE,
         "overopt_z": NON_NEGATIVE,
+        "tax_share": Allowed(0, 1, low_open=True),
     }
 
     def __post_init__(self) -> None:
@@ -164,10 +168,8 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
 
     # 1. both policies on the same prompts, same sampling settings, same seed, graded by the same judge
     sampling = Sampling.of(asdict(config))
-    res = {
-        n: evaluate_policy(n, m, tokenizer, rm, judge, sft, prompts, sampling)
-        for n, m in (("sft", sft), ("ppo", policy))
-    }
+    models = {"sft": sft, "ppo": policy}
+    res = {n: evaluate_policy(n, m, tokenizer, rm, judge, sft, prompts, sampling) for n, m in models.items()}
     metrics: dict[str, Any] = {k: v for r in res.values() for k, v in r.items() if "/" in k}
     metrics["judge"] = judge.name
     metrics["prompts"], metrics["samples_per_prompt"] = len(dict.fromkeys(prompts)), config.samples_per_prompt
@@ -177,20 +179,23 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     metrics |= best_of_n_baseline(sft, tokenizer, rm, judge, prompts, sampling, config, sft_scores)
     if inputs.dpo is not None and (inputs.dpo / "model/config.json").exists():  # the DPO baseline, graded the same way
         dpo, _ = load_causal_lm(inputs.dpo / "model")
+        models["dpo"] = dpo
         res["dpo"] = evaluate_policy("dpo", dpo, tokenizer, rm, judge, sft, prompts, sampling)
         metrics |= {k: v for k, v in res["dpo"].items() if "/" in k}
         metrics |= compare("dpo", res["dpo"]["judge_scores"], sft_scores, prompts, config.seed)
-        metrics["dpo/perplexity"] = perplexity(dpo, tokenizer, read_jsonl(data_dir / "sft_test.jsonl"))
     metrics |= matched_best_of_n(metrics)
     metrics["rounds"] = rounds_table(inputs.rounds)
 
-    # 2. the alignment tax: held-out SFT perplexity before and after PPO
+    # 2. the alignment tax: the rise of held-out demonstrations' perplexity, on those the judge rates best (the gate's)
+    #    and on every one (reported)
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
-    metrics["sft/perplexity"], metrics["ppo/perplexity"] = (
-        perplexity(sft, tokenizer, heldout),
-        perplexity(policy, tokenizer, heldout),
-    )
+    best = judged_best(heldout, judge, config.tax_share)
+    metrics["tax_demonstrations"], metrics["demonstrations"] = len(best), len(heldout)
+    for name, model in models.items():
+        metrics[f"{name}/perplexity"] = perplexity(model, tokenizer, best)
+        metrics[f"{name}/perplexity_all"] = perplexity(model, tokenizer, heldout)
     metrics["alignment_tax"] = metrics["ppo/perplexity"] - metrics["sft/perplexity"]
+    metrics["alignment_tax_all"] = metrics["ppo/perplexity_all"] - metrics["sft/perplexity_all"]
 
     # 3. over-optimisation over the PPO checkpoints (written by the PPO stage)
     monitor = (
@@ -380,6 +385,7 @@ REPORT_KEYS = [
     "distinct_2",
     "eos_rate",
     "perplexity",
+    "perplexity_all",
 ]
 
 
@@ -415,7 +421,9 @@ def _report_md(metrics: dict[str, Any], samples: list[dict], plots: list[str], c
         f"ties {metrics['ties_vs_sft']:.2f}",
         f"- {_matched(metrics)}",
         f"- RM win-rate of PPO over SFT: {metrics['rm_win_rate_vs_sft']:.3f}",
-        f"- alignment tax (held-out SFT perplexity, PPO - SFT): {metrics['alignment_tax']:+.4f}",
+        f"- alignment tax (perplexity of the {metrics['tax_demonstrations']} held-out demonstrations the judge rates "
+        f"best, PPO - SFT): {metrics['alignment_tax']:+.4f}; on all {metrics['demonstrations']}: "
+        f"{metrics['alignment_tax_all']:+.4f}",
         f"- {metrics['overoptimisation_reason']}",
         "",
         "| metric | SFT | PPO |",

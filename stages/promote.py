@@ -40,7 +40,7 @@ class PromoteConfig:
     min_win_rate_vs_sft_ci_low: float  # ... and the lower end of its 95% interval (clustered by prompt)
     min_win_rate_vs_champion: float
     max_kl: float  # ppo/kl_k1_seq: nats per response
-    max_alignment_tax: float  # rise of held-out SFT perplexity
+    max_alignment_tax: float  # perplexity rise on the held-out demonstrations the judge rates best
     block_on_overoptimisation: bool
 
     SECTION: ClassVar[str] = "promote"

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from stages import evaluate
 from stages.lib import gold
-from stages.lib.heldout import win_rate
+from stages.lib.heldout import judged_best, win_rate
+from stages.lib.io import read_jsonl
+from stages.lib.judge import GoldJudge
 from stages.lib.outcome import ExitCode
 from tests.helpers import BIN, OPEN_GATE, OPEN_PROMOTE, env, make_project, run
 
@@ -115,11 +117,27 @@ def test_report_and_metrics(project):
     assert m["ppo/kl_k3_seq"] >= 0 and m["ppo/kl_k3_token"] >= 0  # k3 is never negative
     assert m["sft/kl_k1_seq"] == pytest.approx(0, abs=1e-4)  # SFT against itself (the reference)
     assert m["alignment_tax"] == pytest.approx(m["ppo/perplexity"] - m["sft/perplexity"])
+    assert m["alignment_tax_all"] == pytest.approx(m["ppo/perplexity_all"] - m["sft/perplexity_all"])
+    assert m["dpo/perplexity"] > 1 and m["dpo/perplexity_all"] > 1
     assert 0 <= m["ppo/eos_rate"] <= 1 and 0 < m["ppo/distinct_2"] <= 1
     report = (out / "report.md").read_text()
     assert f"**{m['win_rate_vs_sft']:.3f}**" in report and "| prompt | SFT | PPO |" in report
     assert (out / "report.html").read_text().count("<tr>") > 5
     assert (out / "judge_vs_proxy.png").exists() and (out / "reward_vs_kl.png").exists()
+
+
+def test_the_alignment_tax_is_measured_on_the_demonstrations_the_judge_rates_best(project):
+    rows = list(read_jsonl(project / "artifacts/validate/data/sft_test.jsonl"))
+    scores = {id(r): gold.gold_score(r["prompt"], r["response"]) for r in rows}
+    best = judged_best(rows, GoldJudge(), 0.25)
+    cut = min(scores[id(r)] for r in best)
+    assert len(best) >= math.ceil(0.25 * len(rows)) and cut > min(scores.values())  # a top quarter, not everything
+    assert best == [r for r in rows if scores[id(r)] >= cut]  # every demonstration at or above the cut, in order
+    assert judged_best(rows, GoldJudge(), 1.0) == rows
+    m = json.loads((project / "artifacts/evaluate/metrics.json").read_text())
+    assert (m["tax_demonstrations"], m["demonstrations"]) == (len(best), len(rows))
+    report = (project / "artifacts/evaluate/report.md").read_text()
+    assert f"perplexity of the {len(best)} held-out demonstrations the judge rates best" in report
 
 
 def test_pipeline_promotes_and_the_champion_generates_text(project):

@@ -187,6 +187,18 @@ def perplexity(model, tokenizer, rows: Sequence[dict[str, str]]) -> float:
     return math.exp(-pm.masked_mean(logprobs, mask).item())
 
 
+def judged_best(rows: Sequence[dict[str, str]], judge: Judge, share: float) -> list[dict[str, str]]:
+    """The held-out demonstrations the judge rates best: those scoring at least the score at the top `share` of them
+    (ties at the cut included; share 1.0: every one). The alignment tax is measured on them: the rise of their
+    perplexity is forgetting what was right, while a policy that stops imitating the demonstrations' flaws (the very
+    thing RLHF is for) raises the perplexity of the flawed ones."""
+    if share >= 1.0:
+        return list(rows)
+    scores = judge.scores([r["prompt"] for r in rows], [r["response"] for r in rows])
+    cut = sorted(scores, reverse=True)[max(0, math.ceil(share * len(scores)) - 1)]
+    return [r for r, s in zip(rows, scores, strict=True) if s >= cut]
+
+
 def monitor_scores(
     policy, tokenizer, rm: RewardModel, judge: Judge, prompts: Sequence[str], sampling: Sampling
 ) -> dict[str, Any]:
