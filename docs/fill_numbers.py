@@ -348,11 +348,13 @@ def make_run_results(r: Results) -> str:
     c, rm, gate, ppo, ev, pr = d["comparisons"], d["reward"], d["reward_gate"], d["ppo"], d["evaluate"], d["promote"]
     ladder = sorted(int(k.split("/")[1]) for k in ev if k.startswith("bon/") and k.endswith("/win_rate_vs_sft"))
     n = ev["bon_matched_n"]
+    best = max(ladder, key=lambda m: ev[f"bon/{m}/win_rate_vs_sft"])  # the ladder's best rung
     matched = (
         f"best-of-{n} (the smallest n whose KL {ev[f'bon/{n}/kl']:.2f} is at least PPO's): "
         f"{ev[f'bon/{n}/win_rate_vs_sft']:.3f}; PPO {'above' if ev['ppo_beats_matched_bon'] else 'not above'} it"
         if n
-        else "PPO's KL is past the ladder"
+        else f"PPO's KL is past the ladder; its best rung, best-of-{best}: {ev[f'bon/{best}/win_rate_vs_sft']:.3f}; "
+        f"PPO {'above' if ev['win_rate_vs_sft'] > ev[f'bon/{best}/win_rate_vs_sft'] else 'not above'} it"
     )
     promoted = (
         f"**promoted**: version {pr['version']} is the champion"
@@ -425,7 +427,7 @@ def ppo_frontier(r: Results) -> str:
         body.append(cells)
     seeds = sorted({s for v in d["variants"].values() for s in v["seeds"]})
     header = ["PPO (rloo)", *[f"seed {s}: win-rate at KL (matched best-of-n)" for s in seeds]]
-    tax = f"alignment tax per seed (promotion limit {d['max_alignment_tax']})"
+    tax = f"perplexity rise on every demonstration per seed (the tax before tax_share; limit {d['max_alignment_tax']})"
     return table([*header, "mean win-rate / KL", "above matched best-of-n", tax], body)
 
 
@@ -439,7 +441,13 @@ def onpolicy_seeds(r: Results) -> str:
             body.append([str(run["seed"]), "stopped by the reward-model gate: " + run["gate"], "", "", "", "", "", ""])
             continue
         e, n = run["evaluation"], run["evaluation"]["bon_matched_n"]
-        bon = f"{e[f'bon/{n}/win_rate_vs_sft']:.3f} (n={n})" if n else "past the ladder"
+        ladder = [int(k.split("/")[1]) for k in e if k.startswith("bon/") and k.endswith("/win_rate_vs_sft")]
+        top = max(ladder, key=lambda m: e[f"bon/{m}/win_rate_vs_sft"])
+        bon = (
+            f"{e[f'bon/{n}/win_rate_vs_sft']:.3f} (n={n})"
+            if n
+            else f"past the ladder (its best: {e[f'bon/{top}/win_rate_vs_sft']:.3f}, n={top})"
+        )
         dpo = f"{e['dpo_win_rate_vs_sft']:.3f}" if e.get("dpo_win_rate_vs_sft") is not None else "-"
         body.append(
             [

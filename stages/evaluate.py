@@ -101,6 +101,8 @@ def overoptimisation(
     reason = (
         f"{verdict}from step {best['step']:.0f} (best judge's score) to the kept step {kept['step']:.0f} the "
         f"RM score moved {d_rm:+.3f} and the judge's score {d_judge:+.3f}"
+        if kept is not best
+        else f"{verdict}the kept step {kept['step']:.0f} has the best judge's score of the {len(rows)} checkpoints"
     )
     if se and not flagged and d_rm > rm_rise and -d_judge > judge_drop:
         reason += f", within {z:g} standard errors ({se:.3f}) of the monitor's noise"
@@ -260,12 +262,17 @@ def matched_best_of_n(metrics: dict[str, Any]) -> dict[str, Any]:
     """The best-of-n baseline PPO must beat: the smallest n of the ladder whose KL is at least PPO's (best-of-n buys
     its gain with KL, so a fair comparison gives it at least as much). None when PPO's KL is past the ladder."""
     ladder = _ladder(metrics)
-    n = next((n for n in ladder if metrics[f"bon/{n}/kl"] >= metrics["ppo/kl_k1_seq"]), None)
-    if n is None:
+    if not ladder:
         return {"bon_matched_n": None, "ppo_beats_matched_bon": None}
+    best = max(ladder, key=lambda m: metrics[f"bon/{m}/win_rate_vs_sft"])  # past the ladder, PPO faces its best rung
+    n = next((n for n in ladder if metrics[f"bon/{n}/kl"] >= metrics["ppo/kl_k1_seq"]), None)
     return {
         "bon_matched_n": n,
-        "ppo_beats_matched_bon": metrics["win_rate_vs_sft"] > metrics[f"bon/{n}/win_rate_vs_sft"],
+        "ppo_beats_matched_bon": None
+        if n is None
+        else metrics["win_rate_vs_sft"] > metrics[f"bon/{n}/win_rate_vs_sft"],
+        "bon_best_n": best,
+        "ppo_beats_best_bon": metrics["win_rate_vs_sft"] > metrics[f"bon/{best}/win_rate_vs_sft"],
     }
 
 
@@ -390,9 +397,16 @@ REPORT_KEYS = [
 
 
 def _matched(metrics: dict[str, Any]) -> str:
-    n = metrics.get("bon_matched_n")
+    n, best = metrics.get("bon_matched_n"), metrics.get("bon_best_n")
+    if best is None:
+        return "no best-of-n baseline (evaluate.best_of_n is empty)"
     if n is None:
-        return "PPO's KL is past the best-of-n ladder: no best-of-n baseline at a KL as large"
+        verdict = "above" if metrics["ppo_beats_best_bon"] else "not above"
+        return (
+            f"PPO's KL {metrics['ppo/kl_k1_seq']:.3f} is past the best-of-n ladder (no n measured spends as much); "
+            f"PPO is {verdict} its best rung, best-of-{best}: win-rates {metrics['win_rate_vs_sft']:.3f} vs "
+            f"{metrics[f'bon/{best}/win_rate_vs_sft']:.3f}"
+        )
     verdict = "above" if metrics["ppo_beats_matched_bon"] else "not above"
     return (
         f"PPO is {verdict} best-of-{n} (the smallest n whose KL {metrics[f'bon/{n}/kl']:.3f} is at least PPO's "

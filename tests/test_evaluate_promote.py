@@ -240,7 +240,8 @@ def test_overoptimisation_flag_on_synthetic_monitor():
     flagged, reason = evaluate.overoptimisation(kept_best, 0.1, 0.1)
     assert not flagged and "keeping the best checkpoint undid" in reason  # handled, not only detected
     both_rising = [{"step": 0, "rm_score": 0.0, "judge": 0.1}, {"step": 5, "rm_score": 1.0, "judge": 0.9}]
-    assert evaluate.overoptimisation(both_rising, 0.1, 0.1)[0] is False
+    flagged, reason = evaluate.overoptimisation(both_rising, 0.1, 0.1)
+    assert not flagged and reason.endswith("the kept step 5 has the best judge's score of the 2 checkpoints")
     # the same drop of 0.7, but the monitor's paired standard error is 0.4: within 2 of them, noise, not a finding
     noisy = [{**m, "judge_minus_kept_se": 0.4 if m["step"] == 5 else None} for m in rising_proxy_falling_judge]
     flagged, reason = evaluate.overoptimisation(noisy, 0.1, 0.1, 2.0)
@@ -335,3 +336,18 @@ def test_cli_promote_by_run_id_and_eval_by_model_uri(project, tmp_path):
     )
     assert unknown.returncode == ExitCode.BAD_INPUT and "cannot load models:/no-such-model/1" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+def test_ppo_faces_the_matched_best_of_n_or_past_the_ladder_its_best_rung():
+    ladder = {"bon/1/kl": 0.0, "bon/4/kl": 0.64, "bon/16/kl": 1.84}
+    ladder |= {"bon/1/win_rate_vs_sft": 0.47, "bon/4/win_rate_vs_sft": 0.62, "bon/16/win_rate_vs_sft": 0.59}
+    ladder |= {f"bon/{n}/judge": 0.0 for n in (1, 4, 16)}
+    inside = ladder | {"ppo/kl_k1_seq": 1.0, "win_rate_vs_sft": 0.60}
+    m = evaluate.matched_best_of_n(inside)
+    assert (m["bon_matched_n"], m["ppo_beats_matched_bon"]) == (16, True)  # 16 is the first rung with KL >= 1.0
+    assert (m["bon_best_n"], m["ppo_beats_best_bon"]) == (4, False)
+    past = ladder | {"ppo/kl_k1_seq": 7.3, "win_rate_vs_sft": 0.69}
+    m = evaluate.matched_best_of_n(past)
+    assert m["bon_matched_n"] is None and m["ppo_beats_matched_bon"] is None and m["ppo_beats_best_bon"] is True
+    assert "past the best-of-n ladder" in evaluate._matched(past | m) and "best-of-4" in evaluate._matched(past | m)
+    assert evaluate.matched_best_of_n({"ppo/kl_k1_seq": 1.0, "win_rate_vs_sft": 0.6})["bon_matched_n"] is None
