@@ -26,7 +26,17 @@ from stages.lib.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TAX = yaml.safe_load((ROOT / "params.yaml").read_text())["promote"]["max_alignment_tax"]
-PPO_KEYS = ("num_steps", "batch_size", "kl_coef", "learning_rate", "estimator", "group_size")
+PPO_KEYS = (
+    "num_steps",
+    "batch_size",
+    "kl_coef",
+    "learning_rate",
+    "estimator",
+    "group_size",
+    "adaptive_kl",
+    "kl_target",
+    "kl_horizon",
+)
 
 
 def seed_result(folder: Path) -> dict | None:
@@ -42,7 +52,9 @@ def seed_result(folder: Path) -> dict | None:
         "win_rate_ci": [round(x, 4) for x in ev["win_rate_vs_sft_ci"]],
         "judge_diff": round(ev["judge_diff_vs_sft"], 4),
         "kl": round(ev["ppo/kl_k1_seq"], 3),
-        "alignment_tax": round(ev["alignment_tax"], 3),  # promote.max_alignment_tax stops a promotion above it
+        # the perplexity rise on every held-out demonstration: the promotion's tax before evaluate.tax_share (the
+        # evaluations of the first variants predate it), so the column means one thing for every run
+        "alignment_tax": round(ev.get("alignment_tax_all", ev["alignment_tax"]), 3),
         "matched_n": n,
         "matched_bon_win_rate": round(ev[f"bon/{n}/win_rate_vs_sft"], 4) if n else None,
         "beats_matched_bon": ev["ppo_beats_matched_bon"],

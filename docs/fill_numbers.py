@@ -414,7 +414,10 @@ def ppo_frontier(r: Results) -> str:
     body = []
     for name, v in d["variants"].items():
         p = v["ppo"]
-        cells = [f"{name}: kl_coef {p['kl_coef']}, {p['num_steps']} steps x {p['batch_size']}"]
+        leash = f"kl_coef {p['kl_coef']}" + (
+            f" adapting toward KL {p['kl_target']} (horizon {p['kl_horizon']})" if p.get("adaptive_kl") else ""
+        )
+        cells = [f"{name}: {leash}, {p['num_steps']} steps x {p['batch_size']}"]
         for seed in sorted(v["seeds"]):
             x = v["seeds"][seed]
             bon = f"best-of-{x['matched_n']} {x['matched_bon_win_rate']:.3f}" if x["matched_n"] else "past the ladder"
