@@ -484,17 +484,14 @@ def rlhf_pipeline(
         return Failed(
             name=state_name(ExitCode.BUSY),
             message=str(e),
-            data={
-                "project_dir": str(project),
-                "plan": names,
-                "ran": [],
-                "skipped": [],
-                "restored": [],
-                "artifacts": [],
-                "exit_code": ExitCode.BUSY,
-                "parent_run_id": None,
-            },  # fmt: skip
+            data=_nothing_ran(project, names, ExitCode.BUSY, skipped=[]),
         )
+
+
+def _nothing_ran(project: Path, names: list[str], exit_code: ExitCode, **extra: Any) -> dict[str, Any]:
+    """The flow's summary when no stage ran: busy, or nothing new since the last run."""
+    return {"project_dir": str(project), "plan": names, "ran": [], "restored": [], "artifacts": [],
+            "exit_code": exit_code, "parent_run_id": None, **extra}  # fmt: skip
 
 
 def _pipeline(project: Path, names: list[str], where: Runner, runner: str, image: str) -> dict[str, Any] | State:
@@ -504,8 +501,7 @@ def _pipeline(project: Path, names: list[str], where: Runner, runner: str, image
     if nothing := up_to_date(project, names):  # a scheduled run with nothing new: one line, no empty MLflow run
         logger.info(nothing)
         _quietly("ending runs left RUNNING by flows that are over", _end_stale, project)  # as a working run would
-        return {"project_dir": str(project), "plan": names, "ran": [], "skipped": names, "restored": [],
-                "artifacts": [], "exit_code": ExitCode.OK, "parent_run_id": None, "nothing_new": nothing}  # fmt: skip
+        return _nothing_ran(project, names, ExitCode.OK, skipped=names, nothing_new=nothing)
     tracking_uri, parent_run_id = _open_parent(project, names, runner, image)
     artifacts: list[str] = []
     status = "FAILED"
