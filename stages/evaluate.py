@@ -188,7 +188,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     metrics |= matched_best_of_n(metrics)
     metrics["rounds"] = rounds_table(inputs.rounds)
 
-    # 2. the alignment tax: the rise of held-out demonstrations' perplexity, on those the judge rates best (the gate's)
+    # 2. the alignment tax: the rise of held-out demonstrations' perplexity, on those the judge rates best (promotion's)
     #    and on every one (reported)
     heldout = read_jsonl(data_dir / "sft_test.jsonl")
     best = judged_best(heldout, judge, config.tax_share)

@@ -192,7 +192,7 @@ def judged_best(rows: Sequence[dict[str, str]], judge: Judge, share: float) -> l
     (ties at the cut included; share 1.0: every one). The alignment tax is measured on them: the rise of their
     perplexity is forgetting what was right, while a policy that stops imitating the demonstrations' flaws (the very
     thing RLHF is for) raises the perplexity of the flawed ones."""
-    if share >= 1.0:
+    if share >= 1.0 or not rows:
         return list(rows)
     scores = judge.scores([r["prompt"] for r in rows], [r["response"] for r in rows])
     cut = sorted(scores, reverse=True)[max(0, math.ceil(share * len(scores)) - 1)]
