@@ -417,7 +417,8 @@ def ppo_frontier(r: Results) -> str:
         leash = f"kl_coef {p['kl_coef']}" + (
             f" adapting toward KL {p['kl_target']} (horizon {p['kl_horizon']})" if p.get("adaptive_kl") else ""
         )
-        cells = [f"{name}: {leash}, {p['num_steps']} steps x {p['batch_size']}"]
+        groups = f", {p['estimator']} groups of {p['group_size']}" if p["estimator"] in ("rloo", "grpo") else ""
+        cells = [f"{name}: {leash}, {p['num_steps']} steps x {p['batch_size']}{groups}"]
         for seed in sorted(v["seeds"]):
             x = v["seeds"][seed]
             bon = f"best-of-{x['matched_n']} {x['matched_bon_win_rate']:.3f}" if x["matched_n"] else "past the ladder"
@@ -429,7 +430,7 @@ def ppo_frontier(r: Results) -> str:
         cells.append(" / ".join(f"{v['seeds'][seed]['alignment_tax']:.2f}" for seed in sorted(v["seeds"])))
         body.append(cells)
     seeds = sorted({s for v in d["variants"].values() for s in v["seeds"]})
-    header = ["PPO (rloo)", *[f"seed {s}: win-rate at KL (matched best-of-n)" for s in seeds]]
+    header = ["PPO setting", *[f"seed {s}: win-rate at KL (matched best-of-n)" for s in seeds]]
     tax = f"perplexity rise on every demonstration per seed (the tax before tax_share; limit {d['max_alignment_tax']})"
     return table([*header, "mean win-rate / KL", "above matched best-of-n", tax], body)
 
