@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -305,14 +306,18 @@ def test_mlflow_away_too_long_fails_in_one_line_and_a_rerun_completes(first, tea
     code, output, ppo = _fault_run(team, stack, "mlflow", 20, 15, tmp_path, short)
     assert code == ExitCode.UNAVAILABLE, output[-3000:]
     line = one_line_reason(output)
-    assert "stopped at ppo (unavailable, exit 69): the MLflow tracking server" in line and "run it again" in line
+    # the stage that meets the outage depends on timing: PPO here under load and in CI so far; on an idle machine
+    # (a fresh clone's make test, 12-04) PPO completed and promote stopped instead
+    stopped = re.search(r"stopped at (ppo|evaluate|promote) \(unavailable, exit 69\): the MLflow tracking server", line)
+    assert stopped and "run it again" in line, line
     assert "Traceback" not in output
 
     rerun = team.run()
-    assert "ran: ppo, evaluate, promote" in rerun.stdout, rerun.stdout
-    # ended by the rerun, not left RUNNING: KILLED by flows/lifecycle.py (its process is gone), or FAILED by the flow
-    assert stack.mlflow.get_run(ppo).info.status in ("KILLED", "FAILED")
-    _consistent(stack, team)
+    after = ["ppo", "evaluate", "promote"]
+    assert "ran: " + ", ".join(after[after.index(stopped[1]) :]) in rerun.stdout, rerun.stdout
+    if stopped[1] == "ppo":  # ended by the rerun, not left RUNNING: KILLED by flows/lifecycle.py (its process is
+        assert stack.mlflow.get_run(ppo).info.status in ("KILLED", "FAILED")  # gone), or FAILED by the flow
+    _consistent(stack, team)  # and no run of any stage left RUNNING
 
 
 def test_two_clones_on_the_stack_share_one_promotion_lock(stack: Stack):
