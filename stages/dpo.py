@@ -22,6 +22,7 @@ from stages.lib.io import read_jsonl, staged_dir, write_json
 from stages.lib.modeling import (
     context_limit,
     current_device,
+    keep_context,
     load_causal_lm,
     seed_everything,
     trainer_device,
@@ -139,6 +140,7 @@ def run(
                 training_pairs(labels[0], data_dir, labels[1]) if labels else read_jsonl(data_dir / "preferences.jsonl")
             )
             model, tokenizer, history, seconds, truncated = train(config, sft_dir, rows, tracker, precision)
+            keep_context(tokenizer, context_limit(model, config.max_length))
             model.save_pretrained(tmp / "model", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             losses = [h["loss"] for h in history if "loss" in h]

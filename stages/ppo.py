@@ -543,14 +543,18 @@ def checkpointer(config: PPOConfig, inputs: list[Path]) -> Checkpointer:
     return Checkpointer(Path(config.checkpoint_dir), fingerprint(settings, inputs + code), config.keep_checkpoints)
 
 
-def rollout_prompts(config: PPOConfig, policy: nn.Module, tokenizer: Any, path: Path) -> tuple[list[str], int]:
+def rollout_prompts(
+    config: PPOConfig, policy: nn.Module, tokenizer: Any, path: Path, rm_window: int | None = None
+) -> tuple[list[str], int]:
     """The PPO prompts within the context budget: each keeps its last turns in the room the response leaves
-    (stages/lib/context.py). Returns (prompts, how many were cut)."""
-    window = modeling.context_limit(policy, 10**9)
+    (stages/lib/context.py) in the window the policy was fine-tuned at and the reward model scores (`rm_window`), so
+    every rollout is a sequence both have learned. Returns (prompts, how many were cut)."""
+    window = modeling.model_context(policy, tokenizer)
+    window = min(window, rm_window) if rm_window else window
     if config.response_length >= window:
         raise BadInput(
-            f"ppo.response_length {config.response_length} leaves no room for a prompt in the policy's "
-            f"context of {window} tokens"
+            f"ppo.response_length {config.response_length} leaves no room for a prompt in the "
+            f"context of {window} tokens (the policy's and the reward model's)"
         )
     return context.fit_prompts(tokenizer, [r["prompt"] for r in read_jsonl(path)], window - config.response_length)
 
@@ -715,7 +719,7 @@ def run(
     tracker = tracker if tracker is not None else NullTracker()
     s = start(config, data_dir, sft_dir, rm_dir, norm_file, tracker, judge or GoldJudge(), start_dir)
     prompts, s.state.truncated_prompts = rollout_prompts(
-        config, s.unwrapped.policy, s.tokenizer, data_dir / "prompts.jsonl"
+        config, s.unwrapped.policy, s.tokenizer, data_dir / "prompts.jsonl", s.rm.max_length
     )
     outcome, reason = train(s, prompts)
     return finish(config, s.accelerator, s.model, s.ckpt, s.state, outcome, reason, s.tokenizer, out_dir, s.tracker)

@@ -26,6 +26,7 @@ from stages.lib.modeling import (
     create_base_model,
     current_device,
     generate,
+    keep_context,
     load_causal_lm,
     peft_config,
     seed_everything,
@@ -178,6 +179,7 @@ def run(config: SFTConfig, data_dir: Path, out_dir: Path, tracker: Tracker, prec
 
         # 2. save the policy's starting point / PPO's frozen reference
         tokenizer.padding_side = "left"
+        keep_context(tokenizer, context_limit(model, config.max_length))  # every later stage's window
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
 

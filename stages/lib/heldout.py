@@ -19,7 +19,7 @@ import torch
 from stages.lib import rl_math as pm
 from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.judge import Judge
-from stages.lib.modeling import Generation, context_limit, generate
+from stages.lib.modeling import Generation, generate, model_context
 from stages.lib.rewards import RewardModel
 
 
@@ -153,7 +153,7 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], replies: Sequenc
     through the model LOGPROB_BATCH at a time, and the lm_head runs only from the batch's first reply token on, so
     memory stays bounded whatever the number of rows and the vocabulary."""
     model.eval()
-    fitted = fit_pairs(tokenizer, prompts, [replies], context_limit(model, 10**9))  # the context budget
+    fitted = fit_pairs(tokenizer, prompts, [replies], model_context(model, tokenizer))  # the context budget
     sep = reply_prefix(tokenizer)
     enc_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in fitted.prompts]
     enc_r = [

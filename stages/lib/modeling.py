@@ -311,6 +311,21 @@ def context_limit(model: PreTrainedModel, wanted: int) -> int:
     return min(wanted, limit)
 
 
+def model_context(model: PreTrainedModel, tokenizer: Any) -> int:
+    """The context a model is given: its position limit, capped by the one it was fine-tuned at, which the training
+    stages record as the saved tokenizer's `model_max_length` (`keep_context`). A pretrained chat model knows 8192
+    positions; the real profile fine-tunes it at 256, so its rollouts, samples and the reward model's scores stay in
+    the window it learned (and the cost of a step stays that of 256 tokens, not of a whole long dialogue)."""
+    limit = context_limit(model, 10**9)
+    trained = getattr(tokenizer, "model_max_length", None)
+    return min(limit, int(trained)) if isinstance(trained, int | float) and trained > 0 else limit
+
+
+def keep_context(tokenizer: Any, max_length: int) -> None:
+    """Record on the tokenizer the context a stage trained at (saved with it in tokenizer_config.json)."""
+    tokenizer.model_max_length = max_length
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generation uses them. (B, L) -> (B, L)."""
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -366,8 +381,9 @@ def generate(
     from stages.lib.context import fit_prompts
 
     model.eval()
-    max_new_tokens = min(max_new_tokens, context_limit(model, 10**9) - 1)
-    prompts, truncated = fit_prompts(tokenizer, prompts, context_limit(model, 10**9) - max_new_tokens)
+    window = model_context(model, tokenizer)
+    max_new_tokens = min(max_new_tokens, window - 1)
+    prompts, truncated = fit_prompts(tokenizer, prompts, window - max_new_tokens)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     replies: list[str] = []

@@ -29,6 +29,7 @@ from stages.lib.modeling import (
     context_limit,
     current_device,
     generate,
+    keep_context,
     load_causal_lm,
     peft_config,
     seed_everything,
@@ -340,6 +341,7 @@ def build(
 
     # 4. save: model, stats, plots, metrics
     out_dir.mkdir(parents=True, exist_ok=True)
+    keep_context(tokenizer, context_limit(model, config.max_length))  # the window it is trained and normalised at
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
     write_json(out_dir / "norm.json", norm)

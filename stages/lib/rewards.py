@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stages.lib.context import fit_pairs, reply_prefix
-from stages.lib.modeling import context_limit, position_ids, to_device
+from stages.lib.modeling import model_context, position_ids, to_device
 
 
 class RewardModel:
@@ -28,7 +28,7 @@ class RewardModel:
 
     def __init__(self, model: nn.Module, tokenizer: Any, norm: dict[str, float] | None = None) -> None:
         self.model, self.tokenizer, self.norm = model, tokenizer, norm
-        self.max_length = context_limit(model, 10**9)
+        self.max_length = model_context(model, tokenizer)
         self.last_truncated = 0
 
     @classmethod
