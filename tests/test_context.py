@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -90,6 +92,46 @@ def test_generation_never_indexes_past_the_context(tokenizer):
     out = generate(model, tokenizer, prompts, max_new_tokens=16)
     assert len(out.replies) == 2 and out.truncated == 1
     assert fit_prompts(tokenizer, prompts, 48)[1] == 1
+
+
+def test_a_model_is_given_the_context_it_was_fine_tuned_at_not_every_position_it_has(tokenizer, tmp_path):
+    """A pretrained model knows more positions than the stage trained at (SmolLM2: 8192 against 256): the window the
+    stage records on the saved tokenizer bounds generation, held-out log-probs, the reward model's scores and PPO's
+    rollout prompts, so none of them runs on whole long dialogues the models never learned."""
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.lib.heldout import sequence_logprobs
+    from stages.lib.modeling import keep_context, load_causal_lm, model_context
+    from stages.lib.rewards import RewardModel
+    from stages.ppo import rollout_prompts
+
+    torch.manual_seed(0)
+    tok = copy.deepcopy(tokenizer)
+    shape = defaults(TinyModelConfig, n_layer=1, n_embd=32, n_head=2, max_positions=128)
+    model = build_tiny_model("gpt2", shape, tok)
+    assert model_context(model, tok) == 128  # nothing recorded: the positions
+    keep_context(tok, 48)
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    model, tok = load_causal_lm(tmp_path / "policy")
+    assert model_context(model, tok) == 48  # saved with the tokenizer, read back with it
+    prompt = _dialogue(20)
+    assert n_tokens(tok, prompt) > 128
+    out = generate(model, tok, [prompt], max_new_tokens=16)
+    assert out.truncated == 1
+    logprobs, mask = sequence_logprobs(model, tok, [prompt], ["four"], 1.0)
+    assert logprobs.shape[1] <= 48 - 1 and mask.sum() >= 1
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy", num_labels=1)
+    rm.save_pretrained(tmp_path / "rm")
+    keep_context(tok, 40)
+    tok.save_pretrained(tmp_path / "rm")
+    assert RewardModel.load(tmp_path / "rm").max_length == 40
+    (tmp_path / "prompts.jsonl").write_text(f'{{"prompt": {json.dumps(prompt)}}}\n')
+    config = SimpleNamespace(response_length=16)
+    fitted, cut = rollout_prompts(config, model, tok, tmp_path / "prompts.jsonl", rm_window=40)
+    assert cut == 1 and n_tokens(tok, fitted[0]) <= 40 - 16
+    with pytest.raises(BadInput, match="context of 16 tokens"):
+        rollout_prompts(config, model, tok, tmp_path / "prompts.jsonl", rm_window=16)
 
 
 def _pairs(n: int) -> pd.DataFrame:

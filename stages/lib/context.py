@@ -62,8 +62,14 @@ def model_prompt(tokenizer: Any, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages(prompt), tokenize=False, add_generation_prompt=True)
 
 
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The text's tokens, however long: the budget counts them to cut, so HF's "longer than the specified maximum
+    sequence length" warning (the model's trained context, `model_max_length`) would only mislead."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def n_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(token_ids(tokenizer, text))
 
 
 def split_turns(prompt: str) -> list[str]:
@@ -73,7 +79,7 @@ def split_turns(prompt: str) -> list[str]:
 
 def keep_end(tokenizer: Any, text: str, max_tokens: int) -> str:
     """The longest end of `text` that is at most `max_tokens` tokens, cut at a token boundary."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:] if max_tokens > 0 else []
+    ids = token_ids(tokenizer, text)[-max_tokens:] if max_tokens > 0 else []
     kept = tokenizer.decode(ids)
     while ids and n_tokens(tokenizer, kept) > max_tokens:  # a cut inside a multi-byte character re-tokenises longer
         ids = ids[1:]
@@ -83,7 +89,7 @@ def keep_end(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 def keep_start(tokenizer: Any, text: str, max_tokens: int) -> str:
     """The longest start of `text` that is at most `max_tokens` tokens, cut at a token boundary."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens] if max_tokens > 0 else []
+    ids = token_ids(tokenizer, text)[:max_tokens] if max_tokens > 0 else []
     kept = tokenizer.decode(ids)
     while ids and n_tokens(tokenizer, kept) > max_tokens:
         ids = ids[:-1]
