@@ -67,11 +67,12 @@ def disk(project: Path) -> dict[str, float]:
     return sizes | {"project_total": round(sum(v for k, v in sizes.items() if k != "model_cache"), 1)}
 
 
-def samples(evaluate: Path, n: int = 4) -> list[dict]:
-    """The first side-by-side samples of the evaluation (prompt's last turn, SFT's reply, PPO's reply)."""
+def samples(evaluate: Path, n: int = 6) -> list[dict]:
+    """The evaluation's side-by-side samples (prompt, SFT's reply, PPO's reply, their scores): the first reply to each
+    of the first `n` distinct prompts, in the file's order (no choosing)."""
     path = evaluate / "samples.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]] if path.exists() else []
-    return rows
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return list({row["prompt"]: row for row in reversed(rows)}.values())[::-1][:n]
 
 
 def main() -> int:

@@ -341,6 +341,25 @@ def reward_real(r: Results) -> str:
     )  # fmt: skip
 
 
+@generated("real-samples")
+def real_samples(r: Results) -> str:
+    """The real profile's first evaluation samples side by side: the prompt's last turn, SFT's and PPO's replies and
+    the gold judge's score of each (benchmarks/real_profile_results.json, from the evaluation's samples.jsonl)."""
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    body = [
+        [
+            cell(row["prompt"].rsplit("Human:", 1)[-1].removesuffix("Assistant:")),
+            f"{cell(row['sft'])} ({row['sft_judge']:+.1f})",
+            f"{cell(row['ppo'])} ({row['ppo_judge']:+.1f})",
+        ]
+        for row in r("real_profile_results")["samples"]
+    ]
+    return table(["last turn of the held-out dialogue", "SFT (gold)", "PPO (gold)"], body)
+
+
 @generated("make-run-results")
 def make_run_results(r: Results) -> str:
     """The default pipeline's numbers from `make run` (benchmarks/make_run_results.json)."""
