@@ -71,8 +71,11 @@ def samples(evaluate: Path, n: int = 6) -> list[dict]:
     """The evaluation's side-by-side samples (prompt, SFT's reply, PPO's reply, their scores): the first reply to each
     of the first `n` distinct prompts, in the file's order (no choosing)."""
     path = evaluate / "samples.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return list({row["prompt"]: row for row in reversed(rows)}.values())[::-1][:n]
+    first: dict[str, dict] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        first.setdefault(row["prompt"], row)
+    return list(first.values())[:n]
 
 
 def main() -> int:

@@ -544,13 +544,12 @@ def checkpointer(config: PPOConfig, inputs: list[Path]) -> Checkpointer:
 
 
 def rollout_prompts(
-    config: PPOConfig, policy: nn.Module, tokenizer: Any, path: Path, rm_window: int | None = None
+    config: PPOConfig, policy: nn.Module, tokenizer: Any, path: Path, rm_window: int
 ) -> tuple[list[str], int]:
     """The PPO prompts within the context budget: each keeps its last turns in the room the response leaves
     (stages/lib/context.py) in the window the policy was fine-tuned at and the reward model scores (`rm_window`), so
     every rollout is a sequence both have learned. Returns (prompts, how many were cut)."""
-    window = modeling.model_context(policy, tokenizer)
-    window = min(window, rm_window) if rm_window else window
+    window = min(modeling.model_context(policy, tokenizer), rm_window)
     if config.response_length >= window:
         raise BadInput(
             f"ppo.response_length {config.response_length} leaves no room for a prompt in the "

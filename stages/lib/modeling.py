@@ -316,9 +316,7 @@ def model_context(model: PreTrainedModel, tokenizer: Any) -> int:
     stages record as the saved tokenizer's `model_max_length` (`keep_context`). A pretrained chat model knows 8192
     positions; the real profile fine-tunes it at 256, so its rollouts, samples and the reward model's scores stay in
     the window it learned (and the cost of a step stays that of 256 tokens, not of a whole long dialogue)."""
-    limit = context_limit(model, 10**9)
-    trained = getattr(tokenizer, "model_max_length", None)
-    return min(limit, int(trained)) if isinstance(trained, int | float) and trained > 0 else limit
+    return context_limit(model, int(tokenizer.model_max_length))  # HF's default when unrecorded: int(1e30)
 
 
 def keep_context(tokenizer: Any, max_length: int) -> None:
