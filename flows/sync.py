@@ -112,12 +112,13 @@ def with_option(cmd: str, option: str, values: list[str]) -> str:
 
 def param_paths(name: str, params: dict[str, Any], root: Path) -> tuple[str, list[str]] | None:
     """The path option a stage takes from params.yaml, and its values: the validate stage's data files, the
-    comparisons stage's labels file (labeler: file). None for the other stages."""
+    comparisons stage's labels file (labeler: file, or human: Label Studio's export). None for the other stages."""
     if name == "validate":
         return "--data", data_options(params, root)
     if name == "comparisons":
         compare = params.get("comparisons") or {}
-        return "--labels", [compare["labels"]] if compare.get("labeler") == "file" and compare.get("labels") else []
+        given = compare.get("labeler") in ("file", "human") and compare.get("labels")
+        return "--labels", [compare["labels"]] if given else []
     return None
 
 

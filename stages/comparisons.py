@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from stages.lib import gold
 from stages.lib.formats import Limits
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
+from stages.lib.label_studio import HumanLabeler
 from stages.lib.labelers import (
     EndpointLabeler,
     FileLabeler,
@@ -41,14 +42,24 @@ from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Allowed, con
 from stages.lib.task import TaskConfig
 from stages.lib.tracking import Tracker, mlflow_run
 
-LABELERS = ("simulated", "endpoint", "file", "none")
+HUMAN_METRICS = (
+    "annotations",
+    "annotators",
+    "split_votes",
+    "annotator_agreement",
+    "annotator_agreement_test",
+    "annotator_couples_test",
+    "outliers",
+    "problems",
+)
+LABELERS = ("simulated", "endpoint", "file", "human", "none")
 
 
 @dataclass(frozen=True)
 class ComparisonsConfig:
     """params.yaml: comparisons."""
 
-    labeler: str  # simulated | endpoint | file | none (no on-policy pairs: the reward model trains on offline pairs)
+    labeler: str  # simulated | endpoint | file | human (Label Studio) | none (no on-policy pairs: offline pairs alone)
     rounds: int  # rounds of comparisons -> reward model -> gate -> PPO; each after the first on the last PPO policy
     replies_per_prompt: int  # sampled per prompt, spread evenly over `temperatures`
     temperatures: list[float]  # more than one: pairs that differ in more than sampling noise
@@ -57,7 +68,8 @@ class ComparisonsConfig:
     test_pairs: int  # labelled pairs of held-out prompts: the gate's on-policy measurement, never trained on
     max_new_tokens: int
     seed: int
-    labels: str  # file: the labels a person returned (one JSON object a line: id, choice a|b|tie, annotator, time)
+    labels: str  # file: the labels a person returned (one JSON object a line); human: Label Studio's JSON export
+    wanted: int  # human: labelled pairs that close a round (0: every pair)
     endpoint: str  # endpoint: an OpenAI-compatible chat completions URL, e.g. http://host/v1/chat/completions
     endpoint_model: str
     timeout: float  # endpoint: seconds per request
@@ -74,6 +86,7 @@ class ComparisonsConfig:
         "max_new_tokens": AT_LEAST_ONE,
         "seed": NON_NEGATIVE,
         "timeout": POSITIVE,
+        "wanted": NON_NEGATIVE,
     }
 
     def __post_init__(self) -> None:
@@ -81,8 +94,11 @@ class ComparisonsConfig:
             raise ValueError("comparisons.temperatures: give at least one sampling temperature")
         if self.labeler == "endpoint" and not self.endpoint.startswith(("http://", "https://")):
             raise ValueError("comparisons.endpoint must be an http(s) URL when comparisons.labeler is endpoint")
-        if self.labeler == "file" and not self.labels:
-            raise ValueError("comparisons.labels must name the labels file when comparisons.labeler is file")
+        if self.labeler in ("file", "human") and not self.labels:
+            raise ValueError(
+                f"comparisons.labels must name the labels file when comparisons.labeler is {self.labeler} (human: "
+                "where Label Studio's JSON export of the round is saved)"
+            )
 
 
 def labeler_for(config: ComparisonsConfig, tau: float, labels_file: Path | None, limits: Limits) -> Labeler:
@@ -92,7 +108,11 @@ def labeler_for(config: ComparisonsConfig, tau: float, labels_file: Path | None,
     if config.labeler == "endpoint":
         return EndpointLabeler(config.endpoint, config.endpoint_model, config.timeout)
     if labels_file is None:
-        raise BadInput("comparisons.labeler is file but the stage's command passes no --labels file: run `rlhf sync`")
+        raise BadInput(
+            f"comparisons.labeler is {config.labeler} but the stage's command passes no --labels file: run `rlhf sync`"
+        )
+    if config.labeler == "human":
+        return HumanLabeler(labels_file, config.wanted, config.seed, limits)
     return FileLabeler(labels_file, limits)
 
 
@@ -130,13 +150,16 @@ def make_pairs(
     return pairs
 
 
-def preferences(pairs: list[Pair], labels: list[Label]) -> list[dict[str, str]]:
-    """prompt/chosen/rejected rows from labelled pairs; a tie teaches no preference and is left out."""
-    return [
-        {"prompt": p.prompt, "chosen": p.a if lab.choice == "a" else p.b, "rejected": p.b if lab.choice == "a" else p.a}
-        for p, lab in zip(pairs, labels, strict=True)
-        if lab.choice != "tie"
-    ]
+def preferences(pairs: list[Pair], labels: dict[str, Label]) -> list[dict[str, str]]:
+    """prompt/chosen/rejected rows from the pairs that have a label (by pair id); a tie teaches no preference and is
+    left out."""
+    rows = []
+    for p in pairs:
+        lab = labels.get(p.id)
+        if lab is not None and lab.choice != "tie":
+            chosen, rejected = (p.a, p.b) if lab.choice == "a" else (p.b, p.a)
+            rows.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected})
+    return rows
 
 
 def gold_agreement(rows: list[dict[str, str]]) -> float | None:
@@ -179,9 +202,12 @@ def run(
         test = make_pairs(replies_test, config.test_pairs, "test", round_, rng)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(report_dir / "pairs.jsonl", [asdict(p) for p in train + test])
-    # 3. label (a file labeler stops here while pairs await labels, naming how many)
+    if isinstance(labeler, HumanLabeler):
+        labeler.prepare(train + test, report_dir)  # Label Studio's tasks and labelling config
+    # 3. label (a file or human labeler stops here while pairs await labels, naming how many)
     labels = labeler.label(train + test) if labeler is not None and train + test else []
-    train_rows, test_rows = preferences(train, labels[: len(train)]), preferences(test, labels[len(train) :])
+    given = {lab.id: lab for lab in labels}
+    train_rows, test_rows = preferences(train, given), preferences(test, given)
     metrics = {
         "round": round_,
         "labeler": labeler.name if labeler is not None else "none",
@@ -194,7 +220,10 @@ def run(
         "test_preferences": len(test_rows),
         "labeler_gold_agreement_train": gold_agreement(train_rows),
         "labeler_gold_agreement_test": gold_agreement(test_rows),  # the gate's on-policy ceiling
+        "labelled_pairs": len(labels),
     }
+    if isinstance(labeler, HumanLabeler) and labeler.round is not None:  # people: their agreement, where two labelled
+        metrics |= {k: labeler.round.report[k] for k in HUMAN_METRICS}
     with staged_dir(out_dir) as tmp:
         write_jsonl(tmp / "pairs.jsonl", [asdict(p) for p in train + test])
         write_jsonl(tmp / "labels.jsonl", [asdict(lab) for lab in labels])
@@ -234,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         f"comparisons: {metrics['train_pairs']} training and {metrics['test_pairs']} test pairs of the policy's own "
         f"replies labelled by {metrics['labeler']}"
         + (f"; the labels agree with the gold judge {ceiling:.3f} on the test pairs" if ceiling is not None else "")
+        + (
+            f"; the annotators agree {metrics['annotator_agreement']:.3f} where two labelled one pair"
+            if metrics.get("annotator_agreement") is not None
+            else ""
+        )
     )
     return 0
 

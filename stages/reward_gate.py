@@ -145,7 +145,8 @@ def on_policy_gate(reward: dict[str, Any], ceiling: float | None, gate: GateConf
     ):
         failures.append(
             f"accuracy on the policy's own replies {accuracy:.3f} is more than {gate.max_on_policy_gap:.2f} below "
-            f"the labels' agreement with the gold judge there ({ceiling:.3f}){noise}"
+            f"the labels' ceiling there ({ceiling:.3f}: their agreement with the gold judge, or the annotators' with "
+            f"each other){noise}"
         )
     if gain is not None and gain < gate.min_bon_gold_gain:
         failures.append(
@@ -171,6 +172,13 @@ def ceiling(labeler_file: Path, heldout_pairs: Path, judge_metrics: Path | None)
         if judged.get("kind") == "reward_model":
             return judged["accuracy"], "the judge reward model's held-out accuracy (estimated from the data)"
     return None, "none known for these pairs: the floor alone"
+
+
+def labels_ceiling(comparisons: dict[str, Any]) -> float | None:
+    """The on-policy ceiling: the labels' agreement with the gold judge on the test pairs where one exists (the
+    simulated labeler), else the annotators' agreement with each other there (people in Label Studio)."""
+    gold_agreement = comparisons.get("labeler_gold_agreement_test")
+    return gold_agreement if gold_agreement is not None else comparisons.get("annotator_agreement_test")
 
 
 def run(
@@ -227,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_params({"reward_gate": asdict(gate)})
         known = ceiling(Path(args.labeler), Path(args.heldout), Path(args.judge_metrics))
         compared = Path(args.comparisons_metrics)
-        on_policy_ceiling = (
-            json.loads(compared.read_text()).get("labeler_gold_agreement_test") if compared.exists() else None
-        )
+        on_policy_ceiling = labels_ceiling(json.loads(compared.read_text())) if compared.exists() else None
         result = run(gate, reward_metrics, known, on_policy_ceiling, Path(args.out))
         tracker.log_metrics({k: v for k, v in result.numbers.items() if v is not None})
         tracker.set_tags(

@@ -52,8 +52,8 @@ def test_pairs_are_distinct_replies_of_one_prompt_and_every_prompt_gets_its_turn
 
 def test_a_tie_teaches_no_preference():
     pairs = [_pair("a1", "b1"), _pair("a2", "b2"), _pair("a3", "b3")]
-    labels = [Label(p.id, c, "file", "r1", None) for p, c in zip(pairs, ("a", "b", "tie"), strict=True)]
-    assert preferences(pairs, labels) == [
+    labels = {p.id: Label(p.id, c, "file", "r1", None) for p, c in zip(pairs, ("a", "b", "tie"), strict=True)}
+    assert preferences([*pairs, _pair("a4", "b4")], labels) == [  # a pair with no label (yet) teaches nothing either
         {"prompt": TASK_PROMPT, "chosen": "a1", "rejected": "b1"},
         {"prompt": TASK_PROMPT, "chosen": "b2", "rejected": "a2"},
     ]
@@ -150,7 +150,7 @@ def _stage(project: Path, tmp: Path, **section: object) -> tuple[int, str, Path]
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [sys.executable, "-m", "stages.comparisons", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "out")]
     cmd += ["--reports", str(tmp / "reports")]
-    if section.get("labeler") == "file":
+    if section.get("labeler") in ("file", "human"):
         cmd += ["--labels", str(section["labels"])]
     proc = run(cmd, project, check=False)
     return proc.returncode, proc.stdout + proc.stderr, tmp / "out"
@@ -195,6 +195,53 @@ def test_the_stage_waits_for_a_persons_labels_then_uses_them(project, tmp_path):
     rows = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     pairs = [p for p in to_label if p["split"] == "train"]
     assert rows == [{"prompt": p["prompt"], "chosen": p["a"], "rejected": p["b"]} for p in pairs]
+
+
+@pytest.mark.slow
+def test_the_stage_with_people_in_label_studio_waits_then_trains_on_their_majority(project, tmp_path):
+    export = tmp_path / "round-1.json"
+    code, said, _ = _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
+    assert code == ExitCode.BAD_INPUT and "0 of 30 comparisons labelled: no Label Studio export" in said
+    assert "Traceback" not in said
+    made = json.loads((tmp_path / "reports/tasks.json").read_text())
+    assert len(made) == 52 and (tmp_path / "reports/label_config.xml").exists()
+    # two accounts label every task; the second disagrees on every third; "A" is the reply shown first
+    clicks = [["A", "B" if i % 3 == 0 else "A"] for i in range(len(made))]
+    rows = [
+        {
+            "id": i + 1,
+            "data": t["data"],
+            "annotations": [
+                {
+                    "completed_by": u + 1,
+                    "result": [
+                        {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": [c]}}
+                    ],
+                    "was_cancelled": False,
+                    "updated_at": "2026-12-04T10:00:00Z",
+                }
+                for u, c in enumerate(clicks[i])
+            ],
+        }
+        for i, t in enumerate(made)
+    ]
+    export.write_text(json.dumps(rows))
+    code, said, out = _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
+    assert code == 0, said
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = [i for i in range(len(made)) if i % 3 == 0]  # one against one: left out
+    test_split = [i for i, t in enumerate(made) if t["data"]["split"] == "test"]
+    agree_test = sum(i % 3 != 0 for i in test_split) / len(test_split)
+    assert metrics["labelled_pairs"] == 52 - len(split) and metrics["split_votes"] == len(split)
+    assert metrics["annotator_agreement_test"] == pytest.approx(agree_test) and metrics["annotators"] == 2
+    trained = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    expected = [
+        {"prompt": t["data"]["prompt"], "chosen": t["data"]["first"], "rejected": t["data"]["second"]}
+        for i, t in enumerate(made)
+        if t["data"]["split"] == "train" and i % 3 != 0
+    ]
+    assert trained == expected  # exactly the pairs both accounts agreed on, the reply shown first chosen
+    assert "the annotators agree" in said and "split" in (tmp_path / "reports/round.md").read_text()
 
 
 def test_sync_passes_the_labels_file_to_the_stage(tmp_path):

@@ -4,6 +4,7 @@
                (`task.labeler_tau`) as the offline pairs' labels, so the "humans" stay exactly as noisy as before
     endpoint   an LLM judge behind an OpenAI-compatible chat-completions URL, asked which reply is better (RLAIF)
     file       the labels a person returned in a file (one JSON object a line, schema below)
+    human      people in Label Studio: tasks to import, its JSON export read back (stages/lib/label_studio.py)
 
 The files (docs/comparisons.md):
 
