@@ -71,6 +71,7 @@ The services a team runs the pipeline against, on this machine (flows/stack.py):
   mlflow      `mlflow server` on PostgreSQL, artifacts proxied through it (default http://127.0.0.1:5000)
   worker      `prefect worker start --pool rlhf-process`; `up` registers prefect.yaml's rlhf-process deployment
   dvc-remote  sshd for the project's DVC remote over SSH (`rlhf stack remote` configures it)
+  label-studio  with --label-studio: Label Studio on the same PostgreSQL, for human labelling rounds (default :8080)
 Loopback only unless --host says otherwise. `up` is idempotent; `down` stops everything `up` started.
 
   rlhf stack up && rlhf run --prefect --stack     # then open the two UIs `rlhf stack status` prints
@@ -84,8 +85,10 @@ def _stack_config(args: argparse.Namespace):  # -> flows.stack.StackConfig
 
     flags = {
         k: getattr(args, k, None)
-        for k in ("dir", "host", "pg_port", "prefect_port", "mlflow_port", "ssh_port", "db_user")
+        for k in ("dir", "host", "pg_port", "prefect_port", "mlflow_port", "ssh_port", "db_user", "label_studio_port")
     }
+    if getattr(args, "label_studio", False) and not flags["label_studio_port"]:
+        flags["label_studio_port"] = 8080
     return config_from(Path.cwd(), flags)
 
 
@@ -158,14 +161,21 @@ def _stack_parser(sub: argparse._SubParsersAction) -> None:
                 "or generated into <dir>/secrets/db_password",
             )
             a.add_argument("--no-deploy", action="store_true", help="do not register prefect.yaml's deployment")
+            a.add_argument(
+                "--label-studio",
+                action="store_true",
+                help="Label Studio too (port 8080; installed into a venv of its own the first time), for the "
+                "comparisons stage's human rounds",
+            )
+            a.add_argument("--label-studio-port", type=int, help="Label Studio's port (RLHF_STACK_LABEL_STUDIO_PORT)")
         if name == "status":
             a.add_argument("--json", action="store_true", help="machine-readable")
         if name == "remote":
             a.add_argument("--name", default="stack", help="the remote's name (default: stack)")
         if name == "restart":
-            from flows.stack import SERVICES
+            from flows.stack import OPTIONAL, SERVICES
 
-            a.add_argument("service", choices=SERVICES)
+            a.add_argument("service", choices=SERVICES + OPTIONAL)
             a.add_argument(
                 "--down-for",
                 type=float,

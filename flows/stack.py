@@ -11,6 +11,9 @@ on this machine by one command, the way they run on a team's servers.
                 prefect.yaml's deployment                                  registered by `up` from the project)
     dvc-remote  Debian's sshd, key login only, as the non-root user: the   ssh://rlhf-stack@127.0.0.1:2222/<dir>/dvc-remote
                 project's DVC remote (dvc-ssh)
+    label-studio  only with --label-studio: Label Studio 1.23 on the       http://127.0.0.1:8080
+                same PostgreSQL (database labelstudio), in a venv of its own (it pins its own Django), for the
+                comparisons stage's human rounds; its admin's API token is in <dir>/secrets/label_studio_token
 
 Everything listens on loopback unless --host says otherwise. Ports, the folder (`--dir`, default
 `<project>/.rlhf/stack`) and the database credentials are flags or RLHF_STACK_* variables; the generated database
@@ -44,8 +47,11 @@ from stages.lib.environment import quiet
 from stages.lib.outcome import StageStop, Unavailable
 
 SERVICES = ("postgres", "prefect", "mlflow", "worker", "dvc-remote")
+OPTIONAL = ("label-studio",)  # part of the stack once `up --label-studio` (or a port) asked for it
 SERVICE_USER = "rlhf-stack"  # the OS user PostgreSQL and sshd run as when `up` runs as root (initdb refuses root)
 DATABASES = ("prefect", "mlflow")
+LABEL_STUDIO = "label-studio==1.23.2"  # installed into a venv of its own (shared/ENVIRONMENT.md: ~1-2 min)
+LABEL_STUDIO_ADMIN = "rlhf-admin@localhost"  # the account `up` creates; its password and API token are secrets
 STATE_FILE = "stack.json"
 DEFAULT_TIMEOUT = 600.0  # seconds a service may take to become healthy: a loaded 2-core machine is slow, not broken
 
@@ -69,6 +75,7 @@ class StackConfig:
     db_user: str = "rlhf"  # the PostgreSQL role both servers connect as (its password: <dir>/secrets/db_password)
     user: str = ""  # the OS user of PostgreSQL and sshd: this user, or rlhf-stack (created) when run as root
     pool: str = "rlhf-process"  # the Prefect work pool the worker serves (prefect.yaml's process deployment)
+    label_studio_port: int = 0  # Label Studio's port; 0: no Label Studio in this stack (`up --label-studio`: 8080)
 
     @property
     def home(self) -> Path:
@@ -94,6 +101,18 @@ class StackConfig:
     @property
     def remote_url(self) -> str:
         return f"ssh://{self.user}@{self.connect_host}:{self.ssh_port}{self.home.resolve() / 'dvc-remote'}"
+
+    @property
+    def label_studio_url(self) -> str:
+        return f"http://{self.connect_host}:{self.label_studio_port}"
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return SERVICES + (("label-studio",) if self.label_studio_port else ())
+
+    @property
+    def databases(self) -> tuple[str, ...]:
+        return DATABASES + (("labelstudio",) if self.label_studio_port else ())
 
     def db_url(self, database: str, password: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{self.db_user}:{password}@{self.connect_host}:{self.pg_port}/{database}"
@@ -141,7 +160,7 @@ def urls(config: StackConfig) -> dict[str, str]:
         "mlflow_ui": config.mlflow_url,
         "dvc_remote": config.remote_url,
         "dvc_keyfile": str(config.home.resolve() / "secrets" / "dvc_ssh_key"),
-    }
+    } | ({"LABEL_STUDIO_URL": config.label_studio_url} if config.label_studio_port else {})
 
 
 def training_view(mlflow_url: str, run_id: str | None = None, experiment: str = "rlhf") -> str:
@@ -353,6 +372,7 @@ HEALTH: dict[str, Callable[[StackConfig], bool]] = {
     "mlflow": lambda c: _http_ok(f"{c.mlflow_url}/health"),
     "worker": _worker_ok,
     "dvc-remote": _ssh_ok,
+    "label-studio": lambda c: _http_ok(f"{c.label_studio_url}/health"),
 }
 
 
@@ -458,12 +478,22 @@ def _password(config: StackConfig) -> str:
     """The database password: RLHF_STACK_DB_PASSWORD, else the one generated at the first `up`."""
     if env := os.environ.get("RLHF_STACK_DB_PASSWORD"):
         return env
-    path = config.home / "secrets" / "db_password"
+    return secret(config, "db_password", lambda: secrets.token_urlsafe(24))
+
+
+def secret(config: StackConfig, name: str, make: Callable[[], str]) -> str:
+    """<dir>/secrets/<name> (mode 0600), made by `make` the first time it is asked for."""
+    path = config.home / "secrets" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(24))
+        path.write_text(make())
     return path.read_text().strip()
+
+
+def label_studio_token(config: StackConfig) -> str:
+    """The API token of the stack's Label Studio admin (a legacy token: `Authorization: Token <it>`)."""
+    return secret(config, "label_studio_token", lambda: secrets.token_hex(20))
 
 
 def _ssh_keys(config: StackConfig) -> None:
@@ -575,7 +605,7 @@ def _create_databases(config: StackConfig) -> None:
         connect_timeout=30,
         autocommit=True,
     ) as conn:
-        for name in DATABASES:
+        for name in config.databases:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -712,6 +742,70 @@ Subsystem sftp internal-sftp
     )
 
 
+def label_studio_venv() -> Path:
+    """Label Studio's own venv: RLHF_LABEL_STUDIO_VENV, else one per version in the user's cache, shared by every
+    stack of this user (it pins its own Django and pydantic: never the project's environment)."""
+    default = Path.home() / ".cache" / "rlhf" / LABEL_STUDIO.replace("==", "-")
+    return Path(os.environ.get("RLHF_LABEL_STUDIO_VENV") or default)
+
+
+def install_label_studio(echo: Callable[[str], None] = print) -> Path:
+    """The `label-studio` command of its venv, installed from PyPI the first time (a marker file is written last, so
+    an interrupted install starts over); one install at a time (a lock file)."""
+    import fcntl
+
+    venv = label_studio_venv()
+    command, done = venv / "bin" / "label-studio", venv / ".rlhf-installed"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return command
+        echo(f"installing {LABEL_STUDIO} into {venv} (once; a minute or two)")
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(venv / "bin/pip"), "install", "--quiet", "--disable-pip-version-check", LABEL_STUDIO],
+        ]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=max(_timeout(), 1200))
+            if proc.returncode:
+                raise StackError(f"installing {LABEL_STUDIO} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+        done.write_text(LABEL_STUDIO + "\n")
+    return command
+
+
+def _start_label_studio(config: StackConfig, procs: dict[str, list[int]]) -> None:
+    """Label Studio on the stack's PostgreSQL, on the stack's address only (`--internal-host`: its `--host` is the
+    URL it prints, not where it listens); the admin's password and API token from the stack's secrets, through the
+    environment (never a command line); no telemetry, no online version check, no sign-up without an invite link."""
+    command = install_label_studio()
+    env = _server_env(
+        config,
+        {
+            "DJANGO_DB": "default",
+            "POSTGRE_NAME": "labelstudio",
+            "POSTGRE_USER": config.db_user,
+            "POSTGRE_PASSWORD": _password(config),
+            "POSTGRE_HOST": config.connect_host,
+            "POSTGRE_PORT": str(config.pg_port),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(config.home / "label-studio"),
+            "LABEL_STUDIO_HOST": config.label_studio_url,
+            "LABEL_STUDIO_USERNAME": LABEL_STUDIO_ADMIN,
+            "LABEL_STUDIO_PASSWORD": secret(config, "label_studio_password", lambda: secrets.token_urlsafe(18)),
+            "LABEL_STUDIO_USER_TOKEN": label_studio_token(config),
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "COLLECT_ANALYTICS": "false",
+            "LATEST_VERSION_CHECK": "false",
+        },
+    )
+    env["PATH"] = f"{command.parent}{os.pathsep}{env['PATH']}"
+    port = str(config.label_studio_port)
+    _spawn(config, procs, "label-studio", [str(command), "start", "--no-browser", "--internal-host", config.host,
+                                           "--port", port], env)  # fmt: skip
+
+
 def _timeout() -> float:
     return float(os.environ.get("RLHF_STACK_TIMEOUT", DEFAULT_TIMEOUT))
 
@@ -722,6 +816,7 @@ STARTERS: dict[str, Callable[[StackConfig, dict[str, list[int]]], None]] = {
     "mlflow": _start_mlflow,
     "worker": _start_worker,
     "dvc-remote": _start_sshd,
+    "label-studio": _start_label_studio,
 }
 
 
@@ -785,7 +880,10 @@ def up(
         seconds.update({n: 0.0 for n in names if n not in todo})
 
     start(["postgres"])
-    start(["prefect", "mlflow", "dvc-remote"])  # each spends most of its start-up importing and migrating: overlap
+    if config.label_studio_port:
+        install_label_studio(echo)  # before the servers start: a first install is a minute of pip
+    # each spends most of its start-up importing and migrating: overlap
+    start(["prefect", "mlflow", "dvc-remote", *(("label-studio",) if config.label_studio_port else ())])
     start(["worker"])
     if deploy:
         register_deployment(config, project, echo)
@@ -855,7 +953,7 @@ def down(config: StackConfig, echo: Callable[[str], None] = print) -> list[str]:
     """Stop every service this stack started (the worker first, PostgreSQL last); returns the ones that ran."""
     procs = dict(_read_state(config.home).get("procs", {}))
     stopped = []
-    for name in ("worker", "prefect", "mlflow", "dvc-remote", "postgres"):
+    for name in ("worker", "label-studio", "prefect", "mlflow", "dvc-remote", "postgres"):
         if _stop(config, name, procs):
             stopped.append(name)
             echo(f"stopped {name}")
@@ -895,13 +993,15 @@ def status(config: StackConfig) -> list[ServiceStatus]:
         "mlflow": config.mlflow_url,
         "worker": f"pool {config.pool} on {config.prefect_api_url}",
         "dvc-remote": config.remote_url,
+        "label-studio": config.label_studio_url,
     }
     detail = {
-        "postgres": f"databases {', '.join(DATABASES)}; data {config.home / 'postgres/data'}",
+        "postgres": f"databases {', '.join(config.databases)}; data {config.home / 'postgres/data'}",
+        "label-studio": f"admin {LABEL_STUDIO_ADMIN}; API token {config.home / 'secrets/label_studio_token'}",
         "mlflow": f"backend PostgreSQL; artifacts proxied into {config.home / 'mlartifacts'}",
         "dvc-remote": f"key {config.home / 'secrets/dvc_ssh_key'}",
     }
-    return [ServiceStatus(n, running(config, n, procs), where[n], detail.get(n, "")) for n in SERVICES]
+    return [ServiceStatus(n, running(config, n, procs), where[n], detail.get(n, "")) for n in config.services]
 
 
 def format_status(config: StackConfig, services: list[ServiceStatus]) -> str:

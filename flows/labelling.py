@@ -1,0 +1,140 @@
+"""A human labelling round on a Label Studio server: the comparisons stage's tasks pushed into a project, progress,
+and the annotations pulled back as the JSON export the stage reads (`comparisons.labels`). Used by `rlhf label` and
+by the Prefect flow, which suspends while a round is open (flows/pipeline.py).
+
+The server and its token: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a team's own Label Studio), else the project's
+stack (`rlhf stack up --label-studio`: the URL in its state, the admin's token in <dir>/secrets/label_studio_token).
+Label Studio's REST API (1.23) with the standard library: its SDK (label-studio-sdk 2.1) needs numpy < 2.3 through
+opencv-python-headless, which the project's environment cannot take, so the SDK stays in Label Studio's own venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.lib.io import read_jsonl, write_json
+from stages.lib.outcome import BadInput, Unavailable
+
+PRIVATE = ("created_username", "email", "first_name", "last_name", "username", "avatar", "initials", "phone")
+
+
+@dataclass(frozen=True)
+class LabelStudio:
+    url: str
+    token: str
+    timeout: float = 120.0
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call; Unavailable naming the server and the answer (never the token) when it fails."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Token {self.token}", "Content-Type": "application/json"}
+        request = urllib.request.Request(f"{self.url.rstrip('/')}{path}", data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as r:  # noqa: S310 (the configured server)
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            said = e.read()[:300].decode(errors="replace")
+            raise Unavailable(f"Label Studio at {self.url} answered {method} {path} with {e.code}: {said}") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(f"Label Studio at {self.url} did not answer {method} {path}: {e}") from None
+
+    def find_project(self, title: str) -> dict[str, Any] | None:
+        found = self.call("GET", "/api/projects?page_size=1000&" + urllib.parse.urlencode({"title": title}))
+        projects = found.get("results", []) if isinstance(found, dict) else found
+        return next((p for p in projects if p.get("title") == title), None)
+
+    def export(self, project: int) -> list[dict[str, Any]]:
+        """Every task of the project with its annotations (Label Studio's JSON export, unlabelled tasks included)."""
+        return self.call("GET", f"/api/projects/{project}/export?exportType=JSON&download_all_tasks=true")
+
+    def progress(self, project: int) -> dict[str, int]:
+        p = self.call("GET", f"/api/projects/{project}")
+        keys = ("task_number", "num_tasks_with_annotations", "total_annotations_number", "skipped_annotations_number")
+        return {k: int(p.get(k) or 0) for k in keys}
+
+    def invite_link(self) -> str:
+        """A sign-up link for a new annotator of the organisation."""
+        return self.url.rstrip("/") + self.call("GET", "/api/invite")["invite_url"]
+
+
+def connect(project: Path) -> LabelStudio:
+    """The Label Studio this project labels in (see the module docstring)."""
+    url, token = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+    if not (url and token):
+        from flows.stack import config_from, label_studio_token
+
+        config = config_from(project)
+        if not config.label_studio_port:
+            raise Unavailable(
+                "no Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a team's own), or start the "
+                "project's stack with it (`rlhf stack up --label-studio`)"
+            )
+        url, token = url or config.label_studio_url, token or label_studio_token(config)
+    return LabelStudio(url, token)
+
+
+@dataclass(frozen=True)
+class RoundFiles:
+    """What the comparisons stage wrote for a human round (its --reports folder)."""
+
+    reports: Path
+
+    @property
+    def pairs(self) -> list[dict[str, Any]]:
+        path = self.reports / "pairs.jsonl"
+        if not (self.reports / "tasks.json").exists() or not path.exists():
+            raise BadInput(
+                f"no labelling round in {self.reports}: run the comparisons stage with comparisons.labeler: human "
+                "first (`rlhf run`)"
+            )
+        return read_jsonl(path)
+
+    @property
+    def title(self) -> str:
+        """The project's title: the round and a digest of its pairs (a new sample of replies is a new project)."""
+        pairs = self.pairs
+        digest = hashlib.sha1("".join(sorted(p["id"] for p in pairs)).encode()).hexdigest()[:8]
+        return f"rlhf comparisons round {pairs[0]['round'] if pairs else 1} ({digest})"
+
+
+def open_round(ls: LabelStudio, reports: Path) -> tuple[int, str, bool]:
+    """The round's project: reused when it exists (the round continues: nothing re-imported, a deleted task stays
+    deleted), else created with the labelling config and the tasks imported. (project id, link, created)."""
+    files = RoundFiles(reports)
+    title = files.title
+    project = ls.find_project(title)
+    created = project is None
+    if project is None:
+        config = (reports / "label_config.xml").read_text(encoding="utf-8")
+        project = ls.call("POST", "/api/projects", {"title": title, "label_config": config})
+        tasks = json.loads((reports / "tasks.json").read_text(encoding="utf-8"))
+        ls.call("POST", f"/api/projects/{project['id']}/import", tasks)
+    return int(project["id"]), f"{ls.url.rstrip('/')}/projects/{project['id']}/data", created
+
+
+def scrub(obj: Any) -> Any:
+    """The export without names or e-mail addresses (`created_username` is "<e-mail>, <id>"); ids stay."""
+    if isinstance(obj, dict):
+        return {k: (v.get("id") if k == "completed_by" and isinstance(v, dict) else scrub(v))
+                for k, v in obj.items() if k not in PRIVATE}  # fmt: skip
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def pull(ls: LabelStudio, project: int, dest: Path) -> int:
+    """The project's export, scrubbed, written to `dest` (the comparisons stage's labels file) only when it changed
+    (DVC reruns the stage on a new hash); returns the annotations in it."""
+    export = scrub(ls.export(project))
+    text = json.dumps(export, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    if not dest.exists() or dest.read_text(encoding="utf-8") != text:
+        write_json(dest, export)
+    return sum(len(t.get("annotations") or []) for t in export)
