@@ -472,7 +472,48 @@ def build_parser() -> argparse.ArgumentParser:
     _stack_parser(sub)
     _registry_parsers(sub)
     _data_parsers(sub)
+    _label_parser(sub)
     return parser
+
+
+LABEL_HELP = """\
+A human labelling round in Label Studio (comparisons.labeler: human; docs/comparisons.md):
+  rlhf run                 # the comparisons stage writes the round's tasks, then stops while they await labels
+  rlhf label open          # the round's Label Studio project (created once, its tasks imported) and a sign-up link
+  rlhf label status        # how many comparisons are labelled, of how many wanted
+  rlhf label pull          # the annotations, as Label Studio's JSON export, into comparisons.labels
+  rlhf run                 # the stage closes the round (enough labels) and the reward model trains on them
+Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, else the stack's (`rlhf stack up --label-studio`).
+The Prefect flow does open/pull itself, suspending between them (resume it in the Prefect UI).
+"""
+
+
+def _label_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "label",
+        help="a human labelling round in Label Studio: open, status, pull",
+        description=LABEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", choices=["open", "status", "pull"])
+    p.add_argument("--reports", default="reports/comparisons", help="the comparisons stage's --reports folder")
+    _params_option(p, "that names the labeler and the labels file")
+    p.set_defaults(func=_cmd_label)
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from flows import labelling
+    from stages.lib.params import load_params
+
+    round_ = labelling.current_round(Path.cwd(), load_params(args.params), args.reports)
+    if args.action == "open":
+        print(f"{'opened' if round_.created else 'continuing'} the round: {round_.link}")
+        print(f"a new annotator signs up at {round_.ls.invite_link()}")
+    elif args.action == "pull":
+        n = labelling.pull(round_.ls, round_.project, round_.labels)
+        print(f"{n} annotations pulled into {round_.labels}")
+    print(round_.status())
+    return ExitCode.OK
 
 
 def _pipeline_parsers(sub: Any) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.lib.io import read_jsonl, write_json
+from stages.lib.label_studio import AWAITING
 from stages.lib.outcome import BadInput, Unavailable
 
 PRIVATE = ("created_username", "email", "first_name", "last_name", "username", "avatar", "initials", "phone")
@@ -138,3 +139,89 @@ def pull(ls: LabelStudio, project: int, dest: Path) -> int:
     if not dest.exists() or dest.read_text(encoding="utf-8") != text:
         write_json(dest, export)
     return sum(len(t.get("annotations") or []) for t in export)
+
+
+@dataclass(frozen=True)
+class Round:
+    """The open round of this project: its Label Studio project, where its export goes, and how many labels close it."""
+
+    ls: LabelStudio
+    project: int
+    link: str
+    created: bool
+    labels: Path  # comparisons.labels: where the export is written, the stage's --labels
+    wanted: int
+    pairs: int
+
+    def status(self) -> str:
+        p = self.ls.progress(self.project)
+        return (
+            f"round {self.link}: {p['num_tasks_with_annotations']} of {p['task_number']} comparisons labelled "
+            f"({p['total_annotations_number']} annotations, {p['skipped_annotations_number']} skipped); "
+            f"{self.wanted} close the round"
+        )
+
+
+def current_round(project: Path, params: dict[str, Any], reports: str = "reports/comparisons") -> Round:
+    """Open (or continue) the round the comparisons stage wrote in `reports`, on the project's Label Studio."""
+    compare = params.get("comparisons") or {}
+    if compare.get("labeler") != "human" or not compare.get("labels"):
+        raise BadInput(
+            "comparisons.labeler is not human (with comparisons.labels naming the export): no round to label"
+        )
+    ls = connect(project)
+    folder = project / reports
+    pairs = len(RoundFiles(folder).pairs)
+    pid, link, created = open_round(ls, folder)
+    wanted = min(int(compare.get("wanted") or pairs), pairs)
+    return Round(ls, pid, link, created, project / compare["labels"], wanted, pairs)
+
+
+MARKER = ".rlhf/label-round.json"  # the flow run suspended on the open round, and how often it suspended
+
+
+def ensure_labels_file(project: Path, params: dict[str, Any], echo: Any = print) -> None:
+    """An empty labels file where comparisons.labels names one that does not exist yet (no labels given), so DVC,
+    which refuses a missing dependency, runs the stage and the stage says what to do."""
+    compare = params.get("comparisons") or {}
+    if compare.get("labeler") not in ("file", "human") or not compare.get("labels"):
+        return
+    path = project / compare["labels"]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("[]\n" if compare["labeler"] == "human" else "", encoding="utf-8")
+        echo(f"no labels yet: {path.relative_to(project)} created empty")
+
+
+def awaiting(stage: str, code: int, reason: str) -> bool:
+    """The stage that stopped is a comparisons stage waiting for people's labels (not a real error)."""
+    return stage.startswith("comparisons") and code == 65 and AWAITING in reason
+
+
+def refresh(project: Path, params: dict[str, Any], reports: str = "reports/comparisons") -> int | None:
+    """Pull the open round's labels into comparisons.labels before a run, so the stage sees what people have done;
+    None when there is no human round on a Label Studio (nothing is created here)."""
+    compare = params.get("comparisons") or {}
+    if compare.get("labeler") != "human" or not (project / reports / "tasks.json").exists():
+        return None
+    try:
+        ls = connect(project)
+    except Unavailable:  # no Label Studio configured: the export is the person's to bring
+        return None
+    found = ls.find_project(RoundFiles(project / reports).title)
+    return None if found is None else pull(ls, int(found["id"]), project / compare["labels"])
+
+
+def read_marker(project: Path) -> dict[str, Any]:
+    try:
+        return json.loads((project / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_marker(project: Path, marker: dict[str, Any]) -> None:
+    write_json(project / MARKER, marker)
+
+
+def clear_marker(project: Path) -> None:
+    (project / MARKER).unlink(missing_ok=True)

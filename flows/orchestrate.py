@@ -150,13 +150,17 @@ def tracking_uri_for(project: Path) -> str:
 
 
 def prepare(project: Path, echo: Callable[[str], None] = print) -> None:
-    """Before a pipeline run: the default task's data if there is none, dvc.yaml in sync (flows/sync.py), and the
+    """Before a pipeline run: the default task's data if there is none, an empty labels file where params.yaml names
+    one that is not there yet (flows/labelling.py), dvc.yaml in sync (flows/sync.py), and the
     MLflow runs a killed earlier run left RUNNING ended KILLED (flows/lifecycle.py)."""
+    from flows.labelling import ensure_labels_file
     from flows.lifecycle import close_dead_runs
     from flows.sync import sync
+    from stages.lib.params import load_params
     from stages.lib.tracking import DEFAULT_EXPERIMENT
 
     ensure_data(project, echo)
+    ensure_labels_file(project, load_params(project / "params.yaml"), echo)
     for line in sync(project):
         echo(f"dvc.yaml now: {line}")
     uri = tracking_uri_for(project)

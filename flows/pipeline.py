@@ -26,12 +26,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.states import Failed, State
+from prefect.flow_runs import suspend_flow_run
+from prefect.input import RunInput
+from prefect.states import Cancelled, Failed, State
 
+from flows import labelling
 from flows.lifecycle import project_lock
 from flows.orchestrate import data_hash, plan, prepare, run_pipeline, stage_env, tracking_uri_for, up_to_date
 from flows.runners import DEFAULT_IMAGE, Runner, StageResult
-from stages.lib.outcome import Busy, ExitCode, Outcome
+from stages.lib.label_studio import ACCEPT_ENV
+from stages.lib.outcome import Busy, ExitCode, Outcome, StageStop
+from stages.lib.params import load_params
 from stages.lib.tracking import (
     DEFAULT_EXPERIMENT,
     ensure_experiment,
@@ -52,6 +57,15 @@ STATE_NAMES = {
     ExitCode.USAGE: "Usage",
     ExitCode.UNAVAILABLE: "Unavailable",
 }
+AWAITING_LABELS = "AwaitingLabels"  # the state of a run whose comparisons stage waits for people's labels
+ROUND_TIMEOUT = 14 * 24 * 3600  # seconds a suspended labelling round may wait for its answer before the run fails
+
+
+class RoundAnswer(RunInput):
+    """What a person answers when resuming a flow run suspended on a labelling round (the Prefect UI's form)."""
+
+    accept: int = 0  # close the round once this many comparisons are labelled (0: comparisons.wanted)
+    stop: bool = False  # end this run here; the labels stay in Label Studio and a later run continues the round
 
 
 def state_name(code: int) -> str:
@@ -478,7 +492,22 @@ def rlhf_pipeline(
     where.check()
     try:
         with project_lock(project):  # a scheduled run that arrives while a person's run (or the last one) still goes
-            return _pipeline(project, names, where, runner, image)
+            if (other := _round_open_elsewhere(project)) is not None:
+                return other
+            if (answer := _answered_round(project)) is not None and answer.stop:
+                labelling.clear_marker(project)
+                return Cancelled(message="stopped at the labelling round by a person; its labels stay in Label "
+                                 "Studio and the next run continues the round")  # fmt: skip
+            if answer is not None and answer.accept:
+                os.environ[ACCEPT_ENV] = str(answer.accept)
+            if (pulled := labelling.refresh(project, load_params(project / "params.yaml"))) is not None:
+                logger.info("pulled %d annotations of the open labelling round", pulled)
+            result = _pipeline(project, names, where, runner, image)
+        if not (isinstance(result, State) and result.name == AWAITING_LABELS):
+            labelling.clear_marker(project)
+            return result
+        # a deployment's run is suspended in there (its process ends; resumed, the flow starts over from the top)
+        return _suspend_for_labels(project, result)
     except Busy as e:  # the run lock, or DVC's lock while the data is committed: nothing ran, no MLflow run opened
         logger.warning("busy: %s", e)
         return Failed(
@@ -486,6 +515,68 @@ def rlhf_pipeline(
             message=str(e),
             data=_nothing_ran(project, names, ExitCode.BUSY, skipped=[]),
         )
+    except StageStop as e:  # Label Studio away while a round is pulled or opened
+        return Failed(name=state_name(e.code), message=str(e))
+    finally:
+        os.environ.pop(ACCEPT_ENV, None)
+
+
+def _round_open_elsewhere(project: Path) -> State | None:
+    """A run that arrives while another flow run is suspended on this project's labelling round ends at once: one
+    round is answered by one run (the suspended one continues when resumed)."""
+    from prefect.runtime import flow_run
+
+    marker = labelling.read_marker(project)
+    if not marker or marker.get("flow_run_id") == str(flow_run.id) or flow_run_over(marker["flow_run_id"]):
+        return None
+    return Failed(
+        name=AWAITING_LABELS,
+        message=f"a labelling round is open: flow run {marker.get('flow_run_name')} ({marker['flow_run_id']}) is "
+        f"suspended on it ({marker.get('link')}); resume or cancel that run. Nothing ran.",
+    )
+
+
+def _answered_round(project: Path) -> RoundAnswer | None:
+    """In a flow run that was suspended on a round and resumed: the person's answer (Prefect hands it back to the
+    same suspend call, by its key, without suspending again)."""
+    from prefect.runtime import flow_run
+
+    marker = labelling.read_marker(project)
+    if marker.get("flow_run_id") != str(flow_run.id) or not marker.get("suspensions"):
+        return None
+    key = f"labels-{marker['suspensions'] - 1}"
+    return suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=key)
+
+
+def _suspend_for_labels(project: Path, waiting: State) -> State:
+    """The comparisons stage waits for people: open the round in Label Studio (its project, the tasks imported
+    once), say where and how many, and suspend a deployment's flow run until someone resumes it (the process ends;
+    Prefect starts the flow over when resumed). A run outside a deployment cannot be suspended: it ends
+    AwaitingLabels, saying what to do."""
+    from prefect.runtime import deployment, flow_run
+
+    round_ = labelling.current_round(project, load_params(project / "params.yaml"))
+    status = round_.status()
+    create_markdown_artifact(
+        key="labelling-round",
+        markdown=f"# Labelling round\n\n{status}\n\nLabel in Label Studio: {round_.link}\n\nResume this flow run "
+        "(Prefect UI: Resume) when enough are labelled, or earlier with `accept` set to how many to take; `stop` "
+        "ends the run and keeps the round open.\n",
+        description="the comparisons stage waits for people's labels",
+    )
+    get_run_logger().info("labelling round open: %s", status)
+    if deployment.id is None:
+        message = f"{waiting.message}; {status}; label there, then `rlhf label pull` and run again"
+        return Failed(name=AWAITING_LABELS, message=message, data=waiting.data)
+    marker = labelling.read_marker(project)
+    count = marker.get("suspensions", 0) if marker.get("flow_run_id") == str(flow_run.id) else 0
+    labelling.write_marker(
+        project,
+        {"flow_run_id": str(flow_run.id), "flow_run_name": str(flow_run.name), "link": round_.link,
+         "suspensions": count + 1},
+    )  # fmt: skip
+    suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=f"labels-{count}")
+    return waiting  # not reached: suspending ends the process
 
 
 def _nothing_ran(project: Path, names: list[str], exit_code: ExitCode, **extra: Any) -> dict[str, Any]:
@@ -521,10 +612,14 @@ def _pipeline(project: Path, names: list[str], where: Runner, runner: str, image
             "stages": {r.stage: {"status": r.status, "seconds": r.seconds} for r in pipeline.results},
         }
         if (stop := pipeline.stopped) is not None:
+            waiting = labelling.awaiting(stop.stage, stop.code, stop.reason)  # people's labels: not a failure
             outcome = "busy" if stop.status == "busy" else Outcome(stop.stage, stop.code).kind
+            outcome = "awaiting labels" if waiting else outcome
             said = {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason}
             _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id, said)
-            return Failed(name=state_name(pipeline.exit_code), message=stop.message, data=summary)
+            status = "FINISHED" if waiting else status
+            name = AWAITING_LABELS if waiting else state_name(pipeline.exit_code)
+            return Failed(name=name, message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None
         said = {"rlhf.outcome": "completed", "rlhf.ran": ",".join(summary["ran"]) or "-"}
         _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id, said)

@@ -17,6 +17,7 @@ labels), preferences.jsonl and preferences_test.jsonl (prompt/chosen/rejected, t
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 from stages.lib import gold
 from stages.lib.formats import Limits
 from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
-from stages.lib.label_studio import HumanLabeler
+from stages.lib.label_studio import ACCEPT_ENV, HumanLabeler
 from stages.lib.labelers import (
     EndpointLabeler,
     FileLabeler,
@@ -112,7 +113,10 @@ def labeler_for(config: ComparisonsConfig, tau: float, labels_file: Path | None,
             f"comparisons.labeler is {config.labeler} but the stage's command passes no --labels file: run `rlhf sync`"
         )
     if config.labeler == "human":
-        return HumanLabeler(labels_file, config.wanted, config.seed, limits)
+        # a person resuming the flow's suspended round may accept fewer: the labels decide the outputs, this only
+        # when the round closes (so, like a gate's threshold, it is not a dependency)
+        accept = int(os.environ.get(ACCEPT_ENV) or 0)
+        return HumanLabeler(labels_file, min(accept, config.wanted or accept) or config.wanted, config.seed, limits)
     return FileLabeler(labels_file, limits)
 
 
@@ -224,6 +228,7 @@ def run(
     }
     if isinstance(labeler, HumanLabeler) and labeler.round is not None:  # people: their agreement, where two labelled
         metrics |= {k: labeler.round.report[k] for k in HUMAN_METRICS}
+        metrics["wanted"] = min(labeler.wanted or len(train + test), len(train + test))  # what closed the round
     with staged_dir(out_dir) as tmp:
         write_jsonl(tmp / "pairs.jsonl", [asdict(p) for p in train + test])
         write_jsonl(tmp / "labels.jsonl", [asdict(lab) for lab in labels])

@@ -46,6 +46,8 @@ LABEL_CONFIG = """<View>
 """
 SHOWN = {"A": 0, "B": 1}  # the choice's position on screen; Tie and Both bad prefer neither
 NO_PREFERENCE = ("Tie", "Both bad")
+ACCEPT_ENV = "RLHF_LABELS_ACCEPT"  # a person's answer to a suspended round: close it with this many labelled pairs
+AWAITING = "comparisons labelled"  # in the reason while a round awaits labels (flows/labelling.py looks for it)
 OUTLIER_MARGIN = 0.25  # an annotator this much further from the others' majority than the median annotator is listed
 OUTLIER_MIN_LABELS = 5  # ... once they have at least this many labels on pairs others labelled too
 
@@ -301,7 +303,7 @@ class HumanLabeler:
         where = f"{self.report_dir}/" if self.report_dir else ""
         if not self.export.exists():
             raise LabelsMissing(
-                f"0 of {wanted} comparisons labelled: no Label Studio export at {self.export} yet: import "
+                f"0 of {wanted} {AWAITING}: no Label Studio export at {self.export} yet: import "
                 f"{where}tasks.json into a project labelled with {where}label_config.xml, label, export it as JSON "
                 f"to {self.export} and rerun"
             )
@@ -312,7 +314,7 @@ class HumanLabeler:
             write_jsonl(self.report_dir / "annotations.jsonl", annotation_rows(self.round))
         if len(self.round.labels) < wanted:
             raise LabelsMissing(
-                f"{len(self.round.labels)} of {wanted} comparisons labelled in {self.export} "
+                f"{len(self.round.labels)} of {wanted} {AWAITING} in {self.export} "
                 f"({self.round.report['problems']} problems: {where}round.md): label more, export again and rerun"
             )
         return [self.round.labels[p.id] for p in pairs if p.id in self.round.labels]
