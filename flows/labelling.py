@@ -106,7 +106,7 @@ class RoundFiles:
         return f"rlhf comparisons round {pairs[0]['round'] if pairs else 1} ({digest})"
 
 
-def open_round(ls: LabelStudio, reports: Path) -> tuple[int, str, bool]:
+def open_round(ls: LabelStudio, reports: Path, overlap: int = 1) -> tuple[int, str, bool]:
     """The round's project: reused when it exists (the round continues: nothing re-imported, a deleted task stays
     deleted), else created with the labelling config and the tasks imported. (project id, link, created)."""
     files = RoundFiles(reports)
@@ -115,7 +115,8 @@ def open_round(ls: LabelStudio, reports: Path) -> tuple[int, str, bool]:
     created = project is None
     if project is None:
         config = (reports / "label_config.xml").read_text(encoding="utf-8")
-        project = ls.call("POST", "/api/projects", {"title": title, "label_config": config})
+        body = {"title": title, "label_config": config, "maximum_annotations": overlap}  # people per task
+        project = ls.call("POST", "/api/projects", body)
         tasks = json.loads((reports / "tasks.json").read_text(encoding="utf-8"))
         ls.call("POST", f"/api/projects/{project['id']}/import", tasks)
     return int(project["id"]), f"{ls.url.rstrip('/')}/projects/{project['id']}/data", created
@@ -172,7 +173,7 @@ def current_round(project: Path, params: dict[str, Any], reports: str = "reports
     ls = connect(project)
     folder = project / reports
     pairs = len(RoundFiles(folder).pairs)
-    pid, link, created = open_round(ls, folder)
+    pid, link, created = open_round(ls, folder, int(compare.get("overlap") or 1))
     wanted = min(int(compare.get("wanted") or pairs), pairs)
     return Round(ls, pid, link, created, project / compare["labels"], wanted, pairs)
 

@@ -684,7 +684,12 @@ def _start_mlflow(config: StackConfig, procs: dict[str, list[int]]) -> None:
 
 def _start_worker(config: StackConfig, procs: dict[str, list[int]]) -> None:
     """The process worker: flow runs start as processes of this venv's Python, logging to the stack's MLflow."""
-    env = _server_env(config, {"PREFECT_API_URL": config.prefect_api_url, "MLFLOW_TRACKING_URI": config.mlflow_url})
+    env = _server_env(
+        config,
+        # RLHF_STACK_DIR: a flow run finds this stack's Label Studio and its token (flows/labelling.py)
+        {"PREFECT_API_URL": config.prefect_api_url, "MLFLOW_TRACKING_URI": config.mlflow_url,
+         "RLHF_STACK_DIR": str(config.home)},
+    )  # fmt: skip
     _spawn(
         config,
         procs,

@@ -71,6 +71,7 @@ class ComparisonsConfig:
     seed: int
     labels: str  # file: the labels a person returned (one JSON object a line); human: Label Studio's JSON export
     wanted: int  # human: labelled pairs that close a round (0: every pair)
+    overlap: int  # human: annotators asked per pair in Label Studio (2 or more: their agreement is measured)
     endpoint: str  # endpoint: an OpenAI-compatible chat completions URL, e.g. http://host/v1/chat/completions
     endpoint_model: str
     timeout: float  # endpoint: seconds per request
@@ -88,6 +89,7 @@ class ComparisonsConfig:
         "seed": NON_NEGATIVE,
         "timeout": POSITIVE,
         "wanted": NON_NEGATIVE,
+        "overlap": AT_LEAST_ONE,
     }
 
     def __post_init__(self) -> None:
@@ -116,7 +118,8 @@ def labeler_for(config: ComparisonsConfig, tau: float, labels_file: Path | None,
         # a person resuming the flow's suspended round may accept fewer: the labels decide the outputs, this only
         # when the round closes (so, like a gate's threshold, it is not a dependency)
         accept = int(os.environ.get(ACCEPT_ENV) or 0)
-        return HumanLabeler(labels_file, min(accept, config.wanted or accept) or config.wanted, config.seed, limits)
+        wanted = min(accept, config.wanted or accept) or config.wanted
+        return HumanLabeler(labels_file, wanted, config.seed, limits, config.overlap)
     return FileLabeler(labels_file, limits)
 
 

@@ -9,7 +9,10 @@ import pytest
 
 from stages.lib.environment import quiet
 
-pytest_plugins = ["tests.stack_fixtures"]  # the session's stack for tests/test_stack.py and tests/test_ui.py
+pytest_plugins = [
+    "tests.stack_fixtures",
+    "tests.browser_fixtures",
+]  # the session's stack for tests/test_stack.py and tests/test_ui.py
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -122,7 +122,7 @@ def stack() -> Iterator[Stack]:
     # outside pytest's own tmp folders (mode 0700): the stack's service user must reach its folders
     home = Path(tempfile.mkdtemp(prefix="rlhf-stack-test-"))
     home.chmod(0o755)
-    pg, prefect, ml, ssh = free_ports(4)
+    pg, prefect, ml, ssh, ls = free_ports(5)
     client = {"PREFECT_HOME": str(home / "client-prefect")}
     t0 = time.monotonic()
     up = sh(
@@ -140,6 +140,8 @@ def stack() -> Iterator[Stack]:
             str(ml),
             "--ssh-port",
             str(ssh),
+            "--label-studio-port",  # Label Studio too (tests/test_label_round.py)
+            str(ls),
             "--no-deploy",
         ],
         home,

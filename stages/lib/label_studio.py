@@ -79,13 +79,26 @@ def order(pair: Pair, seed: int) -> str:
     return "ab" if random.Random(f"{seed}-{pair.round}-{pair.id}").random() < 0.5 else "ba"
 
 
+def _shown(text: str) -> str:
+    """Text as a task shows it: a NUL (which a sampled reply can hold) as U+FFFD, since PostgreSQL, Label Studio's
+    database, refuses NUL in text ("unsupported Unicode escape sequence"). Labels map back by the pair's id, never
+    by this text, so the pair's own replies are what the reward model trains on."""
+    return text.replace("\x00", "\ufffd")
+
+
 def tasks(pairs: Sequence[Pair], seed: int) -> list[dict[str, Any]]:
     """Label Studio tasks (its import format) for `pairs`, each reply order drawn and recorded."""
     out = []
     for p in pairs:
         shown = order(p, seed)
         first, second = (p.a, p.b) if shown == "ab" else (p.b, p.a)
-        data = {"pair": p.id, "prompt": p.prompt, "first": first, "second": second, "order": shown}
+        data = {
+            "pair": p.id,
+            "prompt": _shown(p.prompt),
+            "first": _shown(first),
+            "second": _shown(second),
+            "order": shown,
+        }
         out.append({"data": data | {"round": p.round, "split": p.split}})
     return out
 
@@ -285,11 +298,13 @@ def annotation_rows(r: Round) -> list[dict[str, Any]]:
 
 class HumanLabeler:
     """People, in Label Studio: `prepare` writes the round's tasks and labelling config for import; `label` reads the
-    project's JSON export (`export`), writes the round's report, and closes the round once `wanted` pairs carry a
-    label (0: every pair), else stops naming how many are in (LabelsMissing: the round stays open)."""
+    project's JSON export (`export`), writes the round's report, and closes the round once `wanted` pairs (0: every
+    pair) are answered by `overlap` annotators each, else stops naming how many are in (LabelsMissing: the round
+    stays open). The labels are then the majority of each pair's answers (a split vote or a tie teaches nothing)."""
 
-    def __init__(self, export: Path, wanted: int, seed: int, limits: Limits) -> None:
+    def __init__(self, export: Path, wanted: int, seed: int, limits: Limits, overlap: int = 1) -> None:
         self.export, self.wanted, self.seed, self.limits, self.name = export, wanted, seed, limits, "human"
+        self.overlap = overlap  # annotators asked per pair: a pair is done once this many answered it
         self.report_dir: Path | None = None
         self.round: Round | None = None
 
@@ -312,9 +327,10 @@ class HumanLabeler:
             write_json(self.report_dir / "round.json", self.round.report | {"problem_lines": self.round.problems})
             (self.report_dir / "round.md").write_text(report_markdown(self.round), encoding="utf-8")
             write_jsonl(self.report_dir / "annotations.jsonl", annotation_rows(self.round))
-        if len(self.round.labels) < wanted:
+        done = sum(n >= self.overlap for n in Counter(a.pair for a in self.round.annotations).values())
+        if done < wanted:
             raise LabelsMissing(
-                f"{len(self.round.labels)} of {wanted} {AWAITING} in {self.export} "
+                f"{done} of {wanted} {AWAITING} in {self.export} "
                 f"({self.round.report['problems']} problems: {where}round.md): label more, export again and rerun"
             )
         return [self.round.labels[p.id] for p in pairs if p.id in self.round.labels]
