@@ -83,6 +83,13 @@ def test_each_pair_is_shown_in_a_recorded_random_order_and_a_click_maps_back_to_
     first = {t["data"]["pair"]: t["data"]["first"] for t in made}
     assert len(rows) == 40 and all(row["chosen"] == first[p.id] for row, p in zip(rows, pairs, strict=True))
     assert r.problems == [] and r.report["annotator_agreement"] is None and r.report["annotators"] == 1
+    # a sampled reply may hold NUL, which PostgreSQL (Label Studio's database) refuses: shown as U+FFFD, and the
+    # label still maps back to the pair's own reply by its id
+    odd = Pair(pair_id(PROMPT, "a\x00b", "c"), PROMPT, "a\x00b", "c", 1, "train", 0.7, 1.0)
+    (task,) = tasks([odd], seed=0)
+    assert "\x00" not in json.dumps(task) and "a\ufffdb" in (task["data"]["first"], task["data"]["second"])
+    export = _export(tmp_path / "odd.json", [task], {0: [_annotation(7, _click_for(task, "a"))]})
+    assert preferences([odd], close_round([odd], *read_export(export, Limits())).labels)[0]["chosen"] == "a\x00b"
 
 
 def test_two_people_on_one_pair_give_the_agreement_and_a_far_annotator_is_listed(tmp_path):

@@ -69,8 +69,16 @@ def test_stack_is_up_on_loopback_idempotent_and_says_where(stack: Stack):
     assert json.loads(status.stdout)["MLFLOW_TRACKING_URI"] == config.mlflow_url
 
     # loopback only: every port answers on 127.0.0.1 (0100007F) and nowhere else
-    for port in (config.pg_port, config.prefect_port, config.mlflow_port, config.ssh_port):
+    for port in (config.pg_port, config.prefect_port, config.mlflow_port, config.ssh_port, config.label_studio_port):
         assert _listening(port) == {"0100007F"}, (port, _listening(port))
+    # Label Studio's admin token: a private secret, on no command line and in no log
+    token = stack_mod.label_studio_token(config)
+    assert (config.home / "secrets/label_studio_token").stat().st_mode & 0o077 == 0
+    procs = json.loads((config.home / "stack.json").read_text())["procs"]
+    for pid, _ in procs.values():
+        for p in [pid, *stack_mod._children(pid)]:
+            assert token.encode() not in Path(f"/proc/{p}/cmdline").read_bytes()
+    assert not [log for log in (config.home / "logs").iterdir() if token in log.read_text(errors="replace")]
     # PostgreSQL (and sshd) run as a user that is not root; the database password is private
     postmaster = stack_mod._postmaster(config)
     uid = int(
