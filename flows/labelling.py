@@ -78,6 +78,11 @@ def connect(project: Path) -> LabelStudio:
                 "no Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a team's own), or start the "
                 "project's stack with it (`rlhf stack up --label-studio`)"
             )
+        secret = config.home / "secrets" / "label_studio_token"
+        if not token and not secret.exists():
+            raise Unavailable(
+                f"the stack in {config.home} has no Label Studio token yet: `rlhf stack up --label-studio`"
+            )
         url, token = url or config.label_studio_url, token or label_studio_token(config)
     return LabelStudio(url, token)
 
@@ -117,6 +122,7 @@ def open_round(ls: LabelStudio, reports: Path, overlap: int = 1) -> tuple[int, s
         config = (reports / "label_config.xml").read_text(encoding="utf-8")
         body = {"title": title, "label_config": config, "maximum_annotations": overlap}  # people per task
         project = ls.call("POST", "/api/projects", body)
+    if created or not ls.progress(int(project["id"]))["task_number"]:  # new, or an import that failed half-way
         tasks = json.loads((reports / "tasks.json").read_text(encoding="utf-8"))
         ls.call("POST", f"/api/projects/{project['id']}/import", tasks)
     return int(project["id"]), f"{ls.url.rstrip('/')}/projects/{project['id']}/data", created
@@ -154,11 +160,17 @@ class Round:
     wanted: int
     pairs: int
 
+    overlap: int = 1
+
     def status(self) -> str:
-        p = self.ls.progress(self.project)
+        """Progress counted as the stage counts it: pairs answered (not skipped) by `overlap` people each."""
+        export = self.ls.export(self.project)
+        answers = [sum(not a.get("was_cancelled") for a in t.get("annotations") or []) for t in export]
+        skipped = sum(bool(a.get("was_cancelled")) for t in export for a in t.get("annotations") or [])
+        done = sum(n >= self.overlap for n in answers)
         return (
-            f"round {self.link}: {p['num_tasks_with_annotations']} of {p['task_number']} comparisons labelled "
-            f"({p['total_annotations_number']} annotations, {p['skipped_annotations_number']} skipped); "
+            f"round {self.link}: {done} of {len(export)} comparisons answered by {self.overlap} "
+            f"{'person' if self.overlap == 1 else 'people'} ({sum(answers)} annotations, {skipped} skipped); "
             f"{self.wanted} close the round"
         )
 
@@ -173,9 +185,10 @@ def current_round(project: Path, params: dict[str, Any], reports: str = "reports
     ls = connect(project)
     folder = project / reports
     pairs = len(RoundFiles(folder).pairs)
-    pid, link, created = open_round(ls, folder, int(compare.get("overlap") or 1))
+    overlap = int(compare.get("overlap") or 1)
+    pid, link, created = open_round(ls, folder, overlap)
     wanted = min(int(compare.get("wanted") or pairs), pairs)
-    return Round(ls, pid, link, created, project / compare["labels"], wanted, pairs)
+    return Round(ls, pid, link, created, project / compare["labels"], wanted, pairs, overlap)
 
 
 MARKER = ".rlhf/label-round.json"  # the flow run suspended on the open round, and how often it suspended
@@ -200,15 +213,13 @@ def awaiting(stage: str, code: int, reason: str) -> bool:
 
 
 def refresh(project: Path, params: dict[str, Any], reports: str = "reports/comparisons") -> int | None:
-    """Pull the open round's labels into comparisons.labels before a run, so the stage sees what people have done;
-    None when there is no human round on a Label Studio (nothing is created here)."""
+    """Pull an open round's labels into comparisons.labels before a run, so the stage sees what people have done
+    (a run cancelled mid-round loses nothing). Only while a round is open (the marker): a closed round's labels stay
+    as they closed it, whatever is annotated later. None when nothing was pulled (nothing is created here)."""
     compare = params.get("comparisons") or {}
-    if compare.get("labeler") != "human" or not (project / reports / "tasks.json").exists():
+    if compare.get("labeler") != "human" or not read_marker(project):
         return None
-    try:
-        ls = connect(project)
-    except Unavailable:  # no Label Studio configured: the export is the person's to bring
-        return None
+    ls = connect(project)
     found = ls.find_project(RoundFiles(project / reports).title)
     return None if found is None else pull(ls, int(found["id"]), project / compare["labels"])
 

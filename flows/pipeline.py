@@ -29,6 +29,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
 from prefect.states import Cancelled, Failed, State
+from pydantic import Field
 
 from flows import labelling
 from flows.lifecycle import project_lock
@@ -64,7 +65,7 @@ ROUND_TIMEOUT = 14 * 24 * 3600  # seconds a suspended labelling round may wait f
 class RoundAnswer(RunInput):
     """What a person answers when resuming a flow run suspended on a labelling round (the Prefect UI's form)."""
 
-    accept: int = 0  # close the round once this many comparisons are labelled (0: comparisons.wanted)
+    accept: int = Field(0, ge=0)  # close the round once this many comparisons are answered (0: comparisons.wanted)
     stop: bool = False  # end this run here; the labels stay in Label Studio and a later run continues the round
 
 
@@ -498,16 +499,22 @@ def rlhf_pipeline(
                 labelling.clear_marker(project)
                 return Cancelled(message="stopped at the labelling round by a person; its labels stay in Label "
                                  "Studio and the next run continues the round")  # fmt: skip
-            if answer is not None and answer.accept:
+            if answer is not None and answer.accept > 0:
                 os.environ[ACCEPT_ENV] = str(answer.accept)
-            if (pulled := labelling.refresh(project, load_params(project / "params.yaml"))) is not None:
-                logger.info("pulled %d annotations of the open labelling round", pulled)
+            try:
+                if (pulled := labelling.refresh(project, load_params(project / "params.yaml"))) is not None:
+                    logger.info("pulled %d annotations of the open labelling round", pulled)
+            except StageStop as e:  # Label Studio away: the stage says what it has, the round stays open
+                logger.warning("the open labelling round's labels were not pulled: %s", e)
             result = _pipeline(project, names, where, runner, image)
-        if not (isinstance(result, State) and result.name == AWAITING_LABELS):
-            labelling.clear_marker(project)
-            return result
-        # a deployment's run is suspended in there (its process ends; resumed, the flow starts over from the top)
-        return _suspend_for_labels(project, result)
+            if not (isinstance(result, State) and result.name == AWAITING_LABELS):
+                labelling.clear_marker(project)
+                return result
+            if (ended := _open_round(project, result)) is not None:  # under the lock: one run owns the round
+                return ended
+        # a deployment's run suspends (its process ends; resumed, the flow starts over from the top)
+        suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=_round_key(project))
+        return result  # not reached
     except Busy as e:  # the run lock, or DVC's lock while the data is committed: nothing ran, no MLflow run opened
         logger.warning("busy: %s", e)
         return Failed(
@@ -515,25 +522,48 @@ def rlhf_pipeline(
             message=str(e),
             data=_nothing_ran(project, names, ExitCode.BUSY, skipped=[]),
         )
-    except StageStop as e:  # Label Studio away while a round is pulled or opened
-        return Failed(name=state_name(e.code), message=str(e))
+    except StageStop as e:  # Label Studio away while a round is opened
+        return Failed(name=state_name(e.code), message=str(e), data=_nothing_ran(project, names, e.code, skipped=[]))
     finally:
         os.environ.pop(ACCEPT_ENV, None)
 
 
+def _round_key(project: Path) -> str:
+    """The suspend key of this flow run's latest suspension on the round (one per suspension)."""
+    return f"labels-{labelling.read_marker(project)['suspensions'] - 1}"
+
+
 def _round_open_elsewhere(project: Path) -> State | None:
     """A run that arrives while another flow run is suspended on this project's labelling round ends at once: one
-    round is answered by one run (the suspended one continues when resumed)."""
+    round is answered by one run (the suspended one continues when resumed). A marker whose run is not suspended
+    (cancelled, over, unknown to this server, or a run that could not suspend) is taken over."""
     from prefect.runtime import flow_run
 
     marker = labelling.read_marker(project)
-    if not marker or marker.get("flow_run_id") == str(flow_run.id) or flow_run_over(marker["flow_run_id"]):
+    if not marker.get("suspended") or marker.get("flow_run_id") == str(flow_run.id):
+        return None
+    if not _is_suspended(marker["flow_run_id"]):
         return None
     return Failed(
         name=AWAITING_LABELS,
         message=f"a labelling round is open: flow run {marker.get('flow_run_name')} ({marker['flow_run_id']}) is "
         f"suspended on it ({marker.get('link')}); resume or cancel that run. Nothing ran.",
+        data=_nothing_ran(project, [], ExitCode.BUSY, skipped=[]),
     )
+
+
+def _is_suspended(flow_run_id: str) -> bool:
+    """This Prefect server knows the flow run and it is paused or suspended (anything else, or no answer: no)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 (not found, not an id, the server away: nobody holds the round)
+        return False
+    return state is not None and state.is_paused()
 
 
 def _answered_round(project: Path) -> RoundAnswer | None:
@@ -544,18 +574,24 @@ def _answered_round(project: Path) -> RoundAnswer | None:
     marker = labelling.read_marker(project)
     if marker.get("flow_run_id") != str(flow_run.id) or not marker.get("suspensions"):
         return None
-    key = f"labels-{marker['suspensions'] - 1}"
-    return suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=key)
+    return suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=_round_key(project))
 
 
-def _suspend_for_labels(project: Path, waiting: State) -> State:
+def _open_round(project: Path, waiting: State) -> State | None:
     """The comparisons stage waits for people: open the round in Label Studio (its project, the tasks imported
-    once), say where and how many, and suspend a deployment's flow run until someone resumes it (the process ends;
-    Prefect starts the flow over when resumed). A run outside a deployment cannot be suspended: it ends
-    AwaitingLabels, saying what to do."""
+    once), say where and how many (a Prefect artifact), and record the round in the marker. None: a deployment's run,
+    to be suspended by the caller. A run outside a deployment cannot be suspended: its state, saying what to do (with
+    no Label Studio configured, the stage's own words: export by hand)."""
     from prefect.runtime import deployment, flow_run
 
-    round_ = labelling.current_round(project, load_params(project / "params.yaml"))
+    suspendable = deployment.id is not None
+    try:
+        round_ = labelling.current_round(project, load_params(project / "params.yaml"))
+    except StageStop as e:
+        if suspendable:
+            raise
+        get_run_logger().info("no Label Studio to open the round in (%s): the export is yours to bring", e)
+        return waiting
     status = round_.status()
     create_markdown_artifact(
         key="labelling-round",
@@ -565,18 +601,17 @@ def _suspend_for_labels(project: Path, waiting: State) -> State:
         description="the comparisons stage waits for people's labels",
     )
     get_run_logger().info("labelling round open: %s", status)
-    if deployment.id is None:
-        message = f"{waiting.message}; {status}; label there, then `rlhf label pull` and run again"
-        return Failed(name=AWAITING_LABELS, message=message, data=waiting.data)
     marker = labelling.read_marker(project)
     count = marker.get("suspensions", 0) if marker.get("flow_run_id") == str(flow_run.id) else 0
     labelling.write_marker(
         project,
         {"flow_run_id": str(flow_run.id), "flow_run_name": str(flow_run.name), "link": round_.link,
-         "suspensions": count + 1},
+         "suspended": suspendable, "suspensions": count + suspendable},
     )  # fmt: skip
-    suspend_flow_run(wait_for_input=RoundAnswer, timeout=ROUND_TIMEOUT, key=f"labels-{count}")
-    return waiting  # not reached: suspending ends the process
+    if suspendable:
+        return None
+    message = f"{waiting.message}; {status}; label there, then `rlhf label pull` and run again"
+    return Failed(name=AWAITING_LABELS, message=message, data=waiting.data)
 
 
 def _nothing_ran(project: Path, names: list[str], exit_code: ExitCode, **extra: Any) -> dict[str, Any]:

@@ -38,6 +38,7 @@ OUTCOME_DIR = ".rlhf/outcomes"  # inside the project, so a container (which moun
 # What a stage reads from its environment: MLflow lineage and tracking, its outcome file, buffering, thread counts.
 PASSED_ENV = (
     "RLHF_PARENT_RUN_ID",
+    "RLHF_LABELS_ACCEPT",  # a person's answer to a labelling round (stages/lib/label_studio.py ACCEPT_ENV)
     "MLFLOW_TRACKING_URI",
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_TRACKING_USERNAME",

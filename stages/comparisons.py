@@ -117,7 +117,8 @@ def labeler_for(config: ComparisonsConfig, tau: float, labels_file: Path | None,
     if config.labeler == "human":
         # a person resuming the flow's suspended round may accept fewer: the labels decide the outputs, this only
         # when the round closes (so, like a gate's threshold, it is not a dependency)
-        accept = int(os.environ.get(ACCEPT_ENV) or 0)
+        given = os.environ.get(ACCEPT_ENV, "")
+        accept = int(given) if given.isdigit() else 0  # anything but a positive count is no answer
         wanted = min(accept, config.wanted or accept) or config.wanted
         return HumanLabeler(labels_file, wanted, config.seed, limits, config.overlap)
     return FileLabeler(labels_file, limits)

@@ -177,3 +177,8 @@ def test_a_labelling_round_in_label_studio_suspends_the_flow_and_trains_on_what_
     reward = json.loads((project / "artifacts/reward/metrics.json").read_text())
     assert reward["n_train"] == len(offline) + len(trained)  # the offline pairs and exactly those labels
     assert not (project / labelling.MARKER).exists()
+    # pseudonymous: no account's e-mail address in any file the pipeline wrote (the export is scrubbed when pulled)
+    for folder in ("labels", "reports", "artifacts"):
+        for f in (project / folder).rglob("*"):
+            if f.is_file() and f.suffix in (".json", ".jsonl", ".md", ".xml", ".csv", ".txt"):
+                assert "@localhost" not in f.read_text(errors="replace"), f

@@ -179,6 +179,9 @@ def test_the_human_labeler_waits_for_enough_labels_then_closes_the_round(tmp_pat
     with pytest.raises(LabelsMissing, match=f"0 of 4 comparisons labelled: no Label Studio export at {export}"):
         labeler.label(pairs)
     export.parent.mkdir()
+    export.write_text("[]\n")  # what `rlhf run` leaves where no labels were given yet
+    with pytest.raises(LabelsMissing, match="holds no task yet: import .*tasks.json"):
+        labeler.label(pairs)
     _export(export, made, {i: [_annotation(1, "A")] for i in range(3)})
     with pytest.raises(LabelsMissing, match="3 of 4 comparisons labelled"):
         labeler.label(pairs)

@@ -114,7 +114,12 @@ def _clicked(result: Any) -> str | None:
     for item in result if isinstance(result, list) else []:
         value = item.get("value") if isinstance(item, dict) else None
         choices = value.get("choices") if isinstance(value, dict) else None
-        if item.get("from_name") == "choice" and isinstance(choices, list) and len(choices) == 1:
+        if (
+            isinstance(item, dict)
+            and item.get("from_name") == "choice"
+            and isinstance(choices, list)
+            and len(choices) == 1
+        ):
             return str(choices[0])
     return None
 
@@ -322,7 +327,13 @@ class HumanLabeler:
                 f"{where}tasks.json into a project labelled with {where}label_config.xml, label, export it as JSON "
                 f"to {self.export} and rerun"
             )
-        self.round = close_round(pairs, *read_export(self.export, self.limits))
+        annotations, has_task, problems = read_export(self.export, self.limits)
+        if not has_task:  # an empty export (`rlhf run` makes one where none was given yet): the round is not open
+            raise LabelsMissing(
+                f"0 of {wanted} {AWAITING}: {self.export} holds no task yet: import {where}tasks.json into a project "
+                f"labelled with {where}label_config.xml, label, export it as JSON to {self.export} and rerun"
+            )
+        self.round = close_round(pairs, annotations, has_task, problems)
         if self.report_dir is not None:
             write_json(self.report_dir / "round.json", self.round.report | {"problem_lines": self.round.problems})
             (self.report_dir / "round.md").write_text(report_markdown(self.round), encoding="utf-8")
