@@ -23,6 +23,7 @@ from typing import Any
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.label_studio import AWAITING
 from stages.lib.outcome import BadInput, Unavailable
+from stages.lib.params import load_params
 
 PRIVATE = ("created_username", "email", "first_name", "last_name", "username", "avatar", "initials", "phone")
 
@@ -212,12 +213,14 @@ def awaiting(stage: str, code: int, reason: str) -> bool:
     return stage.startswith("comparisons") and code == 65 and AWAITING in reason
 
 
-def refresh(project: Path, params: dict[str, Any], reports: str = "reports/comparisons") -> int | None:
+def refresh(project: Path, reports: str = "reports/comparisons") -> int | None:
     """Pull an open round's labels into comparisons.labels before a run, so the stage sees what people have done
     (a run cancelled mid-round loses nothing). Only while a round is open (the marker): a closed round's labels stay
     as they closed it, whatever is annotated later. None when nothing was pulled (nothing is created here)."""
-    compare = params.get("comparisons") or {}
-    if compare.get("labeler") != "human" or not read_marker(project):
+    if not read_marker(project):
+        return None
+    compare = load_params(project / "params.yaml").get("comparisons") or {}
+    if compare.get("labeler") != "human":
         return None
     ls = connect(project)
     found = ls.find_project(RoundFiles(project / reports).title)

@@ -160,7 +160,8 @@ def prepare(project: Path, echo: Callable[[str], None] = print) -> None:
     from stages.lib.tracking import DEFAULT_EXPERIMENT
 
     ensure_data(project, echo)
-    ensure_labels_file(project, load_params(project / "params.yaml"), echo)
+    if (project / "params.yaml").exists():  # a project of stages that read no params has none
+        ensure_labels_file(project, load_params(project / "params.yaml"), echo)
     for line in sync(project):
         echo(f"dvc.yaml now: {line}")
     uri = tracking_uri_for(project)

@@ -502,7 +502,7 @@ def rlhf_pipeline(
             if answer is not None and answer.accept > 0:
                 os.environ[ACCEPT_ENV] = str(answer.accept)
             try:
-                if (pulled := labelling.refresh(project, load_params(project / "params.yaml"))) is not None:
+                if (pulled := labelling.refresh(project)) is not None:
                     logger.info("pulled %d annotations of the open labelling round", pulled)
             except StageStop as e:  # Label Studio away: the stage says what it has, the round stays open
                 logger.warning("the open labelling round's labels were not pulled: %s", e)
