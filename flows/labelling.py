@@ -143,8 +143,11 @@ def pull(ls: LabelStudio, project: int, dest: Path) -> int:
     """The project's export, scrubbed, written to `dest` (the comparisons stage's labels file) only when it changed
     (DVC reruns the stage on a new hash); returns the annotations in it."""
     export = scrub(ls.export(project))
-    text = json.dumps(export, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    if not dest.exists() or dest.read_text(encoding="utf-8") != text:
+    try:
+        same = json.loads(dest.read_text(encoding="utf-8")) == export
+    except (OSError, ValueError):  # none yet, or not JSON
+        same = False
+    if not same:
         write_json(dest, export)
     return sum(len(t.get("annotations") or []) for t in export)
 

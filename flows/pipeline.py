@@ -278,18 +278,24 @@ def headline_metrics(project: Path, stage: str) -> dict[str, float]:
     return out
 
 
-def flow_run_over(flow_run_id: str) -> bool:
-    """This Prefect server knows the flow run and says it is over. A flow run it does not know (another server's, e.g.
-    a temporary one) or cannot be asked about counts as running: its MLflow runs are left alone."""
+def flow_run_state(flow_run_id: str) -> State | None:
+    """The flow run's state as this Prefect server knows it; None when it does not know the run (another server's,
+    e.g. a temporary one), the id is not a flow run's, or the server cannot be asked."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
 
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-    except Exception:  # noqa: BLE001 (not found, not a flow run id, or the server is away: end nothing)
-        return False
+            return client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 (not found, not a flow run id, or the server is away)
+        return None
+
+
+def flow_run_over(flow_run_id: str) -> bool:
+    """This Prefect server knows the flow run and says it is over. A flow run it does not know or cannot be asked
+    about counts as running: its MLflow runs are left alone."""
+    state = flow_run_state(flow_run_id)
     return state is not None and state.is_final()
 
 
@@ -542,7 +548,8 @@ def _round_open_elsewhere(project: Path) -> State | None:
     marker = labelling.read_marker(project)
     if not marker.get("suspended") or marker.get("flow_run_id") == str(flow_run.id):
         return None
-    if not _is_suspended(marker["flow_run_id"]):
+    state = flow_run_state(marker["flow_run_id"])
+    if state is None or not state.is_paused():  # not suspended, or unknown here: nobody holds the round
         return None
     return Failed(
         name=AWAITING_LABELS,
@@ -550,20 +557,6 @@ def _round_open_elsewhere(project: Path) -> State | None:
         f"suspended on it ({marker.get('link')}); resume or cancel that run. Nothing ran.",
         data=_nothing_ran(project, [], ExitCode.BUSY, skipped=[]),
     )
-
-
-def _is_suspended(flow_run_id: str) -> bool:
-    """This Prefect server knows the flow run and it is paused or suspended (anything else, or no answer: no)."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-    except Exception:  # noqa: BLE001 (not found, not an id, the server away: nobody holds the round)
-        return False
-    return state is not None and state.is_paused()
 
 
 def _answered_round(project: Path) -> RoundAnswer | None:

@@ -321,18 +321,14 @@ class HumanLabeler:
     def label(self, pairs: Sequence[Pair]) -> list[Label]:
         wanted = min(self.wanted or len(pairs), len(pairs))
         where = f"{self.report_dir}/" if self.report_dir else ""
-        if not self.export.exists():
+        given = read_export(self.export, self.limits) if self.export.exists() else None
+        if not given or not given[1]:  # no export, or an empty one (`rlhf run` makes one): the round is not open
+            said = f"{self.export} holds no task yet" if given else f"no Label Studio export at {self.export} yet"
             raise LabelsMissing(
-                f"0 of {wanted} {AWAITING}: no Label Studio export at {self.export} yet: import "
-                f"{where}tasks.json into a project labelled with {where}label_config.xml, label, export it as JSON "
-                f"to {self.export} and rerun"
+                f"0 of {wanted} {AWAITING}: {said}: import {where}tasks.json into a project labelled with "
+                f"{where}label_config.xml, label, export it as JSON to {self.export} and rerun"
             )
-        annotations, has_task, problems = read_export(self.export, self.limits)
-        if not has_task:  # an empty export (`rlhf run` makes one where none was given yet): the round is not open
-            raise LabelsMissing(
-                f"0 of {wanted} {AWAITING}: {self.export} holds no task yet: import {where}tasks.json into a project "
-                f"labelled with {where}label_config.xml, label, export it as JSON to {self.export} and rerun"
-            )
+        annotations, has_task, problems = given
         self.round = close_round(pairs, annotations, has_task, problems)
         if self.report_dir is not None:
             write_json(self.report_dir / "round.json", self.round.report | {"problem_lines": self.round.problems})
