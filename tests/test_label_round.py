@@ -1,14 +1,17 @@
 """The human labelling round end to end, for real: the stack with Label Studio (`rlhf stack up --label-studio-port`,
 tests/stack_fixtures.py), prefect.yaml's deployment run by the stack's worker until the comparisons stage waits for
 people and the flow run suspends; two accounts label in Label Studio's web UI from headless Chromium (the admin, and
-an annotator who signs up through the invite link), one round is cancelled half-way and continued by a new run, a run
-that arrives while the round is open ends at once, the flow run is resumed through Prefect's API with a typed input,
-and the reward model trains on exactly the majority of what was clicked."""
+an annotator who signs up through the invite link) and through Label Studio's own SDK (label-studio-sdk, run by the
+Python of Label Studio's venv: it pins what the project's environment cannot hold), one round is cancelled half-way and
+continued by a new run, a run that arrives while the round is open ends at once, the flow run is resumed through
+Prefect's API with a typed input, and the reward model trains on exactly the majority of what was given."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,11 @@ def _client(stack: Stack) -> dict[str, str]:
 
 
 def _trigger(stack: Stack, project: Path) -> str:
-    done = sh([str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process"], project, _client(stack))
+    """A run of the deployment, logging to an experiment of its own: the session's stack is shared with test_stack,
+    whose team expects the first pipeline run in experiment "rlhf" to be theirs (named "first run")."""
+    env = '--job-variable=env={"MLFLOW_EXPERIMENT_NAME": "rlhf-label-round"}'
+    cmd = [str(BIN / "prefect"), "deployment", "run", "rlhf-pipeline/rlhf-process", env]
+    done = sh(cmd, project, _client(stack))
     return done.stdout.split("UUID:")[1].split()[0]
 
 
@@ -75,6 +82,49 @@ def _sign_up(page, invite: str, email: str, password: str) -> None:  # noqa: ANN
     page.fill("input[name=password]", password)
     page.click("button[type=submit]")
     page.wait_for_url(lambda url: "/user/" not in url)  # logged in: Label Studio's home
+
+
+SDK_LABEL = """
+import json, os, sys
+from label_studio_sdk import LabelStudio
+
+ls = LabelStudio(base_url=os.environ["LS_URL"], api_key=os.environ["LS_TOKEN"])
+choices = json.load(sys.stdin)
+for task, choice in choices.items():
+    result = {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": [choice]}}
+    ls.annotations.create(id=int(task), result=[result])
+print(json.dumps(sum(len(ls.annotations.list(id=int(task))) for task in choices)))
+"""
+
+
+def _label_with_sdk(stack: Stack, choices: dict[int, str]) -> int:
+    """Label `choices` ({task id: A or B}) as the admin through label-studio-sdk in Label Studio's venv (the URL and
+    token in the environment, never on a command line); returns how many annotations those tasks then have."""
+    token = stack_mod.label_studio_token(stack.config)
+    done = subprocess.run(
+        [str(stack_mod.label_studio_venv() / "bin" / "python"), "-c", SDK_LABEL],
+        input=json.dumps({str(t): c for t, c in choices.items()}),
+        env={**os.environ, "LS_URL": stack.config.label_studio_url, "LS_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _prefect_page(page, stack: Stack, flow_run_id: str, state: str, shot: Path) -> None:  # noqa: ANN001
+    """The flow run's page in the Prefect UI shows `state` and the round's `labelling-round` artifact."""
+    page.goto(f"{stack.config.prefect_url}/runs/flow-run/{flow_run_id}")
+    page.get_by_text(stack.flow_run(flow_run_id)["name"]).first.wait_for()
+    page.get_by_text(state, exact=True).first.wait_for()
+    assert "Can't connect to Server API" not in page.content()
+    page.get_by_text("submitted to infrastructure").first.wait_for()  # the logs are in
+    page.wait_for_timeout(2000)  # the timeline is a canvas: no element to wait for (only the screenshot needs it)
+    page.screenshot(path=str(shot))
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("labelling-round", exact=True).first.wait_for()
 
 
 def _pump(page, what: str, check, timeout_ms: int = 120_000) -> None:  # noqa: ANN001
@@ -145,7 +195,10 @@ def test_a_labelling_round_in_label_studio_suspends_the_flow_and_trains_on_what_
     assert json.loads((project / labelling.MARKER).read_text())["link"] == marker["link"]  # the same project
     round_report = json.loads((project / "reports/comparisons/round.json").read_text())
     assert round_report["annotations"] == 6  # pulled before the stage ran: nothing labelled was lost
-    clicked_admin |= _label_in_ui(page, stack, project_id, prefers_first, 6)
+    rest = {task: prefers_first(task) for task in tasks if task not in clicked_admin}  # the admin's other half: the SDK
+    assert len(rest) == 6 and _label_with_sdk(stack, rest) == 6
+    clicked_admin |= rest
+    _prefect_page(page, stack, third, "Suspended", shots / "prefect-suspended.png")  # the UI shows it waiting
     # 5. a second account signs up through the invite link and labels every pair, disagreeing on every third task
     page.context.clear_cookies()
     _sign_up(page, ls.invite_link(), "annotator-two@localhost", "a-long-password-2")
@@ -156,6 +209,7 @@ def test_a_labelling_round_in_label_studio_suspends_the_flow_and_trains_on_what_
     stack.prefect(f"/flow_runs/{third}/resume", {"run_input": {"accept": 0, "stop": False}})
     done = _state(stack, third, FINAL, 1200)
     assert done["state_type"] == "COMPLETED", done["state"]
+    _prefect_page(page, stack, third, "Completed", shots / "prefect-resumed.png")
     metrics = json.loads((project / "artifacts/comparisons/metrics.json").read_text())
     agree = [task for task in tasks if clicked_admin[task] == clicked_two[task]]
     assert metrics["annotators"] == 2 and metrics["annotations"] == 24
@@ -177,6 +231,10 @@ def test_a_labelling_round_in_label_studio_suspends_the_flow_and_trains_on_what_
     reward = json.loads((project / "artifacts/reward/metrics.json").read_text())
     assert reward["n_train"] == len(offline) + len(trained)  # the offline pairs and exactly those labels
     assert not (project / labelling.MARKER).exists()
+    # tracked in the round's own experiment (the job variable reached the flow run), none in the team's "rlhf"
+    human = "params.`comparisons.labeler` = 'human'"
+    assert stack.runs(human, experiment="rlhf-label-round")
+    assert stack.mlflow.get_experiment_by_name("rlhf") is None or not stack.runs(human)
     # pseudonymous: no account's e-mail address in any file the pipeline wrote (the export is scrubbed when pulled)
     for folder in ("labels", "reports", "artifacts"):
         for f in (project / folder).rglob("*"):

@@ -440,8 +440,9 @@ def test_stack_status_reports_a_dead_service(stack: Stack):
 
 
 def test_compose_file_describes_the_same_stack_on_our_images(tmp_path):
-    """`docker-compose config` accepts docker/compose.yaml; it runs the stack's five services on images this project
-    builds (nothing pulled), publishes every port on loopback only, and keeps secrets out of the file."""
+    """`docker-compose config` accepts docker/compose.yaml; it runs the stack's five services (and Label Studio in a
+    profile) on images this project builds (nothing pulled), publishes every port on loopback only, and keeps secrets
+    out of the file."""
     if not shutil.which("docker-compose"):
         if os.geteuid() != 0:
             pytest.skip("needs docker-compose (Debian's package)")
@@ -457,8 +458,20 @@ def test_compose_file_describes_the_same_stack_on_our_images(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
-    assert set(services) == set(stack_mod.SERVICES)
-    assert {s["image"] for s in services.values()} == {"rlhf-stage:cpu", "rlhf-services:latest"}
+    assert set(services) == set(stack_mod.SERVICES + stack_mod.OPTIONAL)
+    assert {s["image"] for s in services.values()} == {
+        "rlhf-stage:cpu",
+        "rlhf-services:latest",
+        "rlhf-label-studio:latest",
+    }
+    # Label Studio: a profile of its own (`--profile label-studio`), the release `rlhf stack up` installs, on the
+    # stack's PostgreSQL, the worker pulling with the token the service's admin is created with
+    studio = services["label-studio"]
+    assert studio["profiles"] == ["label-studio"] and studio["environment"]["POSTGRE_HOST"] == "postgres"
+    dockerfile = (ROOT / "docker/label-studio/Dockerfile").read_text()
+    assert f"ARG LABEL_STUDIO={stack_mod.LABEL_STUDIO}\n" in dockerfile
+    assert "labelstudio" in (ROOT / "docker/services/entrypoint.sh").read_text()
+    assert services["worker"]["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
     assert {s.get("pull_policy") for s in services.values()} == {"never"}
     for name, service in services.items():
         for port in service.get("ports", []):

@@ -2,7 +2,7 @@
 person sees after the pipeline ran twice (tests/stack_fixtures.py, tests/test_stack.py's `by_worker`).
 
 Screenshots go to RLHF_SCREENSHOTS (a folder; default: the test's tmp folder); README's come from
-`RLHF_SCREENSHOTS=docs/screenshots pytest tests/test_ui.py`."""
+`RLHF_SCREENSHOTS=docs/screenshots pytest tests/test_ui.py` (the labelling round's: tests/test_label_round.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # `rlhf-services postgres`: initdb on the first start (role $POSTGRES_USER, password $POSTGRES_PASSWORD, databases
-# prefect and mlflow), then PostgreSQL in the foreground. `rlhf-services sshd`: the DVC remote, key login only for
-# user dvc (authorized keys: the file $DVC_AUTHORIZED_KEYS), store in /srv/dvc/store.
+# prefect, mlflow and labelstudio), then PostgreSQL in the foreground. `rlhf-services sshd`: the DVC remote, key login
+# only for user dvc (authorized keys: the file $DVC_AUTHORIZED_KEYS), store in /srv/dvc/store.
 set -eu
 case "${1:-}" in
 postgres)
@@ -15,7 +15,7 @@ postgres)
         rm -f /tmp/pw
         echo "host all all 0.0.0.0/0 scram-sha-256" >> "$data/pg_hba.conf"
         su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -o '-c listen_addresses=' -w start"
-        for db in prefect mlflow; do
+        for db in prefect mlflow labelstudio; do
             su postgres -s /bin/sh -c "PGPASSWORD='$POSTGRES_PASSWORD' psql -h /var/run/postgresql -U ${POSTGRES_USER:-rlhf} -d postgres -c 'CREATE DATABASE $db'"
         done
         su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -m fast -w stop"
