@@ -17,6 +17,7 @@ from flows import sync
 from stages.comparisons import make_pairs, preferences
 from stages.lib import gold
 from stages.lib.formats import Limits
+from stages.lib.label_studio import ACCEPT_ENV
 from stages.lib.labelers import (
     EndpointLabeler,
     FileLabeler,
@@ -206,26 +207,7 @@ def test_the_stage_with_people_in_label_studio_waits_then_trains_on_their_majori
     made = json.loads((tmp_path / "reports/tasks.json").read_text())
     assert len(made) == 52 and (tmp_path / "reports/label_config.xml").exists()
     # two accounts label every task; the second disagrees on every third; "A" is the reply shown first
-    clicks = [["A", "B" if i % 3 == 0 else "A"] for i in range(len(made))]
-    rows = [
-        {
-            "id": i + 1,
-            "data": t["data"],
-            "annotations": [
-                {
-                    "completed_by": u + 1,
-                    "result": [
-                        {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": [c]}}
-                    ],
-                    "was_cancelled": False,
-                    "updated_at": "2026-12-04T10:00:00Z",
-                }
-                for u, c in enumerate(clicks[i])
-            ],
-        }
-        for i, t in enumerate(made)
-    ]
-    export.write_text(json.dumps(rows))
+    _click_export(export, made, {i: ["A", "B" if i % 3 == 0 else "A"] for i in range(len(made))})
     code, said, out = _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
     assert code == 0, said
     metrics = json.loads((out / "metrics.json").read_text())
@@ -242,6 +224,52 @@ def test_the_stage_with_people_in_label_studio_waits_then_trains_on_their_majori
     ]
     assert trained == expected  # exactly the pairs both accounts agreed on, the reply shown first chosen
     assert "the annotators agree" in said and "split" in (tmp_path / "reports/round.md").read_text()
+
+
+def _click_export(path: Path, made: list[dict], clicks: dict[int, list[str]]) -> None:
+    """Label Studio's JSON export of `made` (tasks.json) where task i got one annotation per click in `clicks[i]`."""
+    choice = lambda c: {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": [c]}}  # noqa: E731
+    rows = [
+        {
+            "id": i + 1,
+            "data": t["data"],
+            "annotations": [
+                {
+                    "completed_by": u + 1,
+                    "result": [choice(c)],
+                    "was_cancelled": False,
+                    "updated_at": "2026-12-04T10:00:00Z",
+                }
+                for u, c in enumerate(clicks.get(i, []))
+            ],
+        }
+        for i, t in enumerate(made)
+    ]
+    path.write_text(json.dumps(rows))
+
+
+@pytest.mark.slow
+def test_a_round_closed_early_with_accept_trains_on_the_pairs_answered_so_far(project, tmp_path, monkeypatch):
+    """The typed answer of a resumed flow run (`RoundAnswer.accept`, passed to the stage as RLHF_LABELS_ACCEPT)
+    closes a round below `comparisons.wanted`; a count above what is answered, or no count at all, keeps it open."""
+    export = tmp_path / "round-1.json"
+    _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
+    made = json.loads((tmp_path / "reports/tasks.json").read_text())
+    train = [i for i, t in enumerate(made) if t["data"]["split"] == "train"][:8]
+    answered = train + [i for i, t in enumerate(made) if t["data"]["split"] == "test"][:2]
+    _click_export(export, made, {i: ["A"] for i in answered})
+    for accept in ("", "0", "eleven", "11"):  # no answer, "keep wanted", not a count, more than is answered
+        monkeypatch.setenv(ACCEPT_ENV, accept)
+        code, said, _ = _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
+        wanted = 11 if accept == "11" else 30
+        assert code == ExitCode.BAD_INPUT and f"10 of {wanted} comparisons labelled" in said, (accept, said)
+    monkeypatch.setenv(ACCEPT_ENV, "10")
+    code, said, out = _stage(project, tmp_path, labeler="human", labels=str(export), wanted=30)
+    assert code == 0, said
+    trained = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    shown_first = [{"prompt": made[i]["data"]["prompt"], "chosen": made[i]["data"]["first"]} for i in train]
+    assert [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in trained] == shown_first
+    assert json.loads((out / "metrics.json").read_text())["labelled_pairs"] == 10
 
 
 def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
