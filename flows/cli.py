@@ -496,7 +496,11 @@ def _label_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("action", choices=["open", "status", "pull"])
-    p.add_argument("--reports", default="reports/comparisons", help="the comparisons stage's --reports folder")
+    p.add_argument(
+        "--reports",
+        help="the comparisons stage's --reports folder (default: the open round's, else reports/comparisons; round "
+        "r's: reports/comparisons_r<r>)",
+    )
     _params_option(p, "that names the labeler and the labels file")
     p.set_defaults(func=_cmd_label)
 
@@ -505,7 +509,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
     from flows import labelling
     from stages.lib.params import load_params
 
-    round_ = labelling.current_round(Path.cwd(), load_params(args.params), args.reports)
+    reports = args.reports or labelling.read_marker(Path.cwd()).get("reports", labelling.DEFAULT_REPORTS)
+    round_ = labelling.current_round(Path.cwd(), load_params(args.params), reports)
     if args.action == "open":
         print(f"{'opened' if round_.created else 'continuing'} the round: {round_.link}")
         print(f"a new annotator signs up at {round_.ls.invite_link()}")

@@ -179,7 +179,10 @@ class Round:
         )
 
 
-def current_round(project: Path, params: dict[str, Any], reports: str = "reports/comparisons") -> Round:
+DEFAULT_REPORTS = "reports/comparisons"  # round 1's comparisons stage's --reports (round r's: reports/comparisons_r<r>)
+
+
+def current_round(project: Path, params: dict[str, Any], reports: str = DEFAULT_REPORTS) -> Round:
     """Open (or continue) the round the comparisons stage wrote in `reports`, on the project's Label Studio."""
     compare = params.get("comparisons") or {}
     if compare.get("labeler") != "human" or not compare.get("labels"):
@@ -192,7 +195,24 @@ def current_round(project: Path, params: dict[str, Any], reports: str = "reports
     overlap = int(compare.get("overlap") or 1)
     pid, link, created = open_round(ls, folder, overlap)
     wanted = min(int(compare.get("wanted") or pairs), pairs)
-    return Round(ls, pid, link, created, project / compare["labels"], wanted, pairs, overlap)
+    return Round(ls, pid, link, created, project / labels_file(compare["labels"], reports), wanted, pairs, overlap)
+
+
+def stage_reports(project: Path, stage: str) -> str:
+    """The --reports folder of the comparisons stage `stage` (comparisons, comparisons_r2, ...) in dvc.yaml."""
+    import yaml
+
+    from flows.sync import options
+
+    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return dict(options(str((stages.get(stage) or {}).get("cmd", "")))).get("--reports", DEFAULT_REPORTS)
+
+
+def labels_file(labels: str, reports: str) -> str:
+    """The export of the round whose comparisons stage writes `reports` (reports/comparisons_r2: round 2's file)."""
+    from flows.sync import round_file, round_of
+
+    return round_file(labels, round_of(reports))
 
 
 MARKER = ".rlhf/label-round.json"  # the flow run suspended on the open round, and how often it suspended
@@ -201,14 +221,17 @@ MARKER = ".rlhf/label-round.json"  # the flow run suspended on the open round, a
 def ensure_labels_file(project: Path, params: dict[str, Any], echo: Any = print) -> None:
     """An empty labels file where comparisons.labels names one that does not exist yet (no labels given), so DVC,
     which refuses a missing dependency, runs the stage and the stage says what to do."""
+    from flows.sync import round_file, rounds_of
+
     compare = params.get("comparisons") or {}
     if compare.get("labeler") not in ("file", "human") or not compare.get("labels"):
         return
-    path = project / compare["labels"]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("[]\n" if compare["labeler"] == "human" else "", encoding="utf-8")
-        echo(f"no labels yet: {path.relative_to(project)} created empty")
+    for r in range(1, rounds_of(params) + 1):  # every round's file (flows/sync.py round_file)
+        path = project / round_file(compare["labels"], r)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("[]\n" if compare["labeler"] == "human" else "", encoding="utf-8")
+            echo(f"no labels yet: {path.relative_to(project)} created empty")
 
 
 def awaiting(stage: str, code: int, reason: str) -> bool:
@@ -216,18 +239,20 @@ def awaiting(stage: str, code: int, reason: str) -> bool:
     return stage.startswith("comparisons") and code == 65 and AWAITING in reason
 
 
-def refresh(project: Path, reports: str = "reports/comparisons") -> int | None:
-    """Pull an open round's labels into comparisons.labels before a run, so the stage sees what people have done
-    (a run cancelled mid-round loses nothing). Only while a round is open (the marker): a closed round's labels stay
-    as they closed it, whatever is annotated later. None when nothing was pulled (nothing is created here)."""
-    if not read_marker(project):
+def refresh(project: Path) -> int | None:
+    """Pull an open round's labels into its labels file before a run, so the stage sees what people have done
+    (a run cancelled mid-round loses nothing). Only while a round is open (the marker, which names the round's
+    reports folder): a closed round's labels stay as they closed it, whatever is annotated later. None when nothing
+    was pulled (nothing is created here)."""
+    if not (marker := read_marker(project)):
         return None
     compare = load_params(project / "params.yaml").get("comparisons") or {}
     if compare.get("labeler") != "human":
         return None
+    reports = marker.get("reports", DEFAULT_REPORTS)
     ls = connect(project)
     found = ls.find_project(RoundFiles(project / reports).title)
-    return None if found is None else pull(ls, int(found["id"]), project / compare["labels"])
+    return None if found is None else pull(ls, int(found["id"]), project / labels_file(compare["labels"], reports))
 
 
 def read_marker(project: Path) -> dict[str, Any]:

@@ -578,8 +578,9 @@ def _open_round(project: Path, waiting: State) -> State | None:
     from prefect.runtime import deployment, flow_run
 
     suspendable = deployment.id is not None
+    reports = labelling.stage_reports(project, (waiting.data or {}).get("stopped_at", "comparisons"))
     try:
-        round_ = labelling.current_round(project, load_params(project / "params.yaml"))
+        round_ = labelling.current_round(project, load_params(project / "params.yaml"), reports)
     except StageStop as e:
         if suspendable:
             raise
@@ -599,7 +600,7 @@ def _open_round(project: Path, waiting: State) -> State | None:
     labelling.write_marker(
         project,
         {"flow_run_id": str(flow_run.id), "flow_run_name": str(flow_run.name), "link": round_.link,
-         "suspended": suspendable, "suspensions": count + suspendable},
+         "reports": reports, "suspended": suspendable, "suspensions": count + suspendable},
     )  # fmt: skip
     if suspendable:
         return None
@@ -646,6 +647,7 @@ def _pipeline(project: Path, names: list[str], where: Runner, runner: str, image
             said = {"rlhf.outcome": outcome, "rlhf.stopped_at": stop.stage, "rlhf.reason": stop.reason}
             _quietly("the outcome", _tag_parent, tracking_uri, parent_run_id, said)
             status = "FINISHED" if waiting else status
+            summary["stopped_at"] = stop.stage
             name = AWAITING_LABELS if waiting else state_name(pipeline.exit_code)
             return Failed(name=name, message=stop.message, data=summary)
         summary["promotion"] = promotion(project) if "promote" in names else None

@@ -115,10 +115,10 @@ def param_paths(name: str, params: dict[str, Any], root: Path) -> tuple[str, lis
     comparisons stage's labels file (labeler: file, or human: Label Studio's export). None for the other stages."""
     if name == "validate":
         return "--data", data_options(params, root)
-    if name == "comparisons":
+    if base_name(name) == "comparisons":
         compare = params.get("comparisons") or {}
         given = compare.get("labeler") in ("file", "human") and compare.get("labels")
-        return "--labels", [compare["labels"]] if given else []
+        return "--labels", [round_file(compare["labels"], round_of(name))] if given else []
     return None
 
 
@@ -150,6 +150,23 @@ def round_name(stage: str, r: int) -> str:
 def base_name(stage: str) -> str:
     """`ppo` for `ppo_r3`: the module a round's stage runs."""
     return ROUND_SUFFIX.sub("", stage)
+
+
+def round_of(stage: str) -> int:
+    """3 for `ppo_r3` (or its folder `reports/ppo_r3`), 1 for round 1's `ppo`."""
+    found = ROUND_SUFFIX.search(stage.rstrip("/").rsplit("/", 1)[-1])
+    return int(found.group(1)) if found else 1
+
+
+def round_file(path: str, r: int) -> str:
+    """Round `r`'s labels file from comparisons.labels (round 1's): labels/round.json -> labels/round_r2.json. Each
+    round's labels in a file of their own: adding round 2's would otherwise change round 1's dependency and rerun
+    round 1 and everything after it (and a human round's export, one Label Studio project each, would replace it)."""
+    if r == 1:
+        return path
+    head, _, name = path.rpartition("/")
+    stem, dot, suffix = name.partition(".")
+    return f"{head + '/' if head else ''}{stem}_r{r}{dot}{suffix}"
 
 
 def _in_round(path: str, r: int) -> str:

@@ -286,3 +286,32 @@ def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
     stage = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["comparisons"]
     assert ("--labels", "labels/round-1.jsonl") in sync.options(stage["cmd"])
     assert "labels/round-1.jsonl" in stage["deps"]
+
+
+def test_each_round_of_people_has_a_labels_file_of_its_own(tmp_path):
+    """With comparisons.rounds > 1 round r's comparisons stage reads <labels>_r<r>: adding round 2's labels does not
+    touch round 1's dependency (which would rerun round 1 and all after it), and round 2's Label Studio export does
+    not replace round 1's. The flow finds the round's file from the stage that waits (its --reports folder)."""
+    from flows import labelling
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((root / name).read_text())
+    import shutil
+
+    shutil.copytree(root / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["comparisons"] |= {"labeler": "human", "labels": "labels/round.json", "rounds": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(tmp_path)
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    for stage, labels in (("comparisons", "labels/round.json"), ("comparisons_r2", "labels/round_r2.json"),
+                          ("comparisons_r3", "labels/round_r3.json")):  # fmt: skip
+        assert dict(sync.options(stages[stage]["cmd"]))["--labels"] == labels and labels in stages[stage]["deps"]
+        others = {"labels/round.json", "labels/round_r2.json", "labels/round_r3.json"} - {labels}
+        assert not others & set(stages[stage]["deps"]), stage
+        reports = labelling.stage_reports(tmp_path, stage)
+        assert reports == f"reports/{stage}" and labelling.labels_file("labels/round.json", reports) == labels
+    assert sync.sync(tmp_path) == []  # one pass is enough: a second finds nothing to change
+    labelling.ensure_labels_file(tmp_path, params, echo=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["round.json", "round_r2.json", "round_r3.json"]
