@@ -272,6 +272,31 @@ def test_a_round_closed_early_with_accept_trains_on_the_pairs_answered_so_far(pr
     assert json.loads((out / "metrics.json").read_text())["labelled_pairs"] == 10
 
 
+@pytest.mark.slow
+def test_dvc_repro_while_a_round_waits_for_people_stops_at_once_with_one_line(project, tmp_path):
+    """`dvc repro` of a project whose human round is open (its export holds nothing yet) ends within the timeout:
+    the comparisons stage stops (exit 65) saying how many are labelled and what to do, nothing after it runs, and
+    the earlier stages' outputs stay."""
+    import shutil
+
+    copy = tmp_path / "p"
+    shutil.copytree(project, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["comparisons"] |= {"labeler": "human", "labels": "labels/round.json"}
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([str(BIN / "rlhf"), "sync"], copy)
+    (copy / "labels").mkdir()
+    (copy / "labels/round.json").write_text("[]\n")  # what `rlhf run` creates before the first pull
+    sft = {f: f.read_bytes() for f in (copy / "artifacts/sft").rglob("*") if f.is_file()}
+    proc = run([str(BIN / "dvc"), "repro", "reward"], copy, check=False, timeout=600)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "0 of 52 comparisons labelled: labels/round.json holds no task yet" in said, said
+    assert "exited with 65" in said and "Traceback" not in said
+    assert not (copy / "artifacts/reward").exists() and not (copy / "artifacts/comparisons/preferences.jsonl").exists()
+    assert {f: f.read_bytes() for f in (copy / "artifacts/sft").rglob("*") if f.is_file()} == sft
+    assert (copy / "reports/comparisons/tasks.json").exists()  # the round's tasks, ready to import
+
+
 def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
     root = Path(__file__).resolve().parents[1]
     for name in ("dvc.yaml", "params.yaml"):
