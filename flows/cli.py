@@ -481,7 +481,7 @@ A human labelling round in Label Studio (comparisons.labeler: human; docs/compar
   rlhf run                 # the comparisons stage writes the round's tasks, then stops while they await labels
   rlhf label open          # the round's Label Studio project (created once, its tasks imported) and a sign-up link
   rlhf label status        # how many comparisons are labelled, of how many wanted
-  rlhf label pull          # the annotations, as Label Studio's JSON export, into comparisons.labels
+  rlhf label pull          # the annotations, as Label Studio's JSON export, into the round's labels file
   rlhf run                 # the stage closes the round (enough labels) and the reward model trains on them
 Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, else the stack's (`rlhf stack up --label-studio`).
 The Prefect flow does open/pull itself, suspending between them (resume it in the Prefect UI).
@@ -498,8 +498,8 @@ def _label_parser(sub: Any) -> None:
     p.add_argument("action", choices=["open", "status", "pull"])
     p.add_argument(
         "--reports",
-        help="the comparisons stage's --reports folder (default: the open round's, else reports/comparisons; round "
-        "r's: reports/comparisons_r<r>)",
+        help="the comparisons stage's --reports folder (default: the round waiting for labels, else "
+        "reports/comparisons; round r's: reports/comparisons_r<r>)",
     )
     _params_option(p, "that names the labeler and the labels file")
     p.set_defaults(func=_cmd_label)
@@ -509,7 +509,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     from flows import labelling
     from stages.lib.params import load_params
 
-    reports = args.reports or labelling.read_marker(Path.cwd()).get("reports", labelling.DEFAULT_REPORTS)
+    reports = args.reports or labelling.waiting_reports(Path.cwd())
     round_ = labelling.current_round(Path.cwd(), load_params(args.params), reports)
     if args.action == "open":
         print(f"{'opened' if round_.created else 'continuing'} the round: {round_.link}")

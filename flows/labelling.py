@@ -30,9 +30,15 @@ PRIVATE = ("created_username", "email", "first_name", "last_name", "username", "
 
 @dataclass(frozen=True)
 class LabelStudio:
-    url: str
+    url: str  # what the pipeline calls
     token: str
     timeout: float = 120.0
+    public: str = ""  # what people open, where it differs (compose: the published port): LABEL_STUDIO_PUBLIC_URL
+
+    @property
+    def site(self) -> str:
+        """The base of the links people are given (the round's project, the invite)."""
+        return (self.public or self.url).rstrip("/")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One API call; Unavailable naming the server and the answer (never the token) when it fails."""
@@ -64,7 +70,7 @@ class LabelStudio:
 
     def invite_link(self) -> str:
         """A sign-up link for a new annotator of the organisation."""
-        return self.url.rstrip("/") + self.call("GET", "/api/invite")["invite_url"]
+        return self.site + self.call("GET", "/api/invite")["invite_url"]
 
 
 def connect(project: Path) -> LabelStudio:
@@ -85,7 +91,7 @@ def connect(project: Path) -> LabelStudio:
                 f"the stack in {config.home} has no Label Studio token yet: `rlhf stack up --label-studio`"
             )
         url, token = url or config.label_studio_url, token or label_studio_token(config)
-    return LabelStudio(url, token)
+    return LabelStudio(url, token, public=os.environ.get("LABEL_STUDIO_PUBLIC_URL", ""))
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ def open_round(ls: LabelStudio, reports: Path, overlap: int = 1) -> tuple[int, s
     if created or not ls.progress(int(project["id"]))["task_number"]:  # new, or an import that failed half-way
         tasks = json.loads((reports / "tasks.json").read_text(encoding="utf-8"))
         ls.call("POST", f"/api/projects/{project['id']}/import", tasks)
-    return int(project["id"]), f"{ls.url.rstrip('/')}/projects/{project['id']}/data", created
+    return int(project["id"]), f"{ls.site}/projects/{project['id']}/data", created
 
 
 def scrub(obj: Any) -> Any:
@@ -206,6 +212,27 @@ def stage_reports(project: Path, stage: str) -> str:
 
     stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
     return dict(options(str((stages.get(stage) or {}).get("cmd", "")))).get("--reports", DEFAULT_REPORTS)
+
+
+def waiting_reports(project: Path) -> str:
+    """The reports folder of the round people are labelling: the open round's (the marker), else the first
+    comparisons stage in dvc.yaml that wrote its tasks but has no outputs (it stopped for labels: DVC removes a
+    stage's outputs before it runs), else round 1's."""
+    if reports := read_marker(project).get("reports"):
+        return reports
+    import yaml
+
+    from flows.sync import base_name, options
+
+    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    for name, stage in stages.items():
+        if base_name(name) != "comparisons" or not str(stage.get("cmd", "")).startswith("python -m stages."):
+            continue
+        given = dict(options(str(stage["cmd"])))
+        reports, out = given.get("--reports", DEFAULT_REPORTS), given.get("--out", "")
+        if (project / reports / "tasks.json").exists() and not (project / out / "metrics.json").exists():
+            return reports
+    return DEFAULT_REPORTS
 
 
 def labels_file(labels: str, reports: str) -> str:

@@ -684,6 +684,14 @@ def _open_parent(project: Path, names: list[str], runner: str, image: str) -> tu
     return tracking_uri, parent_run_id
 
 
+def _answered(project: Path, result: StageResult) -> bool:
+    """`result` is the comparisons stage of the round a person answered (the marker's), past it now."""
+    if ACCEPT_ENV not in os.environ or result.status not in ("ran", "restored"):
+        return False
+    comparisons = result.stage.startswith("comparisons")
+    return comparisons and labelling.stage_reports(project, result.stage) == labelling.waiting_reports(project)
+
+
 def _after_stage(
     project: Path, tracking_uri: str, parent_run_id: str, artifacts: list[str]
 ) -> Callable[[StageResult], None]:
@@ -694,6 +702,8 @@ def _after_stage(
         publish = PUBLISHERS.get(result.stage)  # round 1's stages (their files are where these read)
         if publish and (not result.stopped or result.code == ExitCode.GATE) and (key := publish(project)):
             artifacts.append(key)
+        if _answered(project, result):  # a person's `accept` answers their round, not a later round in this run
+            os.environ.pop(ACCEPT_ENV, None)
         if not result.stopped:
             if digest := stage_hash(project, result.stage):
                 tag = {f"dvc.stage.{result.stage}": digest}

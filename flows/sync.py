@@ -20,7 +20,7 @@ import ast
 import io
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stages.lib.datadeps import DEFAULT_DATA, uncovered
@@ -164,9 +164,8 @@ def round_file(path: str, r: int) -> str:
     round 1 and everything after it (and a human round's export, one Label Studio project each, would replace it)."""
     if r == 1:
         return path
-    head, _, name = path.rpartition("/")
-    stem, dot, suffix = name.partition(".")
-    return f"{head + '/' if head else ''}{stem}_r{r}{dot}{suffix}"
+    file = PurePosixPath(path)
+    return str(file.with_name(f"{file.stem}_r{r}{file.suffix}"))
 
 
 def _in_round(path: str, r: int) -> str:

@@ -313,7 +313,7 @@ def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
     assert "labels/round-1.jsonl" in stage["deps"]
 
 
-def test_each_round_of_people_has_a_labels_file_of_its_own(tmp_path):
+def test_each_round_of_people_has_a_labels_file_of_its_own(tmp_path, monkeypatch):
     """With comparisons.rounds > 1 round r's comparisons stage reads <labels>_r<r>: adding round 2's labels does not
     touch round 1's dependency (which would rerun round 1 and all after it), and round 2's Label Studio export does
     not replace round 1's. The flow finds the round's file from the stage that waits (its --reports folder)."""
@@ -340,3 +340,31 @@ def test_each_round_of_people_has_a_labels_file_of_its_own(tmp_path):
     assert sync.sync(tmp_path) == []  # one pass is enough: a second finds nothing to change
     labelling.ensure_labels_file(tmp_path, params, echo=lambda _: None)
     assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["round.json", "round_r2.json", "round_r3.json"]
+    assert [sync.round_file(f, 2) for f in ("a.b/c.d.json", "labels", ".x.json")] == [
+        "a.b/c.d_r2.json",
+        "labels_r2",
+        ".x_r2.json",
+    ]
+
+    # which round people are labelling: the flow's marker, else the first round that wrote tasks and has no outputs
+    for folder in ("reports/comparisons", "reports/comparisons_r2", "artifacts/comparisons"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "reports/comparisons/tasks.json").write_text("[]")
+    assert labelling.waiting_reports(tmp_path) == "reports/comparisons"
+    (tmp_path / "artifacts/comparisons/metrics.json").write_text("{}")  # round 1 closed
+    assert labelling.waiting_reports(tmp_path) == "reports/comparisons"  # round 2 has not written its tasks yet
+    (tmp_path / "reports/comparisons_r2/tasks.json").write_text("[]")
+    assert labelling.waiting_reports(tmp_path) == "reports/comparisons_r2"
+    labelling.write_marker(tmp_path, {"reports": "reports/comparisons_r3"})
+    assert labelling.waiting_reports(tmp_path) == "reports/comparisons_r3"
+
+    # a person's `accept` answers the marker's round: spent once that round's stage ran, kept past the others
+    from flows.pipeline import _answered
+    from flows.runners import StageResult
+
+    monkeypatch.setenv(ACCEPT_ENV, "5")
+    assert not _answered(tmp_path, StageResult("comparisons_r2", "ran"))
+    assert not _answered(tmp_path, StageResult("comparisons_r3", "failed", 65))
+    assert _answered(tmp_path, StageResult("comparisons_r3", "ran"))
+    monkeypatch.delenv(ACCEPT_ENV)
+    assert not _answered(tmp_path, StageResult("comparisons_r3", "ran"))

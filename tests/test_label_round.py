@@ -101,10 +101,11 @@ def _label_with_sdk(stack: Stack, choices: dict[int, str]) -> int:
     """Label `choices` ({task id: A or B}) as the admin through label-studio-sdk in Label Studio's venv (the URL and
     token in the environment, never on a command line); returns how many annotations those tasks then have."""
     token = stack_mod.label_studio_token(stack.config)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # the venv's own Python
     done = subprocess.run(
         [str(stack_mod.label_studio_venv() / "bin" / "python"), "-c", SDK_LABEL],
         input=json.dumps({str(t): c for t, c in choices.items()}),
-        env={**os.environ, "LS_URL": stack.config.label_studio_url, "LS_TOKEN": token},
+        env={**env, "LS_URL": stack.config.label_studio_url, "LS_TOKEN": token},
         capture_output=True,
         text=True,
         timeout=300,

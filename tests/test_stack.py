@@ -470,8 +470,12 @@ def test_compose_file_describes_the_same_stack_on_our_images(tmp_path):
     assert studio["profiles"] == ["label-studio"] and studio["environment"]["POSTGRE_HOST"] == "postgres"
     dockerfile = (ROOT / "docker/label-studio/Dockerfile").read_text()
     assert f"ARG LABEL_STUDIO={stack_mod.LABEL_STUDIO}\n" in dockerfile
-    assert "labelstudio" in (ROOT / "docker/services/entrypoint.sh").read_text()
-    assert services["worker"]["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert "for db in prefect mlflow labelstudio; do" in (ROOT / "docker/services/entrypoint.sh").read_text()
+    worker = services["worker"]["environment"]
+    assert (worker["LABEL_STUDIO_URL"], worker["LABEL_STUDIO_PUBLIC_URL"]) == (
+        "http://label-studio:8080",
+        "http://127.0.0.1:8080",
+    )  # the worker calls the service; people are sent to the published port
     assert {s.get("pull_policy") for s in services.values()} == {"never"}
     for name, service in services.items():
         for port in service.get("ports", []):

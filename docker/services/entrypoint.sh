@@ -1,7 +1,8 @@
 #!/bin/sh
-# `rlhf-services postgres`: initdb on the first start (role $POSTGRES_USER, password $POSTGRES_PASSWORD, databases
-# prefect, mlflow and labelstudio), then PostgreSQL in the foreground. `rlhf-services sshd`: the DVC remote, key login
-# only for user dvc (authorized keys: the file $DVC_AUTHORIZED_KEYS), store in /srv/dvc/store.
+# `rlhf-services postgres`: initdb on the first start (role $POSTGRES_USER, password $POSTGRES_PASSWORD), databases
+# prefect, mlflow and labelstudio created when missing (every start), then PostgreSQL in the foreground.
+# `rlhf-services sshd`: the DVC remote, key login only for user dvc (authorized keys: the file $DVC_AUTHORIZED_KEYS),
+# store in /srv/dvc/store.
 set -eu
 case "${1:-}" in
 postgres)
@@ -14,12 +15,17 @@ postgres)
         su postgres -s /bin/sh -c "$bin/initdb -D $data -U ${POSTGRES_USER:-rlhf} --pwfile=/tmp/pw --auth=scram-sha-256 --no-locale -E UTF8"
         rm -f /tmp/pw
         echo "host all all 0.0.0.0/0 scram-sha-256" >> "$data/pg_hba.conf"
-        su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -o '-c listen_addresses=' -w start"
-        for db in prefect mlflow labelstudio; do
-            su postgres -s /bin/sh -c "PGPASSWORD='$POSTGRES_PASSWORD' psql -h /var/run/postgresql -U ${POSTGRES_USER:-rlhf} -d postgres -c 'CREATE DATABASE $db'"
-        done
-        su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -m fast -w stop"
     fi
+    # every start: the databases the services need, created when missing (a volume made before Label Studio joined
+    # the stack gets `labelstudio` too), on a socket-only server that is stopped again before the real one starts
+    : "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+    su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -o '-c listen_addresses=' -w start"
+    for db in prefect mlflow labelstudio; do
+        sql="SELECT 'CREATE DATABASE $db' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$db')\\gexec"
+        printf '%s\n' "$sql" | su postgres -s /bin/sh -c \
+            "PGPASSWORD='$POSTGRES_PASSWORD' psql -q -h /var/run/postgresql -U ${POSTGRES_USER:-rlhf} -d postgres"
+    done
+    su postgres -s /bin/sh -c "$bin/pg_ctl -D $data -m fast -w stop"
     exec su postgres -s /bin/sh -c "exec $bin/postgres -D $data -c listen_addresses='*'"
     ;;
 sshd)
