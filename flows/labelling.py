@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.sync import base_name, options, round_file, round_of, rounds_of
 from stages.lib.io import read_jsonl, write_json
 from stages.lib.label_studio import AWAITING
 from stages.lib.outcome import BadInput, Unavailable
@@ -204,14 +205,22 @@ def current_round(project: Path, params: dict[str, Any], reports: str = DEFAULT_
     return Round(ls, pid, link, created, project / labels_file(compare["labels"], reports), wanted, pairs, overlap)
 
 
-def stage_reports(project: Path, stage: str) -> str:
-    """The --reports folder of the comparisons stage `stage` (comparisons, comparisons_r2, ...) in dvc.yaml."""
+def _comparisons_options(project: Path) -> dict[str, dict[str, str]]:
+    """Each comparisons stage of dvc.yaml (comparisons, comparisons_r2, ...), in file order, with its command's
+    options. (Read here, not through flows.orchestrate's dvc_stages: orchestrate imports this module.)"""
     import yaml
 
-    from flows.sync import options
-
     stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    return dict(options(str((stages.get(stage) or {}).get("cmd", "")))).get("--reports", DEFAULT_REPORTS)
+    return {
+        name: dict(options(str(stage["cmd"])))
+        for name, stage in stages.items()
+        if base_name(name) == "comparisons" and str(stage.get("cmd", "")).startswith("python -m stages.")
+    }
+
+
+def stage_reports(project: Path, stage: str) -> str:
+    """The --reports folder of the comparisons stage `stage` (comparisons, comparisons_r2, ...) in dvc.yaml."""
+    return _comparisons_options(project).get(stage, {}).get("--reports", DEFAULT_REPORTS)
 
 
 def waiting_reports(project: Path) -> str:
@@ -220,15 +229,7 @@ def waiting_reports(project: Path) -> str:
     stage's outputs before it runs), else round 1's."""
     if reports := read_marker(project).get("reports"):
         return reports
-    import yaml
-
-    from flows.sync import base_name, options
-
-    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    for name, stage in stages.items():
-        if base_name(name) != "comparisons" or not str(stage.get("cmd", "")).startswith("python -m stages."):
-            continue
-        given = dict(options(str(stage["cmd"])))
+    for given in _comparisons_options(project).values():
         reports, out = given.get("--reports", DEFAULT_REPORTS), given.get("--out", "")
         if (project / reports / "tasks.json").exists() and not (project / out / "metrics.json").exists():
             return reports
@@ -237,8 +238,6 @@ def waiting_reports(project: Path) -> str:
 
 def labels_file(labels: str, reports: str) -> str:
     """The export of the round whose comparisons stage writes `reports` (reports/comparisons_r2: round 2's file)."""
-    from flows.sync import round_file, round_of
-
     return round_file(labels, round_of(reports))
 
 
@@ -248,8 +247,6 @@ MARKER = ".rlhf/label-round.json"  # the flow run suspended on the open round, a
 def ensure_labels_file(project: Path, params: dict[str, Any], echo: Any = print) -> None:
     """An empty labels file where comparisons.labels names one that does not exist yet (no labels given), so DVC,
     which refuses a missing dependency, runs the stage and the stage says what to do."""
-    from flows.sync import round_file, rounds_of
-
     compare = params.get("comparisons") or {}
     if compare.get("labeler") not in ("file", "human") or not compare.get("labels"):
         return

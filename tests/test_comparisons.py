@@ -297,17 +297,23 @@ def test_dvc_repro_while_a_round_waits_for_people_stops_at_once_with_one_line(pr
     assert (copy / "reports/comparisons/tasks.json").exists()  # the round's tasks, ready to import
 
 
-def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    for name in ("dvc.yaml", "params.yaml"):
-        (tmp_path / name).write_text((root / name).read_text())
+def _synced(dest: Path, **comparisons: object) -> dict:
+    """The project's dvc.yaml, params.yaml (with `comparisons` merged) and stages/ in `dest`, after `rlhf sync`;
+    returns the params."""
     import shutil
 
-    shutil.copytree(root / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["comparisons"] |= {"labeler": "file", "labels": "labels/round-1.jsonl"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sync.sync(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    (dest / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
+    shutil.copytree(root / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["comparisons"] |= comparisons
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sync.sync(dest)
+    return params
+
+
+def test_sync_passes_the_labels_file_to_the_stage(tmp_path):
+    _synced(tmp_path, labeler="file", labels="labels/round-1.jsonl")
     stage = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["comparisons"]
     assert ("--labels", "labels/round-1.jsonl") in sync.options(stage["cmd"])
     assert "labels/round-1.jsonl" in stage["deps"]
@@ -319,16 +325,7 @@ def test_each_round_of_people_has_a_labels_file_of_its_own(tmp_path, monkeypatch
     not replace round 1's. The flow finds the round's file from the stage that waits (its --reports folder)."""
     from flows import labelling
 
-    root = Path(__file__).resolve().parents[1]
-    for name in ("dvc.yaml", "params.yaml"):
-        (tmp_path / name).write_text((root / name).read_text())
-    import shutil
-
-    shutil.copytree(root / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["comparisons"] |= {"labeler": "human", "labels": "labels/round.json", "rounds": 3}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sync.sync(tmp_path)
+    params = _synced(tmp_path, labeler="human", labels="labels/round.json", rounds=3)
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     for stage, labels in (("comparisons", "labels/round.json"), ("comparisons_r2", "labels/round_r2.json"),
                           ("comparisons_r3", "labels/round_r3.json")):  # fmt: skip
