@@ -413,6 +413,9 @@ def ppo_epochs(
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
+            # autocast keeps one bf16/fp16 copy of each weight for as long as its `with` lasts (main's: the whole run):
+            # dropped after every step, or every later forward would still see the weights before it
+            torch.clear_autocast_cache()
             for k, v in zip(
                 stats, (pg.loss, vf_loss, pg.clipfrac, vf_clip, pg.approxkl, entropy, pg.ratio), strict=True
             ):
@@ -649,6 +652,7 @@ def trained_state(model: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
 def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
     """Load what `trained_state` kept; with LoRA the frozen base stays as loaded (a missing trained weight fails)."""
     missing = model.load_state_dict(state, strict=not lora).missing_keys
+    torch.clear_autocast_cache()  # the weights changed in place: no forward may use autocast's copy of the old ones
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     if lost := sorted(trained & set(missing)):
         raise RuntimeError(f"checkpoint lacks trained weights {lost[:3]}...: it is not this run's")

@@ -103,3 +103,57 @@ def test_the_autocast_probe_sees_bf16_when_it_is_asked_for(tmp_path):
     """The probe above can fail: with bf16 the same training runs its forwards under autocast."""
     seen = _tiny_sft(tmp_path, "bf16")
     assert any(seen)
+
+
+def _tiny_rollout(batch: int = 4, prompt: int = 6, reply: int = 5):
+    """A tiny GPT-2 policy and one rollout of it (old log-probs from its own forward), as ppo_epochs receives them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stages.lib import rl_math as pm
+    from stages.lib.modeling import position_ids
+    from stages.ppo import PolicyAndValue, Rollout, Scored
+
+    torch.manual_seed(0)
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # ppo_epochs puts the model in train mode
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, eos_token_id=63, **no_dropout)
+    model = PolicyAndValue(GPT2LMHeadModel(config), None)
+    seq = torch.randint(0, 62, (batch, prompt + reply))
+    attn = torch.ones_like(seq)
+    responses, mask = seq[:, prompt:], torch.ones(batch, reply)
+    ro = Rollout([""] * batch, responses, mask, torch.ones(batch), seq, attn, position_ids(attn), prompt, None)
+
+    def logprobs() -> torch.Tensor:
+        with torch.no_grad():
+            logits, _ = model(seq, attn, ro.pos, ro.logits_kept)
+        return pm.logprobs_from_logits(logits[:, :-1].float(), responses, 1.0)
+
+    zeros = torch.zeros(batch, reply)
+    return model, ro, logprobs, lambda old: Scored(old, old, zeros, torch.zeros(batch), torch.zeros(batch))
+
+
+def test_ppo_updates_reach_the_forward_under_a_run_long_autocast():
+    """PPO runs its whole loop inside one autocast block (stages/ppo.py main), and autocast caches each weight's bf16
+    copy until that block ends: without dropping the cache after each optimizer step, every later forward (the next
+    minibatch, the next rollout) would still compute with the first weights while the fp32 weights moved."""
+    from accelerate import Accelerator
+
+    from stages.ppo import PPOConfig, ppo_epochs
+
+    model, ro, logprobs, scored = _tiny_rollout()
+    config = defaults(PPOConfig, ppo_epochs=2, num_mini_batches=1, temperature=1.0, estimator="rloo", ent_coef=0.0)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    advantages = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        old = logprobs()
+        stats = ppo_epochs(
+            model, optimizer, accelerator, ro, scored(old), advantages, advantages, config, torch.Generator(), 1
+        )
+        inside = logprobs()
+    assert stats["approxkl"][0] < 1e-4  # the first minibatch: the weights the rollout was sampled with
+    assert stats["approxkl"][1] > 1e-3  # the second sees the first step's update
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = logprobs()  # a new autocast block casts the current weights
+    assert not torch.allclose(inside, old, atol=1e-3)
+    assert torch.allclose(inside, fresh)
