@@ -73,13 +73,14 @@ SHAPES = {
 # ----------------------------------------------------------------------------------------------------- shared setup
 
 
-def matmul_peak(n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul (2 n^3 FLOPs each), best of `rounds`: fp32 on this process's CPU threads, or
-    bf16 at n = 8192 on a GPU (the precision `auto` trains in there)."""
+def matmul_peak(n: int = 2048, reps: int = 5, rounds: int = 5, precision: str = "auto") -> float:
+    """Best GFLOP/s of an n x n matmul (2 n^3 FLOPs each), best of `rounds`, in the precision the run trains in: on
+    this process's CPU threads (fp32, or bf16 where asked), or bf16 at n = 8192 on a GPU (what `auto` picks there)."""
     import torch
 
     gpu = torch.cuda.is_available()
-    n, dtype = (8192, torch.bfloat16) if gpu else (n, torch.float32)
+    bf16 = precision == "bf16" or (gpu and precision == "auto")
+    n, dtype = (8192 if gpu else n), (torch.bfloat16 if bf16 else torch.float32)
     a = torch.randn(n, n, dtype=dtype, device="cuda" if gpu else "cpu")
     b = torch.randn(n, n, dtype=dtype, device=a.device)
     for _ in range(2):
@@ -230,14 +231,17 @@ class _Timing:
             )
 
 
-def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None) -> dict[str, Any]:
-    """Our stage, unchanged: `stages.ppo.run` for 1 + n_batches steps; no monitor, no mid-run checkpoints."""
+def run_ours(
+    shape: Shape, root: Path, n_batches: int, profile_dir: Path | None, precision: str = "auto"
+) -> dict[str, Any]:
+    """Our stage, unchanged: `stages.ppo.run` for 1 + n_batches steps; no monitor, no mid-run checkpoints; in
+    params.yaml's `precision` as given (auto: fp32 on a CPU, bf16 on a GPU that has it)."""
     sys.path.insert(0, str(ROOT))
     from stages.lib.modeling import autocast, use_hardware
     from stages.lib.params import defaults
     from stages.ppo import PPOConfig, run
 
-    hardware = use_hardware({"device": "auto", "precision": "auto"})  # a GPU when there is one, in bf16
+    hardware = use_hardware({"device": "auto", "precision": precision})  # a GPU when there is one
 
     config = defaults(
         PPOConfig,
@@ -281,8 +285,9 @@ def run_ours(shape: Shape, root: Path, n_batches: int, profile_dir: Path | None)
     return {"per_batch": per_batch, "cpu_per_batch": cpu, "split": split, "response_tokens": tokens}
 
 
-def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
-    """TRL 1.9.0's PPOTrainer on the same files: no stop token, no EOS penalty, no sample generations, fp32."""
+def run_trl(shape: Shape, root: Path, n_batches: int, precision: str = "auto") -> dict[str, Any]:
+    """TRL 1.9.0's PPOTrainer on the same files: no stop token, no EOS penalty, no sample generations; fp32, or bf16
+    autocast (TRL's `bf16=True`) where ours runs in bf16."""
     import torch
     from datasets import Dataset
     from transformers import (
@@ -328,7 +333,7 @@ def run_trl(shape: Shape, root: Path, n_batches: int) -> dict[str, Any]:
         cliprange_value=0.2,
         gamma=1.0,
         lam=0.95,
-        bf16=False,
+        bf16=precision == "bf16" or (precision == "auto" and torch.cuda.is_available()),
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         seed=0,
@@ -366,12 +371,13 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     shape = SHAPES[args.shape]
     load_before = loadavg()
-    peak = matmul_peak()
+    peak = matmul_peak(precision=args.precision)
     t0 = time.perf_counter()
     if args.impl == "ours":
-        out = run_ours(shape, Path(args.root), args.batches, Path(args.profile) if args.profile else None)
+        profile = Path(args.profile) if args.profile else None
+        out = run_ours(shape, Path(args.root), args.batches, profile, args.precision)
     else:
-        out = run_trl(shape, Path(args.root), args.batches)
+        out = run_trl(shape, Path(args.root), args.batches, args.precision)
     import resource
 
     out |= {
@@ -379,7 +385,7 @@ def worker(args: argparse.Namespace) -> None:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gflops": peak,
-        "peak_gflops_after": matmul_peak(),
+        "peak_gflops_after": matmul_peak(precision=args.precision),
         "wall_s": time.perf_counter() - t0,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -433,7 +439,16 @@ def flops(shape: Shape) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, profile: Path | None = None) -> dict:
+def run_worker(
+    python: str,
+    impl: str,
+    shape: str,
+    root: Path,
+    batches: int,
+    profile: Path | None = None,
+    precision: str = "auto",
+    tuned_malloc: bool = False,
+) -> dict:
     env = os.environ | {
         "OMP_NUM_THREADS": "2",
         "MKL_NUM_THREADS": "2",
@@ -443,6 +458,11 @@ def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, pro
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONPATH": str(ROOT),
     }
+    env.pop("GLIBC_TUNABLES", None)
+    if tuned_malloc:  # what every stage process runs with (stages/lib/allocator.py)
+        from stages.lib.allocator import tuned_environment
+
+        env = tuned_environment(env)
     cmd = [
         python,
         str(Path(__file__).resolve()),
@@ -455,6 +475,8 @@ def run_worker(python: str, impl: str, shape: str, root: Path, batches: int, pro
         str(root),
         "--batches",
         str(batches),
+        "--precision",
+        precision,
     ]
     if profile is not None:
         cmd += ["--profile", str(profile)]
@@ -523,6 +545,9 @@ def summarise(shape: Shape, impl: str, runs: list[dict]) -> dict[str, Any]:
 def driver(args: argparse.Namespace) -> None:
     import torch
 
+    sys.path.insert(0, str(ROOT))
+    from stages.lib.allocator import TUNABLES
+
     torch.set_num_threads(2)
     ours_python = str(Path(args.ours_python).absolute()) if args.ours_python else sys.executable
     trl_python = str(Path(args.trl_python).absolute()) if args.trl_python else None
@@ -539,16 +564,28 @@ def driver(args: argparse.Namespace) -> None:
         build_artifacts(shape, root, args.batches)
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for _ in range(args.repeats):  # alternate, so drifting load on a shared machine hits both sides alike
-            runs["ours"].append(run_worker(ours_python, "ours", name, root, args.batches))
+            runs["ours"].append(
+                run_worker(ours_python, "ours", name, root, args.batches, precision=args.precision, tuned_malloc=True)
+            )
             if trl_python:
-                runs["trl"].append(run_worker(trl_python, "trl", name, root, args.batches))
+                runs["trl"].append(
+                    run_worker(
+                        trl_python,
+                        "trl",
+                        name,
+                        root,
+                        args.batches,
+                        precision=args.precision,
+                        tuned_malloc=args.trl_malloc,
+                    )
+                )
         for impl in ("ours", "trl"):
             if runs[impl]:
                 rows.append(summarise(shape, impl, runs[impl]))
         if args.profile and name == "A":
             pdir = Path(args.out).parent / "profile"
             pdir.mkdir(exist_ok=True)
-            run_worker(ours_python, "ours", name, root, 3, profile=pdir)
+            run_worker(ours_python, "ours", name, root, 3, profile=pdir, precision=args.precision, tuned_malloc=True)
             profile_files = {p.name: str(p) for p in pdir.iterdir()}
     ratios = {}
     for name in args.shapes.split(","):
@@ -559,7 +596,9 @@ def driver(args: argparse.Namespace) -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{os.cpu_count()} cpus (shared)",
         "threads": 2,
-        "dtype": "float32",
+        "precision": args.precision,
+        "glibc_tunables": {"ours": TUNABLES, "trl": TUNABLES if args.trl_malloc else "glibc's defaults"},
+        "dtype": "bfloat16 autocast" if args.precision == "bf16" else "float32",
         "shapes": {k: asdict(v) for k, v in SHAPES.items()},
         "rows": rows,
         "ratio_ours_over_trl_tokens_per_s": ratios,
@@ -610,6 +649,7 @@ def main() -> None:
     w.add_argument("--root", required=True)
     w.add_argument("--batches", type=int, default=4)
     w.add_argument("--profile", default=None)
+    w.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--shapes", default="A,B")
     parser.add_argument("--batches", type=int, default=4, help="measured PPO batches per run (after 1 warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per implementation and shape")
@@ -617,6 +657,17 @@ def main() -> None:
     parser.add_argument("--trl-python", default=None, help="python of the TRL 1.9.0 venv; omit to run ours only")
     parser.add_argument("--profile", action="store_true", help="also profile one batch of ours on shape A")
     parser.add_argument("--merge", action="store_true", help="keep other shapes' rows already in --out")
+    parser.add_argument(
+        "--trl-malloc",
+        action="store_true",
+        help="run TRL with the glibc tunables every stage of ours runs with (default: glibc's defaults, as TRL ships)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides alike: auto (fp32 on a CPU, bf16 on a GPU), fp32, or bf16 autocast (a CPU with native bf16)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"))
     args = parser.parse_args()
     worker(args) if args.cmd == "worker" else driver(args)

@@ -157,3 +157,27 @@ def test_ppo_updates_reach_the_forward_under_a_run_long_autocast():
         fresh = logprobs()  # a new autocast block casts the current weights
     assert not torch.allclose(inside, old, atol=1e-3)
     assert torch.allclose(inside, fresh)
+
+
+def test_a_stage_process_starts_with_the_tuned_allocator():
+    """`python -m stages.<name>` restarts itself with GLIBC_TUNABLES before importing torch (stages/lib/allocator.py);
+    a value the user set is kept, and importing `stages` anywhere else (a test, a notebook) restarts nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from stages.lib.allocator import TUNABLES
+    from tests.helpers import ROOT
+
+    as_module = "import os, sys; sys.argv[:1] = ['-m']; import stages; print(os.environ.get('GLIBC_TUNABLES'))"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"PYTHONPATH": str(ROOT)}
+
+    def started(extra: dict[str, str]) -> str:
+        done = subprocess.run([sys.executable, "-c", as_module], env=env | extra, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert started({}) == TUNABLES
+    assert started({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == "glibc.malloc.arena_max=2"
+    as_import = "import os, stages; print(os.environ.get('GLIBC_TUNABLES'))"  # not a stage's start: no restart
+    assert subprocess.run([sys.executable, "-c", as_import], env=env, capture_output=True, text=True).stdout == "None\n"
