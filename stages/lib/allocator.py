@@ -2,11 +2,11 @@
 
 A training step on the CPU frees and reallocates the same large tensors (activations, logits, gradients) every step.
 glibc's defaults give those pages back to the kernel on `free` (top-of-heap trimming, and `mmap`'d chunks), so the
-next step faults every page in again, zero-filled by the kernel: on this project's 2-core VMs ~300k minor page faults
-a step. Measured on SmolLM2-135M's shape (8 x 112 tokens, forward + backward + fused AdamW, fp32, 2 threads, Intel
-Xeon with AVX-512/AMX): 4.2 s a step with glibc's defaults, 2.5 s with these tunables (tcmalloc: 2.4 s); the PPO
-stage's batch in benchmarks/ppo_135m_results_intel.json. The cost: a process keeps the memory of its peak step
-instead of returning it between steps (peak RSS does not grow).
+next step faults every page in again, zero-filled by the kernel: on this project's 2-core VMs ~170k minor page faults
+a step at SmolLM2-135M's shape, and a fp32 training step ~1.5x slower than with these tunables, which bring the faults
+to almost none (benchmarks/allocator.py, benchmarks/allocator_results.json; the PPO stage's batch in
+benchmarks/ppo_135m_results_intel*.json). The cost: a process keeps the memory of its peak step instead of returning it
+between steps (its peak RSS does not grow).
 
 GLIBC_TUNABLES is read once, when a process starts, so a stage started without it starts again at once with it
 (before torch is imported; ~20 ms). A GLIBC_TUNABLES already in the environment is the user's and is left as it is.
