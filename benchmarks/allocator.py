@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ppo_vs_trl import SHAPES  # noqa: E402  (this folder is sys.path[0] when a script here runs)
+
 from stages.lib.allocator import TUNABLES  # noqa: E402
 from stages.lib.environment import cpu_model  # noqa: E402
 from stages.lib.modeling import cpu_has_native_bf16  # noqa: E402
@@ -34,17 +36,18 @@ def worker(precision: str, steps: int) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    m = SHAPES["M"]  # the PPO benchmark's SmolLM2-135M shape: one home for its dimensions
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        vocab_size=m.vocab,
+        hidden_size=m.n_embd,
+        intermediate_size=m.intermediate,
+        num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head,
+        num_key_value_heads=m.n_kv_head,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).train()
-    ids = torch.randint(0, 49152, (8, 112))
+    ids = torch.randint(0, m.vocab, (8, 112))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step() -> None:
