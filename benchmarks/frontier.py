@@ -6,6 +6,7 @@ the same reward models), writes one results file and one plot.
     .venv/bin/python benchmarks/onpolicy.py --project . --rm-from benchmarks/onpolicy_runs \\
         --runs benchmarks/onpolicy_runs/A --set ppo.kl_coef=0.2 ppo.num_steps=40       # a PPO variant, same RMs
     .venv/bin/python benchmarks/frontier.py base=benchmarks/onpolicy_runs A=benchmarks/onpolicy_runs/A ...
+    .venv/bin/python benchmarks/frontier.py --add B=benchmarks/onpolicy_runs/B   # more variants, the rest kept
 
 Each variant's seeds are compared with the best-of-n ladder of the same seed's reward model (every evaluation of a
 seed draws the same SFT replies: evaluate.seed is the seed's). Matched best-of-n is the evaluation's own rule: the
@@ -88,18 +89,19 @@ def plot(result: dict, path: Path) -> None:
 
     seeds = sorted({s for v in result["variants"].values() for s in v["seeds"]})
     fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.6), sharey=True, squeeze=False)
-    markers = "osD^vP*X"
+    markers, colours = "osD^vP*X", plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, seed in zip(axes[0], seeds, strict=True):
         ladder = next(v["seeds"][seed]["ladder"] for v in result["variants"].values() if seed in v["seeds"])
         xs, ys = zip(*ladder.values(), strict=True)
         ax.plot(xs, ys, "-", color="0.5", label="best-of-n (RM picks)")
         for n, (x, y) in ladder.items():
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, 4), fontsize=7, color="0.4")
-        for (name, v), marker in zip(result["variants"].items(), markers, strict=False):
+        for i, (name, v) in enumerate(result["variants"].items()):  # every variant: markers and colours cycle apart
             if seed in v["seeds"]:
                 r = v["seeds"][seed]
                 ax.errorbar(r["kl"], r["win_rate"], yerr=[[r["win_rate"] - r["win_rate_ci"][0]],
-                            [r["win_rate_ci"][1] - r["win_rate"]]], fmt=marker, capsize=2, label=name)  # fmt: skip
+                            [r["win_rate_ci"][1] - r["win_rate"]]], fmt=markers[i % len(markers)],
+                            color=colours[i % len(colours)], capsize=2, label=name)  # fmt: skip
         ax.axhline(0.5, color="0.8", lw=0.8)
         ax.set_title(f"seed {seed}")
         ax.set_xlabel("KL to SFT (nats per reply)")
@@ -115,18 +117,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/frontier_results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/ppo-frontier.png")
+    parser.add_argument(
+        "--add", action="store_true", help="keep --out's variants (their folders may be gone) and add these"
+    )
     args = parser.parse_args()
+    earlier = json.loads(args.out.read_text()) if args.add else {"command": "", "variants": {}}
     result = {
         "what": "PPO variants on the same per-seed reward models, each seed's gold win-rate over SFT (41 held-out "
         "prompts x 8 replies, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder; "
         "over_alignment_tax counts the seeds whose alignment tax is above promote.max_alignment_tax",
         "max_alignment_tax": MAX_TAX,
         "cpu": cpu_model(),
-        "date": datetime.now(UTC).date().isoformat(),
-        "command": "benchmarks/frontier.py " + " ".join(args.variants),
-        "variants": {
-            name: variant(Path(folder), args.seeds) for name, folder in (v.split("=", 1) for v in args.variants)
-        },
+        "date": " and ".join(
+            dict.fromkeys(d for d in (earlier.get("date"), datetime.now(UTC).date().isoformat()) if d)
+        ),
+        "command": "; ".join(c for c in (earlier["command"], "benchmarks/frontier.py " + " ".join(args.variants)) if c),
+        "variants": earlier["variants"]
+        | {name: variant(Path(folder), args.seeds) for name, folder in (v.split("=", 1) for v in args.variants)},
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.plot)
