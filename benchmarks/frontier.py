@@ -88,7 +88,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     seeds = sorted({s for v in result["variants"].values() for s in v["seeds"]})
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds) + 2.4, 3.6), sharey=True, squeeze=False)
     markers, colours = "osD^vP*X", plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, seed in zip(axes[0], seeds, strict=True):
         ladder = next(v["seeds"][seed]["ladder"] for v in result["variants"].values() if seed in v["seeds"])
@@ -106,8 +106,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"seed {seed}")
         ax.set_xlabel("KL to SFT (nats per reply)")
     axes[0][0].set_ylabel("gold win-rate over SFT")
-    axes[0][0].legend(fontsize=7, loc="upper left")  # the empty corner: low KL, high win-rate
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")  # beside, not over, a point
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -129,7 +129,7 @@ def main() -> int:
         "max_alignment_tax": MAX_TAX,
         "cpu": cpu_model(),
         "date": " and ".join(
-            dict.fromkeys(d for d in (earlier.get("date"), datetime.now(UTC).date().isoformat()) if d)
+            dict.fromkeys([*filter(None, earlier.get("date", "").split(" and ")), datetime.now(UTC).date().isoformat()])
         ),
         "command": "; ".join(c for c in (earlier["command"], "benchmarks/frontier.py " + " ".join(args.variants)) if c),
         "variants": earlier["variants"]
