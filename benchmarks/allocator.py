@@ -32,21 +32,12 @@ from stages.lib.modeling import cpu_has_native_bf16  # noqa: E402
 
 def worker(precision: str, steps: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     m = SHAPES["M"]  # the PPO benchmark's SmolLM2-135M shape: one home for its dimensions
-    config = LlamaConfig(
-        vocab_size=m.vocab,
-        hidden_size=m.n_embd,
-        intermediate_size=m.intermediate,
-        num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head,
-        num_key_value_heads=m.n_kv_head,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).train()
+    model = LlamaForCausalLM(m.llama_config()).train()
     ids = torch.randint(0, m.vocab, (8, 112))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 

@@ -135,7 +135,6 @@ def main() -> None:
     import torch
     import transformers
     from ppo_vs_trl import SHAPES, build_artifacts, flops, matmul_peak, run_ours
-    from transformers import LlamaConfig
 
     from stages.lib.environment import cpu_model
     from stages.lib.modeling import current_device, use_hardware
@@ -153,17 +152,7 @@ def main() -> None:
         f"matmul peak {peak:,.0f} GFLOP/s",
         flush=True,
     )
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.n_embd,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.n_layer,
-        num_attention_heads=shape.n_head,
-        num_key_value_heads=shape.n_kv_head,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
+    config = shape.llama_config(pad_token_id=0)
     lm, rm = models(config, args.weights, device)
     d, L, V = shape.n_embd, shape.n_layer, shape.vocab
     d_kv = d * shape.n_kv_head // shape.n_head

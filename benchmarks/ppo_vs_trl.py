@@ -55,6 +55,22 @@ class Shape:
     intermediate: int = 0  # llama: the gated MLP's width
     vocab: int = VOCAB
 
+    def llama_config(self, **tokens):
+        """transformers' LlamaConfig of this shape (tied embeddings, 2048 positions); `tokens`: its special ids."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.n_embd,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.n_layer,
+            num_attention_heads=self.n_head,
+            num_key_value_heads=self.n_kv_head or self.n_head,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            **tokens,
+        )
+
 
 # A: the default task's model; B: 8 x 512; S: GPT-2 small's blocks (12 x 768, ~85M non-embedding parameters)
 SHAPES = {
@@ -106,7 +122,6 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
         GPT2Config,
         GPT2ForSequenceClassification,
         GPT2LMHeadModel,
-        LlamaConfig,
         LlamaForCausalLM,
         LlamaForSequenceClassification,
         PreTrainedTokenizerFast,
@@ -119,17 +134,8 @@ def build_artifacts(shape: Shape, root: Path, n_batches: int, seed: int = 0) -> 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
     ids = dict(bos_token_id=V, eos_token_id=V, pad_token_id=V)
     if shape.arch == "llama":
-        config = LlamaConfig(
-            vocab_size=V,
-            hidden_size=shape.n_embd,
-            intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.n_layer,
-            num_attention_heads=shape.n_head,
-            num_key_value_heads=shape.n_kv_head or shape.n_head,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            **ids | {"pad_token_id": None},  # Llama's embedding pads at pad_token_id, which must be in the vocabulary
-        )
+        # Llama's embedding pads at pad_token_id, which must be in the vocabulary
+        config = shape.llama_config(**ids | {"pad_token_id": None})
         causal, classifier = LlamaForCausalLM, LlamaForSequenceClassification
     else:
         config = GPT2Config(
