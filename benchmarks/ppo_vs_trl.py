@@ -19,8 +19,10 @@ grows: every parallel region waits for the thread that was descheduled). FLOPs a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -559,6 +561,7 @@ def driver(args: argparse.Namespace) -> None:
     trl_python = str(Path(args.trl_python).absolute()) if args.trl_python else None
     rows, profile_files = [], {}
     work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # every shape's models: 5.6 GB at shape M
     load_start = loadavg()
     print(
         f"driver matmul peak (2 threads, fp32 2048^3): {matmul_peak():.0f} GFLOP/s; load {load_start}; work dir {work}",

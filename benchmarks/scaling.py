@@ -147,36 +147,37 @@ def _ppo_steps(size: str, steps: int) -> dict:
     from stages.ppo import PPOConfig, run
 
     data, model_dir = _data(), _model_dir(size)
-    work = Path(tempfile.mkdtemp(prefix="rlhf-scaling-ppo-"))
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    with tempfile.TemporaryDirectory(prefix="rlhf-scaling-ppo-") as tmp:  # the RM copy: tens of MB to GB
+        work = Path(tmp)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # a scalar head, as the RM stage's
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rm.config.pad_token_id = tokenizer.pad_token_id
-    rm.save_pretrained(work / "reward" / "model")
-    tokenizer.save_pretrained(work / "reward" / "model")
-    (work / "reward" / "norm.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
-    times: list[tuple[float, float]] = []
+        rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # scalar head, as the RM's
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        rm.save_pretrained(work / "reward" / "model")
+        tokenizer.save_pretrained(work / "reward" / "model")
+        (work / "reward" / "norm.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+        times: list[tuple[float, float]] = []
 
-    class Clock(NullTracker):
-        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-            if "time/step" in metrics:
-                times.append((time.perf_counter(), metrics["tokens/response_len_mean"] * 32))
+        class Clock(NullTracker):
+            def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+                if "time/step" in metrics:
+                    times.append((time.perf_counter(), metrics["tokens/response_len_mean"] * 32))
 
-    config = defaults(
-        PPOConfig,
-        num_steps=steps,
-        batch_size=32,
-        response_length=48,
-        checkpoint_every=10**6,
-        keep_checkpoints=1,
-        checkpoint_dir=str(work / "ckpt"),
-        resume="never",
-        n_monitor=0,
-        keep="last",
-        kl_guard={"max_kl": 1e9, "max_approxkl": 1e9},
-    )
-    run(config, data, model_dir, work / "reward" / "model", work / "reward" / "norm.json", work / "out", Clock())
+        config = defaults(
+            PPOConfig,
+            num_steps=steps,
+            batch_size=32,
+            response_length=48,
+            checkpoint_every=10**6,
+            keep_checkpoints=1,
+            checkpoint_dir=str(work / "ckpt"),
+            resume="never",
+            n_monitor=0,
+            keep="last",
+            kl_guard={"max_kl": 1e9, "max_approxkl": 1e9},
+        )
+        run(config, data, model_dir, work / "reward" / "model", work / "reward" / "norm.json", work / "out", Clock())
     per_step = [b - a for (a, _), (b, _) in zip(times, times[1:], strict=False)]
     step = sorted(per_step)[len(per_step) // 2]
     return {"seconds_per_step": step, "tokens_per_second": sum(t for _, t in times[1:]) / sum(per_step)}
@@ -223,11 +224,12 @@ def _validate(multiple: int) -> dict:
         )
     }
     rows = sum(len(Path(s.path).read_bytes().splitlines()) for s in specs.values())
-    out = Path(tempfile.mkdtemp(prefix="rlhf-scaling-validate-"))
-    start = time.perf_counter()
-    config = defaults(validate.ValidateConfig)  # as make run
-    validate.run(config, specs, out / "data", out / "reports", out / "metrics.json")
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="rlhf-scaling-validate-") as tmp:
+        out = Path(tmp)
+        start = time.perf_counter()
+        config = defaults(validate.ValidateConfig)  # as make run
+        validate.run(config, specs, out / "data", out / "reports", out / "metrics.json")
+        seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": seconds, "seconds_per_1k_rows": seconds * 1000 / rows}
 
 

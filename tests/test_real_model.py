@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ TRIM = {
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, request) -> Iterator[Path]:
+    failed_before = request.session.testsfailed
     project = make_project(tmp_path_factory.mktemp("real") / "proj")
     (project / "profiles").mkdir()
     real = yaml.safe_load((ROOT / "profiles/real.yaml").read_text())
@@ -61,7 +63,10 @@ def project(tmp_path_factory) -> Path:
     run([str(BIN / "rlhf"), "make-data", "--profile", "real-ci"], project)
     proc = run([str(BIN / "rlhf"), "run", "--profile", "real-ci"], project, timeout=3000)
     (project / "run.log").write_text(proc.stdout + proc.stderr)
-    return project
+    yield project
+    # five copies of a 135M model (artifacts, DVC's cache, MLflow's): 5 GB on a disk CI shares; kept when a test failed
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(project, ignore_errors=True)
 
 
 def _metrics(project: Path, stage: str) -> dict:
