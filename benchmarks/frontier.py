@@ -37,6 +37,7 @@ PPO_KEYS = (
     "adaptive_kl",
     "kl_target",
     "kl_horizon",
+    "ensemble_penalty",
 )
 
 
@@ -67,11 +68,13 @@ def variant(folder: Path, seeds: list[int]) -> dict:
     runs = {s: seed_result(folder / f"seed_{s}") for s in seeds}
     done = {s: r for s, r in runs.items() if r}
     params = folder / f"seed_{next(iter(done))}" / "params.yaml" if done else None
-    ppo = yaml.safe_load(params.read_text())["ppo"] if params and params.exists() else {}
+    used = yaml.safe_load(params.read_text()) if params and params.exists() else {}
+    ppo = used.get("ppo", {})
     compared = [r for r in done.values() if r["beats_matched_bon"] is not None]
     return {
         "folder": str(folder),  # benchmarks/onpolicy.py --runs FOLDER (--rm-from the base's folder, --set ...)
         "ppo": {k: ppo.get(k) for k in PPO_KEYS},
+        "reward_ensemble": used.get("reward", {}).get("ensemble", 1),  # reward models PPO scored with
         "seeds": {str(s): r for s, r in done.items()},
         "win_rate_mean": round(statistics.mean(r["win_rate"] for r in done.values()), 4) if done else None,
         "kl_mean": round(statistics.mean(r["kl"] for r in done.values()), 3) if done else None,

@@ -437,7 +437,9 @@ def ppo_frontier(r: Results) -> str:
             f" adapting toward KL {p['kl_target']} (horizon {p['kl_horizon']})" if p.get("adaptive_kl") else ""
         )
         groups = f", {p['estimator']} groups of {p['group_size']}" if p["estimator"] in ("rloo", "grpo") else ""
-        cells = [f"{name}: {leash}, {p['num_steps']} steps x {p['batch_size']}{groups}"]
+        k = v.get("reward_ensemble", 1)
+        ensemble = f", an ensemble of {k} reward models (penalty {p['ensemble_penalty']})" if k > 1 else ""
+        cells = [f"{name}: {leash}, {p['num_steps']} steps x {p['batch_size']}{groups}{ensemble}"]
         for seed in sorted(v["seeds"]):
             x = v["seeds"][seed]
             bon = f"best-of-{x['matched_n']} {x['matched_bon_win_rate']:.3f}" if x["matched_n"] else "past the ladder"

@@ -33,7 +33,7 @@ from stages.lib.outcome import ArgumentParser, stage_main
 from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
 from stages.lib.plots import line_plot, scatter_plot
 from stages.lib.registry import fetch_policy
-from stages.lib.rewards import RewardModel
+from stages.lib.rewards import RewardEnsemble, RewardModel
 from stages.lib.tracking import Tracker, mlflow_run
 
 
@@ -134,6 +134,7 @@ class Inputs:
     dpo: Path | None = None  # the DPO stage's folder: its policy (model/) is evaluated beside PPO's when it trained
     monitor: Path | None = None  # PPO's held-out RM and judge score per checkpoint (over-optimisation)
     rounds: tuple[tuple[Path, Path], ...] = ()  # each round's gate verdict and PPO metrics (the report's rounds)
+    ensemble_penalty: float = 0.0  # ppo.ensemble_penalty: a reward ensemble scores here as PPO's reward did
 
 
 def eval_rows(data_dir: Path, config: EvaluateConfig) -> list[str]:
@@ -164,7 +165,7 @@ def run(config: EvaluateConfig, inputs: Inputs, out_dir: Path, tracker: Tracker)
     prompts = eval_rows(data_dir, config)
     sft, tokenizer = load_causal_lm(inputs.sft)
     policy, _ = load_causal_lm(inputs.policy)
-    rm = RewardModel.load(inputs.rm, inputs.norm)
+    rm = RewardEnsemble.load_all(inputs.rm, inputs.norm, inputs.ensemble_penalty)  # best-of-n picks as PPO climbs
     judge = load_judge(inputs.judge) if inputs.judge else GoldJudge()
     tracker.set_tags({"rlhf.judge": judge.name})
 
@@ -593,7 +594,14 @@ def main(argv: list[str] | None = None) -> int:
             policy = fetch_policy(args.model_uri, Path(scratch), trust=args.trust_model)
         rounds = tuple(zip(map(Path, args.round_gate), map(Path, args.round_ppo), strict=True))
         inputs = Inputs(
-            Path(args.data), Path(args.sft), policy, Path(args.rm), Path(args.norm), **optional, rounds=rounds
+            Path(args.data),
+            Path(args.sft),
+            policy,
+            Path(args.rm),
+            Path(args.norm),
+            **optional,
+            rounds=rounds,
+            ensemble_penalty=params["ppo"]["ensemble_penalty"],
         )
         with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
             if args.model_uri:

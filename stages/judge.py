@@ -45,7 +45,7 @@ def run(
         rows, test_rows = read_jsonl(data_dir / f"{JUDGE}.jsonl"), read_jsonl(data_dir / "preferences_test.jsonl")
         norm_prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")]
         trained = build(
-            dataclasses.replace(training, seed=config.seed),
+            dataclasses.replace(training, seed=config.seed, ensemble=1),
             rows,
             test_rows,
             norm_prompts,

@@ -57,7 +57,7 @@ from stages.lib.params import (
     one_of,
 )
 from stages.lib.plots import line_plot
-from stages.lib.rewards import RewardModel
+from stages.lib.rewards import RewardEnsemble, RewardModel
 from stages.lib.tracking import NullTracker, Tracker, mlflow_run
 
 
@@ -88,6 +88,7 @@ class PPOConfig:
     top_k: int
     top_p: float
     missing_eos_penalty: float  # subtracted from the score of a response that never ends
+    ensemble_penalty: float  # with a reward ensemble: the score is the members' mean minus this times their spread
     kl_coef: float
     adaptive_kl: bool
     kl_target: float  # adaptive controller (Ziegler et al. 2019)
@@ -129,6 +130,7 @@ class PPOConfig:
         "top_k": NON_NEGATIVE,
         "top_p": Allowed(0, 1, low_open=True),
         "missing_eos_penalty": NON_NEGATIVE,
+        "ensemble_penalty": NON_NEGATIVE,
         "kl_coef": NON_NEGATIVE,
         "kl_target": POSITIVE,
         "kl_horizon": POSITIVE,
@@ -233,8 +235,8 @@ def load_models(
     if ESTIMATORS[config.estimator].critic:
         value_src = rm_dir if config.value_init == "reward" else sft_dir
         value_model = AutoModelForSequenceClassification.from_pretrained(value_src, num_labels=1, use_safetensors=True)
-    rm = RewardModel.load(rm_dir, norm_file)
-    for m in (policy, value_model, rm.model, ref_policy):
+    rm = RewardEnsemble.load_all(rm_dir, norm_file, config.ensemble_penalty)
+    for m in (policy, value_model, *rm.models, ref_policy):
         if m is not None:
             disable_dropout(m)
             fuse_gelu(m)
@@ -318,6 +320,7 @@ class Scored:
     values: torch.Tensor  # (B, T) the critic's V(s_t)
     raw_scores: torch.Tensor  # (B,) the RM's score of the whole sequence
     scores: torch.Tensor  # (B,) normalised by norm.json, minus the missing-EOS penalty
+    spread: torch.Tensor | None  # (B,) a reward ensemble's members' standard deviation (None: one reward model)
 
 
 @torch.no_grad()
@@ -337,10 +340,10 @@ def score_rollouts(
     else:
         ref_logits = ref_policy(**inputs).logits
     ref_logprobs = pm.logprobs_from_logits(ref_logits[:, :-1], ro.responses, config.temperature) * ro.mask
-    raw_scores = rm.score_tokens(ro.seq, ro.attn, Lq + ro.mask.sum(1).long() - 1)
+    raw_scores, spread = rm.score_and_spread(ro.seq, ro.attn, Lq + ro.mask.sum(1).long() - 1)
     scores = rm.normalise(raw_scores)
     scores = torch.where(ro.has_eos, scores, scores - config.missing_eos_penalty)
-    return Scored(logprobs, ref_logprobs, values, raw_scores, scores)
+    return Scored(logprobs, ref_logprobs, values, raw_scores, scores, spread)
 
 
 def kl_penalised_rewards(sc: Scored, mask: torch.Tensor, kl_coef: float, config: PPOConfig, step: int) -> tuple:
@@ -457,6 +460,8 @@ def step_metrics(
         "tokens/response_len_mean": mask.sum(1).mean(),
         "val/num_eos_tokens": ro.has_eos.float().sum(),
     }
+    if sc.spread is not None:  # a reward ensemble: how much its members disagree on the policy's replies
+        local["objective/rm_spread"] = sc.spread.mean()
     reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]), "mean")
     metrics = {k: round(v, 6) for k, v in zip(local, reduced.tolist(), strict=True)}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count, not a mean

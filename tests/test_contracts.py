@@ -100,8 +100,11 @@ def test_every_stage_runs_its_module_and_reads_existing_params():
     params = load_params(ROOT / "params.yaml")
     for name, stage in _dvc_stages().items():
         assert shlex.split(stage["cmd"])[:3] == ["python", "-m", f"stages.{sync.base_name(name)}"], name
-        for section in stage.get("params", []):
-            assert section in params, f"dvc.yaml stage {name} reads params section {section!r} that does not exist"
+        for key in stage.get("params", []):  # a section, or one key in it (DVC's dotted form: ppo.ensemble_penalty)
+            value = params
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"dvc.yaml stage {name} reads {key!r}: no such param"
+                value = value[part]
         module = importlib.import_module(f"stages.{sync.base_name(name)}")
         own = {
             c.SECTION.split(".")[0]

@@ -128,7 +128,7 @@ def _tiny_rollout(batch: int = 4, prompt: int = 6, reply: int = 5):
         return pm.logprobs_from_logits(logits[:, :-1].float(), responses, 1.0)
 
     zeros = torch.zeros(batch, reply)
-    return model, ro, logprobs, lambda old: Scored(old, old, zeros, torch.zeros(batch), torch.zeros(batch))
+    return model, ro, logprobs, lambda old: Scored(old, old, zeros, torch.zeros(batch), torch.zeros(batch), None)
 
 
 def test_ppo_updates_reach_the_forward_under_a_run_long_autocast():

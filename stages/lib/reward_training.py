@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,7 +41,7 @@ from stages.lib.modeling import (
 from stages.lib.outcome import BadInput
 from stages.lib.params import AT_LEAST_ONE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, Allowed
 from stages.lib.plots import bar_plot, line_plot
-from stages.lib.rewards import RewardModel
+from stages.lib.rewards import RewardEnsemble, RewardModel
 from stages.lib.tracking import Tracker, trainer_callback
 
 
@@ -65,6 +67,7 @@ class RewardConfig:
     max_new_tokens: int
     offline_pairs: int | None  # the first N offline training pairs (null: all of them) ...
     label_budget: int  # ... plus every on-policy comparison: the labels the reward model may train on, at most
+    ensemble: int  # reward models on these labels: the first on all of them, each other on a bootstrap resample
 
     SECTION: ClassVar[str] = "reward"
     RANGES: ClassVar[dict] = {
@@ -83,6 +86,7 @@ class RewardConfig:
         "max_new_tokens": AT_LEAST_ONE,
         "offline_pairs": NON_NEGATIVE,
         "label_budget": NON_NEGATIVE,
+        "ensemble": AT_LEAST_ONE,
     }
 
 
@@ -344,6 +348,19 @@ def build(
     keep_context(tokenizer, context_limit(model, config.max_length))  # the window it is trained and normalised at
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
+
+    # 5. the ensemble's other members (reward.ensemble > 1), saved inside the model folder: PPO scores with all of them
+    ensemble = train_members(
+        config, sft_dir, train_rows, test_rows, tracker, precision, name, (ppo_prompts, replies), out_dir / "model"
+    )
+    if ensemble:
+        members = [RewardModel(model, tokenizer, norm), *ensemble]
+        limit = context_limit(model, config.max_length)
+        norm_z = torch.stack([m.normalise(torch.tensor(m.score_texts(ppo_prompts, replies, limit))) for m in members])
+        write_json(out_dir / "model" / "ensemble" / "norm_z.json", norm_z.tolist())
+        measured_ensemble = measure_on_policy(RewardEnsemble(members, 0.0, norm_z), *on_policy, limit)
+        on_policy_measured["ensemble_on_policy_accuracy"] = measured_ensemble["on_policy_accuracy"]
+        on_policy_measured["ensemble_bon_gold_gain"] = measured_ensemble["bon_gold_gain"]
     write_json(out_dir / "norm.json", norm)
     write_json(out_dir / "calibration.json", bins)  # DVC plots read JSON, not JSON lines
     write_plots(out_dir, history, bins, measured["accuracy"])
@@ -367,6 +384,39 @@ def build(
     for name in ("metrics.json", "norm.json", "calibration.png", "loss.png", "accuracy.png", "model"):
         tracker.log_artifact(out_dir / name, "model" if name == "model" else None)
     return metrics
+
+
+def train_members(
+    config: RewardConfig,
+    sft_dir: Path,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    tracker: Tracker,
+    precision: str,
+    name: str,
+    norm_sample: tuple[list[str], list[str]],
+    model_dir: Path,
+) -> list[RewardModel]:
+    """Members 1..ensemble-1: each trained with seed + i on a bootstrap resample of `train_rows` (as many pairs, drawn
+    with replacement), normalised on the same SFT replies as the first, saved to `model_dir/ensemble/<i>/`."""
+    shutil.rmtree(model_dir / "ensemble", ignore_errors=True)  # a smaller ensemble than last time leaves none behind
+    members = []
+    for i in range(1, config.ensemble):
+        rng = random.Random(config.seed + i)
+        resample = [train_rows[rng.randrange(len(train_rows))] for _ in train_rows]
+        member_config = replace(config, seed=config.seed + i)
+        model, tokenizer, _, _, _ = train(
+            member_config, sft_dir, resample, test_rows, tracker, precision, f"{name}/member_{i}/"
+        )
+        rm = RewardModel(model, tokenizer)
+        limit = context_limit(model, config.max_length)
+        scores = torch.tensor(rm.score_texts(*norm_sample, limit))
+        rm.norm = {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": len(scores)}
+        folder = model_dir / "ensemble" / str(i)
+        model.save_pretrained(folder, safe_serialization=True)
+        write_json(folder / "norm.json", rm.norm)
+        members.append(rm)
+    return members
 
 
 def write_plots(out_dir: Path, history: list[dict], bins: list[dict], accuracy: float) -> None:

@@ -31,6 +31,11 @@ class RewardModel:
         self.max_length = model_context(model, tokenizer)
         self.last_truncated = 0
 
+    @property
+    def models(self) -> list[nn.Module]:
+        """The networks that score (one here; an ensemble's members)."""
+        return [self.model]
+
     @classmethod
     def load(cls, model_dir: str | Path, norm_file: str | Path | None = None) -> RewardModel:
         """The reward stage's outputs: `model_dir` (HF weights and tokenizer) and its `norm.json`, frozen."""
@@ -49,6 +54,12 @@ class RewardModel:
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
         return self.model.score(hidden[torch.arange(len(seq)), last]).squeeze(-1)
+
+    def score_and_spread(
+        self, seq: torch.Tensor, attn: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(raw scores, the members' spread (B,)): a lone reward model has no spread (None)."""
+        return self.score_tokens(seq, attn, last), None
 
     @torch.no_grad()
     def score_texts(
@@ -85,3 +96,59 @@ class RewardModel:
         if isinstance(scores, torch.Tensor):
             return (scores - self.norm["mean"]) / self.norm["std"]
         return [(s - self.norm["mean"]) / self.norm["std"] for s in scores]
+
+
+class RewardEnsemble(RewardModel):
+    """Several reward models trained on the same labels (the reward stage's `reward.ensemble`: the gated model plus
+    members with their own seeds and bootstrap resamples of the pairs, saved under `model/ensemble/<i>/`). Its raw
+    score is the members' mean normalised score minus `penalty` times their standard deviation (uncertainty-weighted
+    optimisation, Coste et al. 2023):
+
+        c(x, y) = mean_i z_i(x, y) - penalty * std_i z_i(x, y),     z_i = (s_i - mean_i) / std_i   (norm.json each)
+
+    normalised, like a lone model's, by c's mean and standard deviation over the SFT replies the members were
+    normalised on (`ensemble/norm_z.json` holds their z): a mean of k members varies less than one, and PPO's KL
+    coefficient is set against scores whose SFT spread is 1. A reply the members disagree on is one none of them has
+    seen the like of: the penalty keeps PPO from climbing one member's errors."""
+
+    def __init__(self, members: list[RewardModel], penalty: float, norm_z: torch.Tensor) -> None:
+        combined, _ = self.combine(norm_z, penalty)
+        norm = {"mean": combined.mean().item(), "std": combined.std().clamp_min(1e-6).item(), "n": combined.numel()}
+        super().__init__(members[0].model, members[0].tokenizer, norm)
+        self.members, self.penalty = members, penalty
+
+    @staticmethod
+    def combine(z: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Members' normalised scores z (k, B) -> (mean - penalty * spread, spread), each (B,)."""
+        spread = z.std(0)
+        return z.mean(0) - penalty * spread, spread
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return [m.model for m in self.members]
+
+    @classmethod
+    def load_all(cls, model_dir: str | Path, norm_file: str | Path, penalty: float) -> RewardModel:
+        """The reward stage's model and, when it trained an ensemble, its members; a lone model stays a RewardModel."""
+        from transformers import AutoModelForSequenceClassification
+
+        first = RewardModel.load(model_dir, norm_file)
+        folders = sorted((Path(model_dir) / "ensemble").glob("[0-9]*/"), key=lambda d: int(d.name))
+        if not folders:
+            return first
+        members = [first]
+        for folder in folders:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+            norm = json.loads((folder / "norm.json").read_text())
+            members.append(RewardModel(to_device(model.requires_grad_(False).eval()), first.tokenizer, norm))
+        norm_z = torch.tensor(json.loads((Path(model_dir) / "ensemble" / "norm_z.json").read_text()))
+        return cls(members, penalty, norm_z)
+
+    @torch.no_grad()
+    def score_and_spread(self, seq: torch.Tensor, attn: torch.Tensor, last: torch.Tensor) -> tuple:
+        return self.combine(
+            torch.stack([m.normalise(m.score_tokens(seq, attn, last)) for m in self.members]), self.penalty
+        )
+
+    def score_tokens(self, seq: torch.Tensor, attn: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return self.score_and_spread(seq, attn, last)[0]
