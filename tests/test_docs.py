@@ -51,6 +51,14 @@ def test_relative_links_resolve(page: str) -> None:
     assert not missing, f"{page} links to files that do not exist: {missing}"
 
 
+def test_every_results_file_is_listed_once_in_the_benchmarks_readme() -> None:
+    listed = (ROOT / "benchmarks/README.md").read_text()
+    files = sorted(p.name for p in (ROOT / "benchmarks").glob("*.json"))
+    assert files, "no results files found"
+    missing = [f for f in files if f"`{f}`" not in listed]
+    assert not missing, f"benchmarks/README.md (the one list of results files) does not list {missing}"
+
+
 def test_site_builds_strict_and_offline(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"} | OFFLINE | {"NO_MKDOCS_2_WARNING": "1"}
     site = tmp_path / "site"
