@@ -30,7 +30,7 @@ from stages.lib.io import read_jsonl, staged_dir, write_json, write_jsonl
 from stages.lib.judge import GoldJudge, Judge, load_judge
 from stages.lib.modeling import autocast, load_causal_lm, use_hardware
 from stages.lib.outcome import ArgumentParser, stage_main
-from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params
+from stages.lib.params import AT_LEAST_ONE, NON_NEGATIVE, Allowed, config_from, load_params, value
 from stages.lib.plots import line_plot, scatter_plot
 from stages.lib.registry import fetch_policy
 from stages.lib.rewards import RewardEnsemble, RewardModel
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.norm),
             **optional,
             rounds=rounds,
-            ensemble_penalty=params["ppo"]["ensemble_penalty"],
+            ensemble_penalty=value(params, "ppo.ensemble_penalty"),
         )
         with mlflow_run("evaluate", tags={"rlhf.precision": precision}) as tracker, autocast(precision):
             if args.model_uri:

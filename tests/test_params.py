@@ -30,6 +30,7 @@ from stages.lib.params import (
     load_params,
     nested,
     section,
+    value,
 )
 from stages.lib.reward_training import RewardConfig
 
@@ -122,6 +123,15 @@ def test_a_missing_key_is_named() -> None:
     del params["kl_coef"]
     with pytest.raises(ParamsError, match=r"^ppo: missing parameter\(s\) kl_coef \(params.yaml is their only home\)"):
         config_from(stages.ppo.PPOConfig, params)
+
+
+def test_one_value_of_another_stages_section_is_read_by_its_dotted_key() -> None:
+    params = load_params(PROJECT_PARAMS)
+    assert value(params, "ppo.ensemble_penalty") == params["ppo"]["ensemble_penalty"]
+    assert value(params, "ppo.kl_guard.max_kl") == params["ppo"]["kl_guard"]["max_kl"]
+    del params["ppo"]["ensemble_penalty"]  # an older params.yaml: named, not a KeyError's traceback
+    with pytest.raises(ParamsError, match=r"^missing parameter ppo.ensemble_penalty \(params.yaml is its only home\)"):
+        value(params, "ppo.ensemble_penalty")
 
 
 def test_defaults_are_the_projects_params_with_overrides_merged_key_by_key() -> None:

@@ -210,6 +210,16 @@ def section(params: dict[str, Any], dotted: str) -> dict[str, Any] | None:
     return node
 
 
+def value(params: dict[str, Any], dotted: str) -> Any:
+    """One value by its dotted key, as dvc.yaml names it (ppo.ensemble_penalty): what a stage reads from another
+    stage's section; ParamsError when params.yaml lacks it."""
+    *path, key = dotted.split(".")
+    node = section(params, ".".join(path)) if path else params
+    if not isinstance(node, dict) or key not in node:
+        raise ParamsError(f"missing parameter {dotted} (params.yaml is its only home)")
+    return node[key]
+
+
 def defaults(cls: type[C], params_file: str | Path = PROJECT_PARAMS, **overrides: Any) -> C:
     """`cls` built from its SECTION of the project's own params.yaml (the one home of every value), with `overrides`
     merged in (nested sections key by key): what tests, benchmarks and callers without a params file build."""
