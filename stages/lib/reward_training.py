@@ -41,7 +41,7 @@ from stages.lib.modeling import (
 from stages.lib.outcome import BadInput
 from stages.lib.params import AT_LEAST_ONE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, Allowed
 from stages.lib.plots import bar_plot, line_plot
-from stages.lib.rewards import RewardEnsemble, RewardModel
+from stages.lib.rewards import RewardEnsemble, RewardModel, norm_of
 from stages.lib.tracking import Tracker, trainer_callback
 
 
@@ -341,7 +341,7 @@ def build(
     ppo_prompts = norm_prompts[: config.n_norm_samples]
     replies = generate(policy, gen_tokenizer, ppo_prompts, config.max_new_tokens, seed=config.seed).replies
     ref_scores = torch.tensor(rm.score_texts(ppo_prompts, replies, context_limit(model, config.max_length)))
-    norm = {"mean": ref_scores.mean().item(), "std": ref_scores.std().clamp_min(1e-6).item(), "n": len(ref_scores)}
+    norm = norm_of(ref_scores)
 
     # 4. save: model, stats, plots, metrics
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,10 +354,10 @@ def build(
         config, sft_dir, train_rows, test_rows, tracker, precision, name, (ppo_prompts, replies), out_dir / "model"
     )
     if ensemble:
-        members = [RewardModel(model, tokenizer, norm), *ensemble]
-        limit = context_limit(model, config.max_length)
-        norm_z = torch.stack([m.normalise(torch.tensor(m.score_texts(ppo_prompts, replies, limit))) for m in members])
+        members = [RewardModel(model, tokenizer, norm), *(m for m, _ in ensemble)]
+        norm_z = torch.stack([members[0].normalise(ref_scores), *(z for _, z in ensemble)])  # (k, SFT replies)
         write_json(out_dir / "model" / "ensemble" / "norm_z.json", norm_z.tolist())
+        limit = context_limit(model, config.max_length)
         measured_ensemble = measure_on_policy(RewardEnsemble(members, 0.0, norm_z), *on_policy, limit)
         on_policy_measured["ensemble_on_policy_accuracy"] = measured_ensemble["on_policy_accuracy"]
         on_policy_measured["ensemble_bon_gold_gain"] = measured_ensemble["bon_gold_gain"]
@@ -396,9 +396,10 @@ def train_members(
     name: str,
     norm_sample: tuple[list[str], list[str]],
     model_dir: Path,
-) -> list[RewardModel]:
+) -> list[tuple[RewardModel, torch.Tensor]]:
     """Members 1..ensemble-1: each trained with seed + i on a bootstrap resample of `train_rows` (as many pairs, drawn
-    with replacement), normalised on the same SFT replies as the first, saved to `model_dir/ensemble/<i>/`."""
+    with replacement), normalised on the same SFT replies as the first, saved to `model_dir/ensemble/<i>/`. Returns
+    each member with its normalised scores of those replies."""
     shutil.rmtree(model_dir / "ensemble", ignore_errors=True)  # a smaller ensemble than last time leaves none behind
     members = []
     for i in range(1, config.ensemble):
@@ -411,11 +412,11 @@ def train_members(
         rm = RewardModel(model, tokenizer)
         limit = context_limit(model, config.max_length)
         scores = torch.tensor(rm.score_texts(*norm_sample, limit))
-        rm.norm = {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": len(scores)}
+        rm.norm = norm_of(scores)
         folder = model_dir / "ensemble" / str(i)
         model.save_pretrained(folder, safe_serialization=True)
         write_json(folder / "norm.json", rm.norm)
-        members.append(rm)
+        members.append((rm, rm.normalise(scores)))
     return members
 
 

@@ -23,6 +23,11 @@ from stages.lib.context import fit_pairs, reply_prefix
 from stages.lib.modeling import model_context, position_ids, to_device
 
 
+def norm_of(scores: torch.Tensor) -> dict[str, float]:
+    """norm.json's statistics of raw scores of SFT replies (B,): their mean, standard deviation (at least 1e-6), n."""
+    return {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": scores.numel()}
+
+
 class RewardModel:
     """A scalar reward model, its (right-padding) tokenizer and, once the reward stage measured them, its norm."""
 
@@ -112,9 +117,7 @@ class RewardEnsemble(RewardModel):
     seen the like of: the penalty keeps PPO from climbing one member's errors."""
 
     def __init__(self, members: list[RewardModel], penalty: float, norm_z: torch.Tensor) -> None:
-        combined, _ = self.combine(norm_z, penalty)
-        norm = {"mean": combined.mean().item(), "std": combined.std().clamp_min(1e-6).item(), "n": combined.numel()}
-        super().__init__(members[0].model, members[0].tokenizer, norm)
+        super().__init__(members[0].model, members[0].tokenizer, norm_of(self.combine(norm_z, penalty)[0]))
         self.members, self.penalty = members, penalty
 
     @staticmethod
