@@ -52,6 +52,31 @@ def test_heldout_prompts_never_reach_training_files(tmp_path):
     train = prompts["sft"] | prompts["preferences"] | prompts["prompts"]
     heldout = prompts["sft_test"] | prompts["preferences_test"] | prompts["eval_prompts"]
     assert train and heldout and not train & heldout
+    # dev (what a run chooses on: the gates, the monitor) and test (the evaluation) are disjoint too
+    dev = prompts["sft_test"] | prompts["preferences_test"]
+    assert dev and prompts["eval_prompts"] and not dev & prompts["eval_prompts"]
+
+
+def test_heldout_only_phrasings_widen_the_evaluation_and_leave_training_as_it_was():
+    """The held-out-only phrasings reach neither the train split nor its shuffle: training's prompts are the ones the
+    split of training's own phrasings gives; every held-out-only phrasing is held out, on one side of dev/test."""
+    train, heldout = task.split_prompts(1234, 0.2)
+    dev, test = task.split_heldout(1234, heldout)
+    everything = gold.all_prompts()
+    original = [p for p in everything if not p.heldout_only]
+    assert not any(p.heldout_only for specs in train.values() for p in specs)
+    assert sum(map(len, train.values())) + sum(not p.heldout_only for s in heldout.values() for p in s) == len(
+        original
+    )
+    for kind in heldout:
+        assert {p.text for p in dev[kind]} | {p.text for p in test[kind]} == {p.text for p in heldout[kind]}
+        assert not {p.text for p in dev[kind]} & {p.text for p in test[kind]}
+        assert any(p.heldout_only for p in test[kind]) and any(not p.heldout_only for p in test[kind])
+    # every held-out content is still asked in training, in another phrasing
+    trained = {p.content for specs in train.values() for p in specs}
+    assert all(p.content in trained for specs in heldout.values() for p in specs)
+    # enough distinct test prompts for a prompt-clustered interval of ~+-0.05 at 8 replies each (41 gave +-0.06)
+    assert sum(map(len, test.values())) >= 60
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ other ~73%).
 
 SFT demonstrations are deliberately of mixed quality (rude, rambling, wrong, unended, unsafe), so SFT alone imitates
 the flaws and RLHF has something to fix. The prompt space is split once into train and held-out prompts, so no
-held-out prompt ever appears in a training file.
+held-out prompt ever appears in a training file, and the held-out prompts once more into dev (the gates' and the
+monitor's) and test (the evaluation's), so no choice a run makes is made on the prompts its result is reported on.
 """
 
 from __future__ import annotations
@@ -144,12 +145,14 @@ def split_prompts(
     Held-out prompts are new phrasings: each one's content (the fact, the sum, the act, the occasion) is still asked
     in training in another phrasing. Evaluation then measures generalisation to unseen prompts, not recall of facts
     the model was never shown (a tiny model cannot know a sum it never saw, and neither can its reward model).
+    `heldout_fraction` of training's phrasings are held out; the held-out-only phrasings (gold.HELDOUT_TEMPLATES)
+    always are.
     """
     rng = random.Random(f"{seed}-split")
     train: dict[str, list[PromptSpec]] = {}
     heldout: dict[str, list[PromptSpec]] = {}
     for kind in ("fact", "arithmetic", "harmful", "smalltalk"):
-        specs = [p for p in all_prompts() if p.kind == kind]
+        specs = [p for p in all_prompts() if p.kind == kind and not p.heldout_only]
         rng.shuffle(specs)
         target = max(1, round(heldout_fraction * len(specs)))
         left_in_train = {p.content: sum(q.content == p.content for q in specs) for p in specs}
@@ -160,7 +163,32 @@ def split_prompts(
                 left_in_train[p.content] -= 1
             else:
                 train[kind].append(p)
+        heldout[kind] += [p for p in all_prompts() if p.kind == kind and p.heldout_only]
     return train, heldout
+
+
+def split_heldout(
+    seed: int, heldout: dict[str, list[PromptSpec]]
+) -> tuple[dict[str, list[PromptSpec]], dict[str, list[PromptSpec]]]:
+    """Split the held-out prompts per kind in two disjoint halves, deterministically: (dev, test).
+
+    dev: sft_test.jsonl and preferences_test.jsonl, what every choice during a run is made on (the reward-model gate,
+    the on-policy comparisons' held-out pairs, PPO's over-optimisation monitor and `keep: best`); test:
+    eval_prompts.jsonl, the headline evaluation only, so no choice is made on the prompts the result is reported on.
+    Each half gets its share of training's held-out phrasings and of the held-out-only ones.
+    """
+    rng = random.Random(f"{seed}-dev-test")
+    dev: dict[str, list[PromptSpec]] = {}
+    test: dict[str, list[PromptSpec]] = {}
+    for kind, specs in heldout.items():
+        dev[kind], test[kind] = [], []
+        for only in (False, True):
+            group = [p for p in specs if p.heldout_only == only]
+            rng.shuffle(group)
+            half = len(group) // 2
+            dev[kind] += group[:half]
+            test[kind] += group[half:]
+    return dev, test
 
 
 def _draw(rng: random.Random, pool: dict[str, list[PromptSpec]], weights: dict[str, float]) -> PromptSpec:
@@ -215,6 +243,7 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
     """Generate every file of the default task into `out_dir`; returns the labeler's statistics."""
     sft_rates, pair_rates = config.sft_flaws, config.pair_flaws
     train, heldout = split_prompts(config.seed, config.heldout_fraction)
+    dev, test = split_heldout(config.seed, heldout)
     w = config.kind_weights
 
     def rng(name: str) -> random.Random:  # a stream per file: resizing one file leaves every other file as it was
@@ -222,20 +251,20 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
 
     files: dict[str, list[dict]] = {
         "sft.jsonl": make_sft(rng("sft"), train, w, sft_rates, config.n_sft),
-        "sft_test.jsonl": make_sft(rng("sft_test"), heldout, w, sft_rates, config.n_sft_test),
+        "sft_test.jsonl": make_sft(rng("sft_test"), dev, w, sft_rates, config.n_sft_test),
     }
     files["preferences.jsonl"], gaps = make_pairs(
         rng("preferences"), train, w, pair_rates, config.n_pairs, config.labeler_tau, config.labels_per_pair
     )
     files["preferences_test.jsonl"], gaps_test = make_pairs(
-        rng("preferences_test"), heldout, w, pair_rates, config.n_pairs_test, config.labeler_tau
+        rng("preferences_test"), dev, w, pair_rates, config.n_pairs_test, config.labeler_tau
     )
     train_draws, heldout_draws = rng("prompts"), rng("eval_prompts")
     files["prompts.jsonl"] = [{"prompt": _draw(train_draws, train, w).text} for _ in range(config.n_prompts)]
-    # every held-out prompt once (the evaluation samples several replies to each distinct prompt), then draws by kind
-    every = [spec.text for kind in sorted(heldout) for spec in heldout[kind]]
+    # every test prompt once (the evaluation samples several replies to each distinct prompt), then draws by kind
+    every = [spec.text for kind in sorted(test) for spec in test[kind]]
     heldout_draws.shuffle(every)
-    draws = [_draw(heldout_draws, heldout, w).text for _ in range(max(0, config.n_eval_prompts - len(every)))]
+    draws = [_draw(heldout_draws, test, w).text for _ in range(max(0, config.n_eval_prompts - len(every)))]
     files["eval_prompts.jsonl"] = [{"prompt": p} for p in every + draws]
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
@@ -251,6 +280,8 @@ def run(config: TaskConfig, out_dir: Path) -> dict[str, Any]:
         "ideal_gold_mean": round(sum(ideal_gold) / len(ideal_gold), 4),
         "n_train_prompts": sum(map(len, train.values())),
         "n_heldout_prompts": sum(map(len, heldout.values())),
+        "n_dev_prompts": sum(map(len, dev.values())),  # sft_test, preferences_test: the gates and the monitor
+        "n_test_prompts": sum(map(len, test.values())),  # eval_prompts: the headline
         # the pairs the ceiling was measured on: the reward-model gate applies it to these pairs only
         "heldout_pairs_digest": pairs_digest(files["preferences_test.jsonl"]),
     }
