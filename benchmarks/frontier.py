@@ -50,6 +50,7 @@ def seed_result(folder: Path) -> dict | None:
     ladder = sorted({int(k.split("/")[1]) for k in ev if k.startswith("bon/") and k.endswith("/kl")})
     n = ev["bon_matched_n"]
     return {
+        "prompts": ev.get("prompts", 41),  # distinct evaluation prompts (41 before the dev/test split of d4c56dc)
         "win_rate": round(ev["win_rate_vs_sft"], 4),
         "win_rate_ci": [round(x, 4) for x in ev["win_rate_vs_sft_ci"]],
         "judge_diff": round(ev["judge_diff_vs_sft"], 4),
@@ -126,8 +127,8 @@ def main() -> int:
     args = parser.parse_args()
     earlier = json.loads(args.out.read_text()) if args.add else {"command": "", "variants": {}}
     result = {
-        "what": "PPO variants on the same per-seed reward models, each seed's gold win-rate over SFT (41 held-out "
-        "prompts x 8 replies, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder; "
+        "what": "PPO variants on the same per-seed reward models, each seed's gold win-rate over SFT (every "
+        "evaluation prompt x 8 replies, `prompts` of them, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder; "
         "over_alignment_tax counts the seeds whose alignment tax is above promote.max_alignment_tax",
         "max_alignment_tax": MAX_TAX,
         "cpu": cpu_model(),
