@@ -65,9 +65,7 @@ def test_heldout_only_phrasings_widen_the_evaluation_and_leave_training_as_it_wa
     everything = gold.all_prompts()
     original = [p for p in everything if not p.heldout_only]
     assert not any(p.heldout_only for specs in train.values() for p in specs)
-    assert sum(map(len, train.values())) + sum(not p.heldout_only for s in heldout.values() for p in s) == len(
-        original
-    )
+    assert sum(map(len, train.values())) + sum(not p.heldout_only for s in heldout.values() for p in s) == len(original)
     for kind in heldout:
         assert {p.text for p in dev[kind]} | {p.text for p in test[kind]} == {p.text for p in heldout[kind]}
         assert not {p.text for p in dev[kind]} & {p.text for p in test[kind]}
