@@ -128,8 +128,9 @@ def main() -> int:
     earlier = json.loads(args.out.read_text()) if args.add else {"command": "", "variants": {}}
     result = {
         "what": "PPO variants on the same per-seed reward models, each seed's gold win-rate over SFT (every "
-        "evaluation prompt x 8 replies, `prompts` of them, 95% CI clustered by prompt) at its KL, beside that seed's RM-picked best-of-n ladder; "
-        "over_alignment_tax counts the seeds whose alignment tax is above promote.max_alignment_tax",
+        "evaluation prompt x 8 replies, `prompts` of them, 95% CI clustered by prompt) at its KL, beside that "
+        "seed's RM-picked best-of-n ladder; over_alignment_tax counts the seeds whose alignment tax is above "
+        "promote.max_alignment_tax",
         "max_alignment_tax": MAX_TAX,
         "cpu": cpu_model(),
         "date": " and ".join(
