@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/headroom.py --project .       # after `make run` (its SFT model, reward model, data)
 
-The default task holds out *contents* (which country, which sum, which occasion), not phrasings: a held-out prompt
-asks something no training file ever answered. So a policy trained on the training prompts can learn style (no
-rudeness, no filler, proper endings, refusing harm) but not the held-out answers; only a ranker that sees the held-out
-prompt at test time can pick a right answer out of SFT's samples. On every distinct held-out prompt x `--samples`
-SFT samples (the evaluation's temperature), this measures, by the gold judge, against SFT's own samples:
+The default task's held-out prompts are phrasings training never showed (stages/lib/task.py), of contents training
+asks in other words: a policy trained on the training prompts learns style there (no rudeness, no filler, proper
+endings, refusing harm) and, as far as it generalises to a new phrasing, the answers; a ranker that sees the held-out
+prompt at test time can pick a right answer out of SFT's samples. On every distinct evaluation (test) prompt x
+`--samples` SFT samples (the evaluation's temperature), this measures, by the gold judge, against SFT's own samples:
 
 - `oracle_best_of_n`: the gold-best of n SFT samples (a perfect ranker at test time): the headroom in the samples;
 - `rm_best_of_n`: the reward model's pick of n (what best-of-n from SFT gets);

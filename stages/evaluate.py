@@ -321,29 +321,33 @@ def best_of_n_baseline(
 
 
 def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: dict[str, Any]) -> list[str]:
-    """The judge's score against the KL to SFT (Gao et al. 2022's picture: best-of-n's ladder, PPO's checkpoints as
-    points coloured by step, the kept policy, DPO), PPO's reward against its KL step by step, and the judge against
-    the proxy over the checkpoints."""
+    """The judge's gain over SFT against the KL to SFT (Gao et al. 2022's picture: best-of-n's ladder, PPO's
+    checkpoints as points coloured by step, the kept policy, DPO), PPO's reward against its KL step by step, and the
+    judge against the proxy over the checkpoints. The gain is over SFT on the same prompts: the ladder, the kept policy
+    and DPO are graded on the evaluation's test prompts, the checkpoints by the monitor on the dev prompts (step 0 is
+    SFT there), and the two sets' SFT scores differ."""
     names = []
-    bon = sorted((metrics[f"bon/{n}/kl"], metrics[f"bon/{n}/judge"]) for n in _ladder(metrics))
+    sft = metrics["sft/judge"]
+    bon = sorted((metrics[f"bon/{n}/kl"], metrics[f"bon/{n}/judge"] - sft) for n in _ladder(metrics))
     points: dict[str, tuple[list[float], list[float], list[float] | None]] = {}
-    if kl_file is not None and monitor:
+    rows = [m for m in monitor if m.get("judge") is not None]
+    start = [m["judge"] for m in rows if int(m["step"]) == 0]
+    if kl_file is not None and rows and start:
         kl_at = {int(float(r["step"])): float(r["objective/kl"]) for r in csv.DictReader(kl_file.open())}
-        rows = [m for m in monitor if m.get("judge") is not None]
-        points["PPO checkpoints (training KL, monitor prompts)"] = (
+        points["PPO checkpoints (training KL, dev prompts)"] = (
             [kl_at.get(int(m["step"]), 0.0) for m in rows],
-            [m["judge"] for m in rows],
+            [m["judge"] - start[0] for m in rows],
             [m["step"] for m in rows],
         )
-    points["PPO, kept policy"] = ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"]], None)
+    points["PPO, kept policy (test prompts)"] = ([metrics["ppo/kl_k1_seq"]], [metrics["ppo/judge"] - sft], None)
     if "dpo/judge" in metrics:
-        points["DPO"] = ([metrics["dpo/kl_k1_seq"]], [metrics["dpo/judge"]], None)
+        points["DPO"] = ([metrics["dpo/kl_k1_seq"]], [metrics["dpo/judge"] - sft], None)
     lines = {"best-of-n from SFT (n = 1, 2, 4, ...)": ([k for k, _ in bon], [v for _, v in bon])} if bon else None
     scatter_plot(
         points,
-        "Judge's score vs KL to SFT",
+        "Judge's gain over SFT vs KL to SFT",
         "KL (nats per reply)",
-        "mean judge's score",
+        "mean judge's score - SFT's (same prompts)",
         out / "judge_vs_kl.png",
         lines=lines,
     )
@@ -372,7 +376,7 @@ def write_plots(out: Path, kl_file: Path | None, monitor: list[dict], metrics: d
             series["judge's score"] = (steps, [m["judge"] for m in monitor])
         line_plot(
             series,
-            "Judge vs proxy over PPO checkpoints (held-out)",
+            "Judge vs proxy over PPO checkpoints (dev prompts)",
             "PPO step",
             "mean score",
             out / "judge_vs_proxy.png",
