@@ -190,6 +190,14 @@ DERIVED: dict[str, Callable[..., Any]] = {
     "night_connections": lambda r: [
         f(sum(x["pg_connections"].values()) for x in r("night_results")["runs"]) for f in (min, max)
     ],
+    # the three seeds' win-rate interval half-widths (the evaluation's resolution)
+    "onpolicy_ci_halfwidths": lambda r: [
+        f(
+            (x["evaluation"]["win_rate_vs_sft_ci"][1] - x["evaluation"]["win_rate_vs_sft_ci"][0]) / 2
+            for x in r("onpolicy_results")["runs"]
+        )
+        for f in (min, max)
+    ],
     # the lowest and highest alignment tax over every PPO run of the sweep (benchmarks/frontier.py)
     "frontier_tax_range": lambda r: [
         f(x["alignment_tax"] for v in r("frontier_results")["variants"].values() for x in v["seeds"].values())
