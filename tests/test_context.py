@@ -192,13 +192,18 @@ def test_a_chat_prompt_fits_the_budget_counted_with_its_template(chat_tokenizer)
 def test_one_preference_set_feeds_every_dataset_split_by_prompt():
     frames, notes = derive({"preferences": _pairs(400)}, defaults(SplitConfig, heldout_fraction=0.2, seed=0), 0.5, 1)
     assert set(REQUIRED) | {JUDGE} == set(frames) and set(notes) == set(frames) - {"preferences"}
-    train, test, judge = (set(frames[n]["prompt"]) for n in ("preferences", "preferences_test", JUDGE))
-    assert not train & test and not judge & test and not train & judge  # nothing leaks, the judge's pairs are apart
-    assert 0.1 < len(test) / 400 < 0.3 and 0.3 < len(judge) / (400 - len(test)) < 0.7
-    assert set(frames["eval_prompts"]["prompt"]) == test and set(frames["prompts"]["prompt"]) == train
-    assert set(frames["sft_test"]["prompt"]) == test and set(frames["sft"]["prompt"]) == train | judge
+    train, dev, judge = (set(frames[n]["prompt"]) for n in ("preferences", "preferences_test", JUDGE))
+    test = set(frames["eval_prompts"]["prompt"])
+    assert not train & dev and not judge & dev and not train & judge  # nothing leaks, the judge's pairs are apart
+    assert not (train | judge) & test
+    # the held-out prompts split once more: dev (the gate's pairs, the monitor's sft_test) and test (the evaluation)
+    assert dev and test and not dev & test and 0.1 < (len(dev) + len(test)) / 400 < 0.3
+    assert 0.3 < len(dev) / (len(dev) + len(test)) < 0.7 and 0.3 < len(judge) / (400 - len(dev) - len(test)) < 0.7
+    assert set(frames["prompts"]["prompt"]) == train
+    assert set(frames["sft_test"]["prompt"]) == dev and set(frames["sft"]["prompt"]) == train | judge
     again, _ = derive({"preferences": _pairs(500)}, defaults(SplitConfig, heldout_fraction=0.2, seed=0), 0.5, 1)
-    assert test <= set(again["preferences_test"]["prompt"])  # more rows never move an existing prompt
+    assert dev <= set(again["preferences_test"]["prompt"])  # more rows never move an existing prompt
+    assert test <= set(again["eval_prompts"]["prompt"])
 
 
 def test_given_datasets_are_kept_and_their_prompts_stay_in_training():

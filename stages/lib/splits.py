@@ -7,7 +7,10 @@ are derived from the validated pairs, always split by prompt, so no held-out pro
     judge_preferences  when the judge is a reward model: a seeded `judge.fraction` of the remaining training prompts,
                        whose pairs train the judge instead of the reward model (stages/lib/judge.py)
     sft, sft_test      the chosen replies of the training and held-out pairs (`sft_from_chosen`)
-    prompts            the distinct training prompts (PPO's rollouts); eval_prompts: the held-out ones
+    prompts            the distinct training prompts (PPO's rollouts)
+    eval_prompts       the held-out prompts of a seeded half of them (test); when it is derived, the other half
+                       (dev) is what preferences_test and sft_test keep: the gate, the on-policy held-out pairs and
+                       PPO's monitor choose on dev prompts, and the evaluation reports on prompts no choice was made on
 
 A prompt's side is a pure function of (salt, seed, prompt text): adding rows never moves an existing prompt.
 """
@@ -25,6 +28,7 @@ from stages.lib.params import NON_NEGATIVE, OPEN_FRACTION
 
 REQUIRED = ("sft", "sft_test", "preferences", "preferences_test", "prompts", "eval_prompts")
 JUDGE = "judge_preferences"
+TEST_FRACTION = 0.5  # of the held-out prompts: eval_prompts' share when it is derived (the rest: dev)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,15 @@ def derive(
         notes["preferences_test"] = (
             f"{config.heldout_fraction:.0%} of the preference prompts (seed {config.seed}), split by prompt"
         )
+    if "eval_prompts" not in frames:  # dev (the gates, the monitor) and test (the evaluation) by prompt
+        dev, test = _split(out["preferences_test"], TEST_FRACTION, config.seed, "test", set())
+        if "preferences_test" not in frames or not dev.empty:
+            out["preferences_test"] = dev
+        out["eval_prompts"] = _prompts(test)
+        notes["eval_prompts"] = (
+            f"the distinct prompts of {TEST_FRACTION:.0%} of preferences_test's (seed {config.seed}): the test half; "
+            "preferences_test and sft_test keep the dev half"
+        )
     if judge_fraction is not None:
         out["preferences"], out[JUDGE] = _split(out["preferences"], judge_fraction, judge_seed, "judge", set())
         notes[JUDGE] = (
@@ -91,10 +104,9 @@ def derive(
                 pairs = out[source] if name == "sft_test" else pd.concat([out["preferences"], out.get(JUDGE)])
                 out[name] = _demos(pairs)
                 notes[name] = f"the chosen replies of {source}"
-    for name, source in (("prompts", "preferences"), ("eval_prompts", "preferences_test")):
-        if name not in frames:
-            out[name] = _prompts(out[source])
-            notes[name] = f"the distinct prompts of {source}"
+    if "prompts" not in frames:
+        out["prompts"] = _prompts(out["preferences"])
+        notes["prompts"] = "the distinct prompts of preferences"
     still = [n for n in REQUIRED if n not in out or out[n].empty]
     if still:
         raise BadInput(
