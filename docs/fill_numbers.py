@@ -436,7 +436,8 @@ def make_run_results(r: Results) -> str:
 
 @generated("ppo-frontier")
 def ppo_frontier(r: Results) -> str:
-    """PPO settings on the same reward models, each seed beside its matched best-of-n (frontier_results.json)."""
+    """PPO settings on the same reward models, each seed beside its matched best-of-n (frontier_results.json: graded
+    on the 41 held-out prompts before the dev/test split)."""
     d = r("frontier_results")
     body = []
     for name, v in d["variants"].items():
