@@ -438,7 +438,17 @@ def make_run_results(r: Results) -> str:
 def ppo_frontier(r: Results) -> str:
     """PPO settings on the same reward models, each seed beside its matched best-of-n (frontier_results.json: graded
     on the 41 held-out prompts before the dev/test split)."""
-    d = r("frontier_results")
+    return frontier_table(r("frontier_results"))
+
+
+@generated("ppo-frontier-test")
+def ppo_frontier_test(r: Results) -> str:
+    """The PPO settings whose policies were graded again on the test prompts (frontier_test_results.json)."""
+    return frontier_table(r("frontier_test_results"))
+
+
+def frontier_table(d: dict) -> str:
+    """A row per PPO setting of a benchmarks/frontier.py results file, each seed beside its matched best-of-n."""
     body = []
     for name, v in d["variants"].items():
         p = v["ppo"]
