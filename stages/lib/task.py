@@ -149,10 +149,11 @@ def split_prompts(
     always are.
     """
     rng = random.Random(f"{seed}-split")
+    everything = all_prompts()
     train: dict[str, list[PromptSpec]] = {}
     heldout: dict[str, list[PromptSpec]] = {}
     for kind in ("fact", "arithmetic", "harmful", "smalltalk"):
-        specs = [p for p in all_prompts() if p.kind == kind and not p.heldout_only]
+        specs = [p for p in everything if p.kind == kind and not p.heldout_only]
         rng.shuffle(specs)
         target = max(1, round(heldout_fraction * len(specs)))
         left_in_train = {p.content: sum(q.content == p.content for q in specs) for p in specs}
@@ -163,7 +164,7 @@ def split_prompts(
                 left_in_train[p.content] -= 1
             else:
                 train[kind].append(p)
-        heldout[kind] += [p for p in all_prompts() if p.kind == kind and p.heldout_only]
+        heldout[kind] += [p for p in everything if p.kind == kind and p.heldout_only]
     return train, heldout
 
 
