@@ -37,6 +37,7 @@ REUSE = False  # --reuse: keep what an earlier run trained, evaluate again (e.g.
 OVERRIDES: dict = {}  # --set ppo.kl_coef=0.2 ...: params changed in every seed's params.yaml
 SHARED = ("comparisons", "reward", "reward_gate")  # --rm-from DIR: these stages are DIR's, PPO and evaluation run anew
 RM_FROM: Path | None = None
+MODULES = {"ppo": "stages.ppo"}  # --gold-reward: PPO runs as benchmarks.gold_reward_ppo (the gold judge as reward)
 
 
 def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
@@ -45,7 +46,7 @@ def stage(project: Path, out: Path, name: str, *args: str) -> float | None:
     if (REUSE or (RM_FROM and name in SHARED)) and name != "evaluate" and (out / name / "metrics.json").exists():
         return None
     start = time.monotonic()
-    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(out / "params.yaml"), *args]
+    cmd = [sys.executable, "-m", MODULES.get(name, f"stages.{name}"), "--params", str(out / "params.yaml"), *args]
     with open(out / f"{name}.log", "w") as log:
         code = subprocess.run(cmd, cwd=project, stdout=log, stderr=subprocess.STDOUT).returncode
     if code == 3 and name == "reward_gate":  # the gate stopped this seed: recorded, not a crash
@@ -198,6 +199,15 @@ def one(project: Path, out: Path, seed: int, dpo: bool) -> dict:
     }
 
 
+def beats_best_of_n(e: dict) -> bool:
+    """PPO above RM-picked best-of-n at the smallest n whose KL is at least PPO's; past the ladder's last rung (no
+    matched n), above every rung of it."""
+    if e["bon_matched_n"] is not None:
+        return bool(e["ppo_beats_matched_bon"])
+    rungs = [v for k, v in e.items() if k.startswith("bon/") and k.endswith("/win_rate_vs_sft")]
+    return bool(rungs) and e["win_rate_vs_sft"] > max(rungs)
+
+
 def summarise(every: list[dict]) -> dict:
     runs = [r for r in every if r["gate_passed"]]
 
@@ -212,7 +222,7 @@ def summarise(every: list[dict]) -> dict:
         "every_seed_ci_above_half": all(r["evaluation"]["win_rate_vs_sft_ci"][0] > 0.5 for r in runs),
         "judge_diff_vs_sft_mean": mean(lambda r: r["evaluation"]["judge_diff_vs_sft"]),
         "kl_mean": mean(lambda r: r["evaluation"]["ppo/kl_k1_seq"]),
-        "ppo_beats_matched_bon_every_seed": all(r["evaluation"]["ppo_beats_matched_bon"] for r in runs),
+        "ppo_beats_matched_bon_every_seed": all(beats_best_of_n(r["evaluation"]) for r in runs),
         "dpo_win_rate_vs_sft_mean": mean(lambda r: r["evaluation"]["dpo_win_rate_vs_sft"]),
         "ppo_above_dpo_every_seed": all(
             r["evaluation"]["dpo_win_rate_vs_sft"] is None
@@ -237,9 +247,16 @@ def main() -> int:
     parser.add_argument(
         "--rm-from", type=Path, help="an earlier --runs folder: its comparisons and reward models, PPO anew (a sweep)"
     )
+    parser.add_argument(
+        "--gold-reward",
+        action="store_true",
+        help="PPO climbs the gold judge instead of the reward model (benchmarks/gold_reward_ppo.py): the RM's cost",
+    )
     args = parser.parse_args()
     global REUSE, RM_FROM
     REUSE, RM_FROM = args.reuse, args.rm_from
+    if args.gold_reward:
+        MODULES["ppo"] = "benchmarks.gold_reward_ppo"
     OVERRIDES.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     project = args.project.resolve()
     runs = []

@@ -1,0 +1,63 @@
+"""PPO with the gold judge as its reward instead of the reward model: what the PPO loop reaches with a right reward.
+
+    .venv/bin/python benchmarks/onpolicy.py --project . --gold-reward --rm-from benchmarks/onpolicy_runs \
+        --runs /tmp/gold_runs --out benchmarks/gold_reward_results.json
+
+A measurement, never a pipeline stage (the gold judge exists only for the default task, and a pipeline that trained on
+its grader would grade nothing). Everything is the PPO stage's own (`stages.ppo.main`, the same params, the same SFT
+start and reference, the same KL penalty, monitor and `keep: best`), except one function: each rollout's score is the
+gold judge's, normalised as the reward model's is (0: as good as SFT's replies to PPO's prompts, 1: one SFT standard
+deviation better; measured here on `--norm-samples` SFT samples at PPO's temperature). The difference between its
+win-rate and the reward model's PPO is what the reward model's errors cost; its distance from 1 is what the policy's
+size, PPO's budget and the KL leash leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import stages.ppo as ppo
+from stages.lib import gold
+from stages.lib.io import read_jsonl
+from stages.lib.modeling import generate, load_causal_lm
+from stages.lib.params import config_from, load_params
+
+NORM_SAMPLES = 256
+
+
+def gold_norm(sft_dir: Path, prompts_file: Path, config: ppo.PPOConfig) -> dict[str, float]:
+    """Mean and standard deviation of the gold scores of SFT's replies to PPO's prompts (norm.json's counterpart)."""
+    prompts = [r["prompt"] for r in read_jsonl(prompts_file)][:NORM_SAMPLES]
+    model, tokenizer = load_causal_lm(sft_dir)
+    replies = generate(model, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed).replies
+    scores = torch.tensor([gold.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)])
+    return {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": len(prompts)}
+
+
+def main(argv: list[str]) -> int:
+    args = dict(zip(argv[::2], argv[1::2], strict=False))
+    config = config_from(ppo.PPOConfig, load_params(args.get("--params", "params.yaml")).get("ppo"))
+    norm = gold_norm(Path(args["--sft"]), Path(args["--data"]) / "prompts.jsonl", config)
+    Path(args["--out"]).mkdir(parents=True, exist_ok=True)
+    (Path(args["--out"]) / "gold_norm.json").write_text(json.dumps(norm) + "\n")
+    score_rollouts = ppo.score_rollouts
+
+    def gold_scored(model, ref_policy, rm, ro, config):  # noqa: ANN001, ANN202
+        sc = score_rollouts(model, ref_policy, rm, ro, config)
+        replies = [t.strip() for t in rm.tokenizer.batch_decode(ro.responses, skip_special_tokens=True)]
+        raw = torch.tensor([gold.gold_score(p, r) for p, r in zip(ro.prompts, replies, strict=True)]).to(sc.scores)
+        scores = (raw - norm["mean"]) / norm["std"]
+        scores = torch.where(ro.has_eos, scores, scores - config.missing_eos_penalty)
+        return dataclasses.replace(sc, raw_scores=raw, scores=scores, spread=None)
+
+    ppo.score_rollouts = gold_scored
+    return ppo.stage_main("ppo", lambda: ppo.main(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
