@@ -14,6 +14,7 @@ size, PPO's budget and the KL leash leave.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -40,11 +41,14 @@ def gold_norm(sft_dir: Path, prompts_file: Path, config: ppo.PPOConfig) -> dict[
 
 
 def main(argv: list[str]) -> int:
-    args = dict(zip(argv[::2], argv[1::2], strict=False))
-    config = config_from(ppo.PPOConfig, load_params(args.get("--params", "params.yaml")).get("ppo"))
-    norm = gold_norm(Path(args["--sft"]), Path(args["--data"]) / "prompts.jsonl", config)
-    Path(args["--out"]).mkdir(parents=True, exist_ok=True)
-    (Path(args["--out"]) / "gold_norm.json").write_text(json.dumps(norm) + "\n")
+    parser = argparse.ArgumentParser(add_help=False)  # the PPO stage's own arguments, read again for the norm
+    for name, default in (("params", "params.yaml"), ("data", "artifacts/validate/data")):
+        parser.add_argument(f"--{name}", default=default)
+    parser.add_argument("--sft", default="artifacts/sft/model")
+    parser.add_argument("--out", default="artifacts/ppo")
+    args = parser.parse_known_args(argv)[0]
+    config = config_from(ppo.PPOConfig, load_params(args.params).get("ppo"))
+    norm = gold_norm(Path(args.sft), Path(args.data) / "prompts.jsonl", config)
     score_rollouts = ppo.score_rollouts
 
     def gold_scored(model, ref_policy, rm, ro, config):  # noqa: ANN001, ANN202
@@ -56,7 +60,10 @@ def main(argv: list[str]) -> int:
         return dataclasses.replace(sc, raw_scores=raw, scores=scores, spread=None)
 
     ppo.score_rollouts = gold_scored
-    return ppo.stage_main("ppo", lambda: ppo.main(argv))
+    code = ppo.stage_main("ppo", lambda: ppo.main(argv))
+    if code == 0:  # beside the stage's outputs (written whole at its end): the run says what it climbed
+        (Path(args.out) / "gold_norm.json").write_text(json.dumps(norm) + "\n")
+    return code
 
 
 if __name__ == "__main__":
