@@ -1,15 +1,15 @@
 """PPO with the gold judge as its reward instead of the reward model: what the PPO loop reaches with a right reward.
 
     .venv/bin/python benchmarks/onpolicy.py --project . --gold-reward --rm-from benchmarks/onpolicy_runs \
-        --runs /tmp/gold_runs --out benchmarks/gold_reward_results.json
+        --runs benchmarks/onpolicy_runs/gold --out /tmp/gold.json       # then benchmarks/gold_reward.py
 
 A measurement, never a pipeline stage (the gold judge exists only for the default task, and a pipeline that trained on
 its grader would grade nothing). Everything is the PPO stage's own (`stages.ppo.main`, the same params, the same SFT
 start and reference, the same KL penalty, monitor and `keep: best`), except one function: each rollout's score is the
 gold judge's, normalised as the reward model's is (0: as good as SFT's replies to PPO's prompts, 1: one SFT standard
-deviation better; measured here on `--norm-samples` SFT samples at PPO's temperature). The difference between its
-win-rate and the reward model's PPO is what the reward model's errors cost; its distance from 1 is what the policy's
-size, PPO's budget and the KL leash leave.
+deviation better; measured here on NORM_SAMPLES SFT replies at PPO's temperature and seed, written to the output's
+gold_norm.json). Its win-rate beside the reward model's PPO on the same seeds is what the reward model's errors cost;
+what it leaves short of a perfect policy is PPO's budget, the KL leash and the policy's size.
 """
 
 from __future__ import annotations

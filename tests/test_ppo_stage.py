@@ -324,3 +324,21 @@ def test_keep_best_follows_the_noise_rule_and_never_prunes_the_best(project, tmp
     }
     saved = load_file(tmp_path / "out/model/model.safetensors")
     assert all(torch.equal(saved[k], policy[k]) for k in saved)
+
+
+def test_the_gold_reward_benchmark_trains_on_the_gold_judges_scores(project, tmp_path):
+    """benchmarks/gold_reward_ppo.py (the measured limit in docs/results.md) is the PPO stage with each rollout scored
+    by the gold judge, normalised on SFT's replies: the scores PPO trained on are the judge's, not the reward model's."""
+    from stages.lib import gold
+
+    config = _params(project, tmp_path, num_steps=2, estimator="rloo", group_size=4)
+    args = _ppo_args(config, tmp_path / "out")[2:]  # without "-m stages.ppo"
+    run([sys.executable, str(ROOT / "benchmarks/gold_reward_ppo.py"), *args], project)
+    norm = json.loads((tmp_path / "out/gold_norm.json").read_text())
+    assert norm["n"] > 0 and norm["std"] > 0
+    penalty = yaml.safe_load(config.read_text())["ppo"]["missing_eos_penalty"]
+    samples = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    assert samples
+    for s in samples:
+        z = (gold.gold_score(s["prompt"], s["response"]) - norm["mean"]) / norm["std"]
+        assert min(abs(s["score"] - z), abs(s["score"] - (z - penalty))) < 1e-4, (s, z)
