@@ -328,7 +328,7 @@ def test_keep_best_follows_the_noise_rule_and_never_prunes_the_best(project, tmp
 
 def test_the_gold_reward_benchmark_trains_on_the_gold_judges_scores(project, tmp_path):
     """benchmarks/gold_reward_ppo.py (the measured limit in docs/results.md) is the PPO stage with each rollout scored
-    by the gold judge, normalised on SFT's replies: the scores PPO trained on are the judge's, not the reward model's."""
+    by the gold judge, normalised on SFT's replies: the scores PPO trained on are the judge's, not the RM's."""
     from stages.lib import gold
 
     config = _params(project, tmp_path, num_steps=2, estimator="rloo", group_size=4)
