@@ -98,8 +98,12 @@ def main() -> int:
         name, folder = item.split("=", 1)
         runs = {str(s): r for s in args.seeds if (r := seed_result(Path(folder) / f"seed_{s}"))}
         rates = [r["win_rate"] for r in runs.values()]
+        kinds = {r["reward"] for r in runs.values()}
+        if len(kinds) > 1:
+            raise SystemExit(f"{folder}: its seeds climbed different rewards ({sorted(kinds)})")
         variants[name] = {
             "folder": folder,
+            "seeds_evaluated": len(runs),
             "seeds": runs,
             "win_rate_mean": round(statistics.mean(rates), 4),
             "kl_mean": round(statistics.mean(r["kl"] for r in runs.values()), 3),

@@ -222,7 +222,7 @@ def summarise(every: list[dict]) -> dict:
         "every_seed_ci_above_half": all(r["evaluation"]["win_rate_vs_sft_ci"][0] > 0.5 for r in runs),
         "judge_diff_vs_sft_mean": mean(lambda r: r["evaluation"]["judge_diff_vs_sft"]),
         "kl_mean": mean(lambda r: r["evaluation"]["ppo/kl_k1_seq"]),
-        "ppo_beats_matched_bon_every_seed": all(beats_best_of_n(r["evaluation"]) for r in runs),
+        "ppo_beats_best_of_n_every_seed": all(beats_best_of_n(r["evaluation"]) for r in runs),
         "dpo_win_rate_vs_sft_mean": mean(lambda r: r["evaluation"]["dpo_win_rate_vs_sft"]),
         "ppo_above_dpo_every_seed": all(
             r["evaluation"]["dpo_win_rate_vs_sft"] is None
@@ -255,7 +255,9 @@ def main() -> int:
     args = parser.parse_args()
     global REUSE, RM_FROM
     REUSE, RM_FROM = args.reuse, args.rm_from
-    if args.gold_reward:
+    if args.gold_reward:  # on another run's reward models, in a folder of its own (its checkpoints, its PPO)
+        if not args.rm_from or args.rm_from.resolve() == args.runs.resolve():
+            parser.error("--gold-reward needs --rm-from FOLDER and a --runs folder other than FOLDER")
         MODULES["ppo"] = "benchmarks.gold_reward_ppo"
     OVERRIDES.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     project = args.project.resolve()
