@@ -7,9 +7,9 @@ A measurement, never a pipeline stage (the gold judge exists only for the defaul
 its grader would grade nothing). Everything is the PPO stage's own (`stages.ppo.main`, the same params, the same SFT
 start and reference, the same KL penalty, monitor and `keep: best`), except one function: each rollout's score is the
 gold judge's, normalised as the reward model's is (0: as good as SFT's replies to PPO's prompts, 1: one SFT standard
-deviation better; norm.json's recipe with the gold judge in the reward model's place, written to the output's
-gold_norm.json). Its win-rate beside the reward model's PPO on the same seeds is what the reward model's errors cost;
-what it leaves short of a perfect policy is PPO's budget, the KL leash and the policy's size.
+deviation better, on SFT's replies as PPO samples them: `gold_norm`, written to the output's gold_norm.json). Its
+win-rate beside the reward model's PPO on the same seeds is what the reward model's errors cost; what it leaves short
+of a perfect policy is PPO's budget, the KL leash and the policy's size.
 """
 
 from __future__ import annotations
@@ -27,16 +27,22 @@ import stages.ppo as ppo
 from stages.lib import gold
 from stages.lib.io import read_jsonl
 from stages.lib.modeling import generate, load_causal_lm
-from stages.lib.params import load_params
+from stages.lib.params import config_from, load_params
+
+NORM_SAMPLES = 256
 
 
-def gold_norm(sft_dir: Path, prompts_file: Path, reward: dict) -> tuple[dict[str, float], Any]:
-    """norm.json's recipe (stages/lib/reward_training.py) with the gold judge in the reward model's place: the mean
-    and standard deviation of the gold scores of SFT's replies to the first `reward.n_norm_samples` PPO prompts, sampled
-    as the reward stage samples them (its max_new_tokens and seed, temperature 1.0). Returns (norm, SFT's tokenizer)."""
-    prompts = [r["prompt"] for r in read_jsonl(prompts_file)][: reward["n_norm_samples"]]
+def gold_norm(sft_dir: Path, prompts_file: Path, config: ppo.PPOConfig) -> tuple[dict[str, float], Any]:
+    """The mean and standard deviation of the gold scores of SFT's replies to the first NORM_SAMPLES PPO prompts,
+    sampled as PPO samples (its temperature, response length and seed). Returns (norm, SFT's tokenizer).
+
+    norm.json samples 128 replies at temperature 1.0 instead; on the three seeds of benchmarks/gold_reward_results.json
+    the gold judge's standard deviation that way is 0.97-1.14x this one, so those runs climbed a gold reward that much
+    larger than norm.json's recipe gives: as if kl_coef were 0.044-0.051 under it instead of 0.05. (Seed 0 re-run with
+    norm.json's recipe, 25 steps: 0.639 at KL 1.1, against 0.627 at KL 2.9.)"""
+    prompts = [r["prompt"] for r in read_jsonl(prompts_file)][:NORM_SAMPLES]
     model, tokenizer = load_causal_lm(sft_dir)
-    replies = generate(model, tokenizer, prompts, reward["max_new_tokens"], seed=reward["seed"]).replies
+    replies = generate(model, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed).replies
     scores = torch.tensor([gold.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)])
     return {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": len(prompts)}, tokenizer
 
@@ -60,8 +66,8 @@ def main(argv: list[str]) -> int:
         return dataclasses.replace(sc, raw_scores=raw, scores=scores, spread=None)
 
     def run() -> int:
-        reward = load_params(args.params)["reward"]
-        found["norm"], found["tokenizer"] = gold_norm(Path(args.sft), Path(args.data) / "prompts.jsonl", reward)
+        config = config_from(ppo.PPOConfig, load_params(args.params).get("ppo"))
+        found["norm"], found["tokenizer"] = gold_norm(Path(args.sft), Path(args.data) / "prompts.jsonl", config)
         return ppo.main(argv)
 
     score_rollouts, ppo.score_rollouts = ppo.score_rollouts, gold_scored
