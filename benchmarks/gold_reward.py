@@ -26,6 +26,7 @@ import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
+import frontier  # this folder is sys.path[0] when a script here runs
 import yaml
 
 from stages.lib.environment import cpu_model
@@ -34,11 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def seed_result(folder: Path) -> dict | None:
-    """One seed's evaluation and monitor curve (None if its evaluation did not finish)."""
-    metrics = folder / "evaluate" / "metrics.json"
-    if not metrics.exists():
+    """One seed's evaluation point (frontier.py's: win-rate, CI, gold difference, KL, the ladder), what PPO climbed,
+    the over-optimisation flag, the kept step, PPO's time and the monitor's curve (None if the evaluation did not
+    finish)."""
+    point = frontier.seed_result(folder)
+    if point is None:
         return None
-    ev = json.loads(metrics.read_text())
+    ev = json.loads((folder / "evaluate" / "metrics.json").read_text())
     ppo = json.loads((folder / "ppo" / "metrics.json").read_text())
     with open(folder / "ppo" / "monitor.csv") as f:
         monitor = [
@@ -50,10 +53,7 @@ def seed_result(folder: Path) -> dict | None:
     return {
         "reward": "gold judge" if (folder / "ppo" / "gold_norm.json").exists() else "reward model",
         "num_steps": yaml.safe_load((folder / "params.yaml").read_text())["ppo"]["num_steps"],
-        "win_rate": round(ev["win_rate_vs_sft"], 4),
-        "win_rate_ci": [round(x, 4) for x in ev["win_rate_vs_sft_ci"]],
-        "judge_diff": round(ev["judge_diff_vs_sft"], 4),
-        "kl": round(ev["ppo/kl_k1_seq"], 3),
+        **point,
         "overoptimisation": bool(ev["overoptimisation"]),
         "kept_step": ppo["kept_step"],
         "train_s": round(train_s, 1),  # PPO's steps (rollout, score, update), without the monitor's checkpoints

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 import stages.ppo as ppo
-from stages.lib import gold
 from stages.lib.io import read_jsonl
+from stages.lib.judge import GoldJudge
 from stages.lib.modeling import generate, load_causal_lm
 from stages.lib.params import config_from, load_params
+from stages.lib.rewards import norm_of
 
 NORM_SAMPLES = 256
 
@@ -43,8 +44,7 @@ def gold_norm(sft_dir: Path, prompts_file: Path, config: ppo.PPOConfig) -> tuple
     prompts = [r["prompt"] for r in read_jsonl(prompts_file)][:NORM_SAMPLES]
     model, tokenizer = load_causal_lm(sft_dir)
     replies = generate(model, tokenizer, prompts, config.response_length, config.temperature, seed=config.seed).replies
-    scores = torch.tensor([gold.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)])
-    return {"mean": scores.mean().item(), "std": scores.std().clamp_min(1e-6).item(), "n": len(prompts)}, tokenizer
+    return norm_of(torch.tensor(GoldJudge().scores(prompts, replies))), tokenizer
 
 
 def main(argv: list[str]) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
         sc = score_rollouts(model, ref_policy, rm, ro, config)
         norm, tokenizer = found["norm"], found["tokenizer"]
         replies = [t.strip() for t in tokenizer.batch_decode(ro.responses, skip_special_tokens=True)]
-        raw = torch.tensor([gold.gold_score(p, r) for p, r in zip(ro.prompts, replies, strict=True)]).to(sc.scores)
+        raw = torch.tensor(GoldJudge().scores(ro.prompts, replies)).to(sc.scores)
         scores = (raw - norm["mean"]) / norm["std"]
         scores = torch.where(ro.has_eos, scores, scores - config.missing_eos_penalty)
         return dataclasses.replace(sc, raw_scores=raw, scores=scores, spread=None)
